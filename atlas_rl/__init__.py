@@ -1,0 +1,16 @@
+"""atlas-rl: adaptive, lossless speculative decoding for RL rollouts on vLLM."""
+
+from atlas_rl.config import AtlasConfig
+from atlas_rl.rollout import Completion, RolloutBatch
+
+__version__ = "0.1.0"
+__all__ = ["AtlasConfig", "AtlasRolloutEngine", "Completion", "RolloutBatch"]
+
+
+def __getattr__(name):
+    # The engine imports vLLM (seconds); load it only when asked for.
+    if name == "AtlasRolloutEngine":
+        from atlas_rl.engine import AtlasRolloutEngine
+
+        return AtlasRolloutEngine
+    raise AttributeError(f"module 'atlas_rl' has no attribute {name!r}")

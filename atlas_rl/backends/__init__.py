@@ -1,0 +1,1 @@
+"""Generation backends: vllm (production). The native backend (transformers + our kernels) comes with the kernels."""

@@ -1,0 +1,1 @@
+"""vLLM backend: the production path (custom_class proposer, weight sync)."""

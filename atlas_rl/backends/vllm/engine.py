@@ -1,0 +1,129 @@
+"""Building and driving an in-process vLLM engine: speculative configs per method,
+spec-decode counters as vLLM's scheduler reports them, weight sync that works on the
+CPU backend."""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import torch
+
+from atlas_rl.config import AtlasConfig
+from atlas_rl.metrics import SpecCounters
+
+PROPOSER_CLASS = "atlas_rl.backends.vllm.proposer.AtlasProposer"
+
+
+def speculative_config(method: str, config: AtlasConfig) -> dict | None:
+    k = config.max_lookahead
+    if method == "none":
+        return None
+    if method == "atlas":
+        return {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": k}
+    if method == "vllm-ngram":
+        return {"method": "ngram", "num_speculative_tokens": k,
+                "prompt_lookup_min": 2, "prompt_lookup_max": 4}
+    if method == "vllm-suffix":
+        try:
+            import arctic_inference  # noqa: F401
+        except ImportError as e:
+            raise ImportError(
+                "speculation='vllm-suffix' needs vLLM's suffix decoding backend, the "
+                "package arctic-inference: pip install arctic-inference==0.1.1 "
+                "(it is in atlas-rl's [cpu] extra)") from e
+        return {"method": "suffix", "num_speculative_tokens": k}
+    raise ValueError(f"unknown speculation method {method!r}")
+
+
+def build_llm(model_path: str, method: str, config: AtlasConfig, **engine_kwargs):
+    """An in-process vLLM engine (the worker lives in this process, so the proposer,
+    the runner and the weights are reachable without RPC)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", f"{config.cpu_kv_cache_gib:g}")
+    from vllm import LLM
+    from vllm.platforms import current_platform
+
+    from atlas_rl.compat import vllm_cpu
+
+    vllm_cpu.fix_repeated_registration()
+    on_cpu = current_platform.is_cpu()
+    kwargs = dict(
+        model=model_path,
+        dtype=config.dtype,
+        max_model_len=config.max_model_len,
+        seed=config.seed,
+        enforce_eager=on_cpu if config.enforce_eager is None else config.enforce_eager,
+        enable_prefix_caching=True,
+        disable_log_stats=False,  # the scheduler's spec-decode stats feed our counters
+        logprobs_mode=config.logprobs_mode,
+        speculative_config=speculative_config(method, config),
+    )
+    kwargs.update(engine_kwargs)
+    llm = LLM(**kwargs)
+    vllm_cpu.fix_expand_kernel()
+    return llm
+
+
+def model_runner(llm):
+    try:
+        return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    except AttributeError as e:
+        raise RuntimeError(
+            "atlas-rl needs an in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) "
+            "to reach its model runner; this engine runs its worker elsewhere") from e
+
+
+def proposer(llm):
+    from atlas_rl.backends.vllm.proposer import AtlasProposer
+
+    drafter = getattr(model_runner(llm), "drafter", None)
+    return drafter if isinstance(drafter, AtlasProposer) else None
+
+
+class VllmSpecCounters:
+    """Spec-decode counters as vLLM's scheduler reports them, per engine.
+
+    vLLM's Prometheus counters live in one global registry that a second in-process
+    engine resets, so we accumulate the scheduler's per-step SpecDecodingStats where the
+    engine hands them to its stat loggers."""
+
+    def __init__(self, llm):
+        self.counters = SpecCounters()
+        manager = llm.llm_engine.logger_manager
+        if manager is None:
+            raise RuntimeError("build the vLLM engine with disable_log_stats=False")
+        record = manager.record
+
+        def record_and_count(*args, scheduler_stats=None, **kwargs):
+            stats = getattr(scheduler_stats, "spec_decoding_stats", None)
+            if stats is not None:
+                self._add(stats)
+            return record(*args, scheduler_stats=scheduler_stats, **kwargs)
+
+        manager.record = record_and_count
+
+    def _add(self, s) -> None:
+        c = self.counters
+        c.num_drafts += s.num_drafts
+        c.num_draft_tokens += s.num_draft_tokens
+        c.num_accepted_tokens += s.num_accepted_tokens
+        for name in ("drafted_per_pos", "accepted_per_pos"):
+            src = s.num_draft_tokens_per_pos if name == "drafted_per_pos" else s.num_accepted_tokens_per_pos
+            dst = getattr(c, name)
+            if len(dst) < len(src):
+                dst.extend([0] * (len(src) - len(dst)))
+            for i, v in enumerate(src):
+                dst[i] += v
+
+
+def load_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+    """New policy weights into the running engine, then drop the prefix cache (its KV
+    was computed with the old weights).
+
+    ``model_runner.reload_weights`` goes through vLLM's checkpoint-format loader, which
+    works on the CPU backend too; TRL's ``model.load_weights`` path fails there
+    (the CPU backend repacks linear weights: 'Parameter' has no 'weight_loader')."""
+    runner = model_runner(llm)
+    runner.reload_weights(weights_iterator=iter(weights))
+    llm.reset_prefix_cache()

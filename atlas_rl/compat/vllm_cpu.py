@@ -1,0 +1,163 @@
+"""Fixes for vLLM's CPU backend, each version-gated and self-checking.
+
+Every fix first checks whether the bug is present in the running vLLM; where it is
+not (a fixed release, a GPU platform), the fix does nothing and says so in `status()`.
+
+1. ``expand_kernel`` (vLLM 0.32 CPU, temperature > 0 with any speculative method).
+   On the CPU, the rejection sampler's Triton ``expand_kernel`` is replaced by a C++
+   override whose adapter converts its *output* buffer with ``.to(torch.int64)``. For
+   float outputs (temperature, top-p, top-k expanded to draft positions) that makes a
+   copy; the C++ op fills the copy, the copy is dropped, and sampling reads
+   uninitialised memory: word salad and NaN logprobs at temperature 1, greedy
+   unaffected (vllm #55005). We give the override an implementation that writes into
+   the output it is handed: a repeat-interleave of the per-request values by the draft
+   counts, with ``replace_from`` mapped to ``replace_to``.
+
+2. Repeated kernel registration (vLLM 0.32 CPU, a second in-process engine).
+   Every worker init calls ``register_triton_kernel_overrides``, which rescans
+   ``sys.modules`` to rebind kernel references; on the second scan some modules
+   imported meanwhile hold objects whose ``vars()`` is not a dict and the scan raises
+   ``AttributeError: '_lib_fn_wrapper' object has no attribute 'get'``. The overrides
+   are process-global and already in place after the first registration, so later
+   calls are made no-ops. Without this, a benchmark cannot hold two engines at once.
+
+Switch all fixes off with ``ATLAS_RL_COMPAT=off`` (used by the test that shows the
+sampling bug is real and that our exactness test detects it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+_EXPAND_KERNEL = "vllm.v1.sample.rejection_sampler.expand_kernel"
+# Releases where both bugs were seen. Outside this range the self-checks still run:
+# a fix is only ever applied where its check shows the bug.
+_AFFECTED = ((0, 32), (0, 32))
+
+_status: dict[str, str] = {}
+
+
+def enabled() -> bool:
+    return os.environ.get("ATLAS_RL_COMPAT", "on").lower() not in {"0", "off", "false", "no"}
+
+
+def _vllm_version() -> tuple[int, int]:
+    import vllm
+
+    parts = vllm.__version__.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return (0, 0)
+
+
+def _is_cpu_platform() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def status() -> dict[str, str]:
+    """What each fix did in this process: 'applied', 'not needed: ...', 'off', ..."""
+    return dict(_status)
+
+
+# --- 1. expand_kernel -------------------------------------------------------------
+
+def _expand_into_output(output, input_val, cu_num_tokens, replace_from, replace_to,
+                        MAX_NUM_TOKENS=None):  # noqa: N803 (the kernel's own name)
+    # E.g. input [a, b, c], cu_num_tokens [2, 5, 6] -> output [a, a, b, b, b, c].
+    counts = torch.diff(cu_num_tokens.to(torch.int64),
+                        prepend=cu_num_tokens.new_zeros(1, dtype=torch.int64))
+    values = torch.where(input_val == replace_from,
+                         torch.as_tensor(replace_to, dtype=input_val.dtype), input_val)
+    expanded = torch.repeat_interleave(values, counts)
+    output[: expanded.numel()].copy_(expanded.to(output.dtype))
+
+
+def _expand_is_correct() -> bool:
+    """Run vLLM's own expand path on float values and check the result."""
+    from vllm.v1.sample.rejection_sampler import expand_batch_to_tokens
+
+    x = torch.tensor([0.123, 7.25, 3.5], dtype=torch.float32)
+    cu = torch.tensor([2, 5, 6], dtype=torch.int32)
+    want = torch.tensor([0.123, 0.123, 7.25, 7.25, 7.25, 3.5])
+    for _ in range(3):  # uninitialised memory could match once by chance, not thrice
+        got = expand_batch_to_tokens(x, cu, 6, replace_from=0, replace_to=1)
+        if not torch.equal(got, want):
+            return False
+    return True
+
+
+def fix_expand_kernel() -> str:
+    """Apply fix 1 if the running vLLM needs it. Call after an engine was built (the
+    override is registered during worker init)."""
+    if not enabled():
+        _status["expand_kernel"] = "off (ATLAS_RL_COMPAT=off)"
+        return _status["expand_kernel"]
+    if not _is_cpu_platform():
+        _status["expand_kernel"] = "not needed: not the CPU platform"
+        return _status["expand_kernel"]
+    if _expand_is_correct():
+        _status.setdefault("expand_kernel", f"not needed: vLLM {'.'.join(map(str, _vllm_version()))} expands floats correctly")
+        return _status["expand_kernel"]
+    from vllm.triton_utils.dispatcher import KernelOverride
+    import vllm.v1.sample.rejection_sampler as rs
+
+    override = rs.expand_kernel
+    if not isinstance(override, KernelOverride):
+        raise RuntimeError(
+            "vLLM's CPU expand kernel gives wrong float results, but it is not the "
+            "KernelOverride atlas-rl knows how to fix (vLLM "
+            f"{'.'.join(map(str, _vllm_version()))}): sampling at temperature > 0 with "
+            "speculation would be wrong. Use temperature 0 or speculation='none'."
+        )
+    override._impl = _expand_into_output
+    override.func = _expand_into_output
+    if not _expand_is_correct():
+        raise RuntimeError("atlas-rl's expand_kernel fix did not take effect")
+    if not (_AFFECTED[0] <= _vllm_version() <= _AFFECTED[1]):
+        logger.warning("vLLM %s still has the CPU expand_kernel bug; atlas-rl fixed it",
+                       _vllm_version())
+    _status["expand_kernel"] = "applied"
+    logger.info("atlas-rl: fixed vLLM CPU expand_kernel (float outputs were dropped)")
+    return _status["expand_kernel"]
+
+
+# --- 2. repeated kernel registration ---------------------------------------------
+
+def fix_repeated_registration() -> str:
+    """Apply fix 2 (before building an engine): register CPU kernel overrides once."""
+    if not enabled():
+        _status["repeated_registration"] = "off (ATLAS_RL_COMPAT=off)"
+        return _status["repeated_registration"]
+    if not _is_cpu_platform():
+        _status["repeated_registration"] = "not needed: not the CPU platform"
+        return _status["repeated_registration"]
+    from vllm.platforms.cpu import CpuPlatform
+    from vllm.triton_utils import dispatcher
+
+    original = CpuPlatform.register_triton_kernel_overrides
+    if getattr(original, "_atlas_once", False):
+        return _status["repeated_registration"]
+    if not hasattr(dispatcher, "_registry"):
+        _status["repeated_registration"] = "not needed: vLLM has no kernel registry"
+        return _status["repeated_registration"]
+    func = original.__func__
+
+    def register_once(cls) -> None:
+        # The overrides are process-global: once the expand kernel is registered, the
+        # rebinding scan has run and a second one can only fail.
+        if _EXPAND_KERNEL in dispatcher._registry:
+            return
+        func(cls)
+
+    register_once._atlas_once = True
+    CpuPlatform.register_triton_kernel_overrides = classmethod(register_once)
+    _status["repeated_registration"] = "applied"
+    return _status["repeated_registration"]

@@ -1,0 +1,255 @@
+"""AtlasRolloutEngine: the user's one object for rollouts inside an RL loop."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+from atlas_rl.config import SPECULATION_METHODS, AtlasConfig
+from atlas_rl.controller import ThresholdController
+from atlas_rl.metrics import SpecCounters, oracle_acceptance_length, summarize
+from atlas_rl.models import resolve_model
+from atlas_rl.rollout import Completion, RolloutBatch
+from atlas_rl.speculators import SuffixSpeculator
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]
+
+
+def _completion_seed(seed: int, index: int) -> int:
+    # Each completion gets its own seed so that the n completions of a prompt differ
+    # and a call reproduces whatever else shares the batch.
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+class AtlasRolloutEngine:
+    """Rollouts from an in-process vLLM engine, decoded speculatively and losslessly.
+
+    >>> engine = AtlasRolloutEngine("smollm2-135m-instruct")          # doctest: +SKIP
+    >>> batch = engine.generate(["def add(a, b):"], n=4, max_tokens=64)  # doctest: +SKIP
+    >>> engine.update(batch)        # the adaptive speculator learns the rollouts
+    >>> engine.sync_weights(policy)  # after the policy update
+
+    ``speculation``: "atlas" (ours), "none", or vLLM's own "vllm-ngram" and
+    "vllm-suffix" as peers. Extra keyword arguments go to ``vllm.LLM``.
+    """
+
+    def __init__(self, model: str, speculation: str = "atlas", config: AtlasConfig | None = None,
+                 **vllm_engine_kwargs: Any):
+        if speculation not in SPECULATION_METHODS:
+            raise ValueError(f"unknown speculation {speculation!r}: choose one of "
+                             f"{', '.join(SPECULATION_METHODS)}")
+        from atlas_rl.backends.vllm import engine as backend
+
+        self.config = config or AtlasConfig()
+        self.speculation = speculation
+        self.model_path = resolve_model(model)
+        self._backend = backend
+        self.llm = backend.build_llm(self.model_path, speculation, self.config,
+                                     **vllm_engine_kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.max_model_len = self.llm.llm_engine.model_config.max_model_len
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        self._vllm_counters = backend.VllmSpecCounters(self.llm)
+        self.speculator = None
+        self.proposer = None
+        if speculation == "atlas":
+            self.speculator = SuffixSpeculator(self.config.ngram_sizes,
+                                               max_corpus_tokens=self.config.max_corpus_tokens)
+            self.proposer = backend.proposer(self.llm)
+            if self.proposer is None:
+                raise RuntimeError("vLLM did not build atlas-rl's AtlasProposer")
+            self.proposer.attach(self.speculator, ThresholdController(
+                max_lookahead=self.config.max_lookahead,
+                min_confidence=self.config.min_confidence,
+                max_batch_size=self.config.max_speculation_batch_size))
+        self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
+                        "generate_calls": 0, "update_seconds": 0.0}
+
+    # --- generation ----------------------------------------------------------------
+
+    def _prompt_ids(self, i: int, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
+            if not getattr(self.tokenizer, "chat_template", None):
+                raise ValueError(
+                    f"prompt {i} is a list of chat messages, but the tokenizer of "
+                    f"{self.model_path!r} has no chat template: pass plain strings or "
+                    f"token ids, or use a model whose tokenizer has a chat template")
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True,
+                                                     tokenize=True)
+            if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
+                ids = ids["input_ids"]
+            ids = list(ids)
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ValueError(f"prompt {i} has token ids outside the vocabulary "
+                                 f"[0, {self.vocab_size}): {bad[:5]}")
+        else:
+            raise TypeError(
+                f"prompt {i} is {type(prompt).__name__} {str(prompt)[:60]!r}: expected a "
+                f"non-empty string, a list of chat messages ({{'role', 'content'}} dicts) "
+                f"or a list of token ids")
+        if not ids:
+            raise ValueError(f"prompt {i} is empty after tokenization: give it some text")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt {i} has {len(ids)} tokens, but the engine's max_model_len is "
+                f"{self.max_model_len}: shorten the prompt or build the engine with "
+                f"AtlasConfig(max_model_len=...) above {len(ids)}")
+        return ids
+
+    def generate(self, prompts: Sequence[Prompt], n: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, top_k: int = -1, max_tokens: int = 256,
+                 seed: int | None = None, stop: str | Sequence[str] | None = None) -> RolloutBatch:
+        """Sample ``n`` completions per prompt. Completions of prompt i are contiguous."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a list; wrap a single prompt as [prompt]")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n (completions per prompt) must be an integer >= 1, got {n!r}")
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        if top_k != -1 and top_k < 1:
+            raise ValueError(f"top_k must be -1 (off) or >= 1, got {top_k}")
+        if max_tokens < 1:
+            raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if len(prompts) == 0:
+            return RolloutBatch([], self._stats_since(None, 0.0, []))
+
+        ids = [self._prompt_ids(i, p) for i, p in enumerate(prompts)]
+        stop = [stop] if isinstance(stop, str) else (list(stop) if stop else None)
+        requests, params = [], []
+        for i, prompt_ids in enumerate(ids):
+            for j in range(n):
+                index = i * n + j
+                requests.append(TokensPrompt(prompt_token_ids=prompt_ids))
+                params.append(SamplingParams(
+                    n=1, temperature=temperature, top_p=top_p, top_k=top_k,
+                    max_tokens=max_tokens, stop=stop, logprobs=1,
+                    seed=None if seed is None else _completion_seed(seed, index)))
+
+        if self.speculator is not None:
+            self.speculator.begin_batch()
+        before = self._snapshot()
+        start = time.perf_counter()
+        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        seconds = time.perf_counter() - start
+
+        completions = []
+        for index, out in enumerate(outputs):
+            o = out.outputs[0]
+            token_ids = list(o.token_ids)
+            logprobs, top1 = [], []
+            for tok, lp in zip(token_ids, o.logprobs or []):
+                logprobs.append(lp[tok].logprob)
+                top1.append(max(x.logprob for x in lp.values()))
+            completions.append(Completion(
+                prompt_index=index // n, prompt_ids=list(out.prompt_token_ids),
+                completion_ids=token_ids, logprobs=logprobs, top1_logprobs=top1,
+                finish_reason=o.finish_reason or "length", text=o.text))
+        self._totals["rollout_seconds"] += seconds
+        self._totals["num_tokens"] += sum(len(c.completion_ids) for c in completions)
+        self._totals["num_completions"] += len(completions)
+        self._totals["generate_calls"] += 1
+        return RolloutBatch(completions, self._stats_since(before, seconds, completions))
+
+    # --- stats ---------------------------------------------------------------------
+
+    def _snapshot(self):
+        return (self._vllm_counters.counters.copy(),
+                None if self.proposer is None else self.proposer.counters.copy())
+
+    def _stats_since(self, before, seconds: float, completions: list[Completion]) -> dict:
+        vllm_now, ours_now = self._snapshot()
+        if before is None:
+            vllm_c, ours_c = SpecCounters(), None
+        else:
+            vllm_c = vllm_now.since(before[0])
+            ours_c = None if ours_now is None else ours_now.since(before[1])
+        return self._summary(vllm_c, ours_c, seconds, completions)
+
+    def _summary(self, vllm_c: SpecCounters, ours_c: SpecCounters | None, seconds: float,
+                 completions: list[Completion]) -> dict:
+        num_tokens = sum(len(c.completion_ids) for c in completions)
+        stats = {"speculation": self.speculation}
+        stats.update(summarize(None if self.speculation == "none" else vllm_c))
+        if ours_c is not None:
+            ours = summarize(ours_c)
+            for key in ("request_steps", "lookahead_hist", "speculator_errors", "propose_seconds"):
+                if key in ours:
+                    stats[key] = ours[key]
+            # Our own feedback bookkeeping, cross-checked against vLLM's scheduler.
+            stats["proposer_num_draft_tokens"] = ours_c.num_draft_tokens
+            stats["proposer_num_accepted_tokens"] = ours_c.num_accepted_tokens
+        stats["rollout_seconds"] = seconds
+        stats["num_tokens"] = num_tokens
+        stats["num_completions"] = len(completions)
+        stats["tokens_per_s"] = num_tokens / seconds if seconds > 0 else 0.0
+        if any(c.top1_logprobs for c in completions):
+            stats["oracle_acceptance_length"] = oracle_acceptance_length(
+                [c.top1_logprobs for c in completions], self.config.max_lookahead)
+        return stats
+
+    def stats(self) -> dict:
+        """Cumulative stats over the engine's life (same names as a batch's stats)."""
+        vllm_c, ours_c = self._snapshot()
+        stats = self._summary(vllm_c, ours_c, self._totals["rollout_seconds"], [])
+        stats["num_tokens"] = self._totals["num_tokens"]
+        stats["num_completions"] = self._totals["num_completions"]
+        stats["generate_calls"] = self._totals["generate_calls"]
+        stats["update_seconds"] = self._totals["update_seconds"]
+        secs = self._totals["rollout_seconds"]
+        stats["tokens_per_s"] = self._totals["num_tokens"] / secs if secs > 0 else 0.0
+        return stats
+
+    # --- learning, weights, state --------------------------------------------------
+
+    def update(self, batch: RolloutBatch) -> dict:
+        """The adaptive speculator learns the batch's rollouts (prompt + completion)."""
+        if self.speculator is None:
+            return {}
+        start = time.perf_counter()
+        out = self.speculator.learn([c.prompt_ids + c.completion_ids for c in batch])
+        seconds = time.perf_counter() - start
+        self._totals["update_seconds"] += seconds
+        return {**out, "update_seconds": seconds}
+
+    def sync_weights(self, model_or_state_dict) -> None:
+        """Load new policy weights (an nn.Module, a state dict, or (name, tensor) pairs
+        with checkpoint names) into the running engine; the prefix cache is reset. The
+        speculator's state is kept."""
+        import torch
+
+        if isinstance(model_or_state_dict, torch.nn.Module):
+            weights: Iterable = model_or_state_dict.state_dict().items()
+        elif isinstance(model_or_state_dict, Mapping):
+            weights = model_or_state_dict.items()
+        else:
+            weights = model_or_state_dict
+        self._backend.load_weights(self.llm, ((k, v.detach()) for k, v in weights))
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "atlas_config.json").write_text(json.dumps(
+            {"speculation": self.speculation, "config": self.config.to_dict()}, indent=2))
+        if self.speculator is not None:
+            self.speculator.save(directory)
+
+    def load(self, directory: str | Path) -> None:
+        if self.speculator is not None:
+            self.speculator.load(directory)

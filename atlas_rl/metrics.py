@@ -1,0 +1,132 @@
+"""Speculation metrics: one definition each, the same names everywhere (DESIGN.md).
+
+- acceptance_length: tokens per target forward pass of a drafting request, bonus
+  token included: 1 + accepted / drafts (vLLM's "mean acceptance length"). 1.0 without
+  speculation.
+- acceptance_rate: accepted draft tokens / drafted (verified) tokens.
+- acceptance_rate_pos_{i}: the same at draft position i (0-based).
+- lookahead: mean drafted tokens per drafting request-step; lookahead_hist counts
+  request-steps by the lookahead the proposer chose (0 = no draft).
+- tokens_per_s, rollout_seconds: completion tokens over wall time of a generate call.
+- oracle_acceptance_length: the expected acceptance length at lookahead k of a
+  drafter that always proposes the policy's most likely token, from the top-1
+  probabilities along the rollouts (the ceiling of one-hot drafting).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+import math
+
+
+@dataclass
+class SpecCounters:
+    """Cumulative counters; take differences around a call (`since`)."""
+
+    num_drafts: int = 0           # request-steps whose draft was verified (len > 0)
+    num_draft_tokens: int = 0     # verified draft tokens
+    num_accepted_tokens: int = 0
+    drafted_per_pos: list[int] = field(default_factory=list)
+    accepted_per_pos: list[int] = field(default_factory=list)
+    request_steps: int = 0        # decode request-steps seen by the proposer
+    lookahead_hist: list[int] = field(default_factory=list)
+    speculator_errors: int = 0
+    propose_seconds: float = 0.0
+
+    def record_verified(self, num_verified: int, num_accepted: int) -> None:
+        if num_verified <= 0:
+            return
+        self.num_drafts += 1
+        self.num_draft_tokens += num_verified
+        self.num_accepted_tokens += num_accepted
+        _grow(self.drafted_per_pos, num_verified)
+        _grow(self.accepted_per_pos, num_verified)
+        for i in range(num_verified):
+            self.drafted_per_pos[i] += 1
+        for i in range(num_accepted):
+            self.accepted_per_pos[i] += 1
+
+    def record_lookahead(self, lookahead: int) -> None:
+        _grow(self.lookahead_hist, lookahead + 1)
+        self.lookahead_hist[lookahead] += 1
+
+    def copy(self) -> "SpecCounters":
+        return SpecCounters(**{f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v)
+                               for f in fields(self)})
+
+    def since(self, earlier: "SpecCounters") -> "SpecCounters":
+        out = SpecCounters()
+        for f in fields(self):
+            now, then = getattr(self, f.name), getattr(earlier, f.name)
+            if isinstance(now, list):
+                then = then + [0] * (len(now) - len(then))
+                setattr(out, f.name, [a - b for a, b in zip(now, then)])
+            else:
+                setattr(out, f.name, now - then)
+        return out
+
+
+def _grow(xs: list[int], n: int) -> None:
+    if len(xs) < n:
+        xs.extend([0] * (n - len(xs)))
+
+
+def summarize(c: SpecCounters | None) -> dict[str, float]:
+    """Metric dict (DESIGN.md names) from counters; None means no speculation."""
+    if c is None or c.num_drafts == 0:
+        out = {"acceptance_length": 1.0, "acceptance_rate": 0.0, "lookahead": 0.0,
+               "num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0}
+        if c is not None:
+            out.update(_proposer_fields(c))
+        return out
+    out = {
+        "acceptance_length": 1.0 + c.num_accepted_tokens / c.num_drafts,
+        "acceptance_rate": c.num_accepted_tokens / max(c.num_draft_tokens, 1),
+        "lookahead": c.num_draft_tokens / c.num_drafts,
+        "num_drafts": c.num_drafts,
+        "num_draft_tokens": c.num_draft_tokens,
+        "num_accepted_tokens": c.num_accepted_tokens,
+    }
+    for i, (d, a) in enumerate(zip(c.drafted_per_pos, c.accepted_per_pos)):
+        if d:
+            out[f"acceptance_rate_pos_{i}"] = a / d
+    out.update(_proposer_fields(c))
+    return out
+
+
+def _proposer_fields(c: SpecCounters) -> dict:
+    if not c.request_steps:
+        return {}
+    return {"request_steps": c.request_steps, "lookahead_hist": list(c.lookahead_hist),
+            "speculator_errors": c.speculator_errors,
+            "propose_seconds": round(c.propose_seconds, 4)}
+
+
+def expected_acceptance_length(accept_probs: Sequence[float], k: int) -> float:
+    """E[tokens per step] when position j of a k-token draft is accepted with
+    probability accept_probs[j] given the earlier ones were: 1 + sum_j prod_{i<=j} a_i."""
+    total, run = 1.0, 1.0
+    for a in accept_probs[:k]:
+        run *= a
+        total += run
+    return total
+
+
+def oracle_acceptance_length(top1_logprobs: Sequence[Sequence[float]], k: int) -> float:
+    """Ceiling of one-hot drafting at lookahead k, averaged over rollout positions.
+
+    A drafter that proposes the most likely token at every position is accepted with
+    probability p_max there (rejection sampling accepts a one-hot draft x with p(x)),
+    so a step starting at position t yields 1 + sum_{j<k} prod_{i<=j} p_max(t+i)
+    tokens in expectation (positions past the end of the rollout count as 0). The
+    figure is the mean over all positions of all rollouts.
+    """
+    total, count = 0.0, 0
+    for seq in top1_logprobs:
+        p = [math.exp(x) for x in seq]
+        for t in range(len(p)):
+            total += expected_acceptance_length(p[t:t + k], k)
+            count += 1
+    return total / count if count else 1.0

@@ -1,0 +1,103 @@
+"""The speculator contract (DESIGN.md): draft for many requests at once, with a
+confidence per draft token; learn from rollouts and from acceptance feedback; save and
+load as safetensors + JSON. Speculators know nothing of vLLM."""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+EMPTY_DRAFT: "Draft"
+
+
+@dataclass
+class Draft:
+    """Draft tokens for one request.
+
+    ``confidence[i]`` is the speculator's own estimate that the policy accepts token i
+    given that tokens < i were accepted (a conditional probability). ``probs`` is set
+    when the tokens were sampled from a distribution q ([len, vocab]) that the verifier
+    should use; one-hot drafts leave it None.
+    """
+
+    tokens: list[int] = field(default_factory=list)
+    confidence: list[float] = field(default_factory=list)
+    probs: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def truncate(self, n: int) -> "Draft":
+        if n >= len(self.tokens):
+            return self
+        return Draft(self.tokens[:n], self.confidence[:n],
+                     None if self.probs is None else self.probs[:n])
+
+
+EMPTY_DRAFT = Draft()
+
+
+class Speculator(ABC):
+    """Drafts continuations of token contexts; learns from what the policy produced."""
+
+    #: short name used in stats and saved state
+    name: str = "speculator"
+
+    @abstractmethod
+    def propose(self, keys: Sequence[str], contexts: Sequence[Sequence[int]],
+                max_lengths: Sequence[int]) -> list[Draft]:
+        """Draft up to ``max_lengths[i]`` tokens continuing ``contexts[i]``.
+
+        ``keys`` identify requests across steps (the context of a key only grows
+        between calls, until ``finish(key)``).
+        """
+
+    def feedback(self, key: str, draft: Draft, num_accepted: int) -> None:
+        """The verifier accepted the first ``num_accepted`` tokens of ``draft``."""
+
+    def finish(self, key: str) -> None:
+        """Request ``key`` ended; forget its per-request state."""
+
+    def learn(self, sequences: Sequence[Sequence[int]]) -> dict[str, float]:
+        """Learn from finished rollouts (prompt + completion token ids). Returns stats."""
+        return {}
+
+    def begin_batch(self) -> None:
+        """A new generate call starts (live per-batch state may be reset)."""
+
+    # --- state: safetensors for tensors, JSON for the rest (never pickle) ---------
+
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return {}, {}
+
+    def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        pass
+
+    def save(self, directory: str | Path) -> None:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors, meta = self.state()
+        save_file({k: v.contiguous() for k, v in tensors.items()},
+                  str(directory / f"{self.name}.safetensors"))
+        (directory / f"{self.name}.json").write_text(
+            json.dumps({"name": self.name, **meta}, indent=2))
+
+    def load(self, directory: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        meta_path = directory / f"{self.name}.json"
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"no saved state for speculator {self.name!r} in {str(directory)!r} "
+                f"(expected {meta_path.name}); save one with engine.save(dir) first")
+        meta = json.loads(meta_path.read_text())
+        tensors = load_file(str(directory / f"{self.name}.safetensors"))
+        self.load_state(tensors, meta)
