@@ -188,10 +188,10 @@ class AtlasRolloutEngine:
         stats = {"speculation": self.speculation}
         stats.update(summarize(None if self.speculation == "none" else vllm_c))
         if ours_c is not None:
-            ours = summarize(ours_c)
-            for key in ("request_steps", "lookahead_hist", "speculator_errors", "propose_seconds"):
-                if key in ours:
-                    stats[key] = ours[key]
+            stats["request_steps"] = ours_c.request_steps
+            stats["lookahead_hist"] = list(ours_c.lookahead_hist)
+            stats["speculator_errors"] = ours_c.speculator_errors
+            stats["propose_seconds"] = ours_c.propose_seconds
             # Our own feedback bookkeeping, cross-checked against vLLM's scheduler.
             stats["proposer_num_draft_tokens"] = ours_c.num_draft_tokens
             stats["proposer_num_accepted_tokens"] = ours_c.num_accepted_tokens

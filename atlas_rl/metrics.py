@@ -76,11 +76,8 @@ def _grow(xs: list[int], n: int) -> None:
 def summarize(c: SpecCounters | None) -> dict[str, float]:
     """Metric dict (DESIGN.md names) from counters; None means no speculation."""
     if c is None or c.num_drafts == 0:
-        out = {"acceptance_length": 1.0, "acceptance_rate": 0.0, "lookahead": 0.0,
-               "num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0}
-        if c is not None:
-            out.update(_proposer_fields(c))
-        return out
+        return {"acceptance_length": 1.0, "acceptance_rate": 0.0, "lookahead": 0.0,
+                "num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0}
     out = {
         "acceptance_length": 1.0 + c.num_accepted_tokens / c.num_drafts,
         "acceptance_rate": c.num_accepted_tokens / max(c.num_draft_tokens, 1),
@@ -92,16 +89,7 @@ def summarize(c: SpecCounters | None) -> dict[str, float]:
     for i, (d, a) in enumerate(zip(c.drafted_per_pos, c.accepted_per_pos)):
         if d:
             out[f"acceptance_rate_pos_{i}"] = a / d
-    out.update(_proposer_fields(c))
     return out
-
-
-def _proposer_fields(c: SpecCounters) -> dict:
-    if not c.request_steps:
-        return {}
-    return {"request_steps": c.request_steps, "lookahead_hist": list(c.lookahead_hist),
-            "speculator_errors": c.speculator_errors,
-            "propose_seconds": round(c.propose_seconds, 4)}
 
 
 def expected_acceptance_length(accept_probs: Sequence[float], k: int) -> float:

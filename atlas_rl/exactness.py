@@ -1,0 +1,87 @@
+"""Checks that speculation changed nothing about what is sampled.
+
+- Greedy: completions equal token for token with and without speculation.
+- Sampling: for each sampled token x at a position with next-token distribution p
+  (computed independently by transformers for the same prefix), the randomized
+  probability integral transform u = P(X < x) + V * p(x), V ~ U(0, 1), is Uniform(0, 1)
+  exactly when x ~ p. A Kolmogorov-Smirnov test of all u values against U(0, 1) then
+  tests the sampler as a whole, across positions whose distributions all differ.
+- Logprobs: the returned logprob of each sampled token against transformers'
+  log-softmax at that position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass
+class SamplingCheck:
+    num_tokens: int
+    ks_statistic: float
+    ks_pvalue: float
+    logprob_max_abs_err: float
+    logprob_mean_abs_err: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_reference_model(model_path: str, dtype: torch.dtype = torch.float32):
+    """The policy as transformers computes it (float32 by default: the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    return model.eval()
+
+
+@torch.no_grad()
+def next_token_logprobs(model, prompt_ids: Sequence[int], completion_ids: Sequence[int],
+                        temperature: float = 1.0) -> torch.Tensor:
+    """[len(completion), vocab] log-probabilities of each completion position's next
+    token given the prefix, at `temperature`, in float64."""
+    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
+    logits = model(ids).logits[0, len(prompt_ids) - 1: ids.shape[1] - 1].double()
+    if temperature > 0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def randomized_pit(logprobs: torch.Tensor, tokens: Sequence[int],
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """u_t = P(X < x_t) + V_t * p(x_t) under each row's distribution (ordered by token id)."""
+    probs = logprobs.exp()
+    idx = torch.tensor(list(tokens), dtype=torch.long)
+    below = torch.cumsum(probs, dim=-1).gather(1, idx[:, None])[:, 0] - probs.gather(1, idx[:, None])[:, 0]
+    v = torch.rand(len(idx), generator=generator, dtype=torch.float64)
+    return (below + v * probs.gather(1, idx[:, None])[:, 0]).clamp(0.0, 1.0)
+
+
+def check_sampling(model, batch, temperature: float = 1.0, seed: int = 0) -> SamplingCheck:
+    """PIT/KS and logprob errors of a RolloutBatch against the reference model."""
+    from scipy import stats
+
+    gen = torch.Generator().manual_seed(seed)
+    us, errs = [], []
+    for c in batch.completions:
+        if not c.completion_ids:
+            continue
+        ref = next_token_logprobs(model, c.prompt_ids, c.completion_ids, temperature)
+        us.append(randomized_pit(ref, c.completion_ids, gen))
+        ref_lp = ref.gather(1, torch.tensor(c.completion_ids)[:, None])[:, 0]
+        errs.append((ref_lp - torch.tensor(c.logprobs, dtype=torch.float64)).abs())
+    u = torch.cat(us).numpy()
+    err = torch.cat(errs)
+    ks = stats.kstest(u, "uniform")
+    return SamplingCheck(num_tokens=len(u), ks_statistic=float(ks.statistic),
+                         ks_pvalue=float(ks.pvalue),
+                         logprob_max_abs_err=float(err.max()),
+                         logprob_mean_abs_err=float(err.mean()))
+
+
+def greedy_mismatches(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of completions that differ token for token."""
+    return [i for i, (a, b) in enumerate(zip(reference, other)) if list(a) != list(b)]

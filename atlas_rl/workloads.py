@@ -1,0 +1,112 @@
+"""Prompt sets atlas-rl builds itself (no dataset assumed): a code domain from the
+docstrings of the local Python standard library, and a math domain of arithmetic word
+problems from templates, each with a checkable answer."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import random
+import re
+from dataclasses import dataclass, field
+
+_CODE_MODULES = ("textwrap", "string", "json", "heapq", "bisect", "statistics", "fractions",
+                 "difflib", "shlex", "fnmatch", "posixpath", "calendar", "colorsys", "html",
+                 "base64", "copy", "functools", "itertools", "operator", "random", "re",
+                 "glob", "gzip", "ipaddress", "keyword", "linecache", "locale", "mimetypes",
+                 "ntpath", "pathlib", "pprint", "quopri", "secrets", "tokenize", "urllib.parse",
+                 "uuid", "zipfile", "csv", "email.utils", "http.cookies")
+
+MATH_SYSTEM = ("Solve the problem step by step. End with the final answer on its own "
+               "line as 'Answer: <number>'.")
+
+
+@dataclass
+class Prompt:
+    prompt: str | list[dict]      # text to continue, or chat messages
+    domain: str
+    answer: str | None = None     # checkable answer (math), None where there is none
+    meta: dict = field(default_factory=dict)
+
+
+def code_prompts(count: int, seed: int = 0) -> list[Prompt]:
+    """Function-completion prompts: a stdlib function's signature and docstring."""
+    found = []
+    for mod_name in _CODE_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue
+        for name, fn in sorted(vars(mod).items()):
+            if name.startswith("_") or not inspect.isfunction(fn) or fn.__module__ != mod.__name__:
+                continue
+            doc = inspect.getdoc(fn)
+            if not doc or len(doc) < 40:
+                continue
+            try:
+                sig = str(inspect.signature(fn))
+            except (TypeError, ValueError):
+                continue
+            first = doc.split("\n\n")[0].strip()
+            body = "\n    ".join(first.splitlines())
+            text = f"def {name}{sig}:\n    \"\"\"{body}\n    \"\"\"\n"
+            found.append(Prompt(text, "code", None, {"module": mod_name, "function": name}))
+    if not found:
+        raise RuntimeError("no documented functions found in the standard library")
+    rng = random.Random(seed)
+    rng.shuffle(found)
+    return [found[i % len(found)] for i in range(count)]
+
+
+_NAMES = ("Ava", "Ben", "Chloe", "Diego", "Emma", "Farah", "Gus", "Hana", "Ivan", "Jade",
+          "Kofi", "Lena", "Mateo", "Nora", "Omar", "Priya")
+_TEMPLATES = (
+    ("{n} has {a} apples. {n} buys {b} bags with {c} apples in each bag. How many apples "
+     "does {n} have now?", lambda a, b, c: a + b * c),
+    ("A shop sells pencils at {c} dollars each. {n} buys {b} pencils and pays with a "
+     "{a}-dollar bill. How many dollars of change does {n} get?",
+     lambda a, b, c: a - b * c),
+    ("{n} reads {c} pages every day for {b} days, then reads {a} more pages. How many "
+     "pages did {n} read in total?", lambda a, b, c: b * c + a),
+    ("A farm has {a} cows. Each cow gives {c} liters of milk a day. How many liters do "
+     "the cows give in {b} days?", lambda a, b, c: a * b * c),
+    ("{n} had {a} stickers and gave {b} stickers to each of {c} friends. How many "
+     "stickers does {n} have left?", lambda a, b, c: a - b * c),
+    ("A train travels {c} kilometers per hour for {b} hours, then {a} more kilometers. "
+     "How far did it travel?", lambda a, b, c: b * c + a),
+)
+
+
+def math_prompts(count: int, seed: int = 0) -> list[Prompt]:
+    """Arithmetic word problems as chat messages, with their answers."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(count):
+        template, answer = rng.choice(_TEMPLATES)
+        b, c = rng.randint(2, 9), rng.randint(2, 12)
+        a = b * c + rng.randint(5, 60)  # keeps subtraction answers positive
+        question = template.format(n=rng.choice(_NAMES), a=a, b=b, c=c)
+        messages = [{"role": "system", "content": MATH_SYSTEM},
+                    {"role": "user", "content": question}]
+        out.append(Prompt(messages, "math", str(answer(a, b, c)), {"question": question}))
+    return out
+
+
+_ANSWER = re.compile(r"answer\s*[:=]?\s*\$?(-?[\d,]*\.?\d+)", re.IGNORECASE)
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after the last 'Answer:' (else the last number in the text)."""
+    matches = _ANSWER.findall(text)
+    if not matches:
+        matches = re.findall(r"-?\d[\d,]*\.?\d*", text)
+    if not matches:
+        return None
+    return matches[-1].replace(",", "").rstrip(".")
+
+
+def mixed_prompts(count: int, seed: int = 0) -> list[Prompt]:
+    """Half code, half math, interleaved."""
+    code = code_prompts((count + 1) // 2, seed)
+    math = math_prompts(count // 2, seed)
+    return [p for pair in zip(code, math) for p in pair] + code[len(math):]
