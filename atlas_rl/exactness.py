@@ -29,6 +29,11 @@ class SamplingCheck:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    def passed(self, alpha: float = 1e-3, logprob_tol: float = 1e-3) -> bool:
+        """Uniform PIT values (KS p above alpha) and logprobs within tolerance. NaN
+        logprobs (what vLLM's CPU sampling bug produces) fail."""
+        return self.ks_pvalue > alpha and self.logprob_max_abs_err < logprob_tol
+
 
 def load_reference_model(model_path: str, dtype: torch.dtype = torch.float32):
     """The policy as transformers computes it (float32 by default: the reference)."""

@@ -43,3 +43,13 @@ def test_math_prompts_have_checkable_answers():
     assert extract_answer("no number") is None
     mixed = mixed_prompts(6)
     assert [p.domain for p in mixed] == ["code", "math"] * 3
+
+
+def test_recipe_yaml_loads_into_atlas_config():
+    from pathlib import Path
+
+    from transformers import HfArgumentParser
+
+    recipe = Path(__file__).parents[1] / "recipes" / "atlas_default.yaml"
+    (cfg,) = HfArgumentParser(AtlasConfig).parse_yaml_file(str(recipe))
+    assert cfg == AtlasConfig()  # the recipe writes out the defaults

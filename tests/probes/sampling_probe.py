@@ -18,5 +18,6 @@ engine = AtlasRolloutEngine("smollm2-135m-instruct", speculation=method, config=
 prompts = [p.prompt for p in code_prompts(8, seed=11)]
 batch = engine.generate(prompts, n=2, temperature=1.0, max_tokens=48, seed=5)
 check = check_sampling(load_reference_model(engine.model_path), batch)
-print(json.dumps({**check.as_dict(), "num_draft_tokens": batch.stats["num_draft_tokens"],
+print(json.dumps({**check.as_dict(), "passed": check.passed(),
+                  "num_draft_tokens": batch.stats["num_draft_tokens"],
                   "compat": vllm_cpu_status()}))
