@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from atlas_rl.controller import ThresholdController
+from atlas_rl.controller import ConfidenceCalibrator, ThresholdController
 from atlas_rl.speculators import Draft, SuffixSpeculator
 
 
@@ -72,7 +72,9 @@ def test_bad_ngram_sizes():
 
 
 def test_controller_cuts_by_cumulative_confidence_and_batch_size():
-    ctl = ThresholdController(max_lookahead=8, min_confidence=0.3, max_batch_size=4)
+    # prior_strength huge: calibrated confidence == raw confidence
+    ctl = ThresholdController(max_lookahead=8, min_confidence=0.3, max_batch_size=4,
+                              calibrator=ConfidenceCalibrator(prior_strength=1e12))
     d = Draft([1, 2, 3, 4], [0.9, 0.8, 0.5, 0.9])
     # cumulative: 0.9, 0.72, 0.36, 0.324 -> all above 0.3
     assert ctl.trim(d).tokens == [1, 2, 3, 4]
@@ -80,3 +82,25 @@ def test_controller_cuts_by_cumulative_confidence_and_batch_size():
     assert ctl.trim(d).tokens == [1, 2]
     assert ctl.trim(Draft([1], [0.2])).tokens == []
     assert ctl.step_lookahead(4) == 8 and ctl.step_lookahead(5) == 0
+
+
+def test_calibration_follows_observed_acceptance():
+    ctl = ThresholdController(max_lookahead=8, min_confidence=0.1)
+    draft = Draft([1, 2, 3], [0.5, 0.5, 0.5])
+    assert ctl.trim(draft).tokens == [1, 2, 3]  # prior: 0.5, 0.25, 0.125
+    for _ in range(100):  # the policy rejects these drafts at once
+        ctl.observe(draft, 0)
+    assert ctl.calibrator.calibrate(0.5) < 0.05
+    assert ctl.trim(draft).tokens == []  # speculation switches itself off
+    for _ in range(2000):  # acceptance recovers (drift): the estimate follows
+        ctl.observe(draft, 3)
+    assert ctl.calibrator.calibrate(0.5) > 0.9
+    assert ctl.trim(draft).tokens == [1, 2, 3]
+
+
+def test_calibrator_counts_only_reached_positions():
+    cal = ConfidenceCalibrator(prior_strength=0.0)
+    cal.observe([0.95, 0.15, 0.55], 1)  # pos 0 accepted, pos 1 rejected, pos 2 never reached
+    assert cal.trials[9] == 1 and cal.accepted[9] == 1
+    assert cal.trials[1] == 1 and cal.accepted[1] == 0
+    assert cal.trials[5] == 0

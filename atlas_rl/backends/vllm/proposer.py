@@ -4,7 +4,8 @@
 It owns no policy logic. Each decode step, inside the worker, it
 1. reads acceptance feedback: a request that had a k-token draft verified and now
    shows m sampled tokens had m - 1 of them accepted (rejection sampling keeps the
-   accepted prefix and adds one token, the bonus or the correction);
+   accepted prefix and adds one token, the bonus or the correction); the controller
+   calibrates its confidence from it and the speculator may learn from it;
 2. asks the controller for the step's lookahead (live batch size) and the speculator
    for drafts, then lets the controller cut each draft by its confidence;
 3. returns one token list per request (lengths may differ, empty = no draft).
@@ -126,7 +127,9 @@ class AtlasProposer:
             if verified:
                 accepted = min(len(sampled) - 1, verified)
                 counters.record_verified(verified, accepted)
-                speculator.feedback(rid, draft.truncate(verified), accepted)
+                verified_draft = draft.truncate(verified)
+                self.controller.observe(verified_draft, accepted)
+                speculator.feedback(rid, verified_draft, accepted)
             n = int(num_tokens_no_spec[row])
             rows.append(row)
             keys.append(rid)
