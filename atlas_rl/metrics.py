@@ -48,6 +48,18 @@ class SpecCounters:
         for i in range(num_accepted):
             self.accepted_per_pos[i] += 1
 
+    def add(self, num_drafts: int, num_draft_tokens: int, num_accepted_tokens: int,
+            drafted_per_pos: Sequence[int], accepted_per_pos: Sequence[int]) -> None:
+        """Add counts aggregated elsewhere (e.g. one scheduler step of vLLM)."""
+        self.num_drafts += num_drafts
+        self.num_draft_tokens += num_draft_tokens
+        self.num_accepted_tokens += num_accepted_tokens
+        for dst, src in ((self.drafted_per_pos, drafted_per_pos),
+                         (self.accepted_per_pos, accepted_per_pos)):
+            _grow(dst, len(src))
+            for i, v in enumerate(src):
+                dst[i] += v
+
     def record_lookahead(self, lookahead: int) -> None:
         _grow(self.lookahead_hist, lookahead + 1)
         self.lookahead_hist[lookahead] += 1

@@ -121,17 +121,8 @@ class VllmSpecCounters:
         manager.record = record_and_count
 
     def _add(self, s) -> None:
-        c = self.counters
-        c.num_drafts += s.num_drafts
-        c.num_draft_tokens += s.num_draft_tokens
-        c.num_accepted_tokens += s.num_accepted_tokens
-        for name in ("drafted_per_pos", "accepted_per_pos"):
-            src = s.num_draft_tokens_per_pos if name == "drafted_per_pos" else s.num_accepted_tokens_per_pos
-            dst = getattr(c, name)
-            if len(dst) < len(src):
-                dst.extend([0] * (len(src) - len(dst)))
-            for i, v in enumerate(src):
-                dst[i] += v
+        self.counters.add(s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens,
+                          s.num_draft_tokens_per_pos, s.num_accepted_tokens_per_pos)
 
 
 def load_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
