@@ -64,6 +64,7 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, **engine_kwargs
     from atlas_rl.compat import vllm_cpu
 
     vllm_cpu.fix_repeated_registration()
+    vllm_cpu.fix_recovered_noise_without_drafts()
     on_cpu = current_platform.is_cpu()
     kwargs = dict(
         model=model_path,
