@@ -50,7 +50,7 @@ def _fmt(x, spec=".2f"):
 def run_demo(model: str = "smollm2-135m-instruct", num_prompts: int = 8, completions: int = 4,
              max_tokens: int = 128, rounds: int = 3, dtype: str | None = None,
              json_out: str | None = None) -> int:
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from atlas_rl import AtlasConfig, AtlasRolloutEngine
     from atlas_rl.exactness import check_sampling, greedy_mismatches, load_reference_model
     from atlas_rl.models import resolve_model

@@ -104,7 +104,9 @@ def test_distribution_test_detects_the_bug_with_compat_off():
 
 def test_sync_weights_matches_transformers_greedy(make_engine, real_model_path, prompts):
     """Perturbed weights pushed through sync_weights: vLLM's greedy output equals the
-    perturbed model's greedy output in transformers (and differs from before)."""
+    perturbed model's greedy output in transformers (and differs from before). The same
+    prompts run before and after, so a prefix cache left holding KV computed with the old
+    weights would make this fail: it checks the reset too."""
     from transformers import AutoModelForCausalLM
 
     engine = make_engine(real_model_path, "atlas", **{**CFG, "min_confidence": 0.11})
