@@ -34,7 +34,7 @@ def _cmd_demo(args) -> int:
 
     return run_demo(model=args.model, num_prompts=args.prompts, completions=args.completions,
                     max_tokens=args.max_tokens, rounds=args.rounds, dtype=args.dtype,
-                    json_out=args.json)
+                    compile=args.compile, json_out=args.json)
 
 
 def _cmd_doctor(args) -> int:
@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--rounds", type=int, default=3, help="interleaved rounds per method")
     demo.add_argument("--dtype", default=None, help="engine dtype (default: float32 on CPUs "
                                                     "without native bf16, else bfloat16)")
+    demo.add_argument("--compile", action="store_true",
+                      help="let vLLM torch.compile the model (slower start, faster decoding)")
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.set_defaults(func=_cmd_demo)
 

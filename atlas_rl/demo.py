@@ -49,7 +49,7 @@ def _fmt(x, spec=".2f"):
 
 def run_demo(model: str = "smollm2-135m-instruct", num_prompts: int = 8, completions: int = 4,
              max_tokens: int = 128, rounds: int = 3, dtype: str | None = None,
-             json_out: str | None = None) -> int:
+             compile: bool = False, json_out: str | None = None) -> int:
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     from atlas_rl import AtlasConfig, AtlasRolloutEngine
     from atlas_rl.exactness import check_sampling, greedy_mismatches, load_reference_model
@@ -62,7 +62,7 @@ def run_demo(model: str = "smollm2-135m-instruct", num_prompts: int = 8, complet
     t0 = time.perf_counter()
     say(f"model {model}: resolving (first run downloads and converts it) ...")
     path = resolve_model(model)
-    config = AtlasConfig(dtype=dtype)
+    config = AtlasConfig(dtype=dtype, enforce_eager=False if compile else None)
     engines = {}
     for method in METHODS:
         say(f"building the vLLM engine, speculation={method!r} ...")
