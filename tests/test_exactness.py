@@ -127,4 +127,4 @@ def test_sync_weights_matches_transformers_greedy(make_engine, real_model_path, 
         want = out[0, len(c.prompt_ids):].tolist()
         got = c.completion_ids
         n = len(got)
-        assert got == want[:n], f"vLLM after sync_weights diverged from transformers"
+        assert got == want[:n], "vLLM after sync_weights diverged from transformers"

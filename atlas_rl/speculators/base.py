@@ -12,9 +12,6 @@ from typing import Sequence
 
 import torch
 
-EMPTY_DRAFT: "Draft"
-
-
 @dataclass
 class Draft:
     """Draft tokens for one request.
@@ -76,7 +73,7 @@ class Speculator(ABC):
         return {}, {}
 
     def load_state(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        pass
+        """Restore what `state()` returned (stateless speculators have nothing to do)."""
 
     def save(self, directory: str | Path) -> None:
         from safetensors.torch import save_file

@@ -83,8 +83,8 @@ class AtlasProposer:
         self.speculator = speculator
         self.controller = controller
 
-    def load_model(self, target_model) -> None:  # vLLM calls this; we need no weights
-        pass
+    def load_model(self, target_model) -> None:
+        """vLLM hands us the target model; model-free speculators need no weights."""
 
     def begin_step(self, req_ids, num_verified, finished) -> None:
         self._step = (req_ids, num_verified)
