@@ -246,11 +246,21 @@ class AtlasRolloutEngine:
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / "atlas_config.json").write_text(json.dumps(
-            {"speculation": self.speculation, "config": self.config.to_dict()}, indent=2))
+        state = {"speculation": self.speculation, "config": self.config.to_dict()}
+        if self.proposer is not None:
+            cal = self.proposer.controller.calibrator
+            state["calibration"] = {"trials": cal.trials, "accepted": cal.accepted}
+        (directory / "atlas_config.json").write_text(json.dumps(state, indent=2))
         if self.speculator is not None:
             self.speculator.save(directory)
 
     def load(self, directory: str | Path) -> None:
-        if self.speculator is not None:
-            self.speculator.load(directory)
+        """Restore the speculator and the controller's calibration saved by `save`."""
+        if self.speculator is None:
+            return
+        self.speculator.load(directory)
+        state = json.loads((Path(directory) / "atlas_config.json").read_text())
+        if "calibration" in state:
+            cal = self.proposer.controller.calibrator
+            cal.trials = list(state["calibration"]["trials"])
+            cal.accepted = list(state["calibration"]["accepted"])

@@ -159,6 +159,8 @@ def test_update_save_load(atlas, make_engine, tiny_model_path, tmp_path):
     ctx = seq[: len(batch.completions[0].prompt_ids) + 4]
     for spec in (atlas.speculator, other.speculator):
         spec.begin_batch()
+    assert other.proposer.controller.calibrator.trials == atlas.proposer.controller.calibrator.trials
+    assert sum(other.proposer.controller.calibrator.trials) > 0
     mine = atlas.speculator.propose(["x"], [ctx], [6])[0]
     theirs = other.speculator.propose(["x"], [ctx], [6])[0]
     assert mine.tokens and mine.tokens == theirs.tokens
