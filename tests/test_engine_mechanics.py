@@ -148,6 +148,7 @@ def test_unknown_speculation_and_model(tiny_model_path):
 
 
 def test_update_save_load(atlas, make_engine, tiny_model_path, tmp_path):
+    atlas.generate(PROMPTS, temperature=0.0, max_tokens=32)  # drafts verified: calibration data
     batch = atlas.generate(PROMPTS, n=2, temperature=1.0, max_tokens=24, seed=3)
     info = atlas.update(batch)
     assert info["index_sequences"] >= len(batch)
