@@ -36,17 +36,10 @@ class SpecCounters:
     propose_seconds: float = 0.0
 
     def record_verified(self, num_verified: int, num_accepted: int) -> None:
-        if num_verified <= 0:
-            return
-        self.num_drafts += 1
-        self.num_draft_tokens += num_verified
-        self.num_accepted_tokens += num_accepted
-        _grow(self.drafted_per_pos, num_verified)
-        _grow(self.accepted_per_pos, num_verified)
-        for i in range(num_verified):
-            self.drafted_per_pos[i] += 1
-        for i in range(num_accepted):
-            self.accepted_per_pos[i] += 1
+        """One request-step: `num_verified` draft tokens checked, the first
+        `num_accepted` of them accepted (no draft: nothing to record)."""
+        if num_verified > 0:
+            self.add(1, num_verified, num_accepted, [1] * num_verified, [1] * num_accepted)
 
     def add(self, num_drafts: int, num_draft_tokens: int, num_accepted_tokens: int,
             drafted_per_pos: Sequence[int], accepted_per_pos: Sequence[int]) -> None:
@@ -98,8 +91,9 @@ def summarize(c: SpecCounters | None) -> dict[str, float]:
         "num_draft_tokens": c.num_draft_tokens,
         "num_accepted_tokens": c.num_accepted_tokens,
     }
-    for i, (d, a) in enumerate(zip(c.drafted_per_pos, c.accepted_per_pos)):
+    for i, d in enumerate(c.drafted_per_pos):
         if d:
+            a = c.accepted_per_pos[i] if i < len(c.accepted_per_pos) else 0
             out[f"acceptance_rate_pos_{i}"] = a / d
     return out
 
