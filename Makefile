@@ -6,7 +6,8 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.atlas-setup
-EXTRAS  ?= cpu,trl,peft,wandb,dev
+EXTRAS  ?= cpu,trl,peft,wandb,bench,dev
+BENCH_OUT ?= bench-results
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-fast bench fetch-model clean
@@ -30,6 +31,11 @@ fetch-model: setup
 
 demo: setup
 	$(VENV)/bin/atlas-rl demo
+
+# The benchmark of record (BENCHMARKS.md): ~20 min on 2 CPU cores. BENCH_ARGS=--quick: ~3 min.
+bench: setup
+	$(VENV)/bin/atlas-rl bench --model smollm2-135m-instruct --workload drift \
+		--out $(BENCH_OUT)/results.json --plot $(BENCH_OUT)/results.png $(BENCH_ARGS)
 
 test: setup
 	$(PY) -m pytest -q -ra $(PYTEST_ARGS)

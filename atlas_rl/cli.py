@@ -1,4 +1,4 @@
-"""`atlas-rl` command line: models, demo, doctor."""
+"""`atlas-rl` command line: models, demo, bench, doctor."""
 
 from __future__ import annotations
 
@@ -35,6 +35,62 @@ def _cmd_demo(args) -> int:
     return run_demo(model=args.model, num_prompts=args.prompts, completions=args.completions,
                     max_tokens=args.max_tokens, rounds=args.rounds, dtype=args.dtype,
                     compile=args.compile, json_out=args.json)
+
+
+def _cmd_bench(args) -> int:
+    from atlas_rl.bench import (BenchConfig, format_table, format_time_table, headline,
+                                run_bench)
+
+    overrides = dict(
+        model=args.model, steps=args.steps, prompts_per_step=args.prompts_per_step,
+        completions=args.completions, max_tokens=args.max_tokens,
+        large_batch_max_tokens=args.large_batch_max_tokens, temperature=args.temperature,
+        seed=args.seed, lr=args.lr, dtype=args.dtype, max_lookahead=args.max_lookahead,
+        large_batch_steps=None if args.large_batch_steps is None else
+        [int(s) - 1 for s in args.large_batch_steps.split(",") if s.strip()],
+        methods=None if args.methods is None else
+        [m.strip() for m in args.methods.split(",") if m.strip()],
+        prompt_files=args.prompts or None,
+        workload=args.workload,
+    )
+    if args.prompts and len(args.prompts) == 1 and args.workload == "drift":
+        print("atlas-rl bench: --workload drift with --prompts needs two files (the run "
+              "switches from the first to the second halfway); give --prompts twice, or "
+              "drop --workload to run on one file", file=sys.stderr)
+        return 2
+    if args.prompts and args.workload not in (None, "drift"):
+        print(f"atlas-rl bench: --workload {args.workload} builds its own prompts; drop it "
+              f"when you give --prompts", file=sys.stderr)
+        return 2
+    try:
+        if args.quick:
+            cfg = BenchConfig.quick_preset(**overrides)
+        else:
+            cfg = BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except (ValueError, FileNotFoundError) as e:
+        print(f"atlas-rl bench: {e}", file=sys.stderr)
+        return 2
+    try:
+        results = run_bench(cfg, out=args.out, plot=args.plot, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"atlas-rl bench: {e}", file=sys.stderr)
+        return 2
+    print()
+    print(headline(results))
+    print()
+    print(format_table(results))
+    print()
+    print("Where the time goes (tail regime, sums over steps):")
+    print()
+    print(format_time_table(results))
+    print()
+    bad = [m for m, r in results["methods"].items() if not r["exactness"]["exact"]]
+    print("exactness: " + ("every method exact (greedy identity on a probe per step; "
+                           "sampled tokens vs the policy: KS and logprobs)" if not bad else
+                           f"NOT EXACT: {', '.join(bad)} (no speedup reported for them)"))
+    if args.out:
+        print(f"results: {args.out}" + (f"  plot: {args.plot}" if args.plot else ""))
+    return 1 if bad else 0
 
 
 def _cmd_doctor(args) -> int:
@@ -90,6 +146,55 @@ def build_parser() -> argparse.ArgumentParser:
                       help="let vLLM torch.compile the model (slower start, faster decoding)")
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.set_defaults(func=_cmd_demo)
+
+    from atlas_rl.bench import BENCH_METHODS, NOT_YET, WORKLOADS
+
+    bench = sub.add_parser(
+        "bench", help="speculation methods side by side on drifting RL rollouts (interleaved, "
+                      "exactness checked, oracle ceiling); writes JSON, a plot and a table",
+        description="Each step: every method generates the same prompts with the same seeds "
+                    "(a tail group and, on some steps, a 64-sequence batch), exactness is "
+                    "checked, then the policy takes a real GRPO step and its weights are "
+                    "synced into every engine. Speedups are ratios to 'none' in the same step. "
+                    "Defaults take ~20 min on 2 CPU cores; --quick ~3 min.")
+    bench.add_argument("--model", default=None, help="known short name or a local HF folder "
+                                                     "(default smollm2-135m-instruct)")
+    bench.add_argument("--workload", choices=WORKLOADS, default=None,
+                       help="drift (default): code prompts, then math prompts from halfway; "
+                            "code or math: one domain")
+    bench.add_argument("--prompts", action="append", metavar="FILE.jsonl",
+                       help="prompts from a JSONL file (.gz ok; a 'prompt', 'question' or "
+                            "'messages' field per line, optional 'answer'); give it twice to "
+                            "drift from the first set to the second")
+    bench.add_argument("--out", default="results.json", help="results JSON (default results.json)")
+    bench.add_argument("--plot", default=None, help="write the PNG plot here")
+    bench.add_argument("--quick", action="store_true",
+                       help="2 steps, short completions, one large batch (~3 min here)")
+    bench.add_argument("--steps", type=int, default=None, help="RL steps (default 8; quick 2)")
+    bench.add_argument("--prompts-per-step", type=int, default=None,
+                       help="prompts in the large batch (default 16)")
+    bench.add_argument("--completions", type=int, default=None,
+                       help="completions per prompt, a GRPO group (default 4)")
+    bench.add_argument("--max-tokens", type=int, default=None,
+                       help="max tokens per tail completion (default 128; quick 32)")
+    bench.add_argument("--large-batch-max-tokens", type=int, default=None,
+                       help="max tokens per large-batch completion (default 48; quick 16)")
+    bench.add_argument("--large-batch-steps", default=None, metavar="S1,S2",
+                       help="1-based steps that also run the large batch (default: every "
+                            "other step, 2, 4, ...; quick: the last step)")
+    bench.add_argument("--temperature", type=float, default=None, help="default 1.0 (RL)")
+    bench.add_argument("--seed", type=int, default=None, help="default 0")
+    bench.add_argument("--lr", type=float, default=None,
+                       help="policy learning rate of the GRPO updates (default 1e-5)")
+    bench.add_argument("--methods", default=None, metavar="M1,M2",
+                       help="comma-separated, from: " + ", ".join(
+                           m for m in BENCH_METHODS if m not in NOT_YET)
+                       + " (default: all installed; 'none' always runs). Not yet available: "
+                       + ", ".join(NOT_YET))
+    bench.add_argument("--max-lookahead", type=int, default=None, help="draft tokens (default 8)")
+    bench.add_argument("--dtype", default=None, help="engine dtype (default as the engine's)")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_cmd_bench)
 
     doctor = sub.add_parser("doctor", help="check that torch, transformers and vLLM import")
     doctor.set_defaults(func=_cmd_doctor)

@@ -58,6 +58,7 @@ class AtlasRolloutEngine:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self._vllm_counters = backend.VllmSpecCounters(self.llm)
+        self._step_times = backend.StepTimes(self.llm)
         self.speculator = None
         self.proposer = None
         if speculation == "atlas":
@@ -172,19 +173,21 @@ class AtlasRolloutEngine:
 
     def _snapshot(self):
         return (self._vllm_counters.counters.copy(),
-                None if self.proposer is None else self.proposer.counters.copy())
+                None if self.proposer is None else self.proposer.counters.copy(),
+                self._step_times.snapshot())
 
     def _stats_since(self, before, seconds: float, completions: list[Completion]) -> dict:
-        vllm_now, ours_now = self._snapshot()
+        vllm_now, ours_now, times_now = self._snapshot()
         if before is None:
-            vllm_c, ours_c = SpecCounters(), None
+            vllm_c, ours_c, times = SpecCounters(), None, (0.0, 0.0, 0)
         else:
             vllm_c = vllm_now.since(before[0])
             ours_c = None if ours_now is None else ours_now.since(before[1])
-        return self._summary(vllm_c, ours_c, seconds, completions)
+            times = tuple(a - b for a, b in zip(times_now, before[2]))
+        return self._summary(vllm_c, ours_c, times, seconds, completions)
 
-    def _summary(self, vllm_c: SpecCounters, ours_c: SpecCounters | None, seconds: float,
-                 completions: list[Completion]) -> dict:
+    def _summary(self, vllm_c: SpecCounters, ours_c: SpecCounters | None, times: tuple,
+                 seconds: float, completions: list[Completion]) -> dict:
         num_tokens = sum(len(c.completion_ids) for c in completions)
         stats = {"speculation": self.speculation}
         stats.update(summarize(None if self.speculation == "none" else vllm_c))
@@ -193,10 +196,14 @@ class AtlasRolloutEngine:
             stats["lookahead_hist"] = list(ours_c.lookahead_hist)
             stats["speculator_errors"] = ours_c.speculator_errors
             stats["propose_seconds"] = ours_c.propose_seconds
+            stats["draft_seconds"] = ours_c.draft_seconds
             # Our own feedback bookkeeping, cross-checked against vLLM's scheduler.
             stats["proposer_num_draft_tokens"] = ours_c.num_draft_tokens
             stats["proposer_num_accepted_tokens"] = ours_c.num_accepted_tokens
         stats["rollout_seconds"] = seconds
+        # Engine steps and where their time went (see StepTimes); the rest of
+        # rollout_seconds is vLLM's scheduler, detokenization and output handling.
+        stats["forward_seconds"], stats["sample_seconds"], stats["engine_steps"] = times
         stats["num_tokens"] = num_tokens
         stats["num_completions"] = len(completions)
         stats["tokens_per_s"] = num_tokens / seconds if seconds > 0 else 0.0
@@ -207,8 +214,8 @@ class AtlasRolloutEngine:
 
     def stats(self) -> dict:
         """Cumulative stats over the engine's life (same names as a batch's stats)."""
-        vllm_c, ours_c = self._snapshot()
-        stats = self._summary(vllm_c, ours_c, self._totals["rollout_seconds"], [])
+        vllm_c, ours_c, times = self._snapshot()
+        stats = self._summary(vllm_c, ours_c, times, self._totals["rollout_seconds"], [])
         stats["num_tokens"] = self._totals["num_tokens"]
         stats["num_completions"] = self._totals["num_completions"]
         stats["generate_calls"] = self._totals["generate_calls"]

@@ -65,26 +65,40 @@ def randomized_pit(logprobs: torch.Tensor, tokens: Sequence[int],
     return (below + v * probs.gather(1, idx[:, None])[:, 0]).clamp(0.0, 1.0)
 
 
-def check_sampling(model, batch, temperature: float = 1.0, seed: int = 0) -> SamplingCheck:
-    """PIT/KS and logprob errors of a RolloutBatch against the reference model."""
-    from scipy import stats
-
-    gen = torch.Generator().manual_seed(seed)
+def sampling_values(model, completions, temperature: float = 1.0,
+                    generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIT values and |logprob errors| of completions' tokens against the reference
+    model, to pool across calls (e.g. the steps of a benchmark whose policy changes:
+    pass the policy as it was when the completions were sampled)."""
     us, errs = [], []
-    for c in batch.completions:
+    for c in completions:
         if not c.completion_ids:
             continue
         ref = next_token_logprobs(model, c.prompt_ids, c.completion_ids, temperature)
-        us.append(randomized_pit(ref, c.completion_ids, gen))
+        us.append(randomized_pit(ref, c.completion_ids, generator))
         ref_lp = ref.gather(1, torch.tensor(c.completion_ids)[:, None])[:, 0]
         errs.append((ref_lp - torch.tensor(c.logprobs, dtype=torch.float64)).abs())
-    u = torch.cat(us).numpy()
-    err = torch.cat(errs)
-    ks = stats.kstest(u, "uniform")
+    empty = torch.zeros(0, dtype=torch.float64)
+    return (torch.cat(us) if us else empty), (torch.cat(errs) if errs else empty)
+
+
+def sampling_check(u: torch.Tensor, err: torch.Tensor) -> SamplingCheck:
+    """KS test of pooled PIT values against U(0, 1), and the logprob errors."""
+    from scipy import stats
+
+    if len(u) == 0:
+        raise ValueError("no sampled tokens to check: the completions were all empty")
+    ks = stats.kstest(u.numpy(), "uniform")
     return SamplingCheck(num_tokens=len(u), ks_statistic=float(ks.statistic),
                          ks_pvalue=float(ks.pvalue),
                          logprob_max_abs_err=float(err.max()),
                          logprob_mean_abs_err=float(err.mean()))
+
+
+def check_sampling(model, batch, temperature: float = 1.0, seed: int = 0) -> SamplingCheck:
+    """PIT/KS and logprob errors of a RolloutBatch against the reference model."""
+    gen = torch.Generator().manual_seed(seed)
+    return sampling_check(*sampling_values(model, batch.completions, temperature, gen))
 
 
 def greedy_mismatches(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> list[int]:

@@ -8,6 +8,8 @@
 - lookahead: mean drafted tokens per drafting request-step; lookahead_hist counts
   request-steps by the lookahead the proposer chose (0 = no draft).
 - tokens_per_s, rollout_seconds: completion tokens over wall time of a generate call.
+- propose_seconds / draft_seconds: time in atlas-rl's proposer per step (feedback
+  bookkeeping + drafting) and the drafting part of it.
 - oracle_acceptance_length: the expected acceptance length at lookahead k of a
   drafter that always proposes the policy's most likely token, from the top-1
   probabilities along the rollouts (the ceiling of one-hot drafting).
@@ -33,7 +35,8 @@ class SpecCounters:
     request_steps: int = 0        # decode request-steps seen by the proposer
     lookahead_hist: list[int] = field(default_factory=list)
     speculator_errors: int = 0
-    propose_seconds: float = 0.0
+    propose_seconds: float = 0.0  # all of the proposer's time in a step
+    draft_seconds: float = 0.0    # of which: the speculator drafting and the controller trimming
 
     def record_verified(self, num_verified: int, num_accepted: int) -> None:
         """One request-step: `num_verified` draft tokens checked, the first

@@ -110,3 +110,62 @@ def mixed_prompts(count: int, seed: int = 0) -> list[Prompt]:
     code = code_prompts((count + 1) // 2, seed)
     math = math_prompts(count // 2, seed)
     return [p for pair in zip(code, math) for p in pair] + code[len(math):]
+
+
+def _gsm8k_answer(answer) -> str | None:
+    """GSM8K writes the final answer after '####'; other sets give it bare."""
+    if answer is None:
+        return None
+    text = str(answer)
+    if "####" in text:
+        text = text.rsplit("####", 1)[1]
+    text = text.strip().replace(",", "")
+    return text or None
+
+
+def load_prompt_file(path: str, domain: str | None = None) -> list[Prompt]:
+    """Prompts from a JSONL file (optionally .gz), one object per line with one of:
+    - ``messages``: chat messages, used as given;
+    - ``question``: a chat question (the math system prompt is added when the line has
+      an ``answer``, so that answers come as 'Answer: <number>');
+    - ``prompt``: text to continue (e.g. HumanEval's function stubs).
+    An ``answer`` field (GSM8K's '#### 42' form or a bare value) makes the prompt
+    checkable; without one, rewards fall back to format and length."""
+    import gzip
+    import json
+    import os
+
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"prompt file {path!r} does not exist")
+    domain = domain or os.path.basename(path).split(".")[0]
+    opener = gzip.open if path.endswith(".gz") else open
+    out = []
+    with opener(path, "rt", encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e}); each line must be "
+                                 f"one JSON object") from e
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
+                                 f"{type(row).__name__}")
+            answer = _gsm8k_answer(row.get("answer"))
+            if isinstance(row.get("messages"), list) and row["messages"]:
+                prompt = row["messages"]
+            elif isinstance(row.get("question"), str) and row["question"].strip():
+                prompt = ([{"role": "system", "content": MATH_SYSTEM}] if answer else []) + \
+                    [{"role": "user", "content": row["question"]}]
+            elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
+                prompt = row["prompt"]
+            else:
+                raise ValueError(f"{path}:{lineno}: no prompt: give each line a non-empty "
+                                 f"'prompt' (text), 'question' (chat) or 'messages' field "
+                                 f"(found: {', '.join(sorted(row)) or 'nothing'})")
+            meta = {k: row[k] for k in ("task_id", "id") if k in row}
+            out.append(Prompt(prompt, domain, answer, meta))
+    if not out:
+        raise ValueError(f"prompt file {path!r} holds no prompts")
+    return out

@@ -165,3 +165,23 @@ def test_update_save_load(atlas, make_engine, tiny_model_path, tmp_path):
     mine = atlas.speculator.propose(["x"], [ctx], [6])[0]
     theirs = other.speculator.propose(["x"], [ctx], [6])[0]
     assert mine.tokens and mine.tokens == theirs.tokens
+
+
+def test_seeded_sampling_with_a_chunked_prefill_matches_unchunked(tiny_model_path, baseline):
+    """compat fix 4: prompts that exceed the step's token budget are prefilled in chunks;
+    vLLM's generator rewind crashed on CPU generators. With the fix the run completes,
+    and the seeded samples equal those of an engine that never chunks."""
+    from atlas_rl import AtlasConfig, AtlasRolloutEngine
+    from atlas_rl.compat import vllm_cpu
+
+    chunked = AtlasRolloutEngine(
+        tiny_model_path, "none", AtlasConfig(dtype="float32", cpu_kv_cache_gib=1,
+                                             max_model_len=1024),
+        max_num_batched_tokens=64, max_num_seqs=8)
+    assert vllm_cpu.status()["seeded_chunked_prefill"] in (
+        "applied", "not needed: CPU generators have offsets", "not needed: not the CPU platform")
+    prompts = PROMPTS * 2  # ~200 prompt tokens against a 64-token budget per step
+    got = chunked.generate(prompts, n=2, temperature=1.0, max_tokens=24, seed=11)
+    want = baseline.generate(prompts, n=2, temperature=1.0, max_tokens=24, seed=11)
+    assert got.completion_ids == want.completion_ids
+    del chunked

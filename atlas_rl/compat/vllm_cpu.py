@@ -30,6 +30,18 @@ not (a fixed release, a GPU platform), the fix does nothing and says so in `stat
    without drawing noise. Seeded requests draw nothing there either (vLLM already skips
    their generators for rows without drafts), so outputs are unchanged.
 
+4. Seeded requests whose prefill is chunked (vLLM 0.32 CPU). When a batch's prompts
+   exceed the step's token budget (``max_num_batched_tokens``, 4096 by default: e.g.
+   64 prompts of 70 tokens), a prompt is prefilled over two steps and the token sampled
+   after the partial chunk is discarded. vLLM then rewinds that request's generator
+   with ``gen.set_offset(gen.get_offset() - 4)`` so that the discarded draw does not
+   shift the request's random stream; a CPU generator has no offset and raises
+   ``RuntimeError: CPU Generator does not use offset``, killing the engine. We take the
+   generators of the discarded rows out of the batch for that sampling step (the row
+   samples from the global generator; its token is thrown away anyway) and put them
+   back after, so the request's own stream is untouched: the effect the rewind has on
+   GPUs. Seeded outputs are then the same with and without chunking.
+
 Switch all fixes off with ``ATLAS_RL_COMPAT=off`` (used by the test that shows the
 sampling bug is real and that our exactness test detects it).
 """
@@ -206,3 +218,61 @@ def fix_recovered_noise_without_drafts() -> str:
     rs.sample_recovered_tokens = sample_recovered_tokens
     _status["recovered_noise"] = "applied"
     return _status["recovered_noise"]
+
+
+# --- 4. seeded requests with a chunked prefill ----------------------------------
+
+def _cpu_generator_has_offset() -> bool:
+    try:
+        torch.Generator("cpu").get_offset()
+        return True
+    except RuntimeError:
+        return False
+
+
+def fix_seeded_chunked_prefill() -> str:
+    """Apply fix 4 (before building an engine): never rewind a CPU generator."""
+    if not enabled():
+        _status["seeded_chunked_prefill"] = "off (ATLAS_RL_COMPAT=off)"
+        return _status["seeded_chunked_prefill"]
+    if not _is_cpu_platform():
+        _status["seeded_chunked_prefill"] = "not needed: not the CPU platform"
+        return _status["seeded_chunked_prefill"]
+    if _cpu_generator_has_offset():
+        _status["seeded_chunked_prefill"] = "not needed: CPU generators have offsets"
+        return _status["seeded_chunked_prefill"]
+    import inspect
+
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    original = GPUModelRunner.sample_tokens
+    if getattr(original, "_atlas_no_rewind", False):
+        return _status["seeded_chunked_prefill"]
+    try:
+        rewinds = "set_offset" in inspect.getsource(GPUModelRunner._bookkeeping_sync)
+    except (AttributeError, OSError, TypeError):
+        rewinds = False
+    if not rewinds or not hasattr(GPUModelRunner, "sample_tokens"):
+        _status["seeded_chunked_prefill"] = "not needed: vLLM does not rewind generators"
+        return _status["seeded_chunked_prefill"]
+
+    def sample_tokens(self, *args, **kwargs):
+        batch = getattr(self, "input_batch", None)
+        mask = getattr(self, "discard_request_mask", None)
+        held = {}
+        if batch is not None and mask is not None and batch.generators:
+            num_reqs = batch.num_reqs
+            for i in mask.np[:num_reqs].nonzero()[0].tolist():
+                gen = batch.generators.get(i)
+                if gen is not None and gen.device.type == "cpu":
+                    held[i] = batch.generators.pop(i)
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            if held:
+                batch.generators.update(held)
+
+    sample_tokens._atlas_no_rewind = True
+    GPUModelRunner.sample_tokens = sample_tokens
+    _status["seeded_chunked_prefill"] = "applied"
+    return _status["seeded_chunked_prefill"]

@@ -5,6 +5,7 @@ CPU backend."""
 from __future__ import annotations
 
 import os
+import time
 from typing import Iterable
 
 import torch
@@ -65,6 +66,7 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, **engine_kwargs
 
     vllm_cpu.fix_repeated_registration()
     vllm_cpu.fix_recovered_noise_without_drafts()
+    vllm_cpu.fix_seeded_chunked_prefill()
     on_cpu = current_platform.is_cpu()
     kwargs = dict(
         model=model_path,
@@ -136,3 +138,39 @@ def load_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     runner = model_runner(llm)
     runner.reload_weights(weights_iterator=iter(weights))
     llm.reset_prefix_cache()
+
+
+class StepTimes:
+    """Where an engine's time goes, per engine step: the model runner's
+    ``execute_model`` (inputs and the forward pass over every scheduled token, drafts
+    included: the verification forward) and ``sample_tokens`` (logits, sampling, the
+    rejection sampler, and the proposer drafting the next step). Instance-level
+    wrappers on this engine's runner; two perf_counter calls per step."""
+
+    def __init__(self, llm):
+        self.forward_seconds = 0.0
+        self.sample_seconds = 0.0
+        self.engine_steps = 0
+        runner = model_runner(llm)
+        execute, sample = runner.execute_model, runner.sample_tokens
+
+        def execute_model(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return execute(*args, **kwargs)
+            finally:
+                self.forward_seconds += time.perf_counter() - start
+                self.engine_steps += 1
+
+        def sample_tokens(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                self.sample_seconds += time.perf_counter() - start
+
+        runner.execute_model = execute_model
+        runner.sample_tokens = sample_tokens
+
+    def snapshot(self) -> tuple[float, float, int]:
+        return self.forward_seconds, self.sample_seconds, self.engine_steps

@@ -138,9 +138,11 @@ class AtlasProposer:
             max_lens.append(max(0, min(step_k, self.max_model_len - n - 1)))
 
         out = [[] for _ in req_ids]
+        start = time.perf_counter()
         drafts = speculator.propose(keys, contexts, max_lens)
+        drafts = [self.controller.trim(d).truncate(self.num_speculative_tokens) for d in drafts]
+        counters.draft_seconds += time.perf_counter() - start
         for row, rid, draft in zip(rows, keys, drafts):
-            draft = self.controller.trim(draft).truncate(self.num_speculative_tokens)
             counters.request_steps += 1
             counters.record_lookahead(len(draft))
             if draft.tokens:

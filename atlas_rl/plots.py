@@ -1,0 +1,84 @@
+"""Plots of benchmark results (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_COLORS = {"none": "#7f7f7f", "vllm-ngram": "#1f77b4", "vllm-suffix": "#2ca02c",
+           "atlas-static": "#ff7f0e", "atlas": "#d62728"}
+
+
+def _pyplot():
+    try:
+        import matplotlib
+    except ImportError as e:
+        raise ImportError("plots need matplotlib: pip install 'atlas-rl[bench]' "
+                          "(or pip install matplotlib)") from e
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bench(results: dict, path: str | Path) -> Path:
+    """Three panels: tail acceptance length per step per method with the one-hot oracle
+    ceiling and the drift point; tail speedup per step; median speedup per regime."""
+    plt = _pyplot()
+    methods = results["methods"]
+    drift = results["config"].get("drift_step")
+    fig, axes = plt.subplots(3, 1, figsize=(9, 11), constrained_layout=True)
+    ax_al, ax_sp, ax_bar = axes
+
+    for name, m in methods.items():
+        steps = [r["step"] + 1 for r in m["steps"]]
+        color = _COLORS.get(name)
+        ax_al.plot(steps, [r["acceptance_length"] for r in m["steps"]], "o-", label=name,
+                   color=color)
+        sp = [r["speedup"] for r in m["steps"]]
+        if any(x is not None for x in sp):
+            ax_sp.plot(steps, [float("nan") if x is None else x for x in sp], "o-",
+                       label=name, color=color)
+    if "none" in methods:
+        ref = methods["none"]["steps"]
+        ax_al.plot([r["step"] + 1 for r in ref], [r["oracle_acceptance_length"] for r in ref],
+                   "k--", label="oracle: one-hot ceiling (k=%d)" %
+                   results["config"]["max_lookahead"])
+    for ax in (ax_al, ax_sp):
+        if drift is not None:
+            ax.axvline(drift + 0.5, color="k", alpha=0.4, linestyle=":")
+            ax.text(drift + 0.55, 0.98, " domain switch", transform=ax.get_xaxis_transform(),
+                    va="top", fontsize=8)
+        ax.set_xlabel("RL step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    ax_al.set_ylabel("acceptance length (tail)")
+    ax_al.set_title("Acceptance length per step (tail regime, temperature %g)"
+                    % results["config"]["temperature"])
+    ax_sp.axhline(1.0, color="k", linewidth=0.8)
+    ax_sp.set_ylabel("speedup vs none (tail)")
+    ax_sp.set_title("Speedup per step, tokens/s over no speculation in the same step")
+
+    regimes = ["tail", "large_batch"]
+    names = list(methods)
+    width = 0.8 / max(len(regimes), 1)
+    for i, regime in enumerate(regimes):
+        vals = [methods[n]["regimes"].get(regime, {}).get("speedup") for n in names]
+        xs = [j + (i - (len(regimes) - 1) / 2) * width for j in range(len(names))]
+        bars = ax_bar.bar(xs, [v or 0.0 for v in vals], width, label=regime.replace("_", " "))
+        for x, v in zip(xs, vals):
+            ax_bar.text(x, (v or 0.0) + 0.02, "n/a" if v is None else f"{v:.2f}x",
+                        ha="center", fontsize=8)
+        del bars
+    ax_bar.axhline(1.0, color="k", linewidth=0.8)
+    ax_bar.set_xticks(range(len(names)), names)
+    ax_bar.set_ylabel("median speedup")
+    ax_bar.set_title("Median speedup by regime (n/a: not exact, or not measured)")
+    ax_bar.legend(fontsize=8)
+    mach = results["machine"]
+    fig.suptitle(f"atlas-rl bench: {results['config']['model']} on {mach['cpu']} "
+                 f"({mach['cores']} cores, {mach['gpu'] or 'no GPU'})", fontsize=10)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,228 @@
+"""`atlas-rl bench`: configuration, prompt files, rewards, and a whole --quick run on the
+tiny model through the CLI (schema and metric definitions; timings never asserted)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from atlas_rl.bench import BENCH_METHODS, NOT_YET, BenchConfig, available_methods
+from atlas_rl.rewards import (correctness_reward, format_reward, length_reward,
+                              plain_text_reward, rollout_reward, syntax_reward)
+from atlas_rl.workloads import load_prompt_file
+
+SHARED_GSM8K = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k_test.jsonl"
+
+
+# --- configuration ---------------------------------------------------------------
+
+def test_default_methods_are_those_that_exist():
+    cfg = BenchConfig()
+    assert cfg.methods == available_methods()
+    assert cfg.methods[0] == "none" and "atlas" in cfg.methods
+    assert not set(cfg.methods) & set(NOT_YET)
+    assert set(cfg.methods) <= set(BENCH_METHODS)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(methods=["atlas-static"]), "not available yet"),
+    (dict(methods=["medusa"]), "unknown method 'medusa'"),
+    (dict(workload="drift", steps=1), "steps >= 2"),
+    (dict(workload="poetry"), "unknown workload 'poetry'"),
+    (dict(large_batch_steps=[9]), r"large_batch_steps \[9\]"),
+    (dict(completions=0), "completions must be >= 1"),
+    (dict(prompt_files=["a", "b", "c"]), "one file, or two"),
+    (dict(temperature=-1.0), "temperature"),
+])
+def test_config_rejects_bad_values_with_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        BenchConfig(**kwargs)
+
+
+def test_none_is_always_the_baseline_and_drift_splits_the_steps():
+    cfg = BenchConfig(methods=["atlas"], steps=6)
+    assert cfg.methods == ["none", "atlas"]
+    assert cfg.drift_step == 3
+    assert [cfg.domain_phase(s) for s in range(6)] == [0, 0, 0, 1, 1, 1]
+    assert cfg.resolved_large_batch_steps() == [1, 3, 5]  # every other step
+    assert BenchConfig(workload="math", steps=3).drift_step is None
+
+
+def test_quick_preset_keeps_explicit_flags():
+    q = BenchConfig.quick_preset()
+    assert q.quick and q.steps == 2 and q.max_tokens == 32
+    assert q.resolved_large_batch_steps() == [1]
+    q = BenchConfig.quick_preset(max_tokens=48, methods=["none", "atlas"])
+    assert q.max_tokens == 48 and q.methods == ["none", "atlas"]
+
+
+# --- prompt files -----------------------------------------------------------------
+
+def _write_jsonl(path: Path, rows, gz=False):
+    data = "".join(json.dumps(r) + "\n" for r in rows)
+    if gz:
+        with gzip.open(path, "wt") as f:
+            f.write(data)
+    else:
+        path.write_text(data)
+
+
+def test_prompt_files_all_three_fields_answers_and_gzip(tmp_path):
+    rows = [{"question": "What is 2+3?", "answer": "2+3=5\n#### 5"},
+            {"prompt": "def f(x):\n", "task_id": "t/1"},
+            {"messages": [{"role": "user", "content": "hi"}]},
+            {"question": "Cost?", "answer": "1,200"}]
+    _write_jsonl(tmp_path / "mix.jsonl.gz", rows, gz=True)
+    ps = load_prompt_file(str(tmp_path / "mix.jsonl.gz"))
+    assert [p.domain for p in ps] == ["mix"] * 4
+    assert ps[0].answer == "5" and ps[0].prompt[0]["role"] == "system"  # answer: math prompt
+    assert ps[1].prompt == "def f(x):\n" and ps[1].answer is None and ps[1].meta["task_id"] == "t/1"
+    assert ps[2].prompt == rows[2]["messages"]
+    assert ps[3].answer == "1200"
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"text": "hi"}\n', r"bad.jsonl:1: no prompt.*found: text"),
+    ('{"prompt": "ok"}\nnot json\n', r"bad.jsonl:2: not valid JSON"),
+    ('["a"]\n', r"expected a JSON object"),
+    ("\n", "holds no prompts"),
+])
+def test_prompt_file_errors_name_the_line_and_the_fix(tmp_path, content, match):
+    (tmp_path / "bad.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_prompt_file(str(tmp_path / "bad.jsonl"))
+
+
+def test_missing_prompt_file():
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_prompt_file("/nonexistent/prompts.jsonl")
+
+
+@pytest.mark.skipif(not SHARED_GSM8K.exists(), reason="../shared/data is not on this machine")
+def test_shared_gsm8k_file_loads_with_answers():
+    ps = load_prompt_file(str(SHARED_GSM8K))
+    assert len(ps) > 1000 and all(p.answer for p in ps)
+    assert ps[0].answer == "18"  # Janet's ducks
+
+
+# --- rewards -----------------------------------------------------------------------
+
+def test_rewards_correct_wrong_and_malformed():
+    assert correctness_reward("so 16 - 3 - 4 = 9 eggs, 9 * 2 = 18\nAnswer: 18", "18") == 1.0
+    assert correctness_reward("Answer: $1,200.", "1200") == 1.0
+    assert correctness_reward("Answer: 17", "18") == 0.0
+    assert correctness_reward("I cannot tell", "18") == 0.0
+    assert correctness_reward("Answer: 18", None) == 0.0
+    assert format_reward("work...\nAnswer: 18") == 1.0
+    assert format_reward("the answer is eighteen") == 0.0
+    assert length_reward(25, 100, finished=True) == 0.75
+    assert length_reward(100, 100, finished=False) == 0.0
+    with pytest.raises(ValueError, match="max_tokens"):
+        length_reward(1, 0, True)
+    assert plain_text_reward("abc\n") == 1.0 and plain_text_reward("ab\u4e2d\u6587") == 0.5
+
+
+def test_syntax_reward_judges_complete_lines():
+    stub = 'def f(x):\n    """Doc."""\n'
+    assert syntax_reward(stub, "    return x\n", finished=True) == 1.0
+    assert syntax_reward(stub, "    return x\n    if", finished=False) == 1.0  # cut mid-line
+    assert syntax_reward(stub, "    for i in x:\n", finished=False) == 0.0   # open block
+    assert syntax_reward(stub, "    ret(", finished=True) == 0.0
+    assert syntax_reward(stub, "garbage", finished=False) == 0.0              # no complete line
+
+
+def test_rollout_reward_ranks_a_correct_answer_first():
+    right = rollout_reward("9 * 2 = 18\nAnswer: 18", "18", 20, 128, True)
+    wrong = rollout_reward("9 * 2 = 19\nAnswer: 19", "18", 20, 128, True)
+    rambling = rollout_reward("9 * 2 is " * 30, "18", 128, 128, False)
+    assert right > wrong > rambling
+    assert right == pytest.approx(1.0 + 0.2 + 0.2 * (1 - 20 / 128) + 0.1)
+
+
+# --- a whole run -------------------------------------------------------------------
+
+STEP_KEYS = {"step", "domain", "tokens_per_s", "speedup", "acceptance_length",
+             "acceptance_rate", "lookahead", "oracle_acceptance_length"}
+SUMMARY_KEYS = {"tokens_per_s", "speedup", "acceptance_length", "acceptance_rate",
+                "oracle_acceptance_length", "exact"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_model_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "atlas_rl.cli", "bench", "--model", tiny_model_path, "--quick",
+         "--out", str(out / "results.json"), "--plot", str(out / "results.png"),
+         "--no-progress"], capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads((out / "results.json").read_text()), proc.stdout, out
+
+
+def test_quick_run_schema(quick_run):
+    results, stdout, out = quick_run
+    assert {"machine", "config", "methods", "policy"} <= set(results)
+    assert set(results["methods"]) == set(available_methods())
+    for name, m in results["methods"].items():
+        assert SUMMARY_KEYS <= set(m["summary"]), name
+        assert set(m["regimes"]) == {"tail", "large_batch"}, name
+        for regime in m["regimes"].values():
+            assert SUMMARY_KEYS <= set(regime)
+        assert len(m["steps"]) == 2
+        for row in m["steps"]:
+            assert STEP_KEYS <= set(row)
+        assert m["exactness"]["exact"] is True, (name, m["exactness"])
+    steps = results["methods"]["none"]["steps"]
+    assert [s["domain"] for s in steps] == ["code", "math"]  # the drift
+    assert results["config"]["drift_step"] == 1
+    assert "large_batch" in steps[1]["regimes"] and "large_batch" not in steps[0]["regimes"]
+    assert steps[1]["regimes"]["large_batch"]["num_completions"] == 64
+    assert steps[0]["regimes"]["tail"]["num_completions"] == 4
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the table on stdout: a row per method and regime
+    for name in results["methods"]:
+        assert f"| {name} | tail |" in stdout and f"| {name} | large_batch |" in stdout
+
+
+def test_quick_run_definitions(quick_run):
+    results, _, _ = quick_run
+    none = results["methods"]["none"]
+    assert none["summary"]["speedup"] == 1.0
+    assert none["summary"]["acceptance_length"] == 1.0
+    for regime in none["regimes"].values():
+        assert regime["speedup"] == pytest.approx(1.0) and regime["acceptance_length"] == 1.0
+    base = {s["step"]: s for s in none["steps"]}
+    for name, m in results["methods"].items():
+        for row in m["steps"]:
+            assert row["acceptance_length"] >= 1.0
+            assert 0.0 <= row["acceptance_rate"] <= 1.0
+            # speedup is the ratio to none in the same step
+            assert row["speedup"] == pytest.approx(
+                row["tokens_per_s"] / base[row["step"]]["tokens_per_s"])
+            # every method here drafts one-hot: the oracle bounds it (within noise)
+            assert row["oracle_acceptance_length"] >= 1.0
+            assert row["acceptance_length"] <= row["oracle_acceptance_length"] + 0.5, (name, row)
+        e = m["exactness"]
+        assert e["num_tokens"] > 0 and e["ks_pvalue"] > 1e-3 and not e["greedy_mismatch_steps"]
+
+
+def test_quick_run_policy_really_moves(quick_run):
+    results, _, _ = quick_run
+    policy = results["policy"]
+    assert policy["updates"] >= 1 and policy["param_delta_norm"] > 0
+    assert all(s["sync_seconds"] > 0 for s in policy["steps"])
+
+
+def test_cli_refuses_bad_combinations(tmp_path):
+    from atlas_rl.cli import main
+
+    (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
+    assert main(["bench", "--prompts", str(tmp_path / "p.jsonl"), "--workload", "drift"]) == 2
+    assert main(["bench", "--prompts", str(tmp_path / "p.jsonl"), "--workload", "code"]) == 2
+    assert main(["bench", "--methods", "atlas-static"]) == 2
