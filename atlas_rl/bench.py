@@ -311,7 +311,7 @@ def format_time_table(results: dict, regime: str = "tail") -> str:
                ("rollout_seconds", "forward_seconds", "sample_seconds", "propose_seconds",
                 "draft_seconds", "update_seconds", "engine_steps", "num_tokens")}
         n = max(tot["engine_steps"], 1)
-        ms = lambda x: f"{1000 * x / n:.1f}"  # noqa: E731
+        ms = lambda x, n=n: f"{1000 * x / n:.1f}"  # noqa: E731
         other = tot["rollout_seconds"] - tot["forward_seconds"] - tot["sample_seconds"]
         lines.append(
             f"| {name} | {int(tot['engine_steps'])} | {tot['num_tokens'] / n:.2f} | "
@@ -396,7 +396,6 @@ def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
         say("loading the policy for updates and reference logprobs (transformers, float32)")
         policy = PolicyUpdater(path, cfg.lr, cfg.seed)
 
-        steps = {m: [] for m in methods}
         regime_records = {m: {r: [] for r in REGIMES} for m in methods}
         pit = {m: ([], []) for m in methods}
         greedy_fail = {m: [] for m in methods}
