@@ -49,6 +49,7 @@ def plot_bench(results: dict, path: str | Path) -> Path:
             ax.text(drift + 0.55, 0.98, " domain switch", transform=ax.get_xaxis_transform(),
                     va="top", fontsize=8)
         ax.set_xlabel("RL step")
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     ax_al.set_ylabel("acceptance length (tail)")
