@@ -42,7 +42,7 @@ class AtlasRolloutEngine:
     """
 
     def __init__(self, model: str, speculation: str = "atlas", config: AtlasConfig | None = None,
-                 **vllm_engine_kwargs: Any):
+                 *, llm=None, **vllm_engine_kwargs: Any):
         if speculation not in SPECULATION_METHODS:
             raise ValueError(f"unknown speculation {speculation!r}: choose one of "
                              f"{', '.join(SPECULATION_METHODS)}")
@@ -50,10 +50,14 @@ class AtlasRolloutEngine:
 
         self.config = config or AtlasConfig()
         self.speculation = speculation
-        self.model_path = resolve_model(model)
         self._backend = backend
-        self.llm = backend.build_llm(self.model_path, speculation, self.config,
-                                     **vllm_engine_kwargs)
+        if llm is None:
+            self.model_path = resolve_model(model)
+            self.llm = backend.build_llm(self.model_path, speculation, self.config,
+                                         **vllm_engine_kwargs)
+        else:  # adopt an engine built elsewhere (e.g. by TRL) with our speculative config
+            self.model_path = model
+            self.llm = llm
         self.tokenizer = self.llm.get_tokenizer()
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -66,13 +70,46 @@ class AtlasRolloutEngine:
                                                max_corpus_tokens=self.config.max_corpus_tokens)
             self.proposer = backend.proposer(self.llm)
             if self.proposer is None:
-                raise RuntimeError("vLLM did not build atlas-rl's AtlasProposer")
+                raise RuntimeError("vLLM did not build atlas-rl's AtlasProposer: build the "
+                                   "engine with atlas-rl's speculative_config")
             self.proposer.attach(self.speculator, ThresholdController(
                 max_lookahead=self.config.max_lookahead,
                 min_confidence=self.config.min_confidence,
                 max_batch_size=self.config.max_speculation_batch_size))
         self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
                         "generate_calls": 0, "update_seconds": 0.0}
+
+    @classmethod
+    def adopt(cls, llm, speculation: str = "atlas", config: AtlasConfig | None = None):
+        """Wrap a `vllm.LLM` built elsewhere (in-process, with
+        `backends.vllm.engine.speculative_config(speculation, config)` and
+        `disable_log_stats=False`): the way integrations take over a trainer's engine."""
+        return cls(llm.llm_engine.model_config.model, speculation, config, llm=llm)
+
+    def begin_batch(self) -> None:
+        """A new rollout batch starts (generate calls this; callers driving `self.llm`
+        directly call it themselves): the speculator resets its in-flight state."""
+        if self.speculator is not None:
+            self.speculator.begin_batch()
+
+    def snapshot(self):
+        """Counters to diff against later with `stats_since` (around calls to the vLLM
+        engine made by someone else, e.g. a trainer)."""
+        return self._snapshot()
+
+    def stats_since(self, before, seconds: float, completions: list[Completion]) -> dict:
+        """The stats of everything the engine generated since `before` (see `snapshot`)."""
+        return self._stats_since(before, seconds, completions)
+
+    def learn(self, sequences: Sequence[Sequence[int]]) -> dict:
+        """The adaptive speculator learns token sequences (prompt + completion each)."""
+        if self.speculator is None:
+            return {}
+        start = time.perf_counter()
+        out = self.speculator.learn([list(s) for s in sequences])
+        seconds = time.perf_counter() - start
+        self._totals["update_seconds"] += seconds
+        return {**out, "update_seconds": seconds}
 
     # --- generation ----------------------------------------------------------------
 
@@ -144,8 +181,7 @@ class AtlasRolloutEngine:
                     max_tokens=max_tokens, stop=stop, logprobs=1,
                     seed=None if seed is None else _completion_seed(seed, index)))
 
-        if self.speculator is not None:
-            self.speculator.begin_batch()
+        self.begin_batch()
         before = self._snapshot()
         start = time.perf_counter()
         outputs = self.llm.generate(requests, params, use_tqdm=False)
@@ -228,13 +264,7 @@ class AtlasRolloutEngine:
 
     def update(self, batch: RolloutBatch) -> dict:
         """The adaptive speculator learns the batch's rollouts (prompt + completion)."""
-        if self.speculator is None:
-            return {}
-        start = time.perf_counter()
-        out = self.speculator.learn([c.prompt_ids + c.completion_ids for c in batch])
-        seconds = time.perf_counter() - start
-        self._totals["update_seconds"] += seconds
-        return {**out, "update_seconds": seconds}
+        return self.learn([c.prompt_ids + c.completion_ids for c in batch])
 
     def sync_weights(self, model_or_state_dict) -> None:
         """Load new policy weights (an nn.Module, a state dict, or (name, tensor) pairs

@@ -185,3 +185,30 @@ def test_seeded_sampling_with_a_chunked_prefill_matches_unchunked(tiny_model_pat
     want = baseline.generate(prompts, n=2, temperature=1.0, max_tokens=24, seed=11)
     assert got.completion_ids == want.completion_ids
     del chunked
+
+
+def test_sync_weights_reaches_every_weight_tied_lm_head_included(tiny_model_path):
+    """After sync_weights, the engine's logprobs are the new policy's, for every kind of
+    weight. The tied LM head is the one that once stayed stale on the CPU (compat fix 5)
+    when the weights come as named_parameters() (TRL's way: no separate lm_head.weight):
+    perturbing only the embeddings moved returned logprobs by 1.3."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from atlas_rl import AtlasConfig, AtlasRolloutEngine
+    from atlas_rl.exactness import check_sampling
+
+    engine = AtlasRolloutEngine(tiny_model_path, "atlas", AtlasConfig(
+        dtype="float32", cpu_kv_cache_gib=1, max_model_len=1024))
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    torch.manual_seed(3)
+    for group in ("embed_tokens", "self_attn", "mlp", "norm"):
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if group in name:
+                    p.add_(torch.randn_like(p) * 0.05)
+        engine.sync_weights(list(policy.named_parameters()))
+        batch = engine.generate(PROMPTS[:2], n=2, temperature=1.0, max_tokens=16, seed=5)
+        err = check_sampling(policy, batch).logprob_max_abs_err
+        assert err < 1e-4, (group, err)
+    del engine

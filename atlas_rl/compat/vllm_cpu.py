@@ -42,6 +42,17 @@ not (a fixed release, a GPU platform), the fix does nothing and says so in `stat
    back after, so the request's own stream is untouched: the effect the rewind has on
    GPUs. Seeded outputs are then the same with and without chunking.
 
+5. A tied LM head keeps its old weights after a weight reload (vLLM 0.32 CPU, models
+   with ``tie_word_embeddings``, e.g. SmolLM2). The CPU backend computes logits through
+   a GEMM handle it packs from the LM head's weight once, after loading
+   (``dispatch_cpu_unquantized_gemm``: a oneDNN or sgl-kernel copy). ``reload_weights``
+   re-processes every layer it loaded a weight for, but the tied head has no checkpoint
+   weight of its own ("lm_head.weight" is skipped), so its packed copy is never rebuilt:
+   after a sync the embeddings are new and the logits come from the old head. Measured
+   on a tiny Llama after perturbing only the embeddings: returned logprobs off by 1.3
+   (vs 1e-6 for every other weight). After each reload we rebuild the head's GEMM handle
+   from its (shared, updated) weight.
+
 Switch all fixes off with ``ATLAS_RL_COMPAT=off`` (used by the test that shows the
 sampling bug is real and that our exactness test detects it).
 """
@@ -276,3 +287,29 @@ def fix_seeded_chunked_prefill() -> str:
     GPUModelRunner.sample_tokens = sample_tokens
     _status["seeded_chunked_prefill"] = "applied"
     return _status["seeded_chunked_prefill"]
+
+
+# --- 5. a tied LM head after a weight reload -------------------------------------
+
+def refresh_tied_lm_head(model) -> str:
+    """Apply fix 5 after a weight reload: rebuild the CPU GEMM handle of an LM head that
+    shares its weight with the input embeddings."""
+    if not enabled():
+        _status["tied_lm_head"] = "off (ATLAS_RL_COMPAT=off)"
+        return _status["tied_lm_head"]
+    if not _is_cpu_platform():
+        _status["tied_lm_head"] = "not needed: not the CPU platform"
+        return _status["tied_lm_head"]
+    head = getattr(model, "lm_head", None)
+    inner = getattr(model, "model", None)
+    embed = getattr(inner, "embed_tokens", None)
+    tied = (head is not None and embed is not None
+            and getattr(head, "weight", None) is getattr(embed, "weight", None))
+    if not tied or not hasattr(head, "cpu_linear"):
+        _status["tied_lm_head"] = "not needed: no tied LM head with a packed CPU GEMM"
+        return _status["tied_lm_head"]
+    from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
+
+    dispatch_cpu_unquantized_gemm(head, remove_weight=False)
+    _status["tied_lm_head"] = "applied"
+    return _status["tied_lm_head"]

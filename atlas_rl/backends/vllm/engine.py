@@ -135,8 +135,11 @@ def load_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
     ``model_runner.reload_weights`` goes through vLLM's checkpoint-format loader, which
     works on the CPU backend too; TRL's ``model.load_weights`` path fails there
     (the CPU backend repacks linear weights: 'Parameter' has no 'weight_loader')."""
+    from atlas_rl.compat import vllm_cpu
+
     runner = model_runner(llm)
     runner.reload_weights(weights_iterator=iter(weights))
+    vllm_cpu.refresh_tied_lm_head(runner.get_model())
     llm.reset_prefix_cache()
 
 

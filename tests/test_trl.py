@@ -1,0 +1,145 @@
+"""The TRL drop-in: stock GRPOTrainer (+ two lines) and AtlasRLOOTrainer, on the tiny
+model, real TRL 1.16 and real vLLM in colocate mode on the CPU."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+
+pytest.importorskip("trl")
+
+PROMPTS = ["one two three four one two three", "def add(a, b):\n    return",
+           "The quick brown fox jumps over", "import os\nimport sys\nimport"]
+
+
+def _length_reward(completions, **kwargs):
+    return [len(c) / 100.0 for c in completions]
+
+
+def _args(config_cls, tmp_path, **overrides):
+    kwargs = dict(output_dir=str(tmp_path), use_vllm=True, vllm_mode="colocate", use_cpu=True,
+                  per_device_train_batch_size=4, num_generations=4, max_completion_length=16,
+                  max_steps=2, logging_steps=1, report_to="none", learning_rate=1e-3,
+                  bf16=False, save_strategy="no", seed=0)
+    kwargs.update(overrides)
+    return config_cls(**kwargs)
+
+
+class _CorpusProbe:
+    """Records the speculator's learned-token count at the end of every step."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        probe = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                engine = probe.trainer.vllm_generation.atlas_engine
+                probe.counts.append(engine.speculator._past.num_tokens)
+
+        self.counts: list[int] = []
+        self.trainer = None
+        self.callback = Callback()
+
+
+def _train(trainer_factory, probe):
+    trainer = trainer_factory()
+    probe.trainer = trainer
+    trainer.add_callback(probe.callback)
+    import torch
+
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = any(not torch.equal(before[n], p.detach())
+                  for n, p in trainer.model.named_parameters())
+    return trainer, changed
+
+
+def _assert_drop_in_contract(trainer, changed, probe):
+    import torch
+
+    logs = [row for row in trainer.state.log_history if "loss" in row]
+    assert len(logs) == 2
+    for row in logs:
+        for key in ("atlas/acceptance_length", "atlas/acceptance_rate", "atlas/lookahead",
+                    "atlas/tokens_per_s", "atlas/update_seconds"):
+            assert key in row, (key, sorted(row))
+        assert row["atlas/acceptance_length"] >= 1.0
+        assert row["atlas/tokens_per_s"] > 0
+        # GRPO recomputes the sampled tokens' logprobs with the policy: vLLM's match, so
+        # the weight sync reached every weight (the tied LM head included)
+        diff = row.get("sampling/sampling_logp_difference/max")
+        if diff is not None:
+            assert math.isfinite(diff) and diff < 1e-3, row
+    assert changed, "the trainer did not change the policy"
+    # the speculator learned each step's rollouts
+    assert len(probe.counts) == 2 and 0 < probe.counts[0] < probe.counts[1]
+
+    # after a sync, vLLM's logprobs and greedy output are the trained policy's
+    from atlas_rl.exactness import check_sampling
+
+    vg = trainer.vllm_generation
+    vg.sync_weights()
+    engine = vg.atlas_engine
+    sampled = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=12, seed=1)
+    check = check_sampling(trainer.model.eval(), sampled)
+    assert math.isfinite(check.logprob_max_abs_err) and check.logprob_max_abs_err < 1e-4
+    batch = engine.generate(PROMPTS, temperature=0.0, max_tokens=12)
+    model = trainer.model.eval()
+    tok = trainer.processing_class
+    for prompt, got in zip(PROMPTS, batch.completion_ids):
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                 max_new_tokens=12, pad_token_id=tok.eos_token_id)
+        assert out[0, ids.shape[1]:].tolist() == got[: out.shape[1] - ids.shape[1]]
+
+
+def test_stock_grpo_trainer_with_two_added_lines(tiny_model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from atlas_rl import AtlasConfig
+    from atlas_rl.integrations.trl import enable_atlas   # added line 1
+
+    enable_atlas(AtlasConfig(max_model_len=512, min_confidence=0.0))  # added line 2
+    dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
+    probe = _CorpusProbe()
+    trainer, changed = _train(lambda: GRPOTrainer(
+        model=tiny_model_path, reward_funcs=_length_reward,
+        args=_args(GRPOConfig, tmp_path), train_dataset=dataset), probe)
+    assert trainer.vllm_generation.atlas_engine.speculation == "atlas"
+    _assert_drop_in_contract(trainer, changed, probe)
+
+
+def test_atlas_rloo_trainer(tiny_model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from datasets import Dataset
+    from trl import RLOOConfig
+
+    from atlas_rl import AtlasConfig
+    from atlas_rl.integrations.trl import AtlasRLOOTrainer
+
+    dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
+    probe = _CorpusProbe()
+    trainer, changed = _train(lambda: AtlasRLOOTrainer(
+        model=tiny_model_path, reward_funcs=_length_reward,
+        args=_args(RLOOConfig, tmp_path), train_dataset=dataset,
+        atlas_config=AtlasConfig(max_model_len=512, min_confidence=0.0)), probe)
+    _assert_drop_in_contract(trainer, changed, probe)
+
+
+def test_enable_atlas_rejects_unknown_speculation():
+    from atlas_rl.integrations.trl import enable_atlas
+
+    with pytest.raises(ValueError, match="unknown speculation 'medusa'"):
+        enable_atlas(speculation="medusa")
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
