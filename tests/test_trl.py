@@ -133,6 +133,44 @@ def test_atlas_rloo_trainer(tiny_model_path, tmp_path, monkeypatch):
     _assert_drop_in_contract(trainer, changed, probe)
 
 
+def test_checkpoint_saves_and_resume_restores_the_speculator(tiny_model_path, tmp_path,
+                                                            monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig
+
+    from atlas_rl import AtlasConfig
+    from atlas_rl.integrations.trl import AtlasGRPOTrainer
+
+    dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
+    config = AtlasConfig(max_model_len=512, min_confidence=0.0)
+    args = _args(GRPOConfig, tmp_path, save_strategy="steps", save_steps=1)
+    first = AtlasGRPOTrainer(model=tiny_model_path, reward_funcs=_length_reward, args=args,
+                             train_dataset=dataset, atlas_config=config)
+    probe = _CorpusProbe()
+    probe.trainer = first
+    first.add_callback(probe.callback)
+    first.train()
+    saved = tmp_path / "checkpoint-1" / "atlas"
+    assert (saved / "atlas_config.json").exists()
+    assert probe.counts[0] > 0
+
+    seen = []
+
+    class FirstStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not seen:
+                seen.append(second.vllm_generation.atlas_engine.speculator._past.num_tokens)
+
+    second = AtlasGRPOTrainer(model=tiny_model_path, reward_funcs=_length_reward, args=args,
+                              train_dataset=dataset, atlas_config=config)
+    second.add_callback(FirstStep())
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    # resumed at step 1 with the speculator as it was saved there
+    assert seen == [probe.counts[0]]
+
+
 def test_enable_atlas_rejects_unknown_speculation():
     from atlas_rl.integrations.trl import enable_atlas
 

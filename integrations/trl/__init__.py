@@ -17,7 +17,9 @@ What changes (TRL 1.16; checked at `enable_atlas` time):
   vLLM's CPU backend too (TRL's ``model.load_weights`` path does not there);
 - after every generation the adaptive speculator learns the rollouts of all ranks
   (gathered over torch.distributed), timed by TRL's profiling as ``atlas.update``, and
-  ``atlas/*`` metrics join the trainer's metrics, so every ``report_to`` backend gets them.
+  ``atlas/*`` metrics join the trainer's metrics, so every ``report_to`` backend gets them;
+- checkpoints hold the speculator's state (``checkpoint-N/atlas/``), and
+  ``resume_from_checkpoint`` brings it back.
 Server mode (``vllm_mode="server"``) is left untouched, with a warning.
 """
 
@@ -77,6 +79,9 @@ def _install() -> None:
     for trainer_cls in (GRPOTrainer, RLOOTrainer):
         trainer_cls._generate_single_turn = _wrap_generate_single_turn(
             trainer_cls._generate_single_turn)
+        trainer_cls._save_checkpoint = _wrap_save_checkpoint(trainer_cls._save_checkpoint)
+        trainer_cls._load_optimizer_and_scheduler = _wrap_load_optimizer_and_scheduler(
+            trainer_cls._load_optimizer_and_scheduler)
 
 
 # --- VLLMGeneration -----------------------------------------------------------------
@@ -201,6 +206,50 @@ def _wrap_generate_single_turn(original):
         return out
 
     return _generate_single_turn
+
+
+CHECKPOINT_SUBDIR = "atlas"
+
+
+def _engine_of(trainer):
+    return getattr(getattr(trainer, "vllm_generation", None), "atlas_engine", None)
+
+
+def _wrap_save_checkpoint(original):
+    @functools.wraps(original)
+    def _save_checkpoint(self, model, trial):
+        original(self, model, trial)
+        engine = _engine_of(self)
+        if engine is None or not self.args.should_save:
+            return  # every rank's speculator is the same: the main process saves it
+        import os
+
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        folder = os.path.join(self._get_output_dir(trial=trial),
+                              f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        engine.save(os.path.join(folder, CHECKPOINT_SUBDIR))
+
+    return _save_checkpoint
+
+
+def _wrap_load_optimizer_and_scheduler(original):
+    @functools.wraps(original)
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        original(self, checkpoint)
+        engine = _engine_of(self)
+        if engine is None or checkpoint is None:
+            return
+        import os
+
+        state = os.path.join(checkpoint, CHECKPOINT_SUBDIR)
+        if os.path.isdir(state):
+            engine.load(state)
+        else:
+            logger.warning("atlas-rl: checkpoint %s has no speculator state (%s/): the "
+                           "speculator starts empty", checkpoint, CHECKPOINT_SUBDIR)
+
+    return _load_optimizer_and_scheduler
 
 
 # --- convenience subclasses -------------------------------------------------------
