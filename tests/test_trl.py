@@ -181,3 +181,31 @@ def test_enable_atlas_rejects_unknown_speculation():
 @pytest.fixture(autouse=True)
 def _quiet():
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+def test_two_ranks_learn_the_same_rollouts(tiny_model_path, tmp_path):
+    """Data parallel on 2 CPU processes (torchrun, gloo): every rank's speculator learns
+    the rollouts of both ranks, so their states are identical."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    probe = Path(__file__).parent / "probes" / "grpo_two_ranks.py"
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           str(probe), tiny_model_path, str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["world"] == 2 for r in ranks)
+    everyone = sum(sum(r["local_tokens"]) for r in ranks)
+    assert ranks[0]["local_tokens"] and everyone > sum(ranks[0]["local_tokens"])
+    for r in ranks:
+        assert r["corpus_tokens"] == everyone  # each learned both ranks' rollouts
+    files0 = sorted(p.name for p in (tmp_path / "state0").iterdir())
+    assert files0 == sorted(p.name for p in (tmp_path / "state1").iterdir())
+    assert any(name.endswith(".safetensors") for name in files0)
+    for name in files0:
+        if name.endswith(".safetensors"):
+            assert (tmp_path / "state0" / name).read_bytes() == (tmp_path / "state1" / name).read_bytes()
