@@ -93,6 +93,12 @@ def _cmd_bench(args) -> int:
     return 1 if bad else 0
 
 
+def _cmd_grpo(argv) -> int:
+    from atlas_rl.integrations.trl.grpo import main as grpo_main
+
+    return grpo_main(argv)
+
+
 def _cmd_doctor(args) -> int:
     """Fail loudly if the stack cannot import (e.g. torchvision built for another torch)."""
     problems = []
@@ -196,12 +202,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
 
+    sub.add_parser("grpo", add_help=False,
+                   help="GRPO with TRL, rollouts through atlas-rl: --config recipes/<model>/"
+                        "<recipe>.yaml [--key value ...]; 'atlas-rl grpo --help' lists every field")
+
     doctor = sub.add_parser("doctor", help="check that torch, transformers and vLLM import")
     doctor.set_defaults(func=_cmd_doctor)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["grpo"]:  # TRL's own parser (GRPOConfig + ModelConfig + AtlasConfig)
+        return _cmd_grpo(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

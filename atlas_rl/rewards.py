@@ -84,3 +84,58 @@ def rollout_reward(text: str, answer: str | None, num_tokens: int, max_tokens: i
     if answer is not None:
         r += correctness_reward(text, answer) + 0.2 * format_reward(text)
     return r
+
+
+# --- reward functions with TRL's signature ------------------------------------------
+# TRL calls reward_func(prompts=..., completions=..., completion_ids=..., **dataset_columns)
+# and wants one float per completion; conversational completions are message lists.
+
+def _text(completion) -> str:
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    raise TypeError(f"a completion should be a string or a list of chat messages, got "
+                    f"{type(completion).__name__}")
+
+
+def correctness(completions, answer=None, **kwargs) -> list[float]:
+    """1.0 where the completion's final number equals the dataset's `answer` column."""
+    if answer is None:
+        raise ValueError("the 'correctness' reward needs an 'answer' column in the dataset "
+                         "(builtin:math and GSM8K-style JSONL files have one)")
+    return [correctness_reward(_text(c), None if a is None else str(a))
+            for c, a in zip(completions, answer)]
+
+
+def answer_format(completions, **kwargs) -> list[float]:
+    """1.0 where the completion has a line 'Answer: <number>'."""
+    return [format_reward(_text(c)) for c in completions]
+
+
+def brevity(completions, completion_ids=None, max_completion_length=None, **kwargs) -> list[float]:
+    """Shorter is better: 1 - tokens / longest completion in the batch (0.0 for the longest)."""
+    lengths = ([len(ids) for ids in completion_ids] if completion_ids is not None
+               else [len(_text(c)) for c in completions])
+    top = max(max(lengths), 1)
+    return [1.0 - n / top for n in lengths]
+
+
+def plain_text(completions, **kwargs) -> list[float]:
+    """Share of printable ASCII in the completion."""
+    return [plain_text_reward(_text(c)) for c in completions]
+
+
+REWARD_FUNCS = {"correctness": correctness, "answer_format": answer_format,
+                "brevity": brevity, "plain_text": plain_text}
+
+
+def get_reward_funcs(names) -> list:
+    """TRL reward functions by name (recipes list them under `reward_funcs`)."""
+    out = []
+    for name in names:
+        if name not in REWARD_FUNCS:
+            raise ValueError(f"unknown reward function {name!r}: choose from "
+                             f"{', '.join(REWARD_FUNCS)}")
+        out.append(REWARD_FUNCS[name])
+    return out

@@ -209,3 +209,64 @@ def test_two_ranks_learn_the_same_rollouts(tiny_model_path, tmp_path):
     for name in files0:
         if name.endswith(".safetensors"):
             assert (tmp_path / "state0" / name).read_bytes() == (tmp_path / "state1" / name).read_bytes()
+
+
+RECIPE = os.path.join(os.path.dirname(__file__), "..", "recipes", "smollm2-135m", "grpo_cpu.yaml")
+
+
+def test_recipe_parses_into_trl_and_atlas_configs():
+    from atlas_rl.integrations.trl.grpo import build_dataset, parse
+
+    script, training, model, atlas = parse(["--config", RECIPE, "--max_steps", "3",
+                                            "--atlas_max_lookahead", "4"])
+    assert script.dataset == "builtin:math" and "correctness" in script.reward_funcs
+    assert training.use_vllm and training.vllm_mode == "colocate" and training.use_cpu
+    assert training.max_steps == 3 and training.num_generations == 4
+    assert model.use_peft and model.lora_r == 16 and "q_proj" in model.lora_target_modules
+    assert atlas.max_lookahead == 4 and atlas.max_model_len == 1024
+    dataset = build_dataset(script)
+    assert len(dataset) == script.num_prompts
+    assert all(a is not None for a in dataset["answer"]) and dataset[0]["prompt"][-1]["role"] == "user"
+
+
+def test_reward_functions_trl_signature():
+    from atlas_rl.rewards import answer_format, brevity, correctness, get_reward_funcs
+
+    chat = [[{"role": "assistant", "content": "3 * 4 = 12\nAnswer: 12"}],
+            [{"role": "assistant", "content": "Answer: 13"}],
+            [{"role": "assistant", "content": "no idea"}]]
+    assert correctness(chat, answer=["12", "12", "12"]) == [1.0, 0.0, 0.0]
+    assert answer_format(chat) == [1.0, 1.0, 0.0]
+    assert correctness(["so 7", "Answer: 8"], answer=["7", "7"]) == [1.0, 0.0]
+    assert brevity(["a", "b"], completion_ids=[[1, 2], [1, 2, 3, 4]]) == [0.5, 0.0]
+    with pytest.raises(ValueError, match="needs an 'answer' column"):
+        correctness(["x"])
+    with pytest.raises(ValueError, match="unknown reward function 'vibes'"):
+        get_reward_funcs(["vibes"])
+    with pytest.raises(TypeError, match="string or a list of chat messages"):
+        answer_format([42])
+
+
+@pytest.mark.slow
+def test_atlas_rl_grpo_recipe_two_steps_on_the_real_model(real_model_path, tmp_path):
+    """`atlas-rl grpo --config recipes/smollm2-135m/grpo_cpu.yaml --max_steps 2`: LoRA via
+    PEFT, merged adapters synced into vLLM (logprobs match), atlas metrics logged."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+    proc = subprocess.run([sys.executable, "-m", "atlas_rl.cli", "grpo", "--config", RECIPE,
+                           "--max_steps", "2", "--max_completion_length", "48",
+                           "--output_dir", str(tmp_path), "--save_strategy", "steps",
+                           "--save_steps", "2"],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    state = json.loads((tmp_path / "checkpoint-2" / "trainer_state.json").read_text())
+    logs = [row for row in state["log_history"] if "loss" in row]
+    assert len(logs) == 2
+    for row in logs:
+        assert row["atlas/acceptance_length"] >= 1.0 and "atlas/update_seconds" in row
+        assert row["sampling/sampling_logp_difference/max"] < 1e-3
+    assert (tmp_path / "checkpoint-2" / "atlas" / "atlas_config.json").exists()
+    assert (tmp_path / "adapter_config.json").exists()  # the LoRA adapter was saved

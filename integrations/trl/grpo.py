@@ -1,0 +1,122 @@
+"""`atlas-rl grpo --config recipes/<model>/<recipe>.yaml [--key value ...]`: GRPO with TRL,
+rollouts through atlas-rl.
+
+One YAML holds everything, parsed the TRL way (`TrlParser`; the command line overrides
+the file): the script's own fields below, TRL's `GRPOConfig` fields, TRL's `ModelConfig`
+fields (PEFT/LoRA), and `AtlasConfig` fields prefixed ``atlas_`` (e.g. ``atlas_max_lookahead``;
+the prefix keeps them apart from TRL fields of the same name, like ``seed`` and ``dtype``).
+Works under ``accelerate launch`` / ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+
+from atlas_rl.config import AtlasConfig
+
+ATLAS_PREFIX = "atlas_"
+
+
+@dataclass
+class GRPOScriptArguments:
+    model: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "Policy: a known short name (atlas-rl models list) or a local transformers folder."})
+    dataset: str = field(default="builtin:math", metadata={
+        "help": "builtin:math (word problems with answers), builtin:code (stdlib function stubs), "
+                "builtin:drift (code, then math from halfway; keep shuffle_dataset false), or a "
+                "JSONL file (.gz ok) with a 'prompt', 'question' or 'messages' field per line."})
+    num_prompts: int = field(default=256, metadata={
+        "help": "Prompts the builtin datasets build (files: all lines)."})
+    reward_funcs: list[str] = field(default_factory=lambda: ["correctness", "answer_format"],
+                                    metadata={"help": "Reward functions from atlas_rl.rewards: "
+                                              "correctness, answer_format, brevity, plain_text."})
+    speculation: str = field(default="atlas", metadata={
+        "help": "atlas, none, vllm-ngram or vllm-suffix."})
+
+
+def _arg_type(tp):
+    # HfArgumentParser takes lists, not variable-length tuples
+    if typing.get_origin(tp) is tuple:
+        return list[typing.get_args(tp)[0]]
+    return tp
+
+
+def atlas_arguments_class():
+    """AtlasConfig's fields with the ``atlas_`` prefix, as a dataclass for TrlParser."""
+    hints = typing.get_type_hints(AtlasConfig)
+    specs = []
+    for f in dataclasses.fields(AtlasConfig):
+        default = f.default
+        if isinstance(default, tuple):
+            specs.append((ATLAS_PREFIX + f.name, _arg_type(hints[f.name]),
+                          field(default_factory=lambda d=default: list(d), metadata=f.metadata)))
+        else:
+            specs.append((ATLAS_PREFIX + f.name, _arg_type(hints[f.name]),
+                          field(default=default, metadata=f.metadata)))
+    return dataclasses.make_dataclass("AtlasArguments", specs)
+
+
+def to_atlas_config(atlas_args) -> AtlasConfig:
+    return AtlasConfig(**{f.name[len(ATLAS_PREFIX):]: getattr(atlas_args, f.name)
+                          for f in dataclasses.fields(atlas_args)})
+
+
+def build_parser():
+    from trl import GRPOConfig, ModelConfig, TrlParser
+
+    return TrlParser((GRPOScriptArguments, GRPOConfig, ModelConfig, atlas_arguments_class()),
+                     prog="atlas-rl grpo")
+
+
+def build_dataset(script_args):
+    from datasets import Dataset
+
+    from atlas_rl import workloads
+
+    name, n = script_args.dataset, script_args.num_prompts
+    if name == "builtin:math":
+        prompts = workloads.math_prompts(n, seed=0)
+    elif name == "builtin:code":
+        prompts = workloads.code_prompts(n, seed=0)
+    elif name == "builtin:drift":
+        prompts = workloads.code_prompts(n // 2, seed=0) + workloads.math_prompts(n - n // 2, seed=0)
+    elif name.startswith("builtin:"):
+        raise ValueError(f"unknown builtin dataset {name!r}: builtin:math, builtin:code or "
+                         f"builtin:drift")
+    else:
+        prompts = workloads.load_prompt_file(name)
+    kinds = {isinstance(p.prompt, str) for p in prompts}
+    if len(kinds) > 1:
+        # TRL wants one prompt form per dataset: chat-format the plain ones.
+        prompts = [workloads.Prompt([{"role": "user", "content": p.prompt}], p.domain, p.answer)
+                   if isinstance(p.prompt, str) else p for p in prompts]
+    return Dataset.from_dict({"prompt": [p.prompt for p in prompts],
+                              "answer": [p.answer for p in prompts],
+                              "domain": [p.domain for p in prompts]})
+
+
+def parse(argv):
+    parser = build_parser()
+    script_args, training_args, model_args, atlas_args = parser.parse_args_and_config(argv)
+    return script_args, training_args, model_args, to_atlas_config(atlas_args)
+
+
+def main(argv=None) -> int:
+    from trl import get_peft_config
+
+    from atlas_rl.integrations.trl import AtlasGRPOTrainer
+    from atlas_rl.models import resolve_model
+    from atlas_rl.rewards import get_reward_funcs
+
+    script_args, training_args, model_args, atlas_config = parse(argv)
+    model = resolve_model(model_args.model_name_or_path or script_args.model)
+    dataset = build_dataset(script_args)
+    trainer = AtlasGRPOTrainer(
+        model=model, reward_funcs=get_reward_funcs(script_args.reward_funcs),
+        args=training_args, train_dataset=dataset, peft_config=get_peft_config(model_args),
+        atlas_config=atlas_config, speculation=script_args.speculation)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    return 0
