@@ -152,20 +152,40 @@ def load_prompt_file(path: str, domain: str | None = None) -> list[Prompt]:
             if not isinstance(row, dict):
                 raise ValueError(f"{path}:{lineno}: expected a JSON object, got "
                                  f"{type(row).__name__}")
-            answer = _gsm8k_answer(row.get("answer"))
-            if isinstance(row.get("messages"), list) and row["messages"]:
-                prompt = row["messages"]
-            elif isinstance(row.get("question"), str) and row["question"].strip():
-                prompt = ([{"role": "system", "content": MATH_SYSTEM}] if answer else []) + \
-                    [{"role": "user", "content": row["question"]}]
-            elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
-                prompt = row["prompt"]
-            else:
-                raise ValueError(f"{path}:{lineno}: no prompt: give each line a non-empty "
-                                 f"'prompt' (text), 'question' (chat) or 'messages' field "
-                                 f"(found: {', '.join(sorted(row)) or 'nothing'})")
-            meta = {k: row[k] for k in ("task_id", "id") if k in row}
-            out.append(Prompt(prompt, domain, answer, meta))
+            try:
+                out.append(prompt_from_row(row, domain))
+            except ValueError as e:
+                raise ValueError(f"{path}:{lineno}: {e}") from None
     if not out:
         raise ValueError(f"prompt file {path!r} holds no prompts")
     return out
+
+
+def prompt_from_row(row: dict, domain: str) -> Prompt:
+    """One dataset row (JSONL line or hub dataset row) as a Prompt: see load_prompt_file."""
+    answer = _gsm8k_answer(row.get("answer"))
+    if isinstance(row.get("messages"), list) and row["messages"]:
+        prompt = row["messages"]
+    elif isinstance(row.get("question"), str) and row["question"].strip():
+        prompt = ([{"role": "system", "content": MATH_SYSTEM}] if answer else []) + \
+            [{"role": "user", "content": row["question"]}]
+    elif isinstance(row.get("prompt"), str) and row["prompt"].strip():
+        prompt = row["prompt"]
+    else:
+        raise ValueError(f"no prompt: give each line a non-empty 'prompt' (text), 'question' "
+                         f"(chat) or 'messages' field (found: {', '.join(sorted(row)) or 'nothing'})")
+    meta = {k: row[k] for k in ("task_id", "id") if k in row}
+    return Prompt(prompt, domain, answer, meta)
+
+
+def load_hub_dataset(spec: str, limit: int | None = None) -> list[Prompt]:
+    """Prompts from a Hugging Face hub dataset: 'NAME[:CONFIG][@SPLIT]', e.g.
+    'openai/gsm8k:main@train' (needs network or the datasets cache)."""
+    from datasets import load_dataset
+
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    ds = load_dataset(name, config or None, split=split or "train")
+    rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
+    domain = name.rsplit("/", 1)[-1]
+    return [prompt_from_row(dict(r), domain) for r in rows]

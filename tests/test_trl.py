@@ -270,3 +270,37 @@ def test_atlas_rl_grpo_recipe_two_steps_on_the_real_model(real_model_path, tmp_p
         assert row["sampling/sampling_logp_difference/max"] < 1e-3
     assert (tmp_path / "checkpoint-2" / "atlas" / "atlas_config.json").exists()
     assert (tmp_path / "adapter_config.json").exists()  # the LoRA adapter was saved
+
+
+@pytest.mark.parametrize("size", ["0.5b", "1.5b"])
+def test_gpu_recipes_parse_into_the_configs_they_promise(size):
+    import yaml
+
+    from atlas_rl.integrations.trl.grpo import parse
+
+    path = os.path.join(os.path.dirname(RECIPE), "..", f"qwen2.5-{size}", "grpo_gsm8k.yaml")
+    raw = yaml.safe_load(open(path))
+    assert raw["bf16"] is True and raw["model"] == f"Qwen/Qwen2.5-{size.upper()}-Instruct"
+    # bf16 training needs a GPU: on this CPU machine parse with it off, everything else as written
+    script, training, model, atlas = parse(["--config", path, "--bf16", "false"])
+    assert script.dataset == "hf:openai/gsm8k:main@train"
+    assert script.reward_funcs == ["correctness", "answer_format"]
+    assert training.use_vllm and training.vllm_mode == "colocate"
+    assert training.num_generations == 8 and training.max_completion_length == 512
+    assert training.gradient_checkpointing and not model.use_peft
+    assert atlas.max_lookahead == 8 and atlas.max_model_len == 2048
+
+
+@pytest.mark.parametrize("name, kind, stage", [("ddp", "MULTI_GPU", None),
+                                               ("zero2", "DEEPSPEED", 2),
+                                               ("zero3", "DEEPSPEED", 3)])
+def test_accelerate_configs(name, kind, stage):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = os.path.join(os.path.dirname(RECIPE), "..", "accelerate_configs", f"{name}.yaml")
+    config = load_config_from_file(path)
+    assert config.distributed_type.value == kind
+    assert config.mixed_precision == "bf16" and config.num_processes == 8
+    if stage is not None:
+        assert config.deepspeed_config["zero_stage"] == stage
+        assert config.deepspeed_config["zero3_init_flag"] is (stage == 3)

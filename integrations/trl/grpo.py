@@ -25,10 +25,12 @@ class GRPOScriptArguments:
         "help": "Policy: a known short name (atlas-rl models list) or a local transformers folder."})
     dataset: str = field(default="builtin:math", metadata={
         "help": "builtin:math (word problems with answers), builtin:code (stdlib function stubs), "
-                "builtin:drift (code, then math from halfway; keep shuffle_dataset false), or a "
+                "builtin:drift (code, then math from halfway; keep shuffle_dataset false), "
+                "hf:NAME[:CONFIG][@SPLIT] (a hub dataset, e.g. hf:openai/gsm8k:main@train), or a "
                 "JSONL file (.gz ok) with a 'prompt', 'question' or 'messages' field per line."})
     num_prompts: int = field(default=256, metadata={
-        "help": "Prompts the builtin datasets build (files: all lines)."})
+        "help": "Prompts the builtin datasets build, or the first rows of a hub dataset "
+                "(files: all lines)."})
     reward_funcs: list[str] = field(default_factory=lambda: ["correctness", "answer_format"],
                                     metadata={"help": "Reward functions from atlas_rl.rewards: "
                                               "correctness, answer_format, brevity, plain_text."})
@@ -85,6 +87,8 @@ def build_dataset(script_args):
     elif name.startswith("builtin:"):
         raise ValueError(f"unknown builtin dataset {name!r}: builtin:math, builtin:code or "
                          f"builtin:drift")
+    elif name.startswith("hf:"):
+        prompts = workloads.load_hub_dataset(name[3:], limit=n)
     else:
         prompts = workloads.load_prompt_file(name)
     kinds = {isinstance(p.prompt, str) for p in prompts}
