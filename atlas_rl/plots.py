@@ -83,3 +83,35 @@ def plot_bench(results: dict, path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_speculation(rows: list[dict], path: str | Path) -> Path:
+    """A training run's speculation per step (rows of atlas/* metrics): acceptance length
+    and the speedup estimate; acceptance rate and drafted fraction; tokens/s."""
+    plt = _pyplot()
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), constrained_layout=True, sharex=True)
+
+    def line(ax, key, label, style="o-"):
+        ys = [r.get(key) for r in rows]
+        if any(y is not None for y in ys):
+            ax.plot(steps, [float("nan") if y is None else y for y in ys], style, label=label)
+
+    line(axes[0], "atlas/acceptance_length", "acceptance length")
+    line(axes[0], "atlas/speedup_estimate", "speedup estimate (target passes saved)", "s--")
+    axes[0].axhline(1.0, color="k", linewidth=0.8)
+    line(axes[1], "atlas/acceptance_rate", "acceptance rate")
+    line(axes[1], "atlas/drafted_fraction", "drafted request-steps", "s--")
+    line(axes[2], "atlas/tokens_per_s", "rollout tokens/s")
+    titles = ("Tokens per target pass", "Drafts", "Rollout throughput")
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[-1].set_xlabel("training step")
+    axes[-1].xaxis.get_major_locator().set_params(integer=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

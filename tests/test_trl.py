@@ -3,6 +3,7 @@ model, real TRL 1.16 and real vLLM in colocate mode on the CPU."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -75,6 +76,12 @@ def _assert_drop_in_contract(trainer, changed, probe):
         if diff is not None:
             assert math.isfinite(diff) and diff < 1e-3, row
     assert changed, "the trainer did not change the policy"
+    # without wandb, the speculation plot and rows land in output_dir
+    from pathlib import Path
+
+    out = Path(trainer.args.output_dir)
+    assert (out / "atlas_speculation.png").read_bytes()[:4] == b"\x89PNG"
+    assert len((out / "atlas_speculation.jsonl").read_text().splitlines()) == 2
     # the speculator learned each step's rollouts
     assert len(probe.counts) == 2 and 0 < probe.counts[0] < probe.counts[1]
 
@@ -114,6 +121,39 @@ def test_stock_grpo_trainer_with_two_added_lines(tiny_model_path, tmp_path, monk
         args=_args(GRPOConfig, tmp_path), train_dataset=dataset), probe)
     assert trainer.vllm_generation.atlas_engine.speculation == "atlas"
     _assert_drop_in_contract(trainer, changed, probe)
+
+
+def test_wandb_offline_gets_metrics_table_and_plot(tiny_model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_PROJECT", "atlas-rl-test")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    pytest.importorskip("wandb")
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from atlas_rl import AtlasConfig
+    from atlas_rl.integrations.trl import AtlasGRPOTrainer
+
+    trainer = AtlasGRPOTrainer(
+        model=tiny_model_path, reward_funcs=_length_reward,
+        args=_args(GRPOConfig, tmp_path / "out", report_to=["wandb"]),
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
+        atlas_config=AtlasConfig(max_model_len=512, min_confidence=0.0))
+    trainer.train()
+    import wandb
+
+    wandb.finish()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    media = runs[0] / "files" / "media"
+    assert list(media.rglob("speculation_table*.table.json")), list(media.rglob("*"))
+    assert list(media.rglob("speculation_plot*.png"))
+    table = json.loads(next(media.rglob("speculation_table*.table.json")).read_text())
+    assert "atlas/acceptance_length" in table["columns"] and len(table["data"]) == 2
+    for row in trainer.state.log_history[:2]:
+        assert 1.0 <= row["atlas/speedup_estimate"] and 0.0 <= row["atlas/drafted_fraction"] <= 1.0
 
 
 def test_atlas_rloo_trainer(tiny_model_path, tmp_path, monkeypatch):
@@ -304,3 +344,17 @@ def test_accelerate_configs(name, kind, stage):
     if stage is not None:
         assert config.deepspeed_config["zero_stage"] == stage
         assert config.deepspeed_config["zero3_init_flag"] is (stage == 3)
+
+
+def test_dashboard_spec_names_only_metrics_that_are_logged():
+    from atlas_rl.integrations.trl import METRIC_KEYS
+    from atlas_rl.integrations.wandb import PLOT_KEY, TABLE_KEY
+    from atlas_rl.integrations.wandb.dashboard import main, spec
+
+    logged = {f"atlas/{k}" for k in METRIC_KEYS} | {
+        "atlas/update_seconds", "atlas/speedup_estimate", "atlas/drafted_fraction",
+        TABLE_KEY, PLOT_KEY, "reward", "sampling/sampling_logp_difference/max"} | {
+        f"atlas/acceptance_rate_pos_{i}" for i in range(8)}
+    keys = {k for panels in spec().values() for p in panels for k in p["keys"]}
+    assert keys <= logged, keys - logged
+    assert main(["--print"]) == 0

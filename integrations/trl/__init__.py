@@ -203,6 +203,20 @@ def _wrap_generate_single_turn(original):
             if key.startswith("acceptance_rate_pos_"):
                 metrics[f"atlas/{key}"].append(float(value))
         metrics["atlas/update_seconds"].append(float(update.get("update_seconds", 0.0)))
+        steps = stats.get("request_steps")
+        if steps:
+            # Without a baseline run: the factor by which speculation cut the target's
+            # request-steps (tokens per request-step, 1 + accepted / request-steps). It
+            # ignores what verifying drafts costs, so it bounds the speedup from above;
+            # `atlas-rl bench` measures the speedup itself.
+            metrics["atlas/speedup_estimate"].append(1.0 + stats["num_accepted_tokens"] / steps)
+            hist = stats.get("lookahead_hist") or [steps]
+            metrics["atlas/drafted_fraction"].append(1.0 - hist[0] / steps)
+        if not getattr(self, "_atlas_callback", None):
+            from atlas_rl.integrations.wandb import AtlasSpeculationCallback
+
+            self._atlas_callback = AtlasSpeculationCallback()
+            self.add_callback(self._atlas_callback)
         return out
 
     return _generate_single_turn
