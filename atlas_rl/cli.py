@@ -32,9 +32,8 @@ def _cmd_models_list(args) -> int:
 def _cmd_demo(args) -> int:
     from atlas_rl.demo import run_demo
 
-    return run_demo(model=args.model, num_prompts=args.prompts, completions=args.completions,
-                    max_tokens=args.max_tokens, rounds=args.rounds, dtype=args.dtype,
-                    compile=args.compile, json_out=args.json)
+    return run_demo(model=args.model, steps=args.steps, max_tokens=args.max_tokens,
+                    dtype=args.dtype, out_dir=args.out_dir, seed=args.seed, json_out=args.json)
 
 
 def _cmd_bench(args) -> int:
@@ -139,17 +138,17 @@ def build_parser() -> argparse.ArgumentParser:
     lst = msub.add_parser("list", help="known model names and what is cached")
     lst.set_defaults(func=_cmd_models_list)
 
-    demo = sub.add_parser("demo", help="GRPO-style rollouts with and without speculation, "
-                                       "interleaved, exactness checked, a results table")
+    demo = sub.add_parser("demo", help="real GRPO (TRL, LoRA) on the CPU with a domain switch, "
+                                       "with and without atlas-rl: a table per step, the "
+                                       "step-time speedup, a PNG")
     demo.add_argument("--model", default="smollm2-135m-instruct")
-    demo.add_argument("--prompts", type=int, default=8, help="prompts per round (half code, half math)")
-    demo.add_argument("--completions", type=int, default=4, help="completions per prompt (a GRPO group)")
-    demo.add_argument("--max-tokens", type=int, default=128)
-    demo.add_argument("--rounds", type=int, default=3, help="interleaved rounds per method")
+    demo.add_argument("--steps", type=int, default=10, help="GRPO steps per run (code, then math "
+                                                           "from halfway)")
+    demo.add_argument("--max-tokens", type=int, default=64, help="max completion tokens")
     demo.add_argument("--dtype", default=None, help="engine dtype (default: float32 on CPUs "
                                                     "without native bf16, else bfloat16)")
-    demo.add_argument("--compile", action="store_true",
-                      help="let vLLM torch.compile the model (slower start, faster decoding)")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--out-dir", default="demo-results", help="where the runs and demo.png go")
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.set_defaults(func=_cmd_demo)
 

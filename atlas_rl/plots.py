@@ -115,3 +115,33 @@ def plot_speculation(rows: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def plot_demo(rows: list[dict], switch: int, path: str | Path) -> Path:
+    """The demo's GRPO runs: reward per step of both runs; atlas's acceptance length and
+    rollout seconds of both, with the domain switch marked."""
+    plt = _pyplot()
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(3, 1, figsize=(8, 9), constrained_layout=True, sharex=True)
+    for method, color in (("none", _COLORS["none"]), ("atlas", _COLORS["atlas"])):
+        axes[0].plot(steps, [r["reward"][method] for r in rows], "o-", color=color, label=method)
+        axes[2].plot(steps, [r["rollout_seconds"][method] for r in rows], "o-", color=color,
+                     label=method)
+    axes[1].plot(steps, [r["acceptance_length"] for r in rows], "o-", color=_COLORS["atlas"],
+                 label="atlas")
+    axes[1].axhline(1.0, color="k", linewidth=0.8)
+    for ax, title in zip(axes, ("Reward (mean over the step's completions)",
+                                "Acceptance length (atlas)", "Rollout seconds per step")):
+        ax.axvline(switch + 0.5, color="k", alpha=0.4, linestyle=":")
+        ax.text(switch + 0.55, 0.98, " code -> math", transform=ax.get_xaxis_transform(),
+                va="top", fontsize=8)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[-1].set_xlabel("GRPO step")
+    axes[-1].xaxis.get_major_locator().set_params(integer=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
