@@ -20,6 +20,23 @@ def _pyplot():
     return plt
 
 
+def _finish(fig, axes, titles, xlabel: str, path: str | Path, dpi: int = 100) -> Path:
+    """Titles, grids and legends on stacked panels, integer steps on the shared x axis,
+    and the figure saved to `path` (its folder created)."""
+    plt = _pyplot()
+    for ax, title in zip(axes, titles):
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[-1].set_xlabel(xlabel)
+    axes[-1].xaxis.get_major_locator().set_params(integer=True)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
 def plot_bench(results: dict, path: str | Path) -> Path:
     """Three panels: tail acceptance length per step per method with the one-hot oracle
     ceiling and the drift point; tail speedup per step; median speedup per regime."""
@@ -103,18 +120,8 @@ def plot_speculation(rows: list[dict], path: str | Path) -> Path:
     line(axes[1], "atlas/acceptance_rate", "acceptance rate")
     line(axes[1], "atlas/drafted_fraction", "drafted request-steps", "s--")
     line(axes[2], "atlas/tokens_per_s", "rollout tokens/s")
-    titles = ("Tokens per target pass", "Drafts", "Rollout throughput")
-    for ax, title in zip(axes, titles):
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[-1].set_xlabel("training step")
-    axes[-1].xaxis.get_major_locator().set_params(integer=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, axes, ("Tokens per target pass", "Drafts", "Rollout throughput"),
+                   "training step", path)
 
 
 def plot_demo(rows: list[dict], switch: int, path: str | Path) -> Path:
@@ -130,18 +137,10 @@ def plot_demo(rows: list[dict], switch: int, path: str | Path) -> Path:
     axes[1].plot(steps, [r["acceptance_length"] for r in rows], "o-", color=_COLORS["atlas"],
                  label="atlas")
     axes[1].axhline(1.0, color="k", linewidth=0.8)
-    for ax, title in zip(axes, ("Reward (mean over the step's completions)",
-                                "Acceptance length (atlas)", "Rollout seconds per step")):
+    for ax in axes:
         ax.axvline(switch + 0.5, color="k", alpha=0.4, linestyle=":")
         ax.text(switch + 0.55, 0.98, " code -> math", transform=ax.get_xaxis_transform(),
                 va="top", fontsize=8)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[-1].set_xlabel("GRPO step")
-    axes[-1].xaxis.get_major_locator().set_params(integer=True)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _finish(fig, axes, ("Reward (mean over the step's completions)",
+                               "Acceptance length (atlas)", "Rollout seconds per step"),
+                   "GRPO step", path)

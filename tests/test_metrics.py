@@ -49,3 +49,15 @@ def test_counters_and_summary():
 def test_no_speculation_is_acceptance_length_one():
     assert summarize(None)["acceptance_length"] == 1.0
     assert summarize(SpecCounters())["acceptance_length"] == 1.0
+
+
+def test_training_plots_write_pngs(tmp_path):
+    from atlas_rl.plots import plot_demo, plot_speculation
+
+    rows = [{"step": i, "atlas/acceptance_length": 1.0 + i / 10, "atlas/acceptance_rate": 0.2,
+             "atlas/tokens_per_s": 40.0, "atlas/speedup_estimate": 1.1} for i in (1, 2, 3)]
+    demo = [{"step": i, "reward": {"none": 0.1, "atlas": 0.2}, "acceptance_length": 1.4,
+             "rollout_seconds": {"none": 6.0, "atlas": 7.0}} for i in (1, 2, 3, 4)]
+    for path in (plot_speculation(rows, tmp_path / "a" / "spec.png"),
+                 plot_demo(demo, 2, tmp_path / "demo.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
