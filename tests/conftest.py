@@ -40,9 +40,10 @@ def tiny_model_path(real_model_path, tmp_path_factory) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def make_engine():
-    """Build engines once per (model, method, config) for the whole session."""
+    """Build engines once per (model, method, config) within a test module; they are
+    dropped at the module's end, so that a long session does not run out of memory."""
     from atlas_rl import AtlasConfig, AtlasRolloutEngine
 
     cache = {}
@@ -59,3 +60,31 @@ def make_engine():
     yield make
     cache.clear()
     gc.collect()
+
+
+# What torch.distributed launchers and TRL's colocated vLLM leave in os.environ: a child
+# process that inherits them tries to join (or bind) the parent's rendezvous.
+DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE",
+            "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID")
+
+
+@pytest.fixture
+def subprocess_env():
+    """Environment for a child process: ours minus the distributed rendezvous variables,
+    plus the given overrides."""
+
+    def make(**extra):
+        env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    return make
+
+
+@pytest.fixture
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -155,8 +155,11 @@ SUMMARY_KEYS = {"tokens_per_s", "speedup", "acceptance_length", "acceptance_rate
 
 @pytest.fixture(scope="module")
 def quick_run(tiny_model_path, tmp_path_factory):
+    from conftest import DIST_ENV
+
     out = tmp_path_factory.mktemp("bench")
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV}
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="ERROR")
     proc = subprocess.run(
         [sys.executable, "-m", "atlas_rl.cli", "bench", "--model", tiny_model_path, "--quick",
          "--out", str(out / "results.json"), "--plot", str(out / "results.png"),

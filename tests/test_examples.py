@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +10,8 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def test_ppo_loop_runs_two_iterations_and_trains(tiny_model_path):
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+def test_ppo_loop_runs_two_iterations_and_trains(tiny_model_path, subprocess_env):
+    env = subprocess_env(VLLM_CPU_KVCACHE_SPACE=1, VLLM_LOGGING_LEVEL="ERROR")
     proc = subprocess.run([sys.executable, str(EXAMPLES / "ppo_loop.py"), "--model",
                            tiny_model_path, "--iterations", "2", "--max-tokens", "12",
                            "--lr", "1e-4"],

@@ -219,11 +219,20 @@ def test_enable_atlas_rejects_unknown_speculation():
 
 
 @pytest.fixture(autouse=True)
-def _quiet():
+def _isolated():
+    """TRL's colocated vLLM writes RANK/WORLD_SIZE/MASTER_* into os.environ: restore the
+    environment after each test, and free the test's trainer and engine."""
+    import gc
+
+    saved = dict(os.environ)
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    gc.collect()
 
 
-def test_two_ranks_learn_the_same_rollouts(tiny_model_path, tmp_path):
+def test_two_ranks_learn_the_same_rollouts(tiny_model_path, tmp_path, subprocess_env, free_port):
     """Data parallel on 2 CPU processes (torchrun, gloo): every rank's speculator learns
     the rollouts of both ranks, so their states are identical."""
     import json
@@ -232,9 +241,10 @@ def test_two_ranks_learn_the_same_rollouts(tiny_model_path, tmp_path):
     from pathlib import Path
 
     probe = Path(__file__).parent / "probes" / "grpo_two_ranks.py"
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(VLLM_CPU_KVCACHE_SPACE=1, OMP_NUM_THREADS=1)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           str(probe), tiny_model_path, str(tmp_path)],
+                           "--master_port", str(free_port), str(probe), tiny_model_path,
+                           str(tmp_path)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -288,14 +298,15 @@ def test_reward_functions_trl_signature():
 
 
 @pytest.mark.slow
-def test_atlas_rl_grpo_recipe_two_steps_on_the_real_model(real_model_path, tmp_path):
+def test_atlas_rl_grpo_recipe_two_steps_on_the_real_model(real_model_path, tmp_path,
+                                                          subprocess_env):
     """`atlas-rl grpo --config recipes/smollm2-135m/grpo_cpu.yaml --max_steps 2`: LoRA via
     PEFT, merged adapters synced into vLLM (logprobs match), atlas metrics logged."""
     import json
     import subprocess
     import sys
 
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "VLLM_LOGGING_LEVEL": "ERROR"}
+    env = subprocess_env(TRL_EXPERIMENTAL_SILENCE=1, VLLM_LOGGING_LEVEL="ERROR")
     proc = subprocess.run([sys.executable, "-m", "atlas_rl.cli", "grpo", "--config", RECIPE,
                            "--max_steps", "2", "--max_completion_length", "48",
                            "--output_dir", str(tmp_path), "--save_strategy", "steps",
