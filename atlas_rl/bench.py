@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -161,8 +162,6 @@ def _domain_pools(cfg: BenchConfig) -> list[tuple[str, list]]:
         pools = []
         for path in cfg.prompt_files:
             prompts = workloads.load_prompt_file(path)
-            import random
-
             random.Random(cfg.seed).shuffle(prompts)
             pools.append((prompts[0].domain, prompts))
         return pools
@@ -420,14 +419,13 @@ def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
             step_seed = cfg.seed * 1_000_003 + step * 101
             tail_batches = {}
             for j, (regime, prompts, n, max_tokens) in enumerate(jobs):
-                base_tps = None
                 results_here = {}
                 for m in order:
                     eng = engines[m]
                     batch = eng.generate([as_prompt(p) for p in prompts], n=n,
                                          temperature=cfg.temperature, max_tokens=max_tokens,
                                          seed=step_seed + j)
-                    upd = eng.update(batch) if eng.speculator is not None else {}
+                    upd = eng.update(batch)
                     s = batch.stats
                     rec = _step_record(s, cfg.max_lookahead)
                     rec["update_seconds"] = upd.get("update_seconds", 0.0)
@@ -506,6 +504,7 @@ def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
                     [r["acceptance_length"] for r in tail if r["step"] >= d])
             if m == "none":
                 summary["speedup"] = 1.0
+            by_step = {r: {x["step"]: x for x in regime_records[m][r]} for r in REGIMES}
             step_rows = []
             for rec in tail:
                 row = {k: rec.get(k) for k in ("step", "domain", "tokens_per_s", "speedup",
@@ -514,10 +513,8 @@ def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
                                                "rollout_seconds", "acceptance_rate_pos")}
                 if not exact:
                     row["speedup"] = None
-                row["regimes"] = {r: next(x for x in regime_records[m][r]
-                                          if x["step"] == rec["step"])
-                                  for r in REGIMES if any(x["step"] == rec["step"]
-                                                          for x in regime_records[m][r])}
+                row["regimes"] = {r: by_step[r][rec["step"]] for r in REGIMES
+                                  if rec["step"] in by_step[r]}
                 if not exact:
                     for x in row["regimes"].values():
                         x["speedup"] = None

@@ -41,9 +41,6 @@ def _fmt(x, spec=".2f"):
     return "-" if x is None else format(x, spec)
 
 
-METHODS = ("none", "atlas")
-
-
 def _grpo_run(method: str, model_path: str, steps: int, max_tokens: int, out_dir: str,
               dtype: str | None, seed: int, say) -> list[dict]:
     """One GRPO run (LoRA, builtin drift prompts, fixed order); its per-step logs."""
@@ -124,7 +121,11 @@ def run_demo(model: str = "smollm2-135m-instruct", steps: int = 10, max_tokens: 
     from atlas_rl.plots import plot_demo
 
     png = plot_demo(rows, switch, os.path.join(out_dir, "demo.png"))
-    info = machine_info(dtype or ("float32" if not _gpu() else "bfloat16"))
+    import torch
+
+    from atlas_rl.backends.vllm.engine import default_dtype
+
+    info = machine_info(dtype or default_dtype(on_cpu=not torch.cuda.is_available()))
     print()
     print(f"atlas-rl demo: GRPO on {model} with LoRA, {steps} steps of 2 prompts x 4 "
           f"completions at temperature 1, {max_tokens} tokens max; code prompts, then math "
@@ -154,12 +155,6 @@ def run_demo(model: str = "smollm2-135m-instruct", steps: int = 10, max_tokens: 
             json.dump({"machine": info, "rows": rows, "step_speedup": step_speedup,
                        "rollout_speedup": rollout_speedup, "max_logp_gap": gap}, f, indent=2)
     return 0 if gap < 1e-2 else 1
-
-
-def _gpu() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 if __name__ == "__main__":
