@@ -42,8 +42,7 @@ logger = logging.getLogger(__name__)
 
 BENCH_METHODS = ("none", "vllm-ngram", "vllm-suffix", "atlas-static", "atlas")
 # Methods the benchmark knows but this version cannot run yet, and why.
-NOT_YET = {"atlas-static": "atlas-rl's static speculator with online adaptation off; it "
-                           "arrives with the trained speculators (not in this version)"}
+NOT_YET: dict[str, str] = {}
 WORKLOADS = ("drift", "code", "math")
 REGIMES = ("tail", "large_batch")
 SUMMARY_KEYS = ("tokens_per_s", "speedup", "acceptance_length", "acceptance_rate",
@@ -257,6 +256,9 @@ def _step_record(stats: dict, max_lookahead: int) -> dict:
             "num_drafts", "num_draft_tokens", "num_accepted_tokens", "engine_steps",
             "forward_seconds", "sample_seconds", "propose_seconds", "draft_seconds")
     rec = {k: stats[k] for k in keep if k in stats}
+    # atlas: which arm drafted (share of drafts) and how well it did
+    rec.update({k: v for k, v in stats.items()
+                if k.startswith("drafts_") or k.startswith("acceptance_length_")})
     rec["acceptance_rate_pos"] = pos
     return rec
 
@@ -429,6 +431,10 @@ def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
                     s = batch.stats
                     rec = _step_record(s, cfg.max_lookahead)
                     rec["update_seconds"] = upd.get("update_seconds", 0.0)
+                    for key in ("drafter_loss", "drafter_train_seconds", "update_budget_seconds",
+                                "drafter_rollback", "drafter_version", "index_tokens"):
+                        if key in upd:
+                            rec[key] = upd[key]
                     results_here[m] = rec
                     for key in totals[m]:
                         totals[m][key] += rec.get(key, 0) or 0
@@ -510,7 +516,11 @@ def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
                 row = {k: rec.get(k) for k in ("step", "domain", "tokens_per_s", "speedup",
                                                "acceptance_length", "acceptance_rate",
                                                "lookahead", "oracle_acceptance_length",
-                                               "rollout_seconds", "acceptance_rate_pos")}
+                                               "rollout_seconds", "acceptance_rate_pos",
+                                               "update_seconds", "drafter_loss",
+                                               "drafter_train_seconds", "update_budget_seconds")}
+                row.update({k: v for k, v in rec.items()
+                            if k.startswith("drafts_") or k.startswith("acceptance_length_")})
                 if not exact:
                     row["speedup"] = None
                 row["regimes"] = {r: by_step[r][rec["step"]] for r in REGIMES

@@ -1,4 +1,4 @@
-"""`atlas-rl` command line: models, demo, bench, doctor."""
+"""`atlas-rl` command line: models, demo, bench, train-speculator, grpo, doctor."""
 
 from __future__ import annotations
 
@@ -34,6 +34,25 @@ def _cmd_demo(args) -> int:
 
     return run_demo(model=args.model, steps=args.steps, max_tokens=args.max_tokens,
                     dtype=args.dtype, out_dir=args.out_dir, seed=args.seed, json_out=args.json)
+
+
+def _cmd_train_speculator(args) -> int:
+    from atlas_rl.train_speculator import TrainSpeculatorConfig, train_static
+
+    for name, value in (("--num-prompts", args.num_prompts), ("--completions", args.completions),
+                        ("--max-tokens", args.max_tokens), ("--epochs", args.epochs)):
+        if value < 1:
+            print(f"atlas-rl: {name} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    try:
+        train_static(TrainSpeculatorConfig(
+            model=args.model, prompts=args.prompts, out=args.out, num_prompts=args.num_prompts,
+            completions=args.completions, max_tokens=args.max_tokens, epochs=args.epochs,
+            draft_vocab_size=args.draft_vocab_size, lr=args.lr, seed=args.seed, dtype=args.dtype))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"atlas-rl: {e}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _cmd_bench(args) -> int:
@@ -194,12 +213,29 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--methods", default=None, metavar="M1,M2",
                        help="comma-separated, from: " + ", ".join(
                            m for m in BENCH_METHODS if m not in NOT_YET)
-                       + " (default: all installed; 'none' always runs). Not yet available: "
-                       + ", ".join(NOT_YET))
+                       + " (default: all installed; 'none' always runs)"
+                       + (". Not yet available: " + ", ".join(NOT_YET) if NOT_YET else ""))
     bench.add_argument("--max-lookahead", type=int, default=None, help="draft tokens (default 8)")
     bench.add_argument("--dtype", default=None, help="engine dtype (default as the engine's)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
+
+    ts = sub.add_parser(
+        "train-speculator",
+        help="distil the static neural drafter offline from the policy's own generations")
+    ts.add_argument("--model", required=True, help="known short name or a model folder")
+    ts.add_argument("--prompts", required=True, nargs="+",
+                    help="JSONL prompt file(s) (prompt / question / messages per line, .gz ok)")
+    ts.add_argument("--out", required=True, help="directory to write the drafter to")
+    ts.add_argument("--num-prompts", type=int, default=256)
+    ts.add_argument("--completions", type=int, default=2, help="completions per prompt")
+    ts.add_argument("--max-tokens", type=int, default=160)
+    ts.add_argument("--epochs", type=int, default=8)
+    ts.add_argument("--draft-vocab-size", type=int, default=4096)
+    ts.add_argument("--lr", type=float, default=2e-3)
+    ts.add_argument("--seed", type=int, default=0)
+    ts.add_argument("--dtype", default=None)
+    ts.set_defaults(func=_cmd_train_speculator)
 
     sub.add_parser("grpo", add_help=False,
                    help="GRPO with TRL, rollouts through atlas-rl: --config recipes/<model>/"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-SPECULATION_METHODS = ("atlas", "none", "vllm-ngram", "vllm-suffix")
+SPECULATION_METHODS = ("atlas", "atlas-static", "none", "vllm-ngram", "vllm-suffix")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 
 
@@ -15,12 +15,32 @@ class AtlasConfig:
     max_lookahead: int = field(default=8, metadata={
         "help": "Most draft tokens per request and step (vLLM num_speculative_tokens); "
                 "also the lookahead of the vllm-ngram / vllm-suffix peers."})
-    min_confidence: float = field(default=0.1, metadata={
-        "help": "A draft is cut where the speculator's estimate that all of it is "
-                "accepted falls below this."})
-    max_speculation_batch_size: int = field(default=8, metadata={
-        "help": "No speculation while more requests than this are running (verifying "
-                "k+1 tokens per sequence is compute-bound at large batch)."})
+    max_speculation_batch_size: int | None = field(default=None, metadata={
+        "help": "Optional hard cap: no speculation while more requests than this are "
+                "running. Default: none; the controller's cost model, measured online, "
+                "switches speculation off where it loses."})
+    static_speculator: str | None = field(default="auto", metadata={
+        "help": "Directory of a static neural drafter (`atlas-rl train-speculator --out "
+                "DIR`): the speed floor, loaded frozen for atlas-static and as the warm "
+                "start of atlas's adaptive drafter. 'auto': the one bundled for the model, "
+                "if any; 'none' (or empty): no static drafter (atlas starts its drafter "
+                "from scratch)."})
+    neural_drafter: bool = field(default=True, metadata={
+        "help": "Use the neural drafter beside the suffix index (off: suffix only)."})
+    draft_vocab_size: int = field(default=4096, metadata={
+        "help": "Tokens the neural drafter can propose (the most frequent ones): its LM "
+                "head cost per draft token is proportional to this."})
+    drafter_lr: float = field(default=1e-3, metadata={
+        "help": "Learning rate (AdamW) of the adaptive drafter's online distillation."})
+    train_budget_fraction: float = field(default=0.1, metadata={
+        "help": "The adaptive drafter trains after each rollout batch for at most this "
+                "share of the batch's rollout time (measured and reported)."})
+    speculate_always: bool = field(default=False, metadata={
+        "help": "Bypass the controller's cost model and draft every proposal in full (for "
+                "tests and debugging: exercises verification, usually slower)."})
+    explore: float = field(default=0.05, metadata={
+        "help": "Share of choices the controller spends trying a non-best arm (speculator "
+                "and draft kind), so it notices when another becomes better."})
     ngram_sizes: tuple[int, ...] = field(default=(2, 3, 4, 6), metadata={
         "help": "n-gram lengths the suffix speculator matches, longest first."})
     max_corpus_tokens: int = field(default=2_000_000, metadata={
@@ -45,11 +65,18 @@ class AtlasConfig:
     def __post_init__(self):
         if self.max_lookahead < 1:
             raise ValueError(f"max_lookahead must be >= 1, got {self.max_lookahead}")
-        if not 0.0 <= self.min_confidence <= 1.0:
-            raise ValueError(f"min_confidence must be in [0, 1], got {self.min_confidence}")
-        if self.max_speculation_batch_size < 0:
-            raise ValueError("max_speculation_batch_size must be >= 0, got "
+        if self.max_speculation_batch_size is not None and self.max_speculation_batch_size < 0:
+            raise ValueError("max_speculation_batch_size must be >= 0 or None (no cap), got "
                              f"{self.max_speculation_batch_size}")
+        if not 0.0 <= self.train_budget_fraction <= 1.0:
+            raise ValueError("train_budget_fraction must be in [0, 1] (a share of the rollout "
+                             f"time), got {self.train_budget_fraction}")
+        if not 0.0 <= self.explore < 1.0:
+            raise ValueError(f"explore must be in [0, 1), got {self.explore}")
+        if self.draft_vocab_size < 2:
+            raise ValueError(f"draft_vocab_size must be >= 2, got {self.draft_vocab_size}")
+        if self.drafter_lr <= 0:
+            raise ValueError(f"drafter_lr must be > 0, got {self.drafter_lr}")
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got "
                              f"{self.logprobs_mode!r}")

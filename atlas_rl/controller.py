@@ -1,18 +1,32 @@
-"""Choosing the lookahead per request and step.
+"""The confidence-aware controller: which speculator, which kind of draft, how long.
 
-`ThresholdController` is the rule atlas-rl starts from:
-- no speculation above a batch size (verifying k+1 tokens per sequence is compute-bound
-  there; FIELD-NOTES measures 0.87x at batch 16 on 2 CPU cores);
-- per request, a draft cut where the *calibrated* probability that all of it is
-  accepted, prod_{i<j} c_i, falls below a floor. The calibration maps the speculator's
-  raw per-token confidence to the acceptance rate actually observed at that confidence
-  (learned online from the verifier's feedback), so drafts shorten by themselves when
-  acceptance drops (temperature 1, a policy that drifted) and lengthen when it recovers.
-"No speculation" is always a possible outcome.
+Three parts, all learned online on the machine it runs on:
+
+- `ConfidenceCalibrator`, one per *arm* (a speculator and a draft kind: one-hot or a
+  distribution draft) and draft position: maps the speculator's raw confidence to the
+  acceptance probability the verifier actually shows (conditional on the earlier
+  positions being accepted), from the accept/reject feedback.
+- `StepCostModel`: the wall time of an engine step as a function of the running
+  sequences (a bucket per power of two) and the draft tokens verified:
+  T(B, D) = base_B + [D > 0] overhead_B + slope_B D, fitted from the measured steps
+  with exponential forgetting. `base` is what a step costs without speculation;
+  `overhead` what verification costs at all (vLLM's rejection sampler path); `slope`
+  the price of one more verified token (near zero while the forward is memory-bound,
+  about base/B once it is compute-bound).
+- `AtlasController.plan`: per step, each request's best draft (the arm whose calibrated
+  expected accepted tokens is largest), then a goodput cut across the batch (TLT's rule):
+  draft positions are added in order of their probability of being accepted while each
+  adds more expected tokens than it costs in time at the current throughput, and the
+  whole plan is dropped unless it beats no speculation, which is always a choice. Some
+  exploration keeps every arm's estimate fresh, so the controller notices when the
+  adaptive speculator has become better; an arm whose measured acceptance collapses is
+  benched for a while and then probed again.
 """
 
 from __future__ import annotations
 
+import math
+import random
 from dataclasses import dataclass, field
 
 from atlas_rl.speculators.base import EMPTY_DRAFT, Draft
@@ -25,12 +39,13 @@ class ConfidenceCalibrator:
     Position i of a verified draft counts as a trial only if positions < i were
     accepted (that is what the conditional confidence claims). Each bucket's estimate
     is (accepted + s * c) / (trials + s): the raw confidence c acts as a prior worth s
-    trials. Counts are halved past `max_trials` so that the estimate follows drift.
+    trials (via the rate over all buckets, see `calibrate`). Counts are halved past
+    `max_trials` so that the estimate follows drift.
     """
 
     num_buckets: int = 10
     prior_strength: float = 4.0
-    max_trials: float = 2000.0
+    max_trials: float = 500.0
     trials: list[float] = field(default_factory=list)
     accepted: list[float] = field(default_factory=list)
 
@@ -42,43 +57,311 @@ class ConfidenceCalibrator:
         return min(self.num_buckets - 1, max(0, int(c * self.num_buckets)))
 
     def calibrate(self, c: float) -> float:
+        # Shrink the bucket towards the rate over all buckets (itself shrunk towards c),
+        # so that a confidence never seen yet inherits what this arm has shown so far.
+        s = self.prior_strength
+        overall = (sum(self.accepted) + s * c) / (sum(self.trials) + s)
         b = self._bucket(c)
-        return (self.accepted[b] + self.prior_strength * c) / (self.trials[b] + self.prior_strength)
+        return (self.accepted[b] + s * overall) / (self.trials[b] + s)
+
+    def observe_one(self, c: float, accepted: bool) -> None:
+        b = self._bucket(c)
+        self.trials[b] += 1
+        self.accepted[b] += bool(accepted)
+        if self.trials[b] > self.max_trials:
+            self.trials[b] /= 2
+            self.accepted[b] /= 2
 
     def observe(self, confidence: list[float], num_accepted: int) -> None:
         for i, c in enumerate(confidence[: num_accepted + 1]):
-            b = self._bucket(c)
-            self.trials[b] += 1
-            self.accepted[b] += i < num_accepted
-            if self.trials[b] > self.max_trials:
-                self.trials[b] /= 2
-                self.accepted[b] /= 2
+            self.observe_one(c, i < num_accepted)
+
+    @property
+    def total_trials(self) -> float:
+        return sum(self.trials)
+
+    def to_dict(self) -> dict:
+        return {"trials": list(self.trials), "accepted": list(self.accepted)}
+
+
+class ArmCalibration:
+    """A calibrator per draft position for one arm, plus a recent acceptance rate."""
+
+    def __init__(self, max_lookahead: int):
+        self.positions = [ConfidenceCalibrator() for _ in range(max_lookahead)]
+        self.recent_trials = 0.0
+        self.recent_accepted = 0.0
+
+    def calibrate(self, pos: int, c: float) -> float:
+        return self.positions[min(pos, len(self.positions) - 1)].calibrate(c)
+
+    def observe(self, confidence: list[float], num_accepted: int) -> None:
+        for i, c in enumerate(confidence[: num_accepted + 1]):
+            self.positions[min(i, len(self.positions) - 1)].observe_one(c, i < num_accepted)
+            self.recent_trials = 0.99 * self.recent_trials + 1
+            self.recent_accepted = 0.99 * self.recent_accepted + (i < num_accepted)
+
+    @property
+    def recent_rate(self) -> float | None:
+        return self.recent_accepted / self.recent_trials if self.recent_trials >= 30 else None
+
+    def to_dict(self) -> dict:
+        return {"positions": [c.to_dict() for c in self.positions],
+                "recent": [self.recent_trials, self.recent_accepted]}
+
+    def load_dict(self, d: dict) -> None:
+        for cal, saved in zip(self.positions, d["positions"]):
+            cal.trials, cal.accepted = list(saved["trials"]), list(saved["accepted"])
+        self.recent_trials, self.recent_accepted = d["recent"]
+
+
+class _Fit:
+    """Exponentially weighted least squares of y on x (one feature), with a prior."""
+
+    def __init__(self, decay: float):
+        self.decay = decay
+        self.w = self.sx = self.sy = self.sxx = self.sxy = 0.0
+
+    def add(self, x: float, y: float) -> None:
+        d = self.decay
+        self.w = d * self.w + 1
+        self.sx = d * self.sx + x
+        self.sy = d * self.sy + y
+        self.sxx = d * self.sxx + x * x
+        self.sxy = d * self.sxy + x * y
+
+    def solve(self, prior_intercept: float, prior_slope: float, strength: float) -> tuple[float, float]:
+        """Ridge towards the prior: `strength` pseudo-observations at x = 0 and x = 8."""
+        pts = ((0.0, prior_intercept), (8.0, prior_intercept + 8.0 * prior_slope))
+        w = self.w + 2 * strength
+        sx = self.sx + strength * sum(p[0] for p in pts)
+        sy = self.sy + strength * sum(p[1] for p in pts)
+        sxx = self.sxx + strength * sum(p[0] ** 2 for p in pts)
+        sxy = self.sxy + strength * sum(p[0] * p[1] for p in pts)
+        det = w * sxx - sx * sx
+        if det <= 1e-12:
+            return prior_intercept, prior_slope
+        slope = (w * sxy - sx * sy) / det
+        return (sy - slope * sx) / w, slope
+
+
+class StepCostModel:
+    """Seconds per engine step vs running sequences B and verified draft tokens D."""
+
+    def __init__(self, decay: float = 0.98, prior_strength: float = 1.0):
+        self.decay = decay
+        self.prior_strength = prior_strength
+        self.base: dict[int, list[float]] = {}   # bucket -> [weight, weighted sum]
+        self.spec: dict[int, _Fit] = {}          # bucket -> fit of T on D (D > 0)
+        self.observations = 0
+
+    @staticmethod
+    def bucket(num_seqs: int) -> int:
+        return max(0, math.ceil(math.log2(max(1, num_seqs))))
+
+    def observe(self, num_seqs: int, num_draft_tokens: int, seconds: float) -> None:
+        if not (seconds > 0 and math.isfinite(seconds)):
+            return
+        b = self.bucket(num_seqs)
+        self.observations += 1
+        if num_draft_tokens == 0:
+            w, s = self.base.get(b, [0.0, 0.0])
+            self.base[b] = [self.decay * w + 1, self.decay * s + seconds]
+        else:
+            self.spec.setdefault(b, _Fit(self.decay)).add(float(num_draft_tokens), seconds)
+
+    def base_seconds(self, num_seqs: int) -> float | None:
+        b = self.bucket(num_seqs)
+        if b in self.base and self.base[b][0] > 0:
+            return self.base[b][1] / self.base[b][0]
+        known = [k for k, v in self.base.items() if v[0] > 0]
+        if not known:
+            return None
+        k = min(known, key=lambda k: abs(k - b))  # nearest bucket, scaled if above it
+        t = self.base[k][1] / self.base[k][0]
+        return t * (2.0 ** (b - k)) if b > k else t
+
+    def spec_cost(self, num_seqs: int) -> tuple[float, float] | None:
+        """(overhead, slope): a step with D > 0 draft tokens costs
+        base + overhead + slope * D seconds. None until a step without drafts was seen."""
+        base = self.base_seconds(num_seqs)
+        if base is None:
+            return None
+        # Prior: verification costs 5% of a step, and a draft token what a sequence's
+        # token costs when the step is compute-bound (base / B, at least base / 16).
+        prior_slope = base / max(num_seqs, 16)
+        fit = self.spec.get(self.bucket(num_seqs))
+        if fit is None:
+            return 0.05 * base, prior_slope
+        intercept, slope = fit.solve(1.05 * base, prior_slope, self.prior_strength)
+        return max(0.0, intercept - base), max(slope, 0.0)
+
+    def to_dict(self) -> dict:
+        return {"base": {str(k): v for k, v in self.base.items()},
+                "spec": {str(k): [f.w, f.sx, f.sy, f.sxx, f.sxy] for k, f in self.spec.items()}}
+
+    def load_dict(self, d: dict) -> None:
+        self.base = {int(k): list(v) for k, v in d.get("base", {}).items()}
+        self.spec = {}
+        for k, v in d.get("spec", {}).items():
+            f = _Fit(self.decay)
+            f.w, f.sx, f.sy, f.sxx, f.sxy = v
+            self.spec[int(k)] = f
+
+
+def arm_name(draft: Draft) -> str:
+    return f"{draft.source}-dist" if draft.is_distribution else draft.source
 
 
 @dataclass
-class ThresholdController:
-    max_lookahead: int
-    min_confidence: float = 0.1
-    max_batch_size: int = 8
-    calibrator: ConfidenceCalibrator = field(default_factory=ConfidenceCalibrator)
+class StepPlan:
+    lookahead: int                    # longest draft any request may get (0: none)
+    arms: list[str]                   # speculators to run this step
+    sample: dict[str, list[bool]]     # per speculator: distribution draft per request
 
-    def step_lookahead(self, num_running: int) -> int:
-        """Longest draft any request may get this step, given the live batch size."""
-        return self.max_lookahead if num_running <= self.max_batch_size else 0
 
-    def trim(self, draft: Draft) -> Draft:
-        """Keep the draft's prefix whose calibrated probability of full acceptance,
-        prod_{i<j} calibrate(confidence_i), stays at or above the floor."""
-        if not draft.tokens:
-            return EMPTY_DRAFT
-        p, keep = 1.0, 0
-        for c in draft.confidence:
-            p *= self.calibrator.calibrate(c)
-            if p < self.min_confidence:
-                break
-            keep += 1
-        return draft.truncate(keep) if keep else EMPTY_DRAFT
+class AtlasController:
+    """Chooses per request and step the speculator, the draft kind and the lookahead
+    that maximise expected tokens per second (see the module docstring)."""
+
+    def __init__(self, max_lookahead: int, speculators: list[str], explore: float = 0.05,
+                 collapse_rate: float = 0.03, cooldown_steps: int = 200,
+                 max_batch_size: int | None = None, always: bool = False, seed: int = 0):
+        self.max_lookahead = int(max_lookahead)
+        self.speculators = list(speculators)
+        self.arms = [a for s in self.speculators for a in (s, f"{s}-dist")]
+        self.calibration = {a: ArmCalibration(self.max_lookahead) for a in self.arms}
+        self.cost = StepCostModel()
+        self.explore = float(explore)
+        self.collapse_rate = float(collapse_rate)
+        self.cooldown_steps = int(cooldown_steps)
+        self.max_batch_size = max_batch_size  # a hard cap on top of the cost model (None: off)
+        self.always = bool(always)  # no cost model: every proposal in full (tests, debugging)
+        self.draft_seconds = {s: 0.0 for s in self.speculators}  # EMA of drafting time per step
+        self.benched: dict[str, int] = {}  # arm -> steps left on the bench
+        self.collapses = 0
+        self.steps = 0
+        self._rng = random.Random(seed)
+
+    # --- feedback ---------------------------------------------------------------------
 
     def observe(self, draft: Draft, num_accepted: int) -> None:
-        """Feedback: the verifier accepted the first `num_accepted` tokens of `draft`."""
-        self.calibrator.observe(draft.confidence, num_accepted)
+        """The verifier accepted the first `num_accepted` tokens of `draft`."""
+        arm = self.calibration.get(arm_name(draft))
+        if arm is None:
+            return
+        arm.observe(draft.confidence, num_accepted)
+        rate = arm.recent_rate
+        if rate is not None and rate < self.collapse_rate and arm_name(draft) not in self.benched:
+            self.benched[arm_name(draft)] = self.cooldown_steps
+            self.collapses += 1
+            arm.recent_trials = arm.recent_accepted = 0.0  # probe afresh after the bench
+
+    def observe_step(self, num_seqs: int, num_draft_tokens: int, seconds: float) -> None:
+        self.cost.observe(num_seqs, num_draft_tokens, seconds)
+
+    def observe_draft_time(self, speculator: str, seconds: float) -> None:
+        old = self.draft_seconds.get(speculator, 0.0)
+        self.draft_seconds[speculator] = seconds if old == 0.0 else 0.9 * old + 0.1 * seconds
+
+    # --- planning ---------------------------------------------------------------------
+
+    def _arm_value(self, arm: str, pos: int = 0) -> float:
+        """Calibrated acceptance of the arm at a position, at a middling confidence."""
+        cal = self.calibration[arm].positions[pos]
+        n = cal.total_trials
+        return (sum(cal.accepted) + 0.5) / (n + 1.0)
+
+    def begin_step(self, num_seqs: int) -> StepPlan:
+        """Which speculators to run (and in which draft kind per request), and the
+        longest draft worth making, before any drafting is done."""
+        self.steps += 1
+        for arm in list(self.benched):
+            self.benched[arm] -= 1
+            if self.benched[arm] <= 0:
+                del self.benched[arm]
+        none = StepPlan(0, [], {})
+        if self.max_batch_size is not None and num_seqs > self.max_batch_size:
+            return none
+        base = self.cost.base_seconds(num_seqs)
+        cost = self.cost.spec_cost(num_seqs)
+        if base is not None and cost is not None and not self.always:
+            # Even a draft token that is surely accepted must pay for itself.
+            if num_seqs / base * cost[1] >= 1.0 and self._rng.random() >= self.explore:
+                return none
+        arms, sample = [], {}
+        for spec in self.speculators:
+            onehot, dist = spec, f"{spec}-dist"
+            usable = [a for a in (onehot, dist) if a not in self.benched]
+            if not usable:
+                continue
+            arms.append(spec)
+            best = max(usable, key=self._arm_value)
+            other = [a for a in usable if a != best]
+            sample[spec] = [
+                ((other[0] if other and self._rng.random() < self.explore else best) == dist)
+                for _ in range(num_seqs)]
+        return StepPlan(self.max_lookahead if arms else 0, arms, sample)
+
+    def choose(self, candidates: list[list[Draft]], num_seqs: int) -> list[Draft]:
+        """Per request, the best of its candidate drafts, then the goodput cut."""
+        chosen = []
+        for cands in candidates:
+            best, best_value, scored = EMPTY_DRAFT, 0.0, []
+            for d in cands:
+                if not d.tokens or arm_name(d) not in self.calibration:
+                    continue
+                value = sum(self._cumulative(d))
+                scored.append((value, d))
+                if value > best_value:
+                    best, best_value = d, value
+            if len(scored) > 1 and self._rng.random() < self.explore:
+                best = self._rng.choice(scored)[1]  # keep every arm's estimate fresh
+            chosen.append(best)
+        return chosen if self.always else self._goodput_cut(chosen, num_seqs)
+
+    def _cumulative(self, draft: Draft) -> list[float]:
+        cal = self.calibration[arm_name(draft)]
+        out, run = [], 1.0
+        for i, c in enumerate(draft.confidence):
+            run *= cal.calibrate(i, c)
+            out.append(run)
+        return out
+
+    def _goodput_cut(self, drafts: list[Draft], num_seqs: int) -> list[Draft]:
+        base = self.cost.base_seconds(num_seqs)
+        cost = self.cost.spec_cost(num_seqs)
+        if base is None or cost is None:  # no measurements yet: keep likely-accepted prefixes
+            return [d.truncate(sum(p >= 0.25 for p in self._cumulative(d))) if d.tokens else d
+                    for d in drafts]
+        overhead, slope = cost
+        overhead += sum(self.draft_seconds.get(s, 0.0) for s in {d.source for d in drafts if d.tokens})
+        gains = sorted(((p, r) for r, d in enumerate(drafts) if d.tokens
+                        for p in self._cumulative(d)), reverse=True)
+        tokens, seconds = float(num_seqs), base + overhead
+        keep = [0] * len(drafts)
+        for p, r in gains:
+            if p * seconds <= tokens * slope:  # this token would lower tokens per second
+                break
+            tokens += p
+            seconds += slope
+            keep[r] += 1
+        if not any(keep) or tokens / seconds <= num_seqs / base:
+            return [EMPTY_DRAFT] * len(drafts)
+        return [d.truncate(k) if k else EMPTY_DRAFT for d, k in zip(drafts, keep)]
+
+    # --- state ------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {"calibration": {a: c.to_dict() for a, c in self.calibration.items()},
+                "cost": self.cost.to_dict(), "draft_seconds": dict(self.draft_seconds),
+                "benched": dict(self.benched), "collapses": self.collapses}
+
+    def load_state_dict(self, d: dict) -> None:
+        for arm, saved in d.get("calibration", {}).items():
+            if arm in self.calibration:
+                self.calibration[arm].load_dict(saved)
+        self.cost.load_dict(d.get("cost", {}))
+        self.draft_seconds.update(d.get("draft_seconds", {}))
+        self.benched = {k: int(v) for k, v in d.get("benched", {}).items()}
+        self.collapses = int(d.get("collapses", 0))

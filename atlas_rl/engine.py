@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from atlas_rl.config import SPECULATION_METHODS, AtlasConfig
-from atlas_rl.controller import ThresholdController
-from atlas_rl.metrics import SpecCounters, oracle_acceptance_length, summarize
+from atlas_rl.controller import AtlasController
+from atlas_rl.metrics import SpecCounters, oracle_acceptance_length, summarize, summarize_arms
 from atlas_rl.models import resolve_model
 from atlas_rl.rollout import Completion, RolloutBatch
-from atlas_rl.speculators import SuffixSpeculator
+from atlas_rl.speculators import NeuralSpeculator, SuffixSpeculator
+from atlas_rl.speculators.neural import static_speculator_dir
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,9 @@ class AtlasRolloutEngine:
     >>> engine.update(batch)        # the adaptive speculator learns the rollouts
     >>> engine.sync_weights(policy)  # after the policy update
 
-    ``speculation``: "atlas" (ours), "none", or vLLM's own "vllm-ngram" and
-    "vllm-suffix" as peers. Extra keyword arguments go to ``vllm.LLM``.
+    ``speculation``: "atlas" (ours: static + adaptive speculators, learning online),
+    "atlas-static" (the same with online training off), "none", or vLLM's own
+    "vllm-ngram" and "vllm-suffix" as peers. Extra keyword arguments go to ``vllm.LLM``.
     """
 
     def __init__(self, model: str, speculation: str = "atlas", config: AtlasConfig | None = None,
@@ -63,21 +65,53 @@ class AtlasRolloutEngine:
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self._vllm_counters = backend.VllmSpecCounters(self.llm)
         self._step_times = backend.StepTimes(self.llm)
-        self.speculator = None
+        self.speculators: dict[str, object] = {}
         self.proposer = None
-        if speculation == "atlas":
-            self.speculator = SuffixSpeculator(self.config.ngram_sizes,
-                                               max_corpus_tokens=self.config.max_corpus_tokens)
+        if speculation in ("atlas", "atlas-static"):
+            self.speculators = self._build_speculators(speculation == "atlas-static")
             self.proposer = backend.proposer(self.llm)
             if self.proposer is None:
                 raise RuntimeError("vLLM did not build atlas-rl's AtlasProposer: build the "
                                    "engine with atlas-rl's speculative_config")
-            self.proposer.attach(self.speculator, ThresholdController(
-                max_lookahead=self.config.max_lookahead,
-                min_confidence=self.config.min_confidence,
-                max_batch_size=self.config.max_speculation_batch_size))
+            self.proposer.attach(self.speculators, AtlasController(
+                max_lookahead=self.config.max_lookahead, speculators=list(self.speculators),
+                explore=self.config.explore, max_batch_size=self.config.max_speculation_batch_size,
+                always=self.config.speculate_always, seed=self.config.seed))
+        self._last_rollout_seconds = 0.0
         self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
                         "generate_calls": 0, "update_seconds": 0.0}
+
+    def _build_speculators(self, static: bool) -> dict:
+        cfg = self.config
+        specs = {"suffix": SuffixSpeculator(cfg.ngram_sizes, max_corpus_tokens=cfg.max_corpus_tokens,
+                                            frozen=static, seed=cfg.seed)}
+        if not cfg.neural_drafter:
+            return specs
+        neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr,
+                                  train_budget_fraction=cfg.train_budget_fraction,
+                                  frozen=static, seed=cfg.seed)
+        path = static_speculator_dir(cfg.static_speculator, self.model_path)
+        if path is not None:
+            neural.load(path)
+            logger.info("atlas-rl: static drafter from %s", path)
+        elif static:
+            logger.warning(
+                "atlas-rl: atlas-static without a static drafter for %r (AtlasConfig."
+                "static_speculator=%r): drafting from the suffix index only. Train one with "
+                "`atlas-rl train-speculator --model %s --prompts FILE --out DIR`.",
+                self.model_path, cfg.static_speculator, self.model_path)
+            return specs
+        specs["neural"] = neural
+        return specs
+
+    @property
+    def speculator(self):
+        """The suffix index (the first speculator), or None without atlas speculation."""
+        return next(iter(self.speculators.values()), None)
+
+    @property
+    def controller(self):
+        return None if self.proposer is None else self.proposer.controller
 
     @classmethod
     def adopt(cls, llm, speculation: str = "atlas", config: AtlasConfig | None = None):
@@ -89,8 +123,10 @@ class AtlasRolloutEngine:
     def begin_batch(self) -> None:
         """A new rollout batch starts (generate calls this; callers driving `self.llm`
         directly call it themselves): the speculator resets its in-flight state."""
-        if self.speculator is not None:
-            self.speculator.begin_batch()
+        for spec in self.speculators.values():
+            spec.begin_batch()
+        if self.proposer is not None:
+            self.proposer.begin_batch()
 
     def snapshot(self):
         """Counters to diff against later with `stats_since` (around calls to the vLLM
@@ -101,15 +137,24 @@ class AtlasRolloutEngine:
         """The stats of everything the engine generated since `before` (see `snapshot`)."""
         return self._stats_since(before, seconds, completions)
 
-    def learn(self, sequences: Sequence[Sequence[int]]) -> dict:
-        """The adaptive speculator learns token sequences (prompt + completion each)."""
-        if self.speculator is None:
+    def learn(self, sequences: Sequence[Sequence[int]], rollout_seconds: float | None = None) -> dict:
+        """The adaptive speculators learn the rollouts just generated: the suffix index
+        their token sequences (prompt + completion each), the neural drafter the policy's
+        hidden states captured while generating them, for at most
+        ``train_budget_fraction`` of ``rollout_seconds`` (default: the last batch's)."""
+        if not self.speculators:
             return {}
+        if rollout_seconds is None:
+            rollout_seconds = self._last_rollout_seconds
+        budget = self.config.train_budget_fraction * rollout_seconds
         start = time.perf_counter()
-        out = self.speculator.learn([list(s) for s in sequences])
+        out = {}
+        seqs = [list(s) for s in sequences]
+        for name, spec in self.speculators.items():
+            out.update(spec.learn(seqs, time_budget=budget))
         seconds = time.perf_counter() - start
         self._totals["update_seconds"] += seconds
-        return {**out, "update_seconds": seconds}
+        return {**out, "update_seconds": seconds, "update_budget_seconds": budget}
 
     # --- generation ----------------------------------------------------------------
 
@@ -200,6 +245,7 @@ class AtlasRolloutEngine:
                 completion_ids=token_ids, logprobs=logprobs, top1_logprobs=top1,
                 finish_reason=o.finish_reason or "length", text=o.text))
         self._totals["rollout_seconds"] += seconds
+        self._last_rollout_seconds = seconds
         self._totals["num_tokens"] += sum(len(c.completion_ids) for c in completions)
         self._totals["num_completions"] += len(completions)
         self._totals["generate_calls"] += 1
@@ -236,6 +282,7 @@ class AtlasRolloutEngine:
             # Our own feedback bookkeeping, cross-checked against vLLM's scheduler.
             stats["proposer_num_draft_tokens"] = ours_c.num_draft_tokens
             stats["proposer_num_accepted_tokens"] = ours_c.num_accepted_tokens
+            stats.update(summarize_arms(ours_c))
         stats["rollout_seconds"] = seconds
         # Engine steps and where their time went (see StepTimes); the rest of
         # rollout_seconds is vLLM's scheduler, detokenization and output handling.
@@ -264,7 +311,8 @@ class AtlasRolloutEngine:
 
     def update(self, batch: RolloutBatch) -> dict:
         """The adaptive speculator learns the batch's rollouts (prompt + completion)."""
-        return self.learn([c.prompt_ids + c.completion_ids for c in batch])
+        return self.learn([c.prompt_ids + c.completion_ids for c in batch],
+                          batch.stats.get("rollout_seconds"))
 
     def sync_weights(self, model_or_state_dict) -> None:
         """Load new policy weights (an nn.Module, a state dict, or (name, tensor) pairs
@@ -279,25 +327,34 @@ class AtlasRolloutEngine:
         else:
             weights = model_or_state_dict
         self._backend.load_weights(self.llm, ((k, v.detach()) for k, v in weights))
+        for spec in self.speculators.values():  # the drafter's copy of the head rows
+            if hasattr(spec, "weights_version"):
+                spec.weights_version += 1
 
     def save(self, directory: str | Path) -> None:
+        """Every speculator's state (safetensors + JSON) and the controller's
+        calibration and cost model: `load` restores the run's speculation exactly."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        state = {"speculation": self.speculation, "config": self.config.to_dict()}
+        state = {"speculation": self.speculation, "config": self.config.to_dict(),
+                 "speculators": list(self.speculators)}
         if self.proposer is not None:
-            cal = self.proposer.controller.calibrator
-            state["calibration"] = {"trials": cal.trials, "accepted": cal.accepted}
+            state["controller"] = self.proposer.controller.state_dict()
         (directory / "atlas_config.json").write_text(json.dumps(state, indent=2))
-        if self.speculator is not None:
-            self.speculator.save(directory)
+        for spec in self.speculators.values():
+            spec.save(directory)
 
     def load(self, directory: str | Path) -> None:
-        """Restore the speculator and the controller's calibration saved by `save`."""
-        if self.speculator is None:
+        """Restore the speculators and the controller saved by `save`."""
+        if not self.speculators:
             return
-        self.speculator.load(directory)
-        state = json.loads((Path(directory) / "atlas_config.json").read_text())
-        if "calibration" in state:
-            cal = self.proposer.controller.calibrator
-            cal.trials = list(state["calibration"]["trials"])
-            cal.accepted = list(state["calibration"]["accepted"])
+        path = Path(directory) / "atlas_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no atlas-rl state in {str(directory)!r} (expected "
+                                    f"atlas_config.json): save one with engine.save(dir)")
+        state = json.loads(path.read_text())
+        for name, spec in self.speculators.items():
+            if name in state.get("speculators", [name]):
+                spec.load(directory)
+        if "controller" in state:
+            self.proposer.controller.load_state_dict(state["controller"])

@@ -23,6 +23,11 @@ from typing import Sequence
 import math
 
 
+#: The drafting arms the controller chooses between: a speculator and a draft kind
+#: (one-hot, or "-dist": a distribution draft whose q goes to the verifier).
+ARMS = ("suffix", "suffix-dist", "neural", "neural-dist")
+
+
 @dataclass
 class SpecCounters:
     """Cumulative counters; take differences around a call (`since`)."""
@@ -37,12 +42,24 @@ class SpecCounters:
     speculator_errors: int = 0
     propose_seconds: float = 0.0  # all of the proposer's time in a step
     draft_seconds: float = 0.0    # of which: the speculator drafting and the controller trimming
+    # per arm (ARMS order): verified drafts, their tokens, accepted tokens
+    arm_drafts: list[int] = field(default_factory=list)
+    arm_draft_tokens: list[int] = field(default_factory=list)
+    arm_accepted_tokens: list[int] = field(default_factory=list)
 
-    def record_verified(self, num_verified: int, num_accepted: int) -> None:
+    def record_verified(self, num_verified: int, num_accepted: int, source: str = "",
+                        distribution: bool = False) -> None:
         """One request-step: `num_verified` draft tokens checked, the first
         `num_accepted` of them accepted (no draft: nothing to record)."""
         if num_verified > 0:
             self.add(1, num_verified, num_accepted, [1] * num_verified, [1] * num_accepted)
+            name = f"{source}-dist" if distribution else source
+            if name in ARMS:
+                i = ARMS.index(name)
+                for xs, v in ((self.arm_drafts, 1), (self.arm_draft_tokens, num_verified),
+                              (self.arm_accepted_tokens, num_accepted)):
+                    _grow(xs, len(ARMS))
+                    xs[i] += v
 
     def add(self, num_drafts: int, num_draft_tokens: int, num_accepted_tokens: int,
             drafted_per_pos: Sequence[int], accepted_per_pos: Sequence[int]) -> None:
@@ -98,6 +115,19 @@ def summarize(c: SpecCounters | None) -> dict[str, float]:
         if d:
             a = c.accepted_per_pos[i] if i < len(c.accepted_per_pos) else 0
             out[f"acceptance_rate_pos_{i}"] = a / d
+    return out
+
+
+def summarize_arms(c: SpecCounters) -> dict[str, float]:
+    """Per drafting arm: share of drafts (`drafts_{arm}`) and acceptance length
+    (`acceptance_length_{arm}`), from the proposer's counters."""
+    total = sum(c.arm_drafts)
+    out = {}
+    for i, arm in enumerate(ARMS):
+        n = c.arm_drafts[i] if i < len(c.arm_drafts) else 0
+        out[f"drafts_{arm}"] = n / total if total else 0.0
+        if n:
+            out[f"acceptance_length_{arm}"] = 1.0 + c.arm_accepted_tokens[i] / n
     return out
 
 

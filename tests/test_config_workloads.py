@@ -12,15 +12,18 @@ def test_config_parses_from_cli_flags_like_a_trl_config():
     from transformers import HfArgumentParser
 
     (cfg,) = HfArgumentParser(AtlasConfig).parse_args_into_dataclasses(
-        ["--max_lookahead", "4", "--min_confidence", "0.2"])
-    assert cfg.max_lookahead == 4 and cfg.min_confidence == 0.2
+        ["--max_lookahead", "4", "--explore", "0.2", "--max_speculation_batch_size", "16"])
+    assert cfg.max_lookahead == 4 and cfg.explore == 0.2 and cfg.max_speculation_batch_size == 16
+    assert AtlasConfig().max_speculation_batch_size is None  # no knob needed: the cost model
     help_text = HfArgumentParser(AtlasConfig).format_help()
-    assert "No speculation while more requests" in help_text
+    assert "switches speculation off where it loses" in help_text
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(max_lookahead=0), "max_lookahead"),
-    (dict(min_confidence=1.5), "min_confidence"),
+    (dict(explore=1.5), "explore"),
+    (dict(train_budget_fraction=2.0), "train_budget_fraction"),
+    (dict(draft_vocab_size=1), "draft_vocab_size"),
     (dict(logprobs_mode="fancy"), "logprobs_mode"),
 ])
 def test_config_rejects_bad_values(kwargs, match):

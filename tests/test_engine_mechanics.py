@@ -7,6 +7,7 @@ scheduler, a failing speculator, seeds, prompt forms, bad input."""
 from __future__ import annotations
 
 import pytest
+import torch
 
 from atlas_rl.exactness import greedy_mismatches
 
@@ -16,7 +17,7 @@ PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
     "import os\nimport sys\nimport json\nimport re\nimport os\n",
 ]
-SPEC = dict(dtype="float32", max_speculation_batch_size=64, min_confidence=0.05)
+SPEC = dict(dtype="float32", speculate_always=True)
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +32,14 @@ def baseline(make_engine, tiny_model_path):
 
 def test_proposer_plumbing_variable_lookahead_feedback_and_counters(atlas, baseline):
     seen = []
-    original = atlas.speculator.feedback
-    atlas.speculator.feedback = lambda key, draft, n: (seen.append((len(draft), n)), original(key, draft, n))
+    originals = {name: spec.feedback for name, spec in atlas.speculators.items()}
+    for spec in atlas.speculators.values():
+        spec.feedback = (lambda f: lambda key, draft, n: (seen.append((len(draft), n)), f(key, draft, n)))(spec.feedback)
     try:
         batch = atlas.generate(PROMPTS * 2, temperature=0.0, max_tokens=64)
     finally:
-        atlas.speculator.feedback = original
+        for name, f in originals.items():
+            atlas.speculators[name].feedback = f
     s = batch.stats
     assert s["num_draft_tokens"] > 0 and s["num_drafts"] > 0
     # Our feedback bookkeeping agrees with what vLLM's scheduler counted.
@@ -59,16 +62,28 @@ def test_failing_speculator_degrades_to_no_drafts(atlas, baseline):
     def boom(*args, **kwargs):
         raise RuntimeError("speculator exploded")
 
-    original = atlas.speculator.propose
-    atlas.speculator.propose = boom
+    ref = baseline.generate(PROMPTS, temperature=0.0, max_tokens=32)
+    # One speculator failing: the other still drafts, nothing is lost.
+    original = atlas.speculators["suffix"].propose
+    atlas.speculators["suffix"].propose = boom
     try:
         batch = atlas.generate(PROMPTS, temperature=0.0, max_tokens=32)
     finally:
-        atlas.speculator.propose = original
+        atlas.speculators["suffix"].propose = original
+    assert batch.stats["speculator_errors"] > 0 and batch.stats["drafts_neural"] + batch.stats["drafts_neural-dist"] == 1.0
+    assert batch.completion_ids == ref.completion_ids
+    # All of them failing: no drafts, the same rollouts.
+    originals = {name: spec.propose for name, spec in atlas.speculators.items()}
+    for spec in atlas.speculators.values():
+        spec.propose = boom
+    try:
+        batch = atlas.generate(PROMPTS, temperature=0.0, max_tokens=32)
+    finally:
+        for name, f in originals.items():
+            atlas.speculators[name].propose = f
     assert batch.stats["speculator_errors"] > 0
     assert batch.stats["num_draft_tokens"] == 0
     assert all(len(c.completion_ids) > 0 for c in batch)
-    ref = baseline.generate(PROMPTS, temperature=0.0, max_tokens=32)
     assert batch.completion_ids == ref.completion_ids
     # And it recovers on the next call.
     again = atlas.generate(PROMPTS, temperature=0.0, max_tokens=32)
@@ -154,14 +169,18 @@ def test_update_save_load(atlas, make_engine, tiny_model_path, tmp_path):
     assert info["index_sequences"] >= len(batch)
     atlas.save(tmp_path)
     assert (tmp_path / "suffix.safetensors").is_file() and (tmp_path / "atlas_config.json").is_file()
-    other = make_engine(tiny_model_path, "atlas", **{**SPEC, "min_confidence": 0.06})
+    other = make_engine(tiny_model_path, "atlas", **{**SPEC, "explore": 0.06})
     other.load(tmp_path)
+    assert (tmp_path / "neural.safetensors").is_file()
+    a_net, o_net = atlas.speculators["neural"].net, other.speculators["neural"].net
+    assert all(torch.equal(a, b) for a, b in zip(a_net.state_dict().values(), o_net.state_dict().values()))
+    assert atlas.speculators["neural"].version > 0  # the drafter trained in update()
     seq = batch.completions[0].prompt_ids + batch.completions[0].completion_ids
     ctx = seq[: len(batch.completions[0].prompt_ids) + 4]
     for spec in (atlas.speculator, other.speculator):
         spec.begin_batch()
-    assert other.proposer.controller.calibrator.trials == atlas.proposer.controller.calibrator.trials
-    assert sum(other.proposer.controller.calibrator.trials) > 0
+    assert other.controller.state_dict() == atlas.controller.state_dict()
+    assert sum(c.total_trials for c in other.controller.calibration["suffix"].positions) > 0
     mine = atlas.speculator.propose(["x"], [ctx], [6])[0]
     theirs = other.speculator.propose(["x"], [ctx], [6])[0]
     assert mine.tokens and mine.tokens == theirs.tokens

@@ -23,8 +23,10 @@ from atlas_rl.workloads import code_prompts, math_prompts
 
 pytestmark = pytest.mark.slow
 
-METHODS = ["atlas", "vllm-ngram", "vllm-suffix"]
-CFG = dict(dtype="float32", max_speculation_batch_size=64)
+METHODS = ["atlas", "atlas-static", "vllm-ngram", "vllm-suffix"]
+# Draft everything proposed (no cost model), and choose the non-best arm half the time:
+# one-hot and distribution drafts from both speculators all get verified.
+CFG = dict(dtype="float32", speculate_always=True, explore=0.5)
 KS_ALPHA = 1e-3          # the sampling tests are seeded: a pass is reproducible
 LOGPROB_TOL = 1e-3       # float32 vLLM vs float32 transformers (measured ~5e-5)
 
@@ -66,9 +68,16 @@ def test_sampling_follows_the_model_distribution(method, make_engine, real_model
         assert batch.stats["num_accepted_tokens"] > 100, batch.stats
     assert check.ks_pvalue > KS_ALPHA, check
     assert check.logprob_max_abs_err < LOGPROB_TOL, check
-    if method == "atlas":  # our feedback agrees with vLLM's scheduler at temperature 1 too
+    if method.startswith("atlas"):  # our feedback agrees with vLLM's scheduler at temperature 1 too
         assert batch.stats["proposer_num_draft_tokens"] == batch.stats["num_draft_tokens"]
         assert batch.stats["proposer_num_accepted_tokens"] == batch.stats["num_accepted_tokens"]
+        # distribution drafts (q handed to vLLM's rejection sampler) were verified, from
+        # the neural drafter and the suffix index, and the PIT/KS check above still holds
+        from atlas_rl.compat import vllm_draft_probs
+
+        assert vllm_draft_probs.status().get("draft_probs") == "applied"
+        assert batch.stats["drafts_neural-dist"] > 0.1, batch.stats
+        assert batch.stats["drafts_suffix-dist"] + batch.stats["drafts_suffix"] > 0.1, batch.stats
 
 
 def test_sampling_at_lower_temperature_and_top_k(make_engine, real_model_path, prompts, reference):
@@ -109,7 +118,7 @@ def test_sync_weights_matches_transformers_greedy(make_engine, real_model_path, 
     weights would make this fail: it checks the reset too."""
     from transformers import AutoModelForCausalLM
 
-    engine = make_engine(real_model_path, "atlas", **{**CFG, "min_confidence": 0.11})
+    engine = make_engine(real_model_path, "atlas", **{**CFG, "explore": 0.11})
     before = engine.generate(prompts[:3], temperature=0.0, max_tokens=48)
     model = AutoModelForCausalLM.from_pretrained(real_model_path, dtype=torch.float32).eval()
     gen = torch.Generator().manual_seed(0)

@@ -1,10 +1,13 @@
-"""SuffixSpeculator and ThresholdController, without vLLM."""
+"""Speculators and the controller, without vLLM."""
 
 from __future__ import annotations
 
-import pytest
+import random
 
-from atlas_rl.controller import ConfidenceCalibrator, ThresholdController
+import pytest
+import torch
+
+from atlas_rl.controller import AtlasController, ConfidenceCalibrator
 from atlas_rl.speculators import Draft, SuffixSpeculator
 
 
@@ -71,31 +74,105 @@ def test_bad_ngram_sizes():
         SuffixSpeculator(ngram_sizes=(0, 2))
 
 
-def test_controller_cuts_by_cumulative_confidence_and_batch_size():
-    # prior_strength huge: calibrated confidence == raw confidence
-    ctl = ThresholdController(max_lookahead=8, min_confidence=0.3, max_batch_size=4,
-                              calibrator=ConfidenceCalibrator(prior_strength=1e12))
-    d = Draft([1, 2, 3, 4], [0.9, 0.8, 0.5, 0.9])
-    # cumulative: 0.9, 0.72, 0.36, 0.324 -> all above 0.3
-    assert ctl.trim(d).tokens == [1, 2, 3, 4]
-    d = Draft([1, 2, 3], [0.9, 0.5, 0.5])  # 0.9, 0.45, 0.225
-    assert ctl.trim(d).tokens == [1, 2]
-    assert ctl.trim(Draft([1], [0.2])).tokens == []
-    assert ctl.step_lookahead(4) == 8 and ctl.step_lookahead(5) == 0
+def _fed_controller(base, overhead, slope, num_seqs, arms=("suffix",), steps=60):
+    """A controller whose cost model measured T(D) = base + [D > 0] overhead + slope D."""
+    ctl = AtlasController(max_lookahead=8, speculators=list(arms), explore=0.0)
+    for i in range(steps):
+        ctl.observe_step(num_seqs, 0, base)
+        d = 1 + i % 24
+        ctl.observe_step(num_seqs, d, base + overhead + slope * d)
+    return ctl
 
 
-def test_calibration_follows_observed_acceptance():
-    ctl = ThresholdController(max_lookahead=8, min_confidence=0.1)
-    draft = Draft([1, 2, 3], [0.5, 0.5, 0.5])
-    assert ctl.trim(draft).tokens == [1, 2, 3]  # prior: 0.5, 0.25, 0.125
-    for _ in range(100):  # the policy rejects these drafts at once
-        ctl.observe(draft, 0)
-    assert ctl.calibrator.calibrate(0.5) < 0.05
-    assert ctl.trim(draft).tokens == []  # speculation switches itself off
-    for _ in range(2000):  # acceptance recovers (drift): the estimate follows
-        ctl.observe(draft, 3)
-    assert ctl.calibrator.calibrate(0.5) > 0.9
-    assert ctl.trim(draft).tokens == [1, 2, 3]
+def _train_arm(ctl, arm, rate, n=400, conf=0.8):
+    rng = random.Random(0)
+    for _ in range(n):
+        draft = Draft([1, 2, 3, 4], [conf] * 4, source=arm.removesuffix("-dist"))
+        if arm.endswith("-dist"):
+            draft.q_ids, draft.q = torch.zeros(4, 1, dtype=torch.long), torch.ones(4, 1)
+        accepted = 0
+        while accepted < 4 and rng.random() < rate:
+            accepted += 1
+        ctl.observe(draft, accepted)
+
+
+def test_cost_model_recovers_the_step_cost():
+    ctl = _fed_controller(base=0.075, overhead=0.008, slope=0.0003, num_seqs=4)
+    overhead, slope = ctl.cost.spec_cost(4)
+    assert ctl.cost.base_seconds(4) == pytest.approx(0.075)
+    # within 20%: a light prior (one pseudo-step) still pulls a little
+    assert overhead == pytest.approx(0.008, abs=1.6e-3) and slope == pytest.approx(0.0003, abs=1e-4)
+
+
+def test_controller_picks_no_speculation_when_the_cost_model_says_it_loses():
+    # Large batch, compute-bound: a draft token costs what a sequence's token costs.
+    ctl = _fed_controller(base=0.15, overhead=0.01, slope=0.15 / 64 * 1.2, num_seqs=64)
+    _train_arm(ctl, "suffix", 0.9)
+    plan = ctl.begin_step(64)
+    drafts = [Draft([1, 2, 3], [0.9] * 3, source="suffix") for _ in range(64)]
+    assert plan.lookahead == 0 or all(not d.tokens for d in ctl.choose([[d] for d in drafts], 64))
+    # The tail, memory-bound: the same drafts pay, and are kept.
+    ctl = _fed_controller(base=0.075, overhead=0.008, slope=0.0003, num_seqs=4)
+    _train_arm(ctl, "suffix", 0.9)
+    assert ctl.begin_step(4).lookahead == 8
+    kept = ctl.choose([[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)], 4)
+    assert all(len(d) == 3 for d in kept)
+    # ...unless they are rarely accepted: then the verification overhead is not worth it.
+    ctl = _fed_controller(base=0.075, overhead=0.008, slope=0.0003, num_seqs=4)
+    _train_arm(ctl, "suffix", 0.02)
+    kept = ctl.choose([[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)], 4)
+    assert all(not d.tokens for d in kept)
+
+
+def test_goodput_cut_keeps_the_likeliest_positions_first():
+    ctl = _fed_controller(base=0.075, overhead=0.002, slope=0.004, num_seqs=2)
+    _train_arm(ctl, "suffix", 0.7)
+    sure = Draft([1, 2, 3, 4, 5, 6], [0.95] * 6, source="suffix")
+    weak = Draft([7, 8, 9], [0.05] * 3, source="suffix")
+    a, b = ctl.choose([[sure], [weak]], 2)
+    assert len(a) >= 1 and len(b) <= len(a)  # never a longer draft where acceptance is less likely
+
+
+def test_controller_follows_the_better_arm_and_the_draft_kind():
+    ctl = _fed_controller(base=0.075, overhead=0.004, slope=0.0003, num_seqs=1,
+                          arms=("suffix", "neural"))
+    _train_arm(ctl, "suffix", 0.8)
+    _train_arm(ctl, "neural", 0.2)
+    _train_arm(ctl, "neural-dist", 0.2)
+    pair = [Draft([1, 2, 3], [0.6] * 3, source="suffix"), Draft([4, 5, 6], [0.6] * 3, source="neural")]
+    assert ctl.choose([pair], 1)[0].source == "suffix"
+    # The adaptive drafter improved (drift): feedback moves the choice over.
+    _train_arm(ctl, "suffix", 0.2, n=1500)
+    _train_arm(ctl, "neural", 0.85, n=1500)
+    assert ctl.choose([pair], 1)[0].source == "neural"
+    # Distribution drafts accepted more than one-hot ones: the plan asks for them.
+    _train_arm(ctl, "neural-dist", 0.95, n=1500)
+    plan = ctl.begin_step(1)
+    assert plan.sample["neural"] == [True]
+
+
+def test_an_arm_whose_acceptance_collapses_is_benched_then_probed_again():
+    ctl = AtlasController(max_lookahead=4, speculators=["suffix", "neural"], explore=0.0,
+                          cooldown_steps=5)
+    _train_arm(ctl, "neural", 0.0, n=50)
+    _train_arm(ctl, "neural-dist", 0.0, n=50)
+    assert "neural" in ctl.benched and ctl.collapses >= 1
+    assert ctl.begin_step(1).arms == ["suffix"]
+    for _ in range(5):
+        ctl.begin_step(1)
+    assert "neural" in ctl.begin_step(1).arms
+
+
+def test_calibration_converges_on_synthetic_feedback():
+    """Raw confidence c is accepted with probability 0.3 + 0.5 c (miscalibrated): the
+    calibrator learns that mapping per bucket."""
+    rng = random.Random(1)
+    cal = ConfidenceCalibrator()
+    for _ in range(20000):
+        c = rng.random()
+        cal.observe_one(c, rng.random() < 0.3 + 0.5 * c)
+    for c in (0.05, 0.35, 0.65, 0.95):
+        assert cal.calibrate(c) == pytest.approx(0.3 + 0.5 * c, abs=0.06)
 
 
 def test_calibrator_counts_only_reached_positions():
@@ -104,3 +181,28 @@ def test_calibrator_counts_only_reached_positions():
     assert cal.trials[9] == 1 and cal.accepted[9] == 1
     assert cal.trials[1] == 1 and cal.accepted[1] == 0
     assert cal.trials[5] == 0
+
+
+def test_suffix_distribution_draft_samples_from_the_continuations_it_hands_over():
+    spec = SuffixSpeculator(ngram_sizes=(2,))
+    spec.learn([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7], [1, 2, 3, 4]])
+    seen = {}
+    for i in range(200):
+        spec.begin_batch()
+        (d,) = spec.propose([f"r{i}"], [[9, 1, 2]], [2], sample=[True])
+        assert d.is_distribution and d.source == "suffix"
+        q0 = dict(zip(d.q_ids[0].tolist(), d.q[0].tolist()))
+        assert q0 == pytest.approx({3: 0.75, 6: 0.25})  # empirical continuations of (1, 2)
+        assert d.tokens[0] in q0
+        if d.tokens[0] == 3:  # position 1 conditions on the draft so far: 4 (2/3) or 5 (1/3)
+            assert dict(zip(d.q_ids[1].tolist(), d.q[1].tolist())) == pytest.approx({4: 2 / 3, 5: 1 / 3})
+        seen[d.tokens[0]] = seen.get(d.tokens[0], 0) + 1
+    assert 100 < seen[3] < 190 and seen[6] > 10  # sampled, not the majority every time
+    (onehot,) = spec.propose(["x"], [[9, 1, 2]], [2])
+    assert not onehot.is_distribution and onehot.tokens == [3, 4]
+
+
+def test_frozen_suffix_index_does_not_learn():
+    spec = SuffixSpeculator(ngram_sizes=(2,), frozen=True)
+    assert spec.learn([[1, 2, 3, 4]]) == {}
+    assert spec.propose(["r"], [[1, 2]], [2])[0].tokens == []

@@ -113,7 +113,7 @@ def test_stock_grpo_trainer_with_two_added_lines(tiny_model_path, tmp_path, monk
     from atlas_rl import AtlasConfig
     from atlas_rl.integrations.trl import enable_atlas   # added line 1
 
-    enable_atlas(AtlasConfig(max_model_len=512, min_confidence=0.0))  # added line 2
+    enable_atlas(AtlasConfig(max_model_len=512, speculate_always=True))  # added line 2
     dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
     probe = _CorpusProbe()
     trainer, changed = _train(lambda: GRPOTrainer(
@@ -140,7 +140,7 @@ def test_wandb_offline_gets_metrics_table_and_plot(tiny_model_path, tmp_path, mo
         model=tiny_model_path, reward_funcs=_length_reward,
         args=_args(GRPOConfig, tmp_path / "out", report_to=["wandb"]),
         train_dataset=Dataset.from_dict({"prompt": PROMPTS * 4}),
-        atlas_config=AtlasConfig(max_model_len=512, min_confidence=0.0))
+        atlas_config=AtlasConfig(max_model_len=512, speculate_always=True))
     trainer.train()
     import wandb
 
@@ -169,7 +169,7 @@ def test_atlas_rloo_trainer(tiny_model_path, tmp_path, monkeypatch):
     trainer, changed = _train(lambda: AtlasRLOOTrainer(
         model=tiny_model_path, reward_funcs=_length_reward,
         args=_args(RLOOConfig, tmp_path), train_dataset=dataset,
-        atlas_config=AtlasConfig(max_model_len=512, min_confidence=0.0)), probe)
+        atlas_config=AtlasConfig(max_model_len=512, speculate_always=True)), probe)
     _assert_drop_in_contract(trainer, changed, probe)
 
 
@@ -184,7 +184,7 @@ def test_checkpoint_saves_and_resume_restores_the_speculator(tiny_model_path, tm
     from atlas_rl.integrations.trl import AtlasGRPOTrainer
 
     dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
-    config = AtlasConfig(max_model_len=512, min_confidence=0.0)
+    config = AtlasConfig(max_model_len=512, speculate_always=True)
     args = _args(GRPOConfig, tmp_path, save_strategy="steps", save_steps=1)
     first = AtlasGRPOTrainer(model=tiny_model_path, reward_funcs=_length_reward, args=args,
                              train_dataset=dataset, atlas_config=config)

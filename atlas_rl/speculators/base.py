@@ -17,14 +17,22 @@ class Draft:
     """Draft tokens for one request.
 
     ``confidence[i]`` is the speculator's own estimate that the policy accepts token i
-    given that tokens < i were accepted (a conditional probability). ``probs`` is set
-    when the tokens were sampled from a distribution q ([len, vocab]) that the verifier
-    should use; one-hot drafts leave it None.
+    given that tokens < i were accepted (a conditional probability). A *distribution
+    draft* sampled token i from q_i and hands q_i to the verifier (which then accepts it
+    with probability 1 - TV(p_i, q_i)); q_i is sparse: probabilities ``q[i]`` on token ids
+    ``q_ids[i]`` (both [len, m]; padding has probability 0). One-hot drafts leave both None.
+    ``source`` names the speculator that drafted it.
     """
 
     tokens: list[int] = field(default_factory=list)
     confidence: list[float] = field(default_factory=list)
-    probs: torch.Tensor | None = None
+    q_ids: torch.Tensor | None = None
+    q: torch.Tensor | None = None
+    source: str = ""
+
+    @property
+    def is_distribution(self) -> bool:
+        return self.q is not None
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -33,7 +41,8 @@ class Draft:
         if n >= len(self.tokens):
             return self
         return Draft(self.tokens[:n], self.confidence[:n],
-                     None if self.probs is None else self.probs[:n])
+                     None if self.q_ids is None else self.q_ids[:n],
+                     None if self.q is None else self.q[:n], self.source)
 
 
 EMPTY_DRAFT = Draft()
@@ -60,8 +69,10 @@ class Speculator(ABC):
     def finish(self, key: str) -> None:
         """Request ``key`` ended; forget its per-request state."""
 
-    def learn(self, sequences: Sequence[Sequence[int]]) -> dict[str, float]:
-        """Learn from finished rollouts (prompt + completion token ids). Returns stats."""
+    def learn(self, sequences: Sequence[Sequence[int]], time_budget: float | None = None
+              ) -> dict[str, float]:
+        """Learn from finished rollouts (prompt + completion token ids), within
+        `time_budget` seconds where learning takes time. Returns stats."""
         return {}
 
     def begin_batch(self) -> None:

@@ -11,6 +11,10 @@ Where several earlier occurrences continue the n-gram, the draft follows the maj
 branch, and each token's confidence is its branch's share of the occurrences that
 reached it, smoothed: count / (total + 1). A single occurrence gives 0.5; four that
 agree give 0.8.
+
+With ``sample`` set for a request, the draft is a distribution draft instead: each token
+is sampled from the empirical distribution of the continuations still in agreement, and
+that distribution goes to the verifier (1 - TV(p, q) acceptance instead of p(token)).
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ class SuffixSpeculator(Speculator):
     name = "suffix"
 
     def __init__(self, ngram_sizes: Sequence[int] = (2, 3, 4, 6), max_occurrences: int = 16,
-                 max_corpus_tokens: int = 2_000_000):
+                 max_corpus_tokens: int = 2_000_000, frozen: bool = False, seed: int = 0):
         if not ngram_sizes or min(ngram_sizes) < 1:
             raise ValueError(f"ngram_sizes must be positive integers, got {ngram_sizes!r}")
         self.ngram_sizes = tuple(sorted(set(int(n) for n in ngram_sizes)))
@@ -85,14 +89,17 @@ class SuffixSpeculator(Speculator):
         self._past = NGramIndex(self.ngram_sizes, self.max_occurrences)
         self._past_order: deque = deque()  # FIFO of corpus keys, for eviction
         self._next_past_key = 0
+        self.frozen = bool(frozen)  # atlas-static: no learning from past rollouts
+        self._generator = torch.Generator().manual_seed(seed)
 
     # --- drafting ------------------------------------------------------------------
 
-    def propose(self, keys, contexts, max_lengths) -> list[Draft]:
+    def propose(self, keys, contexts, max_lengths, sample=None) -> list[Draft]:
         drafts = []
-        for key, context, max_len in zip(keys, contexts, max_lengths):
+        for i, (key, context, max_len) in enumerate(zip(keys, contexts, max_lengths)):
             seq = self._sync_live(key, context)
-            drafts.append(self._draft(key, seq, max_len) if max_len > 0 else EMPTY_DRAFT)
+            drafts.append(self._draft(key, seq, max_len, bool(sample and sample[i]))
+                          if max_len > 0 else EMPTY_DRAFT)
         return drafts
 
     def _sync_live(self, key, context) -> list[int]:
@@ -102,7 +109,7 @@ class SuffixSpeculator(Speculator):
             self._live.extend(key, _as_list(context[have:]))
         return self._live.seqs[key]
 
-    def _draft(self, key, seq: list[int], max_len: int) -> Draft:
+    def _draft(self, key, seq: list[int], max_len: int, sample: bool = False) -> Draft:
         exclude = (key, len(seq))  # the context's own tail has no continuation yet
         for n in reversed(self._live.ngram_sizes):
             if len(seq) < n:
@@ -111,7 +118,10 @@ class SuffixSpeculator(Speculator):
             conts = self._live.continuations(gram, max_len, exclude)
             conts += self._past.continuations(gram, max_len)
             if conts:
-                return self._majority(conts[: self.max_occurrences], max_len)
+                conts = conts[: self.max_occurrences]
+                if sample:
+                    return self._sampled(conts, max_len)
+                return self._majority(conts, max_len)
         return EMPTY_DRAFT
 
     @staticmethod
@@ -126,14 +136,49 @@ class SuffixSpeculator(Speculator):
             tokens.append(tok)
             confidence.append(cnt / (len(reach) + 1))
             alive = [c for c in reach if c[i] == tok]
-        return Draft(tokens, confidence)
+        return Draft(tokens, confidence, source="suffix")
+
+    def _sampled(self, conts: list[list[int]], max_len: int) -> Draft:
+        """A distribution draft: token i is sampled from the empirical distribution of
+        the continuations that agree with the draft so far, and that distribution is q_i."""
+        tokens, confidence, ids, probs = [], [], [], []
+        alive = conts
+        for i in range(max_len):
+            reach = [c for c in alive if len(c) > i]
+            if not reach:
+                break
+            counts = Counter(c[i] for c in reach)
+            support = list(counts)
+            weights = torch.tensor([counts[t] for t in support], dtype=torch.float32)
+            weights /= weights.sum()
+            j = int(torch.multinomial(weights, 1, generator=self._generator))
+            tok = support[j]
+            tokens.append(tok)
+            confidence.append(counts[tok] / (len(reach) + 1))
+            ids.append(support)
+            probs.append(weights)
+            alive = [c for c in reach if c[i] == tok]
+        if not tokens:
+            return EMPTY_DRAFT
+        width = max(len(x) for x in ids)
+        q_ids = torch.zeros(len(ids), width, dtype=torch.long)
+        q = torch.zeros(len(ids), width)
+        for i, (support, w) in enumerate(zip(ids, probs)):
+            q_ids[i, :len(support)] = torch.tensor(support)
+            q[i, :len(support)] = w
+        return Draft(tokens, confidence, q_ids, q, source="suffix")
 
     def begin_batch(self) -> None:
         self._live = NGramIndex(self.ngram_sizes, self.max_occurrences)
 
     # --- learning ------------------------------------------------------------------
 
-    def learn(self, sequences) -> dict[str, float]:
+    def learn(self, sequences, time_budget=None) -> dict[str, float]:
+        if self.frozen:
+            return {}
+        return self._add(sequences)
+
+    def _add(self, sequences) -> dict[str, float]:
         for seq in sequences:
             key = self._next_past_key
             self._next_past_key += 1
@@ -180,4 +225,4 @@ class SuffixSpeculator(Speculator):
         for n in tensors["corpus_lengths"].tolist():
             seqs.append(flat[start:start + n])
             start += n
-        self.learn(seqs)
+        self._add(seqs)

@@ -27,7 +27,7 @@ def counting_gather(sequences):
 
 
 atlas_trl._gather_sequences = counting_gather
-atlas_trl.enable_atlas(AtlasConfig(max_model_len=512, min_confidence=0.0, cpu_kv_cache_gib=1))
+atlas_trl.enable_atlas(AtlasConfig(max_model_len=512, speculate_always=True, cpu_kv_cache_gib=1))
 prompts = ["one two three four one two three", "def add(a, b):\n    return",
            "The quick brown fox", "import os\nimport sys\nimport"]
 args = GRPOConfig(output_dir=out, use_vllm=True, vllm_mode="colocate", use_cpu=True,

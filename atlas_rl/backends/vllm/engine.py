@@ -22,7 +22,7 @@ def speculative_config(method: str, config: AtlasConfig) -> dict | None:
     k = config.max_lookahead
     if method == "none":
         return None
-    if method == "atlas":
+    if method in ("atlas", "atlas-static"):
         return {"method": "custom_class", "model": PROPOSER_CLASS, "num_speculative_tokens": k}
     if method == "vllm-ngram":
         return {"method": "ngram", "num_speculative_tokens": k,

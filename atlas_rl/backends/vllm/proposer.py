@@ -5,10 +5,13 @@ It owns no policy logic. Each decode step, inside the worker, it
 1. reads acceptance feedback: a request that had a k-token draft verified and now
    shows m sampled tokens had m - 1 of them accepted (rejection sampling keeps the
    accepted prefix and adds one token, the bonus or the correction); the controller
-   calibrates its confidence from it and the speculator may learn from it;
-2. asks the controller for the step's lookahead (live batch size) and the speculator
-   for drafts, then lets the controller cut each draft by its confidence;
-3. returns one token list per request (lengths may differ, empty = no draft).
+   calibrates the drafting arm from it and measures the step's time for its cost model;
+2. hands the policy's hidden states at the sampled positions to speculators that use
+   them (the neural drafter drafts from them and learns from them later);
+3. asks the controller for a step plan, the speculators for drafts, and the controller
+   for each request's choice and the goodput cut across the batch;
+4. returns one token list per request (lengths may differ, empty = no draft), and keeps
+   the distribution drafts' q for vLLM's rejection sampler (`take_last_draft_probs`).
 Nothing escapes into vLLM: a failing speculator means no drafts for that step,
 logged once and counted in ``speculator_errors``.
 
@@ -26,8 +29,10 @@ import logging
 import time
 import weakref
 
+import torch
+
 from atlas_rl.metrics import SpecCounters
-from atlas_rl.speculators.base import EMPTY_DRAFT
+from atlas_rl.speculators.base import EMPTY_DRAFT, Draft
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,8 @@ _PROPOSERS: "weakref.WeakSet[AtlasProposer]" = weakref.WeakSet()
 def _install_runner_hook() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from atlas_rl.compat import vllm_draft_probs
+
     original = GPUModelRunner.propose_draft_token_ids
     if getattr(original, "_atlas_hook", False):
         return
@@ -45,16 +52,21 @@ def _install_runner_hook() -> None:
 
     def propose_draft_token_ids(self, *args, **kwargs):
         drafter = getattr(self, "drafter", None)
-        if isinstance(drafter, AtlasProposer):
-            bound = signature.bind(self, *args, **kwargs).arguments
-            metadata = bound.get("spec_decode_metadata")
-            scheduler_output = bound.get("scheduler_output")
-            drafter.begin_step(
-                req_ids=list(self.input_batch.req_ids),
-                num_verified=None if metadata is None else list(metadata.num_draft_tokens),
-                finished=getattr(scheduler_output, "finished_req_ids", ()),
-            )
-        return original(self, *args, **kwargs)
+        if not isinstance(drafter, AtlasProposer):
+            return original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs).arguments
+        metadata = bound.get("spec_decode_metadata")
+        scheduler_output = bound.get("scheduler_output")
+        drafter.begin_step(
+            req_ids=list(self.input_batch.req_ids),
+            num_verified=None if metadata is None else list(metadata.num_draft_tokens),
+            finished=getattr(scheduler_output, "finished_req_ids", ()),
+            num_scheduled_tokens=getattr(scheduler_output, "total_num_scheduled_tokens", None),
+            sample_hidden_states=bound.get("sample_hidden_states"),
+        )
+        out = original(self, *args, **kwargs)
+        vllm_draft_probs.hand_over(self, drafter)
+        return out
 
     propose_draft_token_ids._atlas_hook = True
     GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
@@ -65,59 +77,97 @@ class AtlasProposer:
         spec = vllm_config.speculative_config
         self.num_speculative_tokens = int(spec.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
-        self.speculator = None
+        self.vocab_size = int(vllm_config.model_config.get_vocab_size())
+        self.speculators: dict[str, object] = {}
         self.controller = None
+        self.target_model = None
         self.counters = SpecCounters()
-        self._pending: dict[str, object] = {}  # req_id -> Draft handed to vLLM last step
+        self._pending: dict[str, Draft] = {}  # req_id -> Draft handed to vLLM last step
         self._step = None
+        self._step_end: float | None = None
+        self._draft_probs = None
         self._error_logged = False
         _install_runner_hook()
         _PROPOSERS.add(self)
 
-    def attach(self, speculator, controller) -> None:
-        """Called by the engine once vLLM built us: until then we draft nothing."""
+    @property
+    def speculator(self):
+        """The first speculator (single-speculator setups)."""
+        return next(iter(self.speculators.values()), None)
+
+    def attach(self, speculators, controller) -> None:
+        """Called by the engine once vLLM built us: until then we draft nothing.
+        `speculators`: name -> Speculator (or a single Speculator)."""
         if controller.max_lookahead > self.num_speculative_tokens:
             raise ValueError(
                 f"controller max_lookahead {controller.max_lookahead} exceeds vLLM's "
                 f"num_speculative_tokens {self.num_speculative_tokens}")
-        self.speculator = speculator
+        if not isinstance(speculators, dict):
+            speculators = {speculators.name: speculators}
+        self.speculators = dict(speculators)
         self.controller = controller
+        for spec in self.speculators.values():
+            if getattr(spec, "uses_hidden_states", False) and self.target_model is not None:
+                spec.attach_target(*target_embeddings(self.target_model))
 
     def load_model(self, target_model) -> None:
-        """vLLM hands us the target model; model-free speculators need no weights."""
+        """vLLM hands us the target model: the neural drafter shares its embedding and
+        LM head (references, so weight syncs reach it)."""
+        self.target_model = target_model
 
-    def begin_step(self, req_ids, num_verified, finished) -> None:
-        self._step = (req_ids, num_verified)
+    def begin_batch(self) -> None:
+        self._step_end = None
+
+    def begin_step(self, req_ids, num_verified, finished, num_scheduled_tokens=None,
+                   sample_hidden_states=None) -> None:
+        now = time.perf_counter()
+        self._step = (req_ids, num_verified, sample_hidden_states)
+        if self.controller is not None and self._step_end is not None and num_scheduled_tokens:
+            drafted = sum(num_verified) if num_verified is not None else 0
+            # Only pure decode steps (no prompt chunk in them) say what decoding costs.
+            if num_scheduled_tokens == len(req_ids) + drafted:
+                self.controller.observe_step(len(req_ids), drafted, now - self._step_end)
         for rid in finished or ():
             self._pending.pop(rid, None)
-            if self.speculator is not None:
+            for spec in self.speculators.values():
                 try:
-                    self.speculator.finish(rid)
+                    spec.finish(rid)
                 except Exception as e:  # noqa: BLE001 (never into vLLM)
-                    self._speculator_failed(e)
+                    self._speculator_failed(spec, e)
+
+    def take_last_draft_probs(self):
+        """[num_reqs, k, vocab] draft distributions of the last proposal, or None when
+        every draft was one-hot (vLLM's runner reads this right after `propose`)."""
+        probs, self._draft_probs = self._draft_probs, None
+        return probs
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
                 slot_mappings=None, **_ignored) -> list[list[int]]:
         num_reqs = len(sampled_token_ids)
         empty = [[] for _ in range(num_reqs)]
         step, self._step = self._step, None
-        if self.speculator is None or step is None or len(step[0]) != num_reqs:
-            return empty
+        self._draft_probs = None
         start = time.perf_counter()
         try:
+            if not self.speculators or step is None or len(step[0]) != num_reqs:
+                return empty
             return self._propose(step, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
         except Exception as e:  # noqa: BLE001 (a failing speculator must not kill a rollout)
-            self._speculator_failed(e)
+            self._speculator_failed(None, e)
             self._pending.clear()
+            self._draft_probs = None
             return empty
         finally:
-            self.counters.propose_seconds += time.perf_counter() - start
+            end = time.perf_counter()
+            self.counters.propose_seconds += end - start
+            self._step_end = end
 
     def _propose(self, step, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
-        req_ids, num_verified = step
-        counters, speculator = self.counters, self.speculator
-        rows, keys, contexts, max_lens = [], [], [], []
-        step_k = self.controller.step_lookahead(len(req_ids))
+        req_ids, num_verified, hidden = step
+        counters, controller = self.counters, self.controller
+        rows, keys, contexts = [], [], []
+        capture = [s for s in self.speculators.values() if getattr(s, "uses_hidden_states", False)]
+        offsets = self._hidden_offsets(num_verified, len(req_ids), hidden) if capture else None
         for row, rid in enumerate(req_ids):
             sampled = sampled_token_ids[row]
             draft = self._pending.pop(rid, EMPTY_DRAFT)
@@ -126,34 +176,100 @@ class AtlasProposer:
             verified = len(draft) if num_verified is None else min(num_verified[row], len(draft))
             if verified:
                 accepted = min(len(sampled) - 1, verified)
-                counters.record_verified(verified, accepted)
+                counters.record_verified(verified, accepted, draft.source, draft.is_distribution)
                 verified_draft = draft.truncate(verified)
-                self.controller.observe(verified_draft, accepted)
-                speculator.feedback(rid, verified_draft, accepted)
+                controller.observe(verified_draft, accepted)
+                spec = self.speculators.get(draft.source)
+                if spec is not None:
+                    spec.feedback(rid, verified_draft, accepted)
             n = int(num_tokens_no_spec[row])
+            if offsets is not None:
+                m = len(sampled)
+                rows_h = hidden[offsets[row]:offsets[row] + m]
+                for spec in capture:
+                    spec.observe(rid, rows_h, sampled, n - m - 1)
             rows.append(row)
             keys.append(rid)
             contexts.append(token_ids_cpu[row, :n])
-            # Never draft past the model length: the verifier needs room for k + 1.
-            max_lens.append(max(0, min(step_k, self.max_model_len - n - 1)))
 
         out = [[] for _ in req_ids]
+        plan = controller.begin_step(len(keys))
+        if plan.lookahead == 0 or not keys:
+            for _ in keys:
+                counters.request_steps += 1
+                counters.record_lookahead(0)
+            return out
+        # Never draft past the model length: the verifier needs room for k + 1.
+        max_lens = [max(0, min(plan.lookahead, self.max_model_len - len(c) - 1)) for c in contexts]
         start = time.perf_counter()
-        drafts = speculator.propose(keys, contexts, max_lens)
-        drafts = [self.controller.trim(d).truncate(self.num_speculative_tokens) for d in drafts]
+        candidates = [[] for _ in keys]
+        for name in plan.arms:
+            spec = self.speculators[name]
+            t0 = time.perf_counter()
+            try:
+                drafts = spec.propose(keys, contexts, max_lens, sample=plan.sample[name])
+            except Exception as e:  # noqa: BLE001 (one speculator failing leaves the others)
+                self._speculator_failed(spec, e)
+                continue
+            controller.observe_draft_time(name, time.perf_counter() - t0)
+            for cands, d in zip(candidates, drafts):
+                if d.tokens:
+                    d.source = d.source or name
+                    cands.append(d)
+        drafts = controller.choose(candidates, len(keys))
+        drafts = [d.truncate(min(self.num_speculative_tokens, m)) for d, m in zip(drafts, max_lens)]
         counters.draft_seconds += time.perf_counter() - start
+        distribution = any(d.is_distribution for d in drafts)
+        probs = None
+        if distribution:
+            probs = torch.zeros(len(req_ids), self.num_speculative_tokens, self.vocab_size)
         for row, rid, draft in zip(rows, keys, drafts):
             counters.request_steps += 1
             counters.record_lookahead(len(draft))
-            if draft.tokens:
-                self._pending[rid] = draft
-                out[row] = list(draft.tokens)
+            if not draft.tokens:
+                continue
+            self._pending[rid] = draft
+            out[row] = list(draft.tokens)
+            if probs is not None:
+                n = len(draft)
+                if draft.is_distribution:
+                    probs[row, :n].scatter_add_(1, draft.q_ids[:n].long(), draft.q[:n].float())
+                else:  # one-hot q: the verifier then accepts token x with p(x), as without q
+                    probs[row, torch.arange(n), torch.tensor(draft.tokens)] = 1.0
+        self._draft_probs = probs
         return out
 
-    def _speculator_failed(self, error: Exception) -> None:
+    @staticmethod
+    def _hidden_offsets(num_verified, num_reqs, hidden):
+        """Row of each request's first sampled position in `sample_hidden_states`
+        (vLLM samples at k + 1 positions of a request with a k-token draft)."""
+        if hidden is None:
+            return None
+        sizes = [1] * num_reqs if num_verified is None else [k + 1 for k in num_verified]
+        if sum(sizes) != hidden.shape[0]:
+            return None  # a layout we do not know: draft from tokens only
+        offsets, total = [], 0
+        for s in sizes:
+            offsets.append(total)
+            total += s
+        return offsets
+
+    def _speculator_failed(self, spec, error: Exception) -> None:
         self.counters.speculator_errors += 1
         if not self._error_logged:
             self._error_logged = True
-            logger.warning("atlas-rl: speculator %s failed (%s: %s); drafting nothing for "
-                           "this step. Later failures are counted, not logged.",
-                           getattr(self.speculator, "name", "?"), type(error).__name__, error)
+            logger.warning("atlas-rl: speculator %s failed (%s: %s); drafting nothing from it "
+                           "for this step. Later failures are counted, not logged.",
+                           getattr(spec, "name", "?"), type(error).__name__, error)
+
+
+def target_embeddings(model):
+    """(token embedding [V, d], LM head [V, d]) of a vLLM causal LM."""
+    embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embed, "weight", None)
+    if weight is None:
+        weight = model.model.embed_tokens.weight
+    head = getattr(getattr(model, "lm_head", None), "weight", None)
+    if head is None or head.dim() != 2 or head.shape != weight.shape:
+        head = weight  # tied
+    return weight, head

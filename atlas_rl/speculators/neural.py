@@ -1,0 +1,375 @@
+"""A small neural drafter that reads the policy's own last hidden state.
+
+Architecture (one residual MLP block, in the spirit of EAGLE's feature-level drafting,
+sized for a CPU): the policy's final (normed) hidden state h_t at the position that
+produced token x_{t+1}, and the policy's embedding of x_{t+1}, predict the next hidden
+state; the policy's own LM head, restricted to a draft vocabulary of the most frequent
+tokens, turns it into a distribution q over x_{t+2}:
+
+    z = h_t + W_out silu(W_in [h_t ; E x_{t+1}])        y = rmsnorm(z) * g
+    q = softmax(y W_S^T)                                 (W_S: LM head rows of the draft vocab)
+
+Further draft positions feed (y, drafted token) back in. The embedding E and head W are
+the target's tensors (handed over by vLLM's ``load_model``; updated in place by weight
+syncs), so the drafter owns only W_in, W_out and g: ~1M parameters for a 576-wide model.
+Per draft token and request it costs ~3.4M multiply-adds (mostly the 4,096-row head),
+against ~135M for a SmolLM2-135M forward.
+
+Training is distillation from the policy's own distribution: every target hidden state
+h_{t+1} gives p = softmax(h_{t+1} W^T), so the loss is the cross-entropy of q against p
+restricted to the draft vocabulary (the best q with that support). The inputs come for
+free during generation: vLLM hands the proposer the hidden states at the positions it
+sampled from, and we keep them per request (``observe``). Offline, ``train_static``
+computes them with transformers (`atlas-rl train-speculator`).
+
+Drafting from a distribution: with ``sample=True`` a draft token is sampled from q and q
+goes to the verifier (accepted with probability 1 - TV(p, q)); otherwise the draft is
+q's argmax, one-hot (accepted with probability p(x)).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections import deque
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, Speculator
+
+
+#: Static drafters shipped with atlas-rl, by model short name (`atlas-rl models`).
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "speculators"
+
+
+def static_speculator_dir(setting: str | None, model_path: str) -> Path | None:
+    """Where the static drafter for `model_path` lives, per AtlasConfig.static_speculator
+    ('auto': the bundled one for the model, if any; 'none'/None: no static drafter)."""
+    if setting is None or str(setting).lower() in ("", "none"):
+        return None
+    if setting == "auto":
+        d = BUNDLED_DIR / Path(str(model_path)).name
+        return d if (d / "neural.json").is_file() else None
+    d = Path(setting).expanduser()
+    if not (d / "neural.json").is_file():
+        raise FileNotFoundError(
+            f"static_speculator {setting!r} has no neural.json: pass the --out directory of "
+            f"`atlas-rl train-speculator`, 'auto' (the bundled drafter) or 'none'")
+    return d
+
+
+class DrafterNet(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.eps = eps
+        self.w_in = nn.Linear(2 * hidden_size, hidden_size)
+        self.w_out = nn.Linear(hidden_size, hidden_size)
+        self.norm = nn.Parameter(torch.ones(hidden_size))
+        nn.init.zeros_(self.w_out.weight)  # starts as "the next hidden state is this one"
+        nn.init.zeros_(self.w_out.bias)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        z = h + self.w_out(F.silu(self.w_in(torch.cat([h, e], dim=-1))))
+        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps)
+        return z * self.norm
+
+
+class NeuralSpeculator(Speculator):
+    """Drafts with `DrafterNet`; learns online from the hidden states the policy computed
+    while generating (unless ``frozen``)."""
+
+    name = "neural"
+    uses_hidden_states = True
+
+    def __init__(self, draft_vocab_size: int = 4096, lr: float = 1e-3,
+                 train_budget_fraction: float = 0.1, max_buffer_rows: int = 16384,
+                 batch_rows: int = 256, max_epochs: int = 2, frozen: bool = False,
+                 seed: int = 0):
+        if draft_vocab_size < 2:
+            raise ValueError(f"draft_vocab_size must be >= 2, got {draft_vocab_size}")
+        if not 0.0 <= train_budget_fraction <= 1.0:
+            raise ValueError("train_budget_fraction must be in [0, 1] (share of the rollout "
+                             f"time spent training), got {train_budget_fraction}")
+        self.draft_vocab_size = int(draft_vocab_size)
+        self.lr = float(lr)
+        self.train_budget_fraction = float(train_budget_fraction)
+        self.max_buffer_rows = int(max_buffer_rows)
+        self.batch_rows = int(batch_rows)
+        self.max_epochs = int(max_epochs)
+        self.frozen = bool(frozen)
+        self.net: DrafterNet | None = None
+        self.vocab: torch.Tensor | None = None  # draft vocabulary (token ids), sorted
+        self.version = 0  # bumped whenever new weights are published
+        self.rollbacks = 0
+        self._embed = self._head = self._head_sub = None
+        self._head_version = -1
+        self._optimizer_state = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self._last: dict[object, tuple[torch.Tensor, int]] = {}  # key -> (h, last token)
+        self._streams: dict[object, list] = {}  # key -> [next_pos, [h rows], [tokens]]
+        self._done: list = []  # finished streams waiting for learn()
+        self._buffer: deque = deque()  # (inputs h, tokens, target h) chunks, FIFO
+        self._buffer_rows = 0
+        self._loss_ema: float | None = None
+        self.weights_version = 0  # bumped by the engine after a policy weight sync
+
+    # --- the target's tensors ---------------------------------------------------------
+
+    def attach_target(self, embed: torch.Tensor, head: torch.Tensor) -> None:
+        """Share the policy's token embedding [V, d] and LM head [V, d] (references: a
+        weight sync that updates them in place is seen here)."""
+        if embed.shape[-1] != head.shape[-1]:
+            raise ValueError(f"embedding width {embed.shape[-1]} != head width {head.shape[-1]}")
+        self._embed, self._head = embed, head
+        d = int(embed.shape[-1])
+        if self.net is None:
+            self.net = DrafterNet(d)
+        elif self.net.hidden_size != d:
+            raise ValueError(
+                f"the drafter was trained for hidden size {self.net.hidden_size}, but the "
+                f"policy's is {d}: train one for this model with `atlas-rl train-speculator`")
+        if self.vocab is None:
+            self.vocab = torch.arange(min(self.draft_vocab_size, int(head.shape[0])))
+        if int(self.vocab.max()) >= int(head.shape[0]):
+            raise ValueError(f"the drafter's vocabulary has token ids up to "
+                             f"{int(self.vocab.max())}, beyond the policy's {int(head.shape[0])}")
+        self._head_version = -1
+
+    @property
+    def ready(self) -> bool:
+        return self._embed is not None and self.net is not None
+
+    def _sub_head(self) -> torch.Tensor:
+        if self._head_version != self.weights_version or self._head_sub is None:
+            self._head_sub = self._head.detach().index_select(0, self.vocab).float()
+            self._head_version = self.weights_version
+        return self._head_sub
+
+    def set_vocab_from_counts(self, counts: torch.Tensor) -> None:
+        """Draft vocabulary = the `draft_vocab_size` most frequent tokens of `counts` [V]."""
+        k = min(self.draft_vocab_size, counts.numel())
+        self.vocab = torch.sort(torch.topk(counts.float(), k).indices).values
+        self._head_version = -1
+
+    # --- hidden states seen during generation -------------------------------------------
+
+    def observe(self, key, hidden: torch.Tensor, tokens: Sequence[int], first_pos: int) -> None:
+        """The policy computed ``hidden[i]`` at position ``first_pos + i`` and sampled
+        ``tokens[i]`` (the token at position ``first_pos + i + 1``) from it."""
+        if not len(tokens):
+            return
+        hidden = hidden.detach().to(torch.float32, copy=True)  # vLLM reuses its buffers
+        self._last[key] = (hidden[-1], int(tokens[-1]))
+        if self.frozen:
+            return
+        stream = self._streams.get(key)
+        if stream is None or stream[0] != first_pos:  # a gap (preemption): new segment
+            if stream is not None:
+                self._done.append(stream)
+            stream = self._streams[key] = [first_pos, [], []]
+        stream[1].append(hidden.cpu())
+        stream[2].extend(int(t) for t in tokens)
+        stream[0] = first_pos + len(tokens)
+
+    def finish(self, key) -> None:
+        self._last.pop(key, None)
+        stream = self._streams.pop(key, None)
+        if stream is not None:
+            self._done.append(stream)
+
+    def begin_batch(self) -> None:
+        self._last.clear()
+
+    # --- drafting ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def propose(self, keys, contexts, max_lengths, sample: Sequence[bool] | None = None) -> list[Draft]:
+        drafts = [EMPTY_DRAFT] * len(keys)
+        if not self.ready:
+            return drafts
+        rows = [i for i, (k, n) in enumerate(zip(keys, max_lengths)) if n > 0 and k in self._last]
+        if not rows:
+            return drafts
+        head = self._sub_head()
+        vocab = self.vocab
+        h = torch.stack([self._last[keys[i]][0] for i in rows])
+        tok = torch.tensor([self._last[keys[i]][1] for i in rows])
+        lens = torch.tensor([max_lengths[i] for i in rows])
+        do_sample = torch.tensor([bool(sample[i]) if sample is not None else False for i in rows])
+        steps = int(lens.max())
+        toks, confs, qs = [], [], []
+        for _ in range(steps):
+            y = self.net(h, self._embed.index_select(0, tok).float())
+            q = torch.softmax(y @ head.T, dim=-1)
+            sampled = torch.multinomial(q, 1, generator=self._generator).squeeze(1)
+            idx = torch.where(do_sample, sampled, q.argmax(-1))
+            toks.append(idx)
+            confs.append(q.gather(1, idx[:, None]).squeeze(1))
+            qs.append(q)
+            h, tok = y, vocab[idx]
+        toks = vocab[torch.stack(toks, 1)].tolist()
+        confs = torch.stack(confs, 1).tolist()
+        qs = torch.stack(qs, 1)  # [rows, steps, |S|]
+        for j, i in enumerate(rows):
+            n = int(lens[j])
+            drafts[i] = Draft(toks[j][:n], confs[j][:n],
+                              q_ids=vocab.expand(n, -1) if do_sample[j] else None,
+                              q=qs[j, :n] if do_sample[j] else None)
+        return drafts
+
+    # --- learning ---------------------------------------------------------------------
+
+    def _triples(self, streams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        xs, ts, ys = [], [], []
+        for _, hs, toks in streams:
+            if len(toks) < 2:
+                continue
+            h = torch.cat(hs)
+            xs.append(h[:-1])
+            ts.append(torch.tensor(toks[:-1]))
+            ys.append(h[1:])
+        if not xs:
+            return None
+        return torch.cat(xs), torch.cat(ts), torch.cat(ys)
+
+    def add_examples(self, h: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor) -> None:
+        """Training rows: (hidden at t, token t+1) -> hidden at t+1. Bounded FIFO."""
+        self._buffer.append((h.float(), tokens.long(), target.float()))
+        self._buffer_rows += len(tokens)
+        while self._buffer_rows > self.max_buffer_rows and len(self._buffer) > 1:
+            self._buffer_rows -= len(self._buffer.popleft()[1])
+
+    def collect(self) -> int:
+        """Move the hidden states captured since the last call into the training buffer;
+        returns the number of new training rows."""
+        streams = self._done + list(self._streams.values())
+        self._done = []
+        self._streams = {}
+        got = self._triples(streams)
+        if got is None:
+            return 0
+        self.add_examples(*got)
+        return len(got[1])
+
+    def learn(self, sequences=(), time_budget: float | None = None) -> dict[str, float]:
+        """Train on the hidden states captured since the last call (the batch's rollouts;
+        `sequences` themselves are not needed), for at most `time_budget` seconds."""
+        if self.frozen or not self.ready:
+            self._done, self._streams = [], {}
+            return {}
+        self.collect()
+        if not self._buffer:
+            return {}
+        return self.train(time_budget=time_budget, max_epochs=self.max_epochs)
+
+    def _loss(self, net, h, tok, target, head):
+        y = net(h, self._embed.detach().index_select(0, tok).float().clone())
+        with torch.no_grad():
+            p = torch.softmax(target @ head.T, dim=-1)
+        return -(p * torch.log_softmax(y @ head.T, dim=-1)).sum(-1).mean()
+
+    @torch.no_grad()
+    def evaluate(self, h: torch.Tensor, tok: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """First-position acceptance on held-out rows, against the policy's full-vocabulary
+        p: a distribution draft is accepted with sum_v min(p_v, q_v), a one-hot draft of
+        q's argmax with p(argmax)."""
+        head_full = self._head.detach().float()
+        p = torch.softmax(target.float() @ head_full.T, dim=-1)
+        y = self.net(h.float(), self._embed.detach().index_select(0, tok).float())
+        q_sub = torch.softmax(y @ self._sub_head().T, dim=-1)
+        q = torch.zeros_like(p).index_copy_(1, self.vocab, q_sub)
+        return {"accept_distribution": float(torch.minimum(p, q).sum(-1).mean()),
+                "accept_one_hot": float(p.gather(1, self.vocab[q_sub.argmax(-1)][:, None]).mean()),
+                "accept_ceiling_one_hot": float(p.max(-1).values.mean()),
+                "vocab_coverage": float(p.index_select(1, self.vocab).sum(-1).mean())}
+
+    def train(self, time_budget: float | None = None, max_epochs: int = 1,
+              progress=None) -> dict[str, float]:
+        """Distil on the buffer: newest rows first, up to `max_epochs` passes or the time
+        budget. A loss that turns NaN or explodes rolls the drafter back to its last
+        published weights (counted in `rollbacks`)."""
+        start = time.perf_counter()
+        # Clones: tensors made under vLLM's inference mode cannot enter autograd.
+        head = self._sub_head().clone()
+        h = torch.cat([b[0] for b in self._buffer]).clone()
+        tok = torch.cat([b[1] for b in self._buffer]).clone()
+        target = torch.cat([b[2] for b in self._buffer]).clone()
+        net = copy.deepcopy(self.net)
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=0.0)
+        if self._optimizer_state is not None:
+            opt.load_state_dict(self._optimizer_state)
+        losses, diverged, rows_seen = [], False, 0
+        n = len(tok)
+        for epoch in range(max_epochs):
+            order = torch.randperm(n, generator=self._generator)
+            for s in range(0, n, self.batch_rows):
+                if time_budget is not None and time.perf_counter() - start > time_budget:
+                    break
+                idx = order[s:s + self.batch_rows]
+                loss = self._loss(net, h[idx], tok[idx], target[idx], head)
+                value = float(loss.detach())
+                limit = 4 * self._loss_ema + 1.0 if self._loss_ema is not None else math.inf
+                if not math.isfinite(value) or value > limit:
+                    diverged = True
+                    break
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+                opt.step()
+                losses.append(value)
+                rows_seen += len(idx)
+                if progress is not None:
+                    progress(epoch, s, n, value)
+            else:
+                continue
+            break
+        stats = {"drafter_train_seconds": time.perf_counter() - start,
+                 "drafter_rows": float(rows_seen), "drafter_buffer_rows": float(n)}
+        if diverged:
+            self.rollbacks += 1  # keep self.net (the last good weights) and the old optimizer
+            stats["drafter_rollback"] = 1.0
+            stats["drafter_rollbacks"] = float(self.rollbacks)
+            return stats
+        if losses:
+            mean = sum(losses) / len(losses)
+            self._loss_ema = mean if self._loss_ema is None else 0.7 * self._loss_ema + 0.3 * mean
+            stats["drafter_loss"] = mean
+            self.net.load_state_dict(net.state_dict())  # publish
+            self._optimizer_state = opt.state_dict()
+            self.version += 1
+        stats["drafter_version"] = float(self.version)
+        return stats
+
+    # --- state ------------------------------------------------------------------------
+
+    def state(self):
+        if self.net is None:
+            return {}, {"empty": True}
+        tensors = {f"net.{k}": v.detach().clone() for k, v in self.net.state_dict().items()}
+        tensors["vocab"] = self.vocab.clone()
+        meta = {"hidden_size": self.net.hidden_size, "draft_vocab_size": self.draft_vocab_size,
+                "lr": self.lr, "version": self.version, "rollbacks": self.rollbacks,
+                "loss_ema": self._loss_ema}
+        return tensors, meta
+
+    def load_state(self, tensors, meta) -> None:
+        if meta.get("empty"):
+            return
+        net = DrafterNet(int(meta["hidden_size"]))
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.net = net
+        self.vocab = tensors["vocab"].long()
+        self.draft_vocab_size = int(meta.get("draft_vocab_size", len(self.vocab)))
+        self.version = int(meta.get("version", 0))
+        self.rollbacks = int(meta.get("rollbacks", 0))
+        self._loss_ema = meta.get("loss_ema")
+        self._optimizer_state = None
+        self._head_version = -1
+        if self._embed is not None:
+            self.attach_target(self._embed, self._head)

@@ -1,0 +1,124 @@
+"""The ATLAS core end to end on a tiny random Llama (real vLLM; random weights say
+nothing about speed or acceptance): offline static training through the CLI, static vs
+adaptive, the adaptive drafter publishing to the running proposer, the suffix index's
+memory bound over a long soak."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+PROMPTS = [
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n",
+    "one two three four one two three four one two",
+    "The quick brown fox jumps over the lazy dog. The quick",
+]
+
+
+@pytest.fixture(scope="module")
+def static_dir(tiny_model_path, tmp_path_factory):
+    from atlas_rl.cli import main
+
+    out = tmp_path_factory.mktemp("static")
+    prompts = out / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 3))
+    rc = main(["train-speculator", "--model", tiny_model_path, "--prompts", str(prompts),
+               "--out", str(out / "drafter"), "--num-prompts", "6", "--max-tokens", "24",
+               "--epochs", "2", "--draft-vocab-size", "512", "--dtype", "float32"])
+    assert rc == 0
+    return out / "drafter"
+
+
+def _net_state(engine):
+    return {k: v.clone() for k, v in engine.speculators["neural"].net.state_dict().items()}
+
+
+def test_train_speculator_writes_a_loadable_drafter_and_a_report(static_dir):
+    assert (static_dir / "neural.safetensors").is_file()
+    report = json.loads((static_dir / "train_report.json").read_text())
+    assert report["training_rows"] > 50 and len(report["history"]) == 2
+    first, last = report["heldout_before"], report["history"][-1]
+    for key in ("accept_distribution", "accept_one_hot", "accept_ceiling_one_hot", "vocab_coverage"):
+        assert 0.0 <= last[key] <= 1.0
+    assert last["loss"] is not None and last["loss"] == last["loss"]  # finite, not NaN
+    meta = json.loads((static_dir / "neural.json").read_text())
+    assert meta["hidden_size"] == 128 and meta["draft_vocab_size"] == 512
+    assert first["accept_distribution"] >= 0.0
+
+
+def test_train_speculator_rejects_bad_arguments(tiny_model_path, tmp_path, capsys):
+    from atlas_rl.cli import main
+
+    assert main(["train-speculator", "--model", tiny_model_path, "--prompts",
+                 str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["train-speculator", "--model", tiny_model_path, "--prompts", "x.jsonl",
+                 "--out", str(tmp_path / "o"), "--epochs", "0"]) == 2
+    assert "--epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_static_is_frozen_and_adaptive_warm_starts_then_trains_and_publishes(
+        make_engine, tiny_model_path, static_dir):
+    from safetensors.torch import load_file
+
+    saved = {k[4:]: v for k, v in load_file(str(static_dir / "neural.safetensors")).items()
+             if k.startswith("net.")}
+    static = make_engine(tiny_model_path, "atlas-static", dtype="float32", speculate_always=True,
+                         static_speculator=str(static_dir))
+    adaptive = make_engine(tiny_model_path, "atlas", dtype="float32", speculate_always=True,
+                           static_speculator=str(static_dir))
+    for engine in (static, adaptive):
+        assert all(torch.equal(saved[k], v) for k, v in _net_state(engine).items())
+    for engine in (static, adaptive):
+        batch = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=24, seed=0)
+        assert batch.stats["num_draft_tokens"] > 0
+        assert batch.stats["drafts_neural"] + batch.stats["drafts_neural-dist"] > 0
+        info = engine.update(batch)
+        if engine is static:  # online training off: nothing learned
+            assert "drafter_version" not in info and "index_tokens" not in info
+            assert all(torch.equal(saved[k], v) for k, v in _net_state(engine).items())
+        else:
+            assert info["drafter_version"] == 1 and info["index_sequences"] == len(batch)
+            assert info["drafter_train_seconds"] <= info["update_budget_seconds"] + 0.5
+            assert any(not torch.equal(saved[k], v) for k, v in _net_state(engine).items())
+    # The running proposer drafts with the published weights: its next drafts equal a
+    # draft computed by hand from the new network for the same hidden state.
+    neural = adaptive.speculators["neural"]
+    batch = adaptive.generate(PROMPTS[:1], temperature=0.0, max_tokens=4)
+    assert neural.version == 1 and batch.stats["engine_steps"] > 0
+
+
+def test_atlas_static_without_a_static_drafter_uses_the_suffix_index(make_engine, tiny_model_path):
+    engine = make_engine(tiny_model_path, "atlas-static", dtype="float32", static_speculator="none")
+    assert list(engine.speculators) == ["suffix"] and engine.speculators["suffix"].frozen
+    with pytest.raises(FileNotFoundError, match="train-speculator"):
+        from atlas_rl.speculators.neural import static_speculator_dir
+
+        static_speculator_dir("/no/such/dir", tiny_model_path)
+
+
+def test_soak_index_and_buffers_stay_bounded_and_throughput_holds(make_engine, tiny_model_path):
+    """500 rollout steps with a small memory bound: the suffix index never exceeds it,
+    the drafter's buffers stay bounded, and tokens per second do not decay."""
+    bound = 3000
+    engine = make_engine(tiny_model_path, "atlas", dtype="float32", speculate_always=True,
+                         max_corpus_tokens=bound)
+    suffix, neural = engine.speculators["suffix"], engine.speculators["neural"]
+    neural.max_buffer_rows = 2000
+    tps, table_sizes = [], []
+    for step in range(500):
+        batch = engine.generate([PROMPTS[step % 3] + f" {step}"], n=2, temperature=1.0,
+                                max_tokens=12, seed=step)
+        info = engine.update(batch)
+        assert info["index_tokens"] <= bound
+        assert neural._buffer_rows <= neural.max_buffer_rows + 64
+        assert not neural._streams and not neural._done  # captured states consumed
+        tps.append(batch.stats["tokens_per_s"])
+        table_sizes.append(len(suffix._past.table))
+    assert max(table_sizes) <= bound * len(suffix.ngram_sizes)
+    assert len(suffix._past.seqs) < 500  # evicted, not kept
+    # A decay guard (not a speed claim): late throughput within 2x of early.
+    assert statistics.median(tps[-50:]) > 0.5 * statistics.median(tps[50:100])

@@ -1,0 +1,147 @@
+"""The neural drafter on a synthetic policy (no vLLM): it learns the policy's next-token
+distribution from captured hidden states, publishes new weights that drafting then
+uses, rolls back a diverging update, and saves / loads exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from atlas_rl.speculators import NeuralSpeculator
+
+V, D = 96, 32
+
+
+class SyntheticPolicy:
+    """h_{t+1} = rmsnorm(A h_t + E[x_{t+1}]), x_{t+1} ~ softmax(W h_t) (W = E, tied)."""
+
+    def __init__(self, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.embed = torch.randn(V, D, generator=g) * 0.4  # logits of std ~2: some entropy
+        self.A = torch.randn(D, D, generator=g) / D ** 0.5
+        self.g = g
+
+    @staticmethod
+    def norm(x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+
+    def rollout(self, length):
+        h = self.norm(torch.randn(D, generator=self.g))
+        hs, toks = [], []
+        for _ in range(length):
+            x = int(torch.multinomial(torch.softmax(self.embed @ h, -1), 1, generator=self.g))
+            hs.append(h)
+            toks.append(x)
+            h = self.norm(self.A @ h + self.embed[x])
+        return torch.stack(hs), toks
+
+
+def _speculator(policy, **kw):
+    spec = NeuralSpeculator(draft_vocab_size=V, lr=3e-3, **kw)
+    spec.attach_target(policy.embed, policy.embed)
+    return spec
+
+
+def _feed(spec, policy, sequences=8, length=48, prefix="r"):
+    for i in range(sequences):
+        hs, toks = policy.rollout(length)
+        # as the proposer does: a few positions per step, contiguous
+        for s in range(0, length, 3):
+            spec.observe(f"{prefix}{i}", hs[s:s + 3], toks[s:s + 3], s)
+        spec.finish(f"{prefix}{i}")
+
+
+def _heldout(policy, n=6):
+    xs, ts, ys = [], [], []
+    for _ in range(n):
+        hs, toks = policy.rollout(40)
+        xs.append(hs[:-1]); ts.append(torch.tensor(toks[:-1])); ys.append(hs[1:])
+    return torch.cat(xs), torch.cat(ts), torch.cat(ys)
+
+
+def test_drafter_learns_the_policy_distribution_and_publishes_new_weights():
+    policy = SyntheticPolicy()
+    spec = _speculator(policy)
+    held = _heldout(policy)
+    before = spec.evaluate(*held)
+    spec.begin_batch()
+    hs, toks = policy.rollout(10)
+    spec.observe("live", hs, toks, 0)
+    old_net = {k: v.clone() for k, v in spec.net.state_dict().items()}
+    (draft_before,) = spec.propose(["live"], [[0] * 11], [4])
+    versions = []
+    for _ in range(12):
+        _feed(spec, policy)
+        stats = spec.learn(time_budget=None)
+        versions.append(stats["drafter_version"])
+    after = spec.evaluate(*held)
+    # distribution drafts: 1 - TV(p, q) rises well above where it started
+    assert after["accept_distribution"] > before["accept_distribution"] + 0.15, (before, after)
+    assert versions == sorted(versions) and versions[-1] == 12
+    assert any(not torch.equal(old_net[k], v) for k, v in spec.net.state_dict().items())
+    # the proposer's next drafts come from the published weights
+    (draft_after,) = spec.propose(["live"], [[0] * 11], [4])
+    h, tok = hs[-1], toks[-1]
+    with torch.no_grad():
+        y = spec.net(h[None], policy.embed[[tok]])
+        first = int(torch.softmax(y @ policy.embed.T, -1).argmax())
+    assert draft_after.tokens[0] == first
+    assert 0 < draft_after.confidence[0] <= 1
+
+
+def test_distribution_draft_hands_over_the_q_it_sampled_from():
+    policy = SyntheticPolicy(1)
+    spec = _speculator(policy)
+    hs, toks = policy.rollout(5)
+    spec.observe("a", hs, toks, 0)
+    (d,) = spec.propose(["a"], [[0] * 6], [3], sample=[True])
+    assert d.is_distribution and len(d) == 3 and d.q.shape == (3, V)
+    assert torch.allclose(d.q.sum(-1), torch.ones(3), atol=1e-5)
+    for i, t in enumerate(d.tokens):  # confidence is q(token), the token is in the support
+        assert d.q[i, (d.q_ids[i] == t).nonzero()[0, 0]] == pytest.approx(d.confidence[i])
+
+
+def test_diverging_training_rolls_back_to_the_last_good_weights():
+    policy = SyntheticPolicy(2)
+    spec = _speculator(policy)
+    _feed(spec, policy)
+    spec.learn(time_budget=None)
+    good = {k: v.clone() for k, v in spec.net.state_dict().items()}
+    version = spec.version
+    # a poisoned batch: NaN hidden states make the loss NaN
+    hs, toks = policy.rollout(30)
+    hs[5:] = float("nan")
+    spec.observe("bad", hs, toks, 0)
+    spec.finish("bad")
+    spec._buffer.clear(); spec._buffer_rows = 0
+    stats = spec.learn(time_budget=None)
+    assert stats["drafter_rollback"] == 1.0 and spec.rollbacks == 1
+    assert spec.version == version
+    assert all(torch.equal(good[k], v) for k, v in spec.net.state_dict().items())
+
+
+def test_training_respects_its_time_budget():
+    policy = SyntheticPolicy(3)
+    spec = _speculator(policy, batch_rows=8)
+    _feed(spec, policy, sequences=40)
+    stats = spec.learn(time_budget=0.0)
+    assert stats["drafter_rows"] <= 8  # at most the one minibatch before the first check
+
+
+def test_save_load_roundtrip(tmp_path):
+    policy = SyntheticPolicy(4)
+    spec = _speculator(policy)
+    _feed(spec, policy)
+    spec.learn(time_budget=None)
+    spec.save(tmp_path)
+    other = NeuralSpeculator()
+    other.load(tmp_path)
+    other.attach_target(policy.embed, policy.embed)
+    assert torch.equal(other.vocab, spec.vocab) and other.version == spec.version
+    hs, toks = policy.rollout(6)
+    for s in (spec, other):
+        s.begin_batch()
+        s.observe("x", hs, toks, 0)
+    assert other.propose(["x"], [[0] * 7], [5])[0].tokens == spec.propose(["x"], [[0] * 7], [5])[0].tokens
+    with pytest.raises(ValueError, match="hidden size 32"):
+        other.attach_target(torch.zeros(V, 16), torch.zeros(V, 16))  # another model
