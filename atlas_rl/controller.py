@@ -218,6 +218,7 @@ class StepPlan:
     lookahead: int                    # longest draft any request may get (0: none)
     arms: list[str]                   # speculators to run this step
     sample: dict[str, list[bool]]     # per speculator: distribution draft per request
+    lookaheads: dict[str, int] = field(default_factory=dict)  # per speculator: draft steps
 
 
 class AtlasController:
@@ -289,19 +290,49 @@ class AtlasController:
             # Even a draft token that is surely accepted must pay for itself.
             if num_seqs / base * cost[1] >= 1.0 and self._rng.random() >= self.explore:
                 return none
-        arms, sample = [], {}
+        arms, sample, lookaheads = [], {}, {}
+        floor = self._position_floor(num_seqs, base, cost)
         for spec in self.speculators:
             onehot, dist = spec, f"{spec}-dist"
             usable = [a for a in (onehot, dist) if a not in self.benched]
             if not usable:
                 continue
-            arms.append(spec)
             best = max(usable, key=self._arm_value)
+            k = self._useful_positions(usable, floor)
+            if k == 0:
+                continue
+            arms.append(spec)
+            lookaheads[spec] = k
             other = [a for a in usable if a != best]
             sample[spec] = [
                 ((other[0] if other and self._rng.random() < self.explore else best) == dist)
                 for _ in range(num_seqs)]
-        return StepPlan(self.max_lookahead if arms else 0, arms, sample)
+        return StepPlan(max(lookaheads.values(), default=0), arms, sample, lookaheads)
+
+    def _position_floor(self, num_seqs, base, cost) -> float:
+        """The cumulative acceptance probability below which one more draft position
+        does not pay for its verification (the same rule as the goodput cut, at the
+        batch's no-speculation throughput)."""
+        if self.always or base is None or cost is None:
+            return 0.0
+        return num_seqs / base * cost[1]
+
+    def _useful_positions(self, arms: list[str], floor: float) -> int:
+        """How many draft steps are worth asking a speculator for: positions while the
+        arms' average cumulative acceptance stays above the floor, plus one to explore.
+        Drafting costs time per step (a neural drafter runs once per position)."""
+        if self.always:
+            return self.max_lookahead
+        best = 0
+        for arm in arms:
+            run, k = 1.0, 0
+            for pos in range(self.max_lookahead):
+                run *= self._arm_value(arm, pos)
+                if run < max(floor, 0.05):
+                    break
+                k += 1
+            best = max(best, k)
+        return min(self.max_lookahead, best + 1)
 
     def choose(self, candidates: list[list[Draft]], num_seqs: int) -> list[Draft]:
         """Per request, the best of its candidate drafts, then the goodput cut."""

@@ -31,7 +31,6 @@ def test_default_methods_are_those_that_exist():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(methods=["atlas-static"]), "not available yet"),
     (dict(methods=["medusa"]), "unknown method 'medusa'"),
     (dict(workload="drift", steps=1), "steps >= 2"),
     (dict(workload="poetry"), "unknown workload 'poetry'"),
@@ -208,9 +207,9 @@ def test_quick_run_definitions(quick_run):
             # speedup is the ratio to none in the same step
             assert row["speedup"] == pytest.approx(
                 row["tokens_per_s"] / base[row["step"]]["tokens_per_s"])
-            # every method here drafts one-hot: the oracle bounds it (within noise)
             assert row["oracle_acceptance_length"] >= 1.0
-            assert row["acceptance_length"] <= row["oracle_acceptance_length"] + 0.5, (name, row)
+            if not name.startswith("atlas"):  # one-hot drafters: the oracle bounds them
+                assert row["acceptance_length"] <= row["oracle_acceptance_length"] + 0.5, (name, row)
         e = m["exactness"]
         assert e["num_tokens"] > 0 and e["ks_pvalue"] > 1e-3 and not e["greedy_mismatch_steps"]
 
@@ -228,4 +227,4 @@ def test_cli_refuses_bad_combinations(tmp_path):
     (tmp_path / "p.jsonl").write_text('{"prompt": "x"}\n')
     assert main(["bench", "--prompts", str(tmp_path / "p.jsonl"), "--workload", "drift"]) == 2
     assert main(["bench", "--prompts", str(tmp_path / "p.jsonl"), "--workload", "code"]) == 2
-    assert main(["bench", "--methods", "atlas-static"]) == 2
+    assert main(["bench", "--methods", "atlas-turbo"]) == 2

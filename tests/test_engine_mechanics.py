@@ -156,7 +156,7 @@ def test_bad_prompts(atlas):
 def test_unknown_speculation_and_model(tiny_model_path):
     from atlas_rl import AtlasRolloutEngine
 
-    with pytest.raises(ValueError, match="unknown speculation 'eagle9'.*atlas, none"):
+    with pytest.raises(ValueError, match="unknown speculation 'eagle9'.*atlas, atlas-static, none"):
         AtlasRolloutEngine(tiny_model_path, speculation="eagle9")
     with pytest.raises(ValueError, match="unknown model 'gpt-17'.*smollm2-135m-instruct"):
         AtlasRolloutEngine("gpt-17")

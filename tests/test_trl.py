@@ -70,6 +70,8 @@ def _assert_drop_in_contract(trainer, changed, probe):
             assert key in row, (key, sorted(row))
         assert row["atlas/acceptance_length"] >= 1.0
         assert row["atlas/tokens_per_s"] > 0
+        # the adaptive drafter trained on the step's rollouts, within its budget
+        assert math.isfinite(row["atlas/drafter_loss"]) and row["atlas/drafter_rollbacks"] == 0
         # GRPO recomputes the sampled tokens' logprobs with the policy: vLLM's match, so
         # the weight sync reached every weight (the tied LM head included)
         diff = row.get("sampling/sampling_logp_difference/max")
@@ -361,11 +363,15 @@ def test_dashboard_spec_names_only_metrics_that_are_logged():
     from atlas_rl.integrations.trl import METRIC_KEYS
     from atlas_rl.integrations.wandb import PLOT_KEY, TABLE_KEY
     from atlas_rl.integrations.wandb.dashboard import main, spec
+    from atlas_rl.metrics import ARMS
 
     logged = {f"atlas/{k}" for k in METRIC_KEYS} | {
         "atlas/update_seconds", "atlas/speedup_estimate", "atlas/drafted_fraction",
         TABLE_KEY, PLOT_KEY, "reward", "sampling/sampling_logp_difference/max"} | {
-        f"atlas/acceptance_rate_pos_{i}" for i in range(8)}
+        f"atlas/acceptance_rate_pos_{i}" for i in range(8)} | {
+        f"atlas/drafts_{arm}" for arm in ARMS} | {
+        "atlas/drafter_loss", "atlas/drafter_train_seconds", "atlas/update_budget_seconds",
+        "atlas/drafter_rollbacks"}
     keys = {k for panels in spec().values() for p in panels for k in p["keys"]}
     assert keys <= logged, keys - logged
     assert main(["--print"]) == 0

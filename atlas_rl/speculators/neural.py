@@ -161,10 +161,12 @@ class NeuralSpeculator(Speculator):
 
     def observe(self, key, hidden: torch.Tensor, tokens: Sequence[int], first_pos: int) -> None:
         """The policy computed ``hidden[i]`` at position ``first_pos + i`` and sampled
-        ``tokens[i]`` (the token at position ``first_pos + i + 1``) from it."""
+        ``tokens[i]`` (the token at position ``first_pos + i + 1``) from it. The rows
+        are kept as given: callers pass memory they own (vLLM reuses its buffers, so the
+        proposer copies each step's block once)."""
         if not len(tokens):
             return
-        hidden = hidden.detach().to(torch.float32, copy=True)  # vLLM reuses its buffers
+        hidden = hidden.detach().float()
         self._last[key] = (hidden[-1], int(tokens[-1]))
         if self.frozen:
             return
@@ -173,7 +175,7 @@ class NeuralSpeculator(Speculator):
             if stream is not None:
                 self._done.append(stream)
             stream = self._streams[key] = [first_pos, [], []]
-        stream[1].append(hidden.cpu())
+        stream[1].append(hidden)
         stream[2].extend(int(t) for t in tokens)
         stream[0] = first_pos + len(tokens)
 

@@ -179,6 +179,43 @@ def _gather_sequences(sequences: list[list[int]]) -> list[list[int]]:
     return [s for part in gathered for s in part]
 
 
+def _learn_all_ranks(engine, sequences: list[list[int]]) -> dict:
+    """`engine.learn` on every rank's rollouts. With several ranks, every rank's suffix
+    index learns the same sequences; the neural drafter's captured hidden states are
+    gathered too, rank 0 trains (within its time budget) and its published weights are
+    broadcast, so that the drafters of all ranks stay identical."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return engine.learn(sequences)
+    sequences = _gather_sequences(sequences)
+    neural = engine.speculators.get("neural")
+    if neural is None or neural.frozen:
+        return engine.learn(sequences)
+    mine = None
+    if neural.collect():
+        mine = neural._buffer.pop()
+        neural._buffer_rows -= len(mine[1])
+    chunks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(chunks, mine)
+    for chunk in chunks:
+        if chunk is not None:
+            neural.add_examples(*chunk)
+    rank = dist.get_rank()
+    neural.frozen = rank != 0  # only rank 0 trains
+    try:
+        update = engine.learn(sequences)
+    finally:
+        neural.frozen = False
+    state = [({k: v.detach().cpu() for k, v in neural.net.state_dict().items()},
+              neural.version, neural.rollbacks, neural._loss_ema) if rank == 0 else None]
+    dist.broadcast_object_list(state, src=0)
+    weights, neural.version, neural.rollbacks, neural._loss_ema = state[0]
+    if rank != 0:
+        neural.net.load_state_dict(weights)
+    return update
+
+
 def _wrap_generate_single_turn(original):
     @functools.wraps(original)
     def _generate_single_turn(self, *args, **kwargs):
@@ -193,7 +230,7 @@ def _wrap_generate_single_turn(original):
 
         stats, sequences = pending
         with profiling_context(self, "atlas.update"):
-            update = engine.learn(_gather_sequences(sequences))
+            update = _learn_all_ranks(engine, sequences)
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         for key in METRIC_KEYS:
@@ -203,6 +240,14 @@ def _wrap_generate_single_turn(original):
             if key.startswith("acceptance_rate_pos_"):
                 metrics[f"atlas/{key}"].append(float(value))
         metrics["atlas/update_seconds"].append(float(update.get("update_seconds", 0.0)))
+        for key in ("drafter_loss", "drafter_train_seconds", "update_budget_seconds"):
+            if key in update:
+                metrics[f"atlas/{key}"].append(float(update[key]))
+        metrics["atlas/drafter_rollbacks"].append(float(engine.speculators["neural"].rollbacks)
+                                                  if "neural" in engine.speculators else 0.0)
+        for key, value in stats.items():  # which arm drafted, and how well
+            if key.startswith("drafts_") or key.startswith("acceptance_length_"):
+                metrics[f"atlas/{key}"].append(float(value))
         steps = stats.get("request_steps")
         if steps:
             # Without a baseline run: the factor by which speculation cut the target's

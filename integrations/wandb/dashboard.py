@@ -23,6 +23,15 @@ PANELS = {
         ("Acceptance rate by draft position", "line",
          [f"atlas/acceptance_rate_pos_{i}" for i in range(8)]),
         ("Lookahead and drafted fraction", "line", ["atlas/lookahead", "atlas/drafted_fraction"]),
+        ("Drafts by arm (speculator, draft kind)", "line",
+         ["atlas/drafts_suffix", "atlas/drafts_suffix-dist", "atlas/drafts_neural",
+          "atlas/drafts_neural-dist"]),
+    ],
+    "Adaptive drafter": [
+        ("Drafter distillation loss", "line", ["atlas/drafter_loss"]),
+        ("Drafter training vs its budget (s)", "line",
+         ["atlas/drafter_train_seconds", "atlas/update_budget_seconds"]),
+        ("Rollbacks of a diverging drafter", "line", ["atlas/drafter_rollbacks"]),
     ],
     "Rollout cost": [
         ("Rollout tokens/s", "line", ["atlas/tokens_per_s"]),

@@ -66,6 +66,7 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, **engine_kwargs
 
     vllm_cpu.fix_repeated_registration()
     vllm_cpu.fix_recovered_noise_without_drafts()
+    vllm_cpu.fix_plain_sampling_without_drafts()
     vllm_cpu.fix_seeded_chunked_prefill()
     on_cpu = current_platform.is_cpu()
     kwargs = dict(

@@ -168,6 +168,8 @@ class AtlasProposer:
         rows, keys, contexts = [], [], []
         capture = [s for s in self.speculators.values() if getattr(s, "uses_hidden_states", False)]
         offsets = self._hidden_offsets(num_verified, len(req_ids), hidden) if capture else None
+        if offsets is not None:  # one copy per step: vLLM reuses the buffer
+            hidden = hidden.detach().to("cpu", torch.float32, copy=True)
         for row, rid in enumerate(req_ids):
             sampled = sampled_token_ids[row]
             draft = self._pending.pop(rid, EMPTY_DRAFT)
@@ -205,9 +207,11 @@ class AtlasProposer:
         candidates = [[] for _ in keys]
         for name in plan.arms:
             spec = self.speculators[name]
+            k = plan.lookaheads.get(name, plan.lookahead)
             t0 = time.perf_counter()
             try:
-                drafts = spec.propose(keys, contexts, max_lens, sample=plan.sample[name])
+                drafts = spec.propose(keys, contexts, [min(m, k) for m in max_lens],
+                                      sample=plan.sample[name])
             except Exception as e:  # noqa: BLE001 (one speculator failing leaves the others)
                 self._speculator_failed(spec, e)
                 continue
@@ -222,7 +226,8 @@ class AtlasProposer:
         distribution = any(d.is_distribution for d in drafts)
         probs = None
         if distribution:
-            probs = torch.zeros(len(req_ids), self.num_speculative_tokens, self.vocab_size)
+            longest = max(len(d) for d in drafts)
+            probs = torch.zeros(len(req_ids), longest, self.vocab_size)
         for row, rid, draft in zip(rows, keys, drafts):
             counters.request_steps += 1
             counters.record_lookahead(len(draft))

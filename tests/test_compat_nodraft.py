@@ -1,0 +1,83 @@
+"""compat fix 6: a step in which no request has a draft is sampled the way an engine
+without speculation samples it (vLLM's plain sampler, not the rejection sampler).
+
+An atlas engine whose controller drafts nothing must then give exactly what a
+speculation='none' engine gives: the same tokens and bit-identical logprobs (through the
+rejection sampler they came out up to ~1e-6 off: a second log_softmax). Timings are not
+asserted here (see the module docstring of atlas_rl.compat.vllm_cpu)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+PROMPTS = [
+    "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n",
+    "one two three four one two three four one two three",
+    "The quick brown fox jumps over the lazy dog. The quick brown fox",
+    "import os\nimport sys\nimport json\n",
+]
+
+
+@pytest.fixture(scope="module")
+def silent(make_engine, tiny_model_path):
+    """An atlas engine that never drafts: its hard cap allows no batch at all."""
+    return make_engine(tiny_model_path, "atlas", dtype="float32", max_speculation_batch_size=0)
+
+
+@pytest.fixture(scope="module")
+def baseline(make_engine, tiny_model_path):
+    return make_engine(tiny_model_path, "none", dtype="float32")
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+@pytest.mark.parametrize("seed, top_p", [(0, 1.0), (21, 0.9)])
+def test_atlas_drafting_nothing_samples_exactly_like_no_speculation(silent, baseline, seed, top_p):
+    from atlas_rl.compat import vllm_cpu
+
+    got = silent.generate(PROMPTS, n=4, temperature=1.0, top_p=top_p, max_tokens=24, seed=seed)
+    want = baseline.generate(PROMPTS, n=4, temperature=1.0, top_p=top_p, max_tokens=24, seed=seed)
+    assert got.stats["num_draft_tokens"] == 0  # the premise: nothing was drafted
+    assert got.completion_ids == want.completion_ids
+    assert [c.logprobs for c in got] == [c.logprobs for c in want]  # exact, not approx
+    assert [c.top1_logprobs for c in got] == [c.top1_logprobs for c in want]
+    if _on_cpu():
+        assert vllm_cpu.status()["plain_sampling_without_drafts"] == "applied"
+
+
+def test_greedy_drafting_nothing_matches_too(silent, baseline):
+    got = silent.generate(PROMPTS, n=2, temperature=0.0, max_tokens=16)
+    want = baseline.generate(PROMPTS, n=2, temperature=0.0, max_tokens=16)
+    assert got.completion_ids == want.completion_ids
+    assert [c.logprobs for c in got] == [c.logprobs for c in want]
+
+
+def test_self_check_and_guards(silent):
+    """The fix's self-check passes on this engine's samplers, and steps it must leave to
+    the rejection sampler (a draft anywhere, the dummy metadata of a warmup) are left."""
+    if not _on_cpu():
+        pytest.skip("fix 6 is CPU-only")
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    from atlas_rl.backends.vllm.engine import model_runner
+    from atlas_rl.compat import vllm_cpu
+
+    rs = model_runner(silent.llm).rejection_sampler
+    original = RejectionSampler.forward._atlas_original  # vLLM's own forward
+    vocab = silent.vocab_size
+    rng = torch.get_rng_state()
+    assert vllm_cpu._plain_matches_rejection(rs, original, vocab) is None
+    assert torch.equal(torch.get_rng_state(), rng)  # the check leaves the global RNG alone
+
+    metadata, logits, make_sm = vllm_cpu._synthetic_batch(vocab, all_random=True)
+    assert vllm_cpu._plain_sampling_applies(rs, metadata, None, logits, make_sm())
+    dummy = SpecDecodeMetadata.make_dummy([[], [], [], []], device=logits.device)
+    assert not vllm_cpu._plain_sampling_applies(rs, dummy, None, logits, make_sm())
+    drafted = SpecDecodeMetadata.make_dummy([[5], [], [], []], device=logits.device)
+    assert not vllm_cpu._plain_sampling_applies(rs, drafted, None, logits, make_sm())
