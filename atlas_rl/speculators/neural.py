@@ -311,8 +311,9 @@ class NeuralSpeculator(Speculator):
         for epoch in range(max_epochs):
             order = torch.randperm(n, generator=self._generator)
             for s in range(0, n, self.batch_rows):
-                if time_budget is not None and time.perf_counter() - start > time_budget:
-                    break
+                if (time_budget is not None and rows_seen
+                        and time.perf_counter() - start > time_budget):
+                    break  # (one minibatch at least: a budget always buys progress)
                 idx = order[s:s + self.batch_rows]
                 loss = self._loss(net, h[idx], tok[idx], target[idx], head)
                 value = float(loss.detach())

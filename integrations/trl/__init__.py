@@ -179,7 +179,7 @@ def _gather_sequences(sequences: list[list[int]]) -> list[list[int]]:
     return [s for part in gathered for s in part]
 
 
-def _learn_all_ranks(engine, sequences: list[list[int]]) -> dict:
+def _learn_all_ranks(engine, sequences: list[list[int]], rollout_seconds: float | None = None) -> dict:
     """`engine.learn` on every rank's rollouts. With several ranks, every rank's suffix
     index learns the same sequences; the neural drafter's captured hidden states are
     gathered too, rank 0 trains (within its time budget) and its published weights are
@@ -187,11 +187,11 @@ def _learn_all_ranks(engine, sequences: list[list[int]]) -> dict:
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return engine.learn(sequences)
+        return engine.learn(sequences, rollout_seconds)
     sequences = _gather_sequences(sequences)
     neural = engine.speculators.get("neural")
     if neural is None or neural.frozen:
-        return engine.learn(sequences)
+        return engine.learn(sequences, rollout_seconds)
     mine = None
     if neural.collect():
         mine = neural._buffer.pop()
@@ -204,7 +204,7 @@ def _learn_all_ranks(engine, sequences: list[list[int]]) -> dict:
     rank = dist.get_rank()
     neural.frozen = rank != 0  # only rank 0 trains
     try:
-        update = engine.learn(sequences)
+        update = engine.learn(sequences, rollout_seconds)
     finally:
         neural.frozen = False
     state = [({k: v.detach().cpu() for k, v in neural.net.state_dict().items()},
@@ -230,7 +230,7 @@ def _wrap_generate_single_turn(original):
 
         stats, sequences = pending
         with profiling_context(self, "atlas.update"):
-            update = _learn_all_ranks(engine, sequences)
+            update = _learn_all_ranks(engine, sequences, stats.get("rollout_seconds"))
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
         for key in METRIC_KEYS:
