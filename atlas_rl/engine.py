@@ -150,7 +150,7 @@ class AtlasRolloutEngine:
         start = time.perf_counter()
         out = {}
         seqs = [list(s) for s in sequences]
-        for name, spec in self.speculators.items():
+        for spec in self.speculators.values():
             out.update(spec.learn(seqs, time_budget=budget))
         seconds = time.perf_counter() - start
         self._totals["update_seconds"] += seconds

@@ -88,13 +88,10 @@ def train_static(cfg: TrainSpeculatorConfig, progress: bool = True) -> dict:
     neural.set_vocab_from_counts(counts)
 
     # Hold out the newest rows for evaluation.
-    h = torch.cat([b[0] for b in neural._buffer])
-    tok = torch.cat([b[1] for b in neural._buffer])
-    target = torch.cat([b[2] for b in neural._buffer])
+    h, tok, target = neural.buffer()
     n_eval = max(1, int(cfg.holdout * len(tok)))
     held = (h[-n_eval:].clone(), tok[-n_eval:].clone(), target[-n_eval:].clone())
-    neural._buffer.clear()
-    neural._buffer_rows = 0
+    neural.clear_buffer()
     neural.add_examples(h[:-n_eval], tok[:-n_eval], target[:-n_eval])
     before = neural.evaluate(*held)
     say(f"held-out before training: {before}", flush=True)
@@ -109,10 +106,7 @@ def train_static(cfg: TrainSpeculatorConfig, progress: bool = True) -> dict:
             f"{ev['accept_one_hot']:.3f} (one-hot), ceiling one-hot {ev['accept_ceiling_one_hot']:.3f}",
             flush=True)
     train_seconds = time.perf_counter() - start
-    neural._buffer.clear()
-    neural._buffer_rows = 0
-    neural.version = 0  # a fresh static drafter
-    neural._optimizer_state = None
+    neural.reset_training()  # a fresh static drafter
     out = Path(cfg.out)
     neural.save(out)
     report = {"config": asdict(cfg), "training_rows": rows - n_eval, "heldout_rows": n_eval,

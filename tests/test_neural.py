@@ -113,7 +113,7 @@ def test_diverging_training_rolls_back_to_the_last_good_weights():
     hs[5:] = float("nan")
     spec.observe("bad", hs, toks, 0)
     spec.finish("bad")
-    spec._buffer.clear(); spec._buffer_rows = 0
+    spec.clear_buffer()
     stats = spec.learn(time_budget=None)
     assert stats["drafter_rollback"] == 1.0 and spec.rollbacks == 1
     assert spec.version == version

@@ -247,17 +247,46 @@ class NeuralSpeculator(Speculator):
         while self._buffer_rows > self.max_buffer_rows and len(self._buffer) > 1:
             self._buffer_rows -= len(self._buffer.popleft()[1])
 
-    def collect(self) -> int:
-        """Move the hidden states captured since the last call into the training buffer;
-        returns the number of new training rows."""
+    def take_captured(self):
+        """The training rows (h_t, x_{t+1}, h_{t+1}) captured since the last call, or
+        None; the capture is emptied."""
         streams = self._done + list(self._streams.values())
         self._done = []
         self._streams = {}
-        got = self._triples(streams)
+        return self._triples(streams)
+
+    def collect(self) -> int:
+        """Move the hidden states captured since the last call into the training buffer;
+        returns the number of new training rows."""
+        got = self.take_captured()
         if got is None:
             return 0
         self.add_examples(*got)
         return len(got[1])
+
+    def buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole training buffer, oldest rows first: (h_t, x_{t+1}, h_{t+1})."""
+        return tuple(torch.cat([b[i] for b in self._buffer]) for i in range(3))
+
+    def clear_buffer(self) -> None:
+        self._buffer.clear()
+        self._buffer_rows = 0
+
+    def published(self) -> dict:
+        """The published drafter (weights and counters), e.g. to broadcast to other ranks."""
+        return {"net": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+                "version": self.version, "rollbacks": self.rollbacks, "loss_ema": self._loss_ema}
+
+    def load_published(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.version, self.rollbacks = state["version"], state["rollbacks"]
+        self._loss_ema = state["loss_ema"]
+
+    def reset_training(self) -> None:
+        """Forget the buffer and the optimizer; version 0 (a freshly distilled drafter)."""
+        self.clear_buffer()
+        self._optimizer_state = None
+        self.version = 0
 
     def learn(self, sequences=(), time_budget: float | None = None) -> dict[str, float]:
         """Train on the hidden states captured since the last call (the batch's rollouts;
@@ -299,9 +328,7 @@ class NeuralSpeculator(Speculator):
         start = time.perf_counter()
         # Clones: tensors made under vLLM's inference mode cannot enter autograd.
         head = self._sub_head().clone()
-        h = torch.cat([b[0] for b in self._buffer]).clone()
-        tok = torch.cat([b[1] for b in self._buffer]).clone()
-        target = torch.cat([b[2] for b in self._buffer]).clone()
+        h, tok, target = (x.clone() for x in self.buffer())
         net = copy.deepcopy(self.net)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=0.0)
         if self._optimizer_state is not None:

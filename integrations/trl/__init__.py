@@ -192,10 +192,7 @@ def _learn_all_ranks(engine, sequences: list[list[int]], rollout_seconds: float 
     neural = engine.speculators.get("neural")
     if neural is None or neural.frozen:
         return engine.learn(sequences, rollout_seconds)
-    mine = None
-    if neural.collect():
-        mine = neural._buffer.pop()
-        neural._buffer_rows -= len(mine[1])
+    mine = neural.take_captured()
     chunks: list = [None] * dist.get_world_size()
     dist.all_gather_object(chunks, mine)
     for chunk in chunks:
@@ -207,12 +204,10 @@ def _learn_all_ranks(engine, sequences: list[list[int]], rollout_seconds: float 
         update = engine.learn(sequences, rollout_seconds)
     finally:
         neural.frozen = False
-    state = [({k: v.detach().cpu() for k, v in neural.net.state_dict().items()},
-              neural.version, neural.rollbacks, neural._loss_ema) if rank == 0 else None]
+    state = [neural.published() if rank == 0 else None]
     dist.broadcast_object_list(state, src=0)
-    weights, neural.version, neural.rollbacks, neural._loss_ema = state[0]
     if rank != 0:
-        neural.net.load_state_dict(weights)
+        neural.load_published(state[0])
     return update
 
 
