@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 SPECULATION_METHODS = ("atlas", "atlas-static", "none", "vllm-ngram", "vllm-suffix")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
+VERIFIERS = ("atlas", "vllm")
 
 
 @dataclass
@@ -41,6 +42,10 @@ class AtlasConfig:
     explore: float = field(default=0.05, metadata={
         "help": "Share of choices the controller spends trying a non-best arm (speculator "
                 "and draft kind), so it notices when another becomes better."})
+    verifier: str = field(default="atlas", metadata={
+        "help": "Who verifies atlas's drafts inside vLLM: 'atlas' (atlas-rl's rejection "
+                "sampler: sparse draft distributions, no per-step vocabulary-wide noise) or "
+                "'vllm' (vLLM's own, with dense draft distributions). Both are lossless."})
     ngram_sizes: tuple[int, ...] = field(default=(2, 3, 4, 6), metadata={
         "help": "n-gram lengths the suffix speculator matches, longest first."})
     max_corpus_tokens: int = field(default=2_000_000, metadata={
@@ -71,6 +76,8 @@ class AtlasConfig:
         if not 0.0 <= self.train_budget_fraction <= 1.0:
             raise ValueError("train_budget_fraction must be in [0, 1] (a share of the rollout "
                              f"time), got {self.train_budget_fraction}")
+        if self.verifier not in VERIFIERS:
+            raise ValueError(f"verifier must be one of {VERIFIERS}, got {self.verifier!r}")
         if not 0.0 <= self.explore < 1.0:
             raise ValueError(f"explore must be in [0, 1), got {self.explore}")
         if self.draft_vocab_size < 2:

@@ -77,6 +77,7 @@ class AtlasRolloutEngine:
                 max_lookahead=self.config.max_lookahead, speculators=list(self.speculators),
                 explore=self.config.explore, max_batch_size=self.config.max_speculation_batch_size,
                 always=self.config.speculate_always, seed=self.config.seed))
+            self.proposer.verifier = self.config.verifier
         self._last_rollout_seconds = 0.0
         self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
                         "generate_calls": 0, "update_seconds": 0.0}

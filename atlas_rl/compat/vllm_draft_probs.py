@@ -38,9 +38,11 @@ def status() -> dict[str, str]:
     return dict(_STATUS)
 
 
-def hand_over(runner, drafter) -> bool:
-    """Give the runner the drafter's last draft probabilities (if any). True if handed."""
-    probs = drafter.take_last_draft_probs()
+def hand_over(runner, drafter, packed: bool = False) -> bool:
+    """Give the runner the drafter's last draft probabilities (if any). True if handed.
+    ``packed``: the runner verifies with atlas-rl's verifier, which takes them packed
+    sparse (`atlas_rl.kernels.rejection.pack_sparse_q`) instead of [reqs, k, vocab]."""
+    probs = drafter.take_last_packed_q() if packed else drafter.take_last_draft_probs()
     if probs is None:
         return False
     if not supported(runner):

@@ -31,6 +31,7 @@ import weakref
 
 import torch
 
+from atlas_rl.kernels.rejection import pack_sparse_q
 from atlas_rl.metrics import SpecCounters
 from atlas_rl.speculators.base import EMPTY_DRAFT, Draft
 
@@ -43,6 +44,7 @@ _PROPOSERS: "weakref.WeakSet[AtlasProposer]" = weakref.WeakSet()
 def _install_runner_hook() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+    from atlas_rl.backends.vllm import verifier
     from atlas_rl.compat import vllm_draft_probs
 
     original = GPUModelRunner.propose_draft_token_ids
@@ -64,8 +66,14 @@ def _install_runner_hook() -> None:
             num_scheduled_tokens=getattr(scheduler_output, "total_num_scheduled_tokens", None),
             sample_hidden_states=bound.get("sample_hidden_states"),
         )
+        if drafter.verifier == "atlas" and not verifier.attached(self):
+            verifier.attach(self)
         out = original(self, *args, **kwargs)
-        vllm_draft_probs.hand_over(self, drafter)
+        try:
+            vllm_draft_probs.hand_over(self, drafter, packed=verifier.attached(self))
+        except Exception as e:  # noqa: BLE001 (without q, drafts are verified one-hot: exact)
+            self._draft_probs = self._draft_prob_req_ids = None
+            drafter._speculator_failed(None, e)
         return out
 
     propose_draft_token_ids._atlas_hook = True
@@ -85,7 +93,8 @@ class AtlasProposer:
         self._pending: dict[str, Draft] = {}  # req_id -> Draft handed to vLLM last step
         self._step = None
         self._step_end: float | None = None
-        self._draft_probs = None
+        self._draft_probs = None  # (num_reqs, [(row, Draft)]) of the last distribution step
+        self.verifier = "atlas"  # who verifies: "atlas" (sparse q) or "vllm"; set by the engine
         self._error_logged = False
         _install_runner_hook()
         _PROPOSERS.add(self)
@@ -137,9 +146,44 @@ class AtlasProposer:
 
     def take_last_draft_probs(self):
         """[num_reqs, k, vocab] draft distributions of the last proposal, or None when
-        every draft was one-hot (vLLM's runner reads this right after `propose`)."""
-        probs, self._draft_probs = self._draft_probs, None
+        every draft was one-hot (vLLM's runner reads this right after `propose`). One-hot
+        drafts in the same step get a one-hot q (verification is then the same as
+        without q)."""
+        last, self._draft_probs = self._draft_probs, None
+        if last is None:
+            return None
+        num_reqs, handed = last
+        probs = torch.zeros(num_reqs, max(len(d) for _, d in handed), self.vocab_size)
+        for row, draft in handed:
+            n = len(draft)
+            if draft.is_distribution:
+                probs[row, :n].scatter_add_(1, draft.q_ids[:n].long(), draft.q[:n].float())
+            else:
+                probs[row, torch.arange(n), torch.tensor(draft.tokens)] = 1.0
         return probs
+
+    def take_last_packed_q(self):
+        """The same distributions packed sparse for atlas-rl's verifier
+        (`kernels.rejection.pack_sparse_q`: [num_reqs, k, 2S], S the widest support),
+        or None when every draft was one-hot."""
+        last, self._draft_probs = self._draft_probs, None
+        if last is None:
+            return None
+        num_reqs, handed = last
+        k = max(len(d) for _, d in handed)
+        width = max(d.q_ids.shape[-1] for _, d in handed if d.is_distribution)
+        ids = torch.zeros(num_reqs, k, width, dtype=torch.long)
+        q = torch.zeros(num_reqs, k, width)
+        for row, draft in handed:
+            n = len(draft)
+            if draft.is_distribution:
+                s = draft.q_ids.shape[-1]
+                ids[row, :n, :s] = draft.q_ids[:n]
+                q[row, :n, :s] = draft.q[:n]
+            else:  # one-hot: support {x}
+                ids[row, :n, 0] = torch.tensor(draft.tokens)
+                q[row, :n, 0] = 1.0
+        return pack_sparse_q(ids, q, self.vocab_size)
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
                 slot_mappings=None, **_ignored) -> list[list[int]]:
@@ -223,11 +267,7 @@ class AtlasProposer:
         drafts = controller.choose(candidates, len(keys))
         drafts = [d.truncate(min(self.num_speculative_tokens, m)) for d, m in zip(drafts, max_lens)]
         counters.draft_seconds += time.perf_counter() - start
-        distribution = any(d.is_distribution for d in drafts)
-        probs = None
-        if distribution:
-            longest = max(len(d) for d in drafts)
-            probs = torch.zeros(len(req_ids), longest, self.vocab_size)
+        handed = []
         for row, rid, draft in zip(rows, keys, drafts):
             counters.request_steps += 1
             counters.record_lookahead(len(draft))
@@ -235,13 +275,9 @@ class AtlasProposer:
                 continue
             self._pending[rid] = draft
             out[row] = list(draft.tokens)
-            if probs is not None:
-                n = len(draft)
-                if draft.is_distribution:
-                    probs[row, :n].scatter_add_(1, draft.q_ids[:n].long(), draft.q[:n].float())
-                else:  # one-hot q: the verifier then accepts token x with p(x), as without q
-                    probs[row, torch.arange(n), torch.tensor(draft.tokens)] = 1.0
-        self._draft_probs = probs
+            handed.append((row, draft))
+        if any(d.is_distribution for _, d in handed):
+            self._draft_probs = (len(req_ids), handed)
         return out
 
     @staticmethod
