@@ -137,3 +137,45 @@ def test_packed_sparse_q_round_trip_and_width():
     assert not is_packed(torch.zeros(2, 50), 50)
     with pytest.raises(ValueError, match="2\\*\\*24"):
         pack_sparse_q(ids, q, vocab_size=2 ** 24)
+
+
+def test_logprobs_of_output_tokens_match_vllms():
+    """The verifier's logprobs path (output positions only) returns what vLLM's
+    `_get_logprobs_tensors` returns at every position that holds an output token."""
+    from types import SimpleNamespace
+
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+    from vllm.v1.sample.sampler import Sampler
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    from atlas_rl.backends.vllm import verifier
+
+    vocab = 300
+    drafts = [[5, 7, 9], [11], [], [3, 4]]
+    meta = SpecDecodeMetadata.make_dummy(drafts, torch.device("cpu"))
+    target_idx, bonus_idx, start = [], [], 0
+    for d in drafts:  # request b's logits rows: its draft positions, then its bonus row
+        target_idx += range(start, start + len(d))
+        bonus_idx.append(start + len(d))
+        start += len(d) + 1
+    meta.target_logits_indices = torch.tensor(target_idx, dtype=torch.int32)
+    meta.bonus_logits_indices = torch.tensor(bonus_idx, dtype=torch.int32)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(start, vocab, generator=g) * 3
+    target, bonus = logits[meta.target_logits_indices.long()], logits[meta.bonus_logits_indices.long()]
+    P = PLACEHOLDER_TOKEN_ID
+    sampled = torch.tensor([[5, 7, 42, P], [11, 8, P, P], [17, P, P, P], [200, P, P, P]],
+                           dtype=torch.int32)
+
+    sampler = RejectionSampler(Sampler(logprobs_mode="processed_logprobs"))
+    expected = sampler._get_logprobs_tensors(0, meta, logits, target, bonus, sampled)
+    assert verifier.attach(SimpleNamespace(rejection_sampler=sampler))
+    got = sampler._get_logprobs_tensors(0, meta, logits, target, bonus, sampled)
+    valid = (sampled != P).flatten()
+    assert torch.equal(got.logprob_token_ids[valid], expected.logprob_token_ids[valid])
+    assert torch.allclose(got.logprobs[valid], expected.logprobs[valid], atol=1e-5)
+    assert torch.equal(got.selected_token_ranks[valid], expected.selected_token_ranks[valid])
+    assert verifier.status()["logprobs"].startswith("atlas")
+    # top-k logprobs are vLLM's business
+    topk = sampler._get_logprobs_tensors(2, meta, logits, target, bonus, sampled)
+    assert topk.logprobs.shape[1] == 3

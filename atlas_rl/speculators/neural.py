@@ -79,6 +79,32 @@ class DrafterNet(nn.Module):
         z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps)
         return z * self.norm
 
+    def inference_weights(self) -> tuple[torch.Tensor, ...]:
+        """The weights laid out for drafting: transposed copies (on 2 CPU cores a
+        [4, 1152] x [1152, 576] product is ~8x faster against a contiguous [in, out]
+        matrix than against nn.Linear's [out, in] one). Cached until a parameter is
+        modified (tensor version counters: optimizer steps, load_state_dict, publish)."""
+        params = (self.w_in.weight, self.w_in.bias, self.w_out.weight, self.w_out.bias,
+                  self.norm)
+        key = tuple((id(t), t._version) for t in params)
+        cached = getattr(self, "_inference_cache", None)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                weights = (self.w_in.weight.detach().t().contiguous(), self.w_in.bias.detach().clone(),
+                           self.w_out.weight.detach().t().contiguous(), self.w_out.bias.detach().clone(),
+                           self.norm.detach().clone())
+            cached = self._inference_cache = (key, weights)
+        return cached[1]
+
+    @staticmethod
+    def draft_step(weights, h: torch.Tensor, e: torch.Tensor, eps: float) -> torch.Tensor:
+        """`forward` with `inference_weights` (no autograd; the same function)."""
+        w_in_t, b_in, w_out_t, b_out, g = weights
+        a = F.silu(torch.addmm(b_in, torch.cat([h, e], dim=-1), w_in_t))
+        z = h + torch.addmm(b_out, a, w_out_t)
+        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
+        return z * g
+
 
 class NeuralSpeculator(Speculator):
     """Drafts with `DrafterNet`; learns online from the hidden states the policy computed
@@ -148,6 +174,7 @@ class NeuralSpeculator(Speculator):
     def _sub_head(self) -> torch.Tensor:
         if self._head_version != self.weights_version or self._head_sub is None:
             self._head_sub = self._head.detach().index_select(0, self.vocab).float()
+            self._head_sub_t = self._head_sub.t().contiguous()  # [d, |S|], for drafting
             self._head_version = self.weights_version
         return self._head_sub
 
@@ -198,19 +225,25 @@ class NeuralSpeculator(Speculator):
         rows = [i for i, (k, n) in enumerate(zip(keys, max_lengths)) if n > 0 and k in self._last]
         if not rows:
             return drafts
-        head = self._sub_head()
-        vocab = self.vocab
+        self._sub_head()
+        head_t, vocab = self._head_sub_t, self.vocab
+        weights, eps = self.net.inference_weights(), self.net.eps
         h = torch.stack([self._last[keys[i]][0] for i in rows])
         tok = torch.tensor([self._last[keys[i]][1] for i in rows])
         lens = torch.tensor([max_lengths[i] for i in rows])
         do_sample = torch.tensor([bool(sample[i]) if sample is not None else False for i in rows])
+        any_sample = bool(do_sample.any())
         steps = int(lens.max())
         toks, confs, qs = [], [], []
         for _ in range(steps):
-            y = self.net(h, self._embed.index_select(0, tok).float())
-            q = torch.softmax(y @ head.T, dim=-1)
-            sampled = torch.multinomial(q, 1, generator=self._generator).squeeze(1)
-            idx = torch.where(do_sample, sampled, q.argmax(-1))
+            y = DrafterNet.draft_step(weights, h, self._embed.index_select(0, tok).float(), eps)
+            q = torch.softmax(y @ head_t, dim=-1)
+            idx = q.argmax(-1)
+            if any_sample:  # inverse CDF: one uniform per row (torch.multinomial is slower)
+                cdf = q.cumsum(-1)
+                u = torch.rand(len(rows), 1, generator=self._generator) * cdf[:, -1:]
+                sampled = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=q.shape[1] - 1)
+                idx = torch.where(do_sample, sampled, idx)
             toks.append(idx)
             confs.append(q.gather(1, idx[:, None]).squeeze(1))
             qs.append(q)

@@ -128,6 +128,7 @@ def attach(runner) -> bool:
             _state.active = False
 
     sampler.forward = forward  # an instance attribute: other engines keep vLLM's
+    _attach_logprobs(sampler)
     sampler._atlas_verifier = True
     _status["verifier"] = "atlas (sparse draft probabilities)"
     return True
@@ -135,3 +136,58 @@ def attach(runner) -> bool:
 
 def attached(runner) -> bool:
     return bool(getattr(getattr(runner, "rejection_sampler", None), "_atlas_verifier", False))
+
+
+def _attach_logprobs(sampler) -> None:
+    """The returned logprobs of the output tokens, computed only where they are needed.
+
+    vLLM 0.32 builds them by zero-filling a [tokens + requests, vocab] buffer, scattering
+    the target and bonus logits into it, gathering [requests x (max_spec_len + 1), vocab]
+    rows (rejected positions included) and running log_softmax and a rank count over all
+    of them. Here: one logsumexp per logits row, and the logprob (l_x - lse) and rank
+    (how many tokens have a logit >= l_x) at the positions that hold an output token;
+    placeholder positions, which vLLM filters out afterwards, get zeros. Same values (to
+    float rounding) and ranks. Only for the sampled token's logprob (``logprobs=0``, what
+    RL asks for); top-k logprobs and the logits modes go to vLLM's implementation."""
+    import vllm.v1.sample.rejection_sampler as rs
+    from vllm.v1.outputs import LogprobsTensors
+
+    original = sampler._get_logprobs_tensors
+    params = tuple(inspect.signature(original).parameters)
+    if params != ("max_num_logprobs", "metadata", "logits", "target_logits", "bonus_logits",
+                  "sampled_token_ids"):
+        _status["logprobs"] = "vLLM's (its _get_logprobs_tensors changed)"
+        return
+
+    def get_logprobs_tensors(max_num_logprobs, metadata, logits, target_logits, bonus_logits,
+                             sampled_token_ids):
+        if max_num_logprobs != 0 or getattr(sampler, "is_logits_logprobs_mode", True):
+            return original(max_num_logprobs, metadata, logits, target_logits, bonus_logits,
+                            sampled_token_ids)
+        rows = torch.cat([target_logits.to(torch.float32), bonus_logits.to(torch.float32)])
+        # final logits row (vLLM's layout) -> row of `rows`
+        source = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+        n_target = target_logits.shape[0]
+        source[metadata.target_logits_indices] = torch.arange(n_target, device=rows.device)
+        source[metadata.bonus_logits_indices] = torch.arange(
+            n_target, rows.shape[0], device=rows.device)
+        starts = torch.zeros_like(metadata.cu_num_sampled_tokens)
+        starts[1:] = metadata.cu_num_sampled_tokens[:-1]
+        width = sampled_token_ids.shape[-1]
+        final = (starts[:, None] + torch.arange(width, device=rows.device)).flatten()
+        final.clamp_(max=rows.shape[0] - 1)
+        tokens = sampled_token_ids.flatten().to(torch.int64)
+        valid = (tokens != rs.PLACEHOLDER_TOKEN_ID).nonzero().squeeze(1)
+        logprobs = torch.zeros(tokens.shape[0], 1, dtype=torch.float32, device=rows.device)
+        ranks = torch.zeros(tokens.shape[0], dtype=torch.int64, device=rows.device)
+        if valid.numel():
+            picked = rows[source[final[valid]]]
+            lp = picked - torch.logsumexp(picked, dim=-1, keepdim=True)
+            token_lp = lp.gather(1, tokens[valid, None])
+            logprobs[valid] = token_lp
+            ranks[valid] = (lp >= token_lp).sum(-1)
+        ids = tokens.clamp(min=0).to(torch.int32)[:, None]
+        return LogprobsTensors(ids, logprobs, ranks)
+
+    sampler._get_logprobs_tensors = get_logprobs_tensors
+    _status["logprobs"] = "atlas (output positions only)"
