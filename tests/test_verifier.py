@@ -168,14 +168,14 @@ def test_logprobs_of_output_tokens_match_vllms():
                            dtype=torch.int32)
 
     sampler = RejectionSampler(Sampler(logprobs_mode="processed_logprobs"))
-    expected = sampler._get_logprobs_tensors(0, meta, logits, target, bonus, sampled)
+    expected = {k: sampler._get_logprobs_tensors(k, meta, logits, target, bonus, sampled)
+                for k in (0, 1, 3)}
     assert verifier.attach(SimpleNamespace(rejection_sampler=sampler))
-    got = sampler._get_logprobs_tensors(0, meta, logits, target, bonus, sampled)
     valid = (sampled != P).flatten()
-    assert torch.equal(got.logprob_token_ids[valid], expected.logprob_token_ids[valid])
-    assert torch.allclose(got.logprobs[valid], expected.logprobs[valid], atol=1e-5)
-    assert torch.equal(got.selected_token_ranks[valid], expected.selected_token_ranks[valid])
+    for k, want in expected.items():
+        got = sampler._get_logprobs_tensors(k, meta, logits, target, bonus, sampled)
+        assert got.logprobs.shape == want.logprobs.shape == (sampled.numel(), k + 1)
+        assert torch.equal(got.logprob_token_ids[valid], want.logprob_token_ids[valid])
+        assert torch.allclose(got.logprobs[valid], want.logprobs[valid], atol=1e-5)
+        assert torch.equal(got.selected_token_ranks[valid], want.selected_token_ranks[valid])
     assert verifier.status()["logprobs"].startswith("atlas")
-    # top-k logprobs are vLLM's business
-    topk = sampler._get_logprobs_tensors(2, meta, logits, target, bonus, sampled)
-    assert topk.logprobs.shape[1] == 3

@@ -147,8 +147,7 @@ def _attach_logprobs(sampler) -> None:
     of them. Here: one logsumexp per logits row, and the logprob (l_x - lse) and rank
     (how many tokens have a logit >= l_x) at the positions that hold an output token;
     placeholder positions, which vLLM filters out afterwards, get zeros. Same values (to
-    float rounding) and ranks. Only for the sampled token's logprob (``logprobs=0``, what
-    RL asks for); top-k logprobs and the logits modes go to vLLM's implementation."""
+    float rounding), ranks and top-k. The logits modes go to vLLM's implementation."""
     import vllm.v1.sample.rejection_sampler as rs
     from vllm.v1.outputs import LogprobsTensors
 
@@ -161,9 +160,11 @@ def _attach_logprobs(sampler) -> None:
 
     def get_logprobs_tensors(max_num_logprobs, metadata, logits, target_logits, bonus_logits,
                              sampled_token_ids):
-        if max_num_logprobs != 0 or getattr(sampler, "is_logits_logprobs_mode", True):
+        if max_num_logprobs is None or max_num_logprobs < 0 \
+                or getattr(sampler, "is_logits_logprobs_mode", True):
             return original(max_num_logprobs, metadata, logits, target_logits, bonus_logits,
                             sampled_token_ids)
+        k = int(max_num_logprobs)
         rows = torch.cat([target_logits.to(torch.float32), bonus_logits.to(torch.float32)])
         # final logits row (vLLM's layout) -> row of `rows`
         source = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
@@ -177,17 +178,23 @@ def _attach_logprobs(sampler) -> None:
         final = (starts[:, None] + torch.arange(width, device=rows.device)).flatten()
         final.clamp_(max=rows.shape[0] - 1)
         tokens = sampled_token_ids.flatten().to(torch.int64)
-        valid = (tokens != rs.PLACEHOLDER_TOKEN_ID).nonzero().squeeze(1)
-        logprobs = torch.zeros(tokens.shape[0], 1, dtype=torch.float32, device=rows.device)
+        tokens[tokens == rs.PLACEHOLDER_TOKEN_ID] = 0
+        valid = (sampled_token_ids.flatten() != rs.PLACEHOLDER_TOKEN_ID).nonzero().squeeze(1)
+        ids = torch.zeros(tokens.shape[0], k + 1, dtype=torch.int64, device=rows.device)
+        ids[:, 0] = tokens
+        logprobs = torch.zeros(tokens.shape[0], k + 1, dtype=torch.float32, device=rows.device)
         ranks = torch.zeros(tokens.shape[0], dtype=torch.int64, device=rows.device)
         if valid.numel():
             picked = rows[source[final[valid]]]
             lp = picked - torch.logsumexp(picked, dim=-1, keepdim=True)
             token_lp = lp.gather(1, tokens[valid, None])
-            logprobs[valid] = token_lp
+            logprobs[valid, :1] = token_lp
             ranks[valid] = (lp >= token_lp).sum(-1)
-        ids = tokens.clamp(min=0).to(torch.int32)[:, None]
-        return LogprobsTensors(ids, logprobs, ranks)
+            if k:
+                top_lp, top_ids = torch.topk(lp, k, dim=-1)
+                logprobs[valid, 1:] = top_lp
+                ids[valid, 1:] = top_ids
+        return LogprobsTensors(ids.to(torch.int32), logprobs, ranks)
 
     sampler._get_logprobs_tensors = get_logprobs_tensors
     _status["logprobs"] = "atlas (output positions only)"
