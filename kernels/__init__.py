@@ -1,5 +1,6 @@
-"""Triton kernels and their plain-torch references (installed as atlas_rl.kernels).
+"""Kernels of the verification path and their references (installed as atlas_rl.kernels).
 
-Verification on the vLLM backend is vLLM's own rejection sampler (with atlas-rl's CPU
-fix in atlas_rl.compat); the kernels here serve the native backend, where atlas-rl
-verifies drafts itself."""
+rejection.py: lossless rejection sampling over sparse draft distributions, in torch (CPU
+and any torch device); on the vLLM backend it replaces vLLM's rejection step for atlas
+engines (atlas_rl.backends.vllm.verifier). It is the reference a Triton kernel of the
+same contract will be tested against on a GPU."""

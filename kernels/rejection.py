@@ -74,13 +74,19 @@ def rejection_sample(
     max_spec_len: int,
     draft_probs: torch.Tensor | None = None,  # dense [N, V] q, or the sparse q [N, S]
     draft_ids: torch.Tensor | None = None,    # [N, S] support of the sparse q
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Verify a batch of drafts; returns [B, max_spec_len + 1] int32 output tokens,
     ``PLACEHOLDER_TOKEN_ID`` after each request's last token (vLLM's layout).
 
     ``draft_probs`` None: one-hot drafts. With ``draft_ids``: ``draft_probs`` is the
     sparse q on that support. Without: a dense q over the vocabulary. ``target_logits``
-    is not modified."""
+    is not modified. ``backend``: the acceptance step in "torch" or as the Triton kernel
+    ("triton"; "auto": Triton for CUDA tensors when Triton is installed); the residual
+    draw at rejected positions is torch either way."""
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"rejection_sample: backend must be 'auto', 'torch' or 'triton', "
+                         f"got {backend!r}")
     num_reqs = len(num_draft_tokens)
     device = target_logits.device
     counts = torch.as_tensor(list(num_draft_tokens), dtype=torch.long, device=device)
@@ -98,36 +104,21 @@ def rejection_sample(
     if sparse and draft_probs is None:
         raise ValueError("rejection_sample: draft_ids without draft_probs")
 
-    req = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts)
     starts = torch.cumsum(counts, 0) - counts
-    pos = torch.arange(n, device=device) - starts[req]
     x = draft_token_ids.long()
     valid = x >= 0
     xs = x.clamp(min=0)
-
     logits = target_logits.float()
     lse = torch.logsumexp(logits, dim=-1)
-    p_x = torch.exp(logits.gather(1, xs[:, None]).squeeze(1) - lse)
-    if draft_probs is None:
-        q_x = torch.ones_like(p_x)
-    elif sparse:
-        q_x = (draft_probs.float() * (draft_ids == xs[:, None])).sum(1)
+    if backend == "auto":
+        backend = "triton" if logits.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        from atlas_rl.kernels.rejection_triton import accept_drafts_triton as accept_drafts
     else:
-        q_x = draft_probs.float().gather(1, xs[:, None]).squeeze(1)
-    # u < p(x) / q(x), without the division: probability min(1, p/q) for u ~ U[0, 1);
-    # q(x) = 0 (x was never sampled) and p(x) = 0 (e.g. cut by top-k) always reject.
-    accept = valid & (q_x > 0) & (uniform.to(p_x.dtype) * q_x < p_x)
-
-    first = counts.clone()  # first rejected position per request (= count if none)
-    rejected = ~accept
-    if bool(rejected.any()):
-        first.scatter_reduce_(0, req[rejected], pos[rejected], reduce="amin")
-    keep = pos < first[req]
-    out[req[keep], pos[keep]] = x[keep].to(torch.int32)
-
+        accept_drafts = accept_drafts_torch
+    first = accept_drafts(out, x, counts, starts, logits, lse, bonus, uniform,
+                          draft_probs, draft_ids)
     all_accepted = first == counts
-    done = all_accepted.nonzero().squeeze(1)
-    out[done, counts[done]] = bonus[done]
 
     recover = (~all_accepted).nonzero().squeeze(1)
     if recover.numel():
@@ -144,6 +135,47 @@ def rejection_sample(
             residual.sub_(draft_probs[rows].float()).clamp_(min=0.0)
         out[recover, first[recover]] = _inverse_cdf(residual, p, recovery_uniform[recover])
     return out
+
+
+def accept_drafts_torch(out, x, counts, starts, logits, lse, bonus, uniform, draft_probs,
+                        draft_ids) -> torch.Tensor:
+    """The acceptance chain: writes each request's accepted draft tokens (and the bonus
+    token after a fully accepted draft) into ``out``; returns the first rejected position
+    per request (= its draft count when none was rejected)."""
+    num_reqs, n = counts.shape[0], x.shape[0]
+    device = x.device
+    req = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts)
+    pos = torch.arange(n, device=device) - starts[req]
+    valid = x >= 0
+    xs = x.clamp(min=0)
+    p_x = torch.exp(logits.gather(1, xs[:, None]).squeeze(1) - lse)
+    if draft_probs is None:
+        q_x = torch.ones_like(p_x)
+    elif draft_ids is not None:
+        q_x = (draft_probs.float() * (draft_ids == xs[:, None])).sum(1)
+    else:
+        q_x = draft_probs.float().gather(1, xs[:, None]).squeeze(1)
+    # u < p(x) / q(x), without the division: probability min(1, p/q) for u ~ U[0, 1);
+    # q(x) = 0 (x was never sampled) and p(x) = 0 (e.g. cut by top-k) always reject.
+    accept = valid & (q_x > 0) & (uniform.to(p_x.dtype) * q_x < p_x)
+
+    first = counts.clone()
+    rejected = ~accept
+    if bool(rejected.any()):
+        first.scatter_reduce_(0, req[rejected], pos[rejected], reduce="amin")
+    keep = pos < first[req]
+    out[req[keep], pos[keep]] = x[keep].to(torch.int32)
+    done = (first == counts).nonzero().squeeze(1)
+    out[done, counts[done]] = bonus[done]
+    return first
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _inverse_cdf(weights: torch.Tensor, fallback: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
