@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import math
 import random
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 from atlas_rl.speculators.base import EMPTY_DRAFT, Draft
@@ -159,9 +161,24 @@ class StepCostModel:
     def bucket(num_seqs: int) -> int:
         return max(0, math.ceil(math.log2(max(1, num_seqs))))
 
+    #: An observation is capped at this multiple of what the model predicts for it: a
+    #: one-off stall (a JIT compile, a page-in, a noisy neighbour) then moves the estimate
+    #: by a bounded amount instead of switching speculation off for hundreds of steps.
+    outlier_factor = 3.0
+
+    def predict(self, num_seqs: int, num_draft_tokens: int) -> float | None:
+        base = self.base_seconds(num_seqs)
+        if base is None or num_draft_tokens == 0:
+            return base
+        overhead, slope = self.spec_cost(num_seqs)
+        return base + overhead + slope * num_draft_tokens
+
     def observe(self, num_seqs: int, num_draft_tokens: int, seconds: float) -> None:
         if not (seconds > 0 and math.isfinite(seconds)):
             return
+        expected = self.predict(num_seqs, num_draft_tokens)
+        if expected is not None:
+            seconds = min(seconds, self.outlier_factor * expected)
         b = self.bucket(num_seqs)
         self.observations += 1
         if num_draft_tokens == 0:
@@ -238,9 +255,11 @@ class AtlasController:
         self.cooldown_steps = int(cooldown_steps)
         self.max_batch_size = max_batch_size  # a hard cap on top of the cost model (None: off)
         self.always = bool(always)  # no cost model: every proposal in full (tests, debugging)
-        self.draft_seconds = {s: 0.0 for s in self.speculators}  # EMA of drafting time per step
+        self.draft_seconds = {s: 0.0 for s in self.speculators}  # median drafting time per step, recent calls
         self.benched: dict[str, int] = {}  # arm -> steps left on the bench
         self.collapses = 0
+        self.probes = 0  # steps where one token was drafted only to re-measure the cost
+        self._draft_times: dict[str, deque] = {}
         self.steps = 0
         self._rng = random.Random(seed)
 
@@ -262,8 +281,11 @@ class AtlasController:
         self.cost.observe(num_seqs, num_draft_tokens, seconds)
 
     def observe_draft_time(self, speculator: str, seconds: float) -> None:
-        old = self.draft_seconds.get(speculator, 0.0)
-        self.draft_seconds[speculator] = seconds if old == 0.0 else 0.9 * old + 0.1 * seconds
+        """Drafting time per step: the median of the last 15 calls (a stalled call does
+        not count)."""
+        recent = self._draft_times.setdefault(speculator, deque(maxlen=15))
+        recent.append(float(seconds))
+        self.draft_seconds[speculator] = statistics.median(recent)
 
     # --- planning ---------------------------------------------------------------------
 
@@ -378,8 +400,24 @@ class AtlasController:
             seconds += slope
             keep[r] += 1
         if not any(keep) or tokens / seconds <= num_seqs / base:
-            return [EMPTY_DRAFT] * len(drafts)
+            return self._probe(drafts)
         return [d.truncate(k) if k else EMPTY_DRAFT for d, k in zip(drafts, keep)]
+
+    def _probe(self, drafts: list[Draft]) -> list[Draft]:
+        """No speculation this step, except, with probability `explore`, one draft token
+        for one request: a cheap measurement that keeps the cost model current (its
+        estimate of speculation's overhead is otherwise only ever updated by steps that
+        speculate, so a stale, too-high one would never be corrected)."""
+        empty = [EMPTY_DRAFT] * len(drafts)
+        if self._rng.random() >= self.explore:
+            return empty
+        firsts = [(self._cumulative(d)[0], r) for r, d in enumerate(drafts) if d.tokens]
+        if not firsts:
+            return empty
+        r = max(firsts)[1]
+        empty[r] = drafts[r].truncate(1)
+        self.probes += 1
+        return empty
 
     # --- state ------------------------------------------------------------------------
 

@@ -124,6 +124,43 @@ def test_controller_picks_no_speculation_when_the_cost_model_says_it_loses():
     assert all(not d.tokens for d in kept)
 
 
+def test_a_one_off_stall_does_not_switch_speculation_off():
+    """A 4.5 s step among 75 ms ones (e.g. a JIT compile on the first verification) moves
+    the cost model by a bounded amount: the tail keeps speculating."""
+    ctl = _fed_controller(base=0.075, overhead=0.008, slope=0.0003, num_seqs=4)
+    _train_arm(ctl, "suffix", 0.9)
+    for _ in range(5):
+        ctl.observe_draft_time("suffix", 0.002)
+    ctl.observe_step(4, 12, 4.5)
+    ctl.observe_draft_time("suffix", 4.5)  # and a stalled drafting call
+    overhead, _ = ctl.cost.spec_cost(4)
+    assert overhead < 0.075  # uncapped, the stall alone would add ~0.09 s
+    kept = ctl.choose([[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)], 4)
+    assert all(len(d) == 3 for d in kept)
+
+
+def test_probes_correct_a_stale_too_high_cost_estimate():
+    """The cost model believes speculation loses (overhead 0.2 s). With speculation off,
+    only the controller's probes (one token, for one request, on `explore` of the steps)
+    measure it again; once they show the true overhead, speculation comes back."""
+    ctl = _fed_controller(base=0.075, overhead=0.2, slope=0.0003, num_seqs=4)
+    ctl.explore = 0.2
+    _train_arm(ctl, "suffix", 0.9)
+    drafts = [[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)]
+    probes = 0
+    for _ in range(600):
+        kept = ctl.choose(drafts, 4)
+        d = sum(len(k) for k in kept)
+        if d == 1:
+            probes += 1
+        if d > 1:
+            break
+        ctl.observe_step(4, d, 0.075 + (0.008 + 0.0003 * d if d else 0.0))
+    else:
+        pytest.fail("speculation never came back")
+    assert probes >= 3  # it came back through probes, not by itself
+
+
 def test_goodput_cut_keeps_the_likeliest_positions_first():
     ctl = _fed_controller(base=0.075, overhead=0.002, slope=0.004, num_seqs=2)
     _train_arm(ctl, "suffix", 0.7)
