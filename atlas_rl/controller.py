@@ -242,6 +242,10 @@ class AtlasController:
     """Chooses per request and step the speculator, the draft kind and the lookahead
     that maximise expected tokens per second (see the module docstring)."""
 
+    #: After this many consecutive steps of a batch-size bucket in which the goodput cut
+    #: dropped every draft, drafting itself is skipped there (but for explore-rate probes).
+    cut_patience = 8
+
     def __init__(self, max_lookahead: int, speculators: list[str], explore: float = 0.05,
                  collapse_rate: float = 0.03, cooldown_steps: int = 200,
                  max_batch_size: int | None = None, always: bool = False, seed: int = 0):
@@ -260,6 +264,8 @@ class AtlasController:
         self.collapses = 0
         self.probes = 0  # steps where one token was drafted only to re-measure the cost
         self._draft_times: dict[str, deque] = {}
+        self._cut_streak: dict[int, int] = {}  # batch bucket -> steps the cut dropped all drafts
+        self._probe_now = False
         self.steps = 0
         self._rng = random.Random(seed)
 
@@ -308,10 +314,17 @@ class AtlasController:
             return none
         base = self.cost.base_seconds(num_seqs)
         cost = self.cost.spec_cost(num_seqs)
+        self._probe_now = False
         if base is not None and cost is not None and not self.always:
-            # Even a draft token that is surely accepted must pay for itself.
-            if num_seqs / base * cost[1] >= 1.0 and self._rng.random() >= self.explore:
-                return none
+            # Even a draft token that is surely accepted must pay for itself; and where the
+            # goodput cut has dropped every draft for a while, do not pay for drafting
+            # either: only explore-rate steps draft, and those probe the cost.
+            hopeless = (num_seqs / base * cost[1] >= 1.0
+                        or self._cut_streak.get(self.cost.bucket(num_seqs), 0) >= self.cut_patience)
+            if hopeless:
+                if self._rng.random() >= self.explore:
+                    return none
+                self._probe_now = True
         arms, sample, lookaheads = [], {}, {}
         floor = self._position_floor(num_seqs, base, cost)
         for spec in self.speculators:
@@ -399,8 +412,11 @@ class AtlasController:
             tokens += p
             seconds += slope
             keep[r] += 1
+        bucket = self.cost.bucket(num_seqs)
         if not any(keep) or tokens / seconds <= num_seqs / base:
+            self._cut_streak[bucket] = self._cut_streak.get(bucket, 0) + 1
             return self._probe(drafts)
+        self._cut_streak[bucket] = 0
         return [d.truncate(k) if k else EMPTY_DRAFT for d, k in zip(drafts, keep)]
 
     def _probe(self, drafts: list[Draft]) -> list[Draft]:
@@ -409,7 +425,7 @@ class AtlasController:
         estimate of speculation's overhead is otherwise only ever updated by steps that
         speculate, so a stale, too-high one would never be corrected)."""
         empty = [EMPTY_DRAFT] * len(drafts)
-        if self._rng.random() >= self.explore:
+        if not self._probe_now and self._rng.random() >= self.explore:
             return empty
         firsts = [(self._cumulative(d)[0], r) for r, d in enumerate(drafts) if d.tokens]
         if not firsts:

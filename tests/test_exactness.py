@@ -156,3 +156,23 @@ def test_sync_weights_matches_transformers_greedy(make_engine, real_model_path, 
         got = c.completion_ids
         n = len(got)
         assert got == want[:n], "vLLM after sync_weights diverged from transformers"
+
+
+def test_greedy_and_random_requests_in_one_batch(make_engine, real_model_path, prompts,
+                                                 greedy_baseline):
+    """Requests at temperature 0 and 1 in one vLLM batch: atlas-rl's verifier hands such
+    batches (with their packed draft distributions, expanded) to vLLM's; the greedy
+    requests still match decoding without speculation token for token."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    engine = make_engine(real_model_path, "atlas", **CFG)
+    ids = [engine._prompt_ids(i, p) for i, p in enumerate(prompts[:2])]
+    requests = [TokensPrompt(prompt_token_ids=x) for x in ids + ids]
+    params = [SamplingParams(temperature=0.0, max_tokens=96)] * 2 + \
+             [SamplingParams(temperature=1.0, max_tokens=96, seed=7)] * 2
+    out = engine.llm.generate(requests, params, use_tqdm=False)
+    greedy = [list(o.outputs[0].token_ids) for o in out[:2]]
+    assert greedy_mismatches(greedy_baseline.completion_ids[:2], greedy) == []
+    assert all(len(o.outputs[0].token_ids) > 0 for o in out[2:])
+    assert engine.stats()["num_accepted_tokens"] > 0

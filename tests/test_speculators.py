@@ -161,6 +161,21 @@ def test_probes_correct_a_stale_too_high_cost_estimate():
     assert probes >= 3  # it came back through probes, not by itself
 
 
+def test_no_drafting_where_the_cut_keeps_dropping_every_draft():
+    """Where speculation loses (the cut drops everything for `cut_patience` steps), the
+    speculators are not even run, except on explore-rate steps, which then probe."""
+    ctl = _fed_controller(base=0.075, overhead=0.2, slope=0.0003, num_seqs=4)
+    _train_arm(ctl, "suffix", 0.9)
+    drafts = [[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)]
+    for _ in range(ctl.cut_patience):
+        assert ctl.begin_step(4).lookahead > 0
+        assert not any(d.tokens for d in ctl.choose(drafts, 4))
+    assert all(ctl.begin_step(4).lookahead == 0 for _ in range(50))  # explore = 0
+    ctl.explore = 1.0
+    assert ctl.begin_step(4).lookahead > 0
+    assert sum(len(d) for d in ctl.choose(drafts, 4)) == 1  # the probe
+
+
 def test_goodput_cut_keeps_the_likeliest_positions_first():
     ctl = _fed_controller(base=0.075, overhead=0.002, slope=0.004, num_seqs=2)
     _train_arm(ctl, "suffix", 0.7)

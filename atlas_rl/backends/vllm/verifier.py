@@ -22,7 +22,8 @@ way (tests/test_exactness.py, tests/test_verifier.py).
 
 Scope: only engines whose runner was `attach`ed (atlas methods), so the benchmark's vLLM
 peers keep vLLM's stock verifier. Greedy or mixed greedy/random batches, synthetic
-acceptance mode, and dense q from vLLM's own drafters go to vLLM's implementation.
+acceptance mode, and dense q from vLLM's own drafters go to vLLM's implementation (a
+packed q is expanded to the dense rows it expects first).
 Version-gated: if ``rejection_sample`` is not the function this was written against (vLLM
 0.32), nothing is replaced and `status()` says so; drafts are then handed over dense.
 """
@@ -82,6 +83,11 @@ def _install() -> bool:
         if not ours:
             if getattr(_state, "active", False):
                 _calls["vllm"] += 1
+            if is_packed(draft_probs, target_logits.shape[-1]):
+                # e.g. greedy and random requests in one batch: vLLM verifies, densely
+                ids, q = unpack_sparse_q(draft_probs)
+                draft_probs = torch.zeros_like(target_logits, dtype=torch.float32).scatter_add_(
+                    1, ids.clamp(min=0), q.float())
             return original(draft_token_ids, num_draft_tokens, max_spec_len,
                             cu_num_draft_tokens, draft_probs, target_logits, bonus_token_ids,
                             sampling_metadata, synthetic_mode, synthetic_conditional_rates,
