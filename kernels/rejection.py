@@ -106,8 +106,6 @@ def rejection_sample(
 
     starts = torch.cumsum(counts, 0) - counts
     x = draft_token_ids.long()
-    valid = x >= 0
-    xs = x.clamp(min=0)
     logits = target_logits.float()
     lse = torch.logsumexp(logits, dim=-1)
     if backend == "auto":
@@ -125,9 +123,9 @@ def rejection_sample(
         rows = starts[recover] + first[recover]
         p = torch.exp(logits[rows] - lse[rows, None])
         residual = p.clone()
-        if draft_probs is None:
-            hit = valid[rows]
-            residual[hit.nonzero().squeeze(1), xs[rows][hit]] = 0.0
+        if draft_probs is None:  # q = delta_x (a padded draft token, x < 0: q = 0)
+            hit = (x[rows] >= 0).nonzero().squeeze(1)
+            residual[hit, x[rows][hit]] = 0.0
         elif sparse:
             residual.scatter_add_(1, draft_ids[rows].clamp(min=0), -draft_probs[rows].float())
             residual.clamp_(min=0.0)

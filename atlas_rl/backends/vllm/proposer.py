@@ -144,28 +144,11 @@ class AtlasProposer:
                 except Exception as e:  # noqa: BLE001 (never into vLLM)
                     self._speculator_failed(spec, e)
 
-    def take_last_draft_probs(self):
-        """[num_reqs, k, vocab] draft distributions of the last proposal, or None when
-        every draft was one-hot (vLLM's runner reads this right after `propose`). One-hot
-        drafts in the same step get a one-hot q (verification is then the same as
-        without q)."""
-        last, self._draft_probs = self._draft_probs, None
-        if last is None:
-            return None
-        num_reqs, handed = last
-        probs = torch.zeros(num_reqs, max(len(d) for _, d in handed), self.vocab_size)
-        for row, draft in handed:
-            n = len(draft)
-            if draft.is_distribution:
-                probs[row, :n].scatter_add_(1, draft.q_ids[:n].long(), draft.q[:n].float())
-            else:
-                probs[row, torch.arange(n), torch.tensor(draft.tokens)] = 1.0
-        return probs
-
-    def take_last_packed_q(self):
-        """The same distributions packed sparse for atlas-rl's verifier
-        (`kernels.rejection.pack_sparse_q`: [num_reqs, k, 2S], S the widest support),
-        or None when every draft was one-hot."""
+    def _take_sparse_q(self):
+        """The last proposal's draft distributions as (ids, q), both [num_reqs, k, S]
+        (S the widest support; padding has probability 0), or None when every draft was
+        one-hot. One-hot drafts in the same step get q = 1 on their token (verification
+        is then the same as without q)."""
         last, self._draft_probs = self._draft_probs, None
         if last is None:
             return None
@@ -183,7 +166,23 @@ class AtlasProposer:
             else:  # one-hot: support {x}
                 ids[row, :n, 0] = torch.tensor(draft.tokens)
                 q[row, :n, 0] = 1.0
-        return pack_sparse_q(ids, q, self.vocab_size)
+        return ids, q
+
+    def take_last_draft_probs(self):
+        """[num_reqs, k, vocab] draft distributions of the last proposal, or None when
+        every draft was one-hot (vLLM's runner reads this right after `propose`)."""
+        sparse = self._take_sparse_q()
+        if sparse is None:
+            return None
+        ids, q = sparse
+        dense = torch.zeros(*ids.shape[:2], self.vocab_size)
+        return dense.scatter_add_(2, ids, q)
+
+    def take_last_packed_q(self):
+        """The same distributions packed sparse for atlas-rl's verifier
+        (`kernels.rejection.pack_sparse_q`: [num_reqs, k, 2S]), or None."""
+        sparse = self._take_sparse_q()
+        return None if sparse is None else pack_sparse_q(*sparse, self.vocab_size)
 
     def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
                 slot_mappings=None, **_ignored) -> list[list[int]]:

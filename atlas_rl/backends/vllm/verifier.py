@@ -122,7 +122,10 @@ def attach(runner) -> bool:
         return False
     if getattr(sampler, "_atlas_verifier", False):
         return True
+    if getattr(sampler, "_atlas_verifier_refused", False):  # tried once: vLLM verifies
+        return False
     if not _install():
+        sampler._atlas_verifier_refused = True
         return False
     inner = sampler.forward  # the class's forward (with compat fix 6), bound
 
