@@ -188,15 +188,13 @@ class StepCostModel:
             self.spec.setdefault(b, _Fit(self.decay)).add(float(num_draft_tokens), seconds)
 
     def base_seconds(self, num_seqs: int) -> float | None:
-        b = self.bucket(num_seqs)
-        if b in self.base and self.base[b][0] > 0:
-            return self.base[b][1] / self.base[b][0]
-        known = [k for k, v in self.base.items() if v[0] > 0]
-        if not known:
-            return None
-        k = min(known, key=lambda k: abs(k - b))  # nearest bucket, scaled if above it
-        t = self.base[k][1] / self.base[k][0]
-        return t * (2.0 ** (b - k)) if b > k else t
+        """What a step of this batch-size bucket costs without speculation, or None
+        until one was measured. Never extrapolated from another bucket: decoding is
+        memory-bound at small batches and compute-bound at large ones, so a guess from
+        the tail's 4 sequences would put a 64-sequence step at 16x its cost, and make
+        speculation there look nearly free."""
+        w, s = self.base.get(self.bucket(num_seqs), (0.0, 0.0))
+        return s / w if w > 0 else None
 
     def spec_cost(self, num_seqs: int) -> tuple[float, float] | None:
         """(overhead, slope): a step with D > 0 draft tokens costs
@@ -245,6 +243,9 @@ class AtlasController:
     #: After this many consecutive steps of a batch-size bucket in which the goodput cut
     #: dropped every draft, drafting itself is skipped there (but for explore-rate probes).
     cut_patience = 8
+    #: Share of steps on which one draft position past the useful ones is drafted, so
+    #: that the calibration of the next position keeps being measured.
+    explore_position = 0.25
 
     def __init__(self, max_lookahead: int, speculators: list[str], explore: float = 0.05,
                  collapse_rate: float = 0.03, cooldown_steps: int = 200,
@@ -315,7 +316,12 @@ class AtlasController:
         base = self.cost.base_seconds(num_seqs)
         cost = self.cost.spec_cost(num_seqs)
         self._probe_now = False
-        if base is not None and cost is not None and not self.always:
+        if base is None and not self.always:
+            # A batch size whose cost without speculation was never measured: measure it
+            # first (a step or two per power-of-two bucket, once), since every decision
+            # below compares against it.
+            return none
+        if not self.always:
             # Even a draft token that is surely accepted must pay for itself; and where the
             # goodput cut has dropped every draft for a while, do not pay for drafting
             # either: only explore-rate steps draft, and those probe the cost.
@@ -354,8 +360,10 @@ class AtlasController:
 
     def _useful_positions(self, arms: list[str], floor: float) -> int:
         """How many draft steps are worth asking a speculator for: positions while the
-        arms' average cumulative acceptance stays above the floor, plus one to explore.
-        Drafting costs time per step (a neural drafter runs once per position)."""
+        arms' average cumulative acceptance stays above the floor, plus, on a quarter of
+        the steps (`explore_position`), one more to keep that position's calibration
+        current. Drafting costs time per position (a neural drafter runs once per
+        position), so a position the goodput cut would drop is not drafted every step."""
         if self.always:
             return self.max_lookahead
         best = 0
@@ -367,7 +375,8 @@ class AtlasController:
                     break
                 k += 1
             best = max(best, k)
-        return min(self.max_lookahead, best + 1)
+        explore = 1 if self._rng.random() < self.explore_position else 0
+        return min(self.max_lookahead, best + explore)
 
     def choose(self, candidates: list[list[Draft]], num_seqs: int) -> list[Draft]:
         """Per request, the best of its candidate drafts, then the goodput cut."""
