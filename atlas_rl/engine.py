@@ -151,8 +151,9 @@ class AtlasRolloutEngine:
         start = time.perf_counter()
         out = {}
         seqs = [list(s) for s in sequences]
-        for spec in self.speculators.values():
-            out.update(spec.learn(seqs, time_budget=budget))
+        for spec in self.speculators.values():  # one budget for all: each gets what is left
+            left = max(0.0, budget - (time.perf_counter() - start))
+            out.update(spec.learn(seqs, time_budget=left))
         seconds = time.perf_counter() - start
         self._totals["update_seconds"] += seconds
         return {**out, "update_seconds": seconds, "update_budget_seconds": budget}

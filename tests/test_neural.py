@@ -128,6 +128,31 @@ def test_training_respects_its_time_budget():
     assert stats["drafter_rows"] == 8  # exactly one minibatch: a budget always buys one
 
 
+def test_training_stops_before_its_budget_not_after(monkeypatch):
+    """A minibatch is started only if one as slow as the slowest so far still fits: on a
+    clock where each minibatch takes 0.3 s, a 1.0 s budget buys 3 (0.9 s), not a 4th
+    that would end at 1.2 s."""
+    from types import SimpleNamespace
+
+    from atlas_rl.speculators import neural
+
+    policy = SyntheticPolicy(3)
+    spec = _speculator(policy, batch_rows=8)
+    _feed(spec, policy, sequences=40)
+    now = [0.0]
+    monkeypatch.setattr(neural, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+    loss = spec._loss
+
+    def slow_loss(*args):
+        now[0] += 0.3
+        return loss(*args)
+
+    monkeypatch.setattr(spec, "_loss", slow_loss)
+    stats = spec.learn(time_budget=1.0)
+    assert stats["drafter_rows"] == 3 * 8
+    assert stats["drafter_train_seconds"] <= 1.0
+
+
 def test_save_load_roundtrip(tmp_path):
     policy = SyntheticPolicy(4)
     spec = _speculator(policy)

@@ -327,9 +327,12 @@ class NeuralSpeculator(Speculator):
         if self.frozen or not self.ready:
             self._done, self._streams = [], {}
             return {}
+        start = time.perf_counter()
         self.collect()
         if not self._buffer:
             return {}
+        if time_budget is not None:  # collecting the capture came out of the budget
+            time_budget = max(0.0, time_budget - (time.perf_counter() - start))
         return self.train(time_budget=time_budget, max_epochs=self.max_epochs)
 
     def _loss(self, net, h, tok, target, head):
@@ -368,12 +371,14 @@ class NeuralSpeculator(Speculator):
             opt.load_state_dict(self._optimizer_state)
         losses, diverged, rows_seen = [], False, 0
         n = len(tok)
+        slowest = 0.0  # the longest minibatch so far: the next one may take as long
         for epoch in range(max_epochs):
             order = torch.randperm(n, generator=self._generator)
             for s in range(0, n, self.batch_rows):
+                t0 = time.perf_counter()
                 if (time_budget is not None and rows_seen
-                        and time.perf_counter() - start > time_budget):
-                    break  # (one minibatch at least: a budget always buys progress)
+                        and t0 - start + slowest > time_budget):
+                    break  # stop before the budget, not after (one minibatch at least)
                 idx = order[s:s + self.batch_rows]
                 loss = self._loss(net, h[idx], tok[idx], target[idx], head)
                 value = float(loss.detach())
@@ -387,6 +392,7 @@ class NeuralSpeculator(Speculator):
                 opt.step()
                 losses.append(value)
                 rows_seen += len(idx)
+                slowest = max(slowest, time.perf_counter() - t0)
                 if progress is not None:
                     progress(epoch, s, n, value)
             else:
