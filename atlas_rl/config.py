@@ -61,6 +61,15 @@ class AtlasConfig:
     cpu_kv_cache_gib: int = field(default=2, metadata={
         "help": "KV cache size in GiB on the CPU backend (VLLM_CPU_KVCACHE_SPACE), unless "
                 "that variable is set."})
+    allow_nonfinite_weights: bool = field(default=False, metadata={
+        "help": "Let sync_weights load weights with NaN or inf values. Off by default: a "
+                "diverged policy update would otherwise yield garbage rollouts (e.g. one "
+                "token repeated) without a word; turn on only to debug such a policy."})
+    sync_rollback: bool = field(default=True, metadata={
+        "help": "Keep a host copy of the last synced weights (the model's size in the "
+                "engine's dtype) so that a sync whose load fails midway restores them and "
+                "the engine keeps serving. Off: saves that memory; such a failure then "
+                "leaves the engine unusable (it refuses to generate)."})
     seed: int = field(default=0, metadata={"help": "Engine seed (sampling without a per-call seed)."})
     logprobs_mode: str = field(default="processed_logprobs", metadata={
         "help": "processed_logprobs: logprobs of the distribution actually sampled "

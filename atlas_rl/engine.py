@@ -65,6 +65,11 @@ class AtlasRolloutEngine:
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self._vllm_counters = backend.VllmSpecCounters(self.llm)
         self._step_times = backend.StepTimes(self.llm)
+        from atlas_rl.backends.vllm.weight_sync import WeightSync
+
+        self._weight_sync = WeightSync(self.llm, self.model_path,
+                                       allow_nonfinite=self.config.allow_nonfinite_weights,
+                                       keep_previous=self.config.sync_rollback)
         self.speculators: dict[str, object] = {}
         self.proposer = None
         if speculation in ("atlas", "atlas-static"):
@@ -213,6 +218,10 @@ class AtlasRolloutEngine:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {top_k}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+        if self._weight_sync.broken:
+            from atlas_rl.backends.vllm.weight_sync import EngineBrokenError
+
+            raise EngineBrokenError(self._weight_sync.broken)
         if len(prompts) == 0:
             return RolloutBatch([], self._stats_since(None, 0.0, []))
 
@@ -316,10 +325,17 @@ class AtlasRolloutEngine:
         return self.learn([c.prompt_ids + c.completion_ids for c in batch],
                           batch.stats.get("rollout_seconds"))
 
-    def sync_weights(self, model_or_state_dict) -> None:
+    def sync_weights(self, model_or_state_dict, *, copy: bool = False) -> None:
         """Load new policy weights (an nn.Module, a state dict, or (name, tensor) pairs
-        with checkpoint names) into the running engine; the prefix cache is reset. The
-        speculator's state is kept."""
+        with checkpoint names) into the running engine, all or nothing; the prefix cache
+        is reset and the speculators' state kept.
+
+        Every tensor is checked first (a parameter of the engine's checkpoint, its shape,
+        a floating dtype, finite unless ``AtlasConfig.allow_nonfinite_weights``): a bad one
+        raises `WeightSyncError` naming it, and nothing is loaded. If the load itself fails
+        midway, the previous weights are restored and the error re-raised. ``copy=True``:
+        copy each tensor as it is read (for iterators whose tensors change once iteration
+        ends, e.g. merged PEFT adapters or gathered ZeRO-3 shards)."""
         import torch
 
         if isinstance(model_or_state_dict, torch.nn.Module):
@@ -328,7 +344,7 @@ class AtlasRolloutEngine:
             weights = model_or_state_dict.items()
         else:
             weights = model_or_state_dict
-        self._backend.load_weights(self.llm, ((k, v.detach()) for k, v in weights))
+        self._weight_sync.sync(weights, copy=copy)
         for spec in self.speculators.values():  # the drafter's copy of the head rows
             if hasattr(spec, "weights_version"):
                 spec.weights_version += 1

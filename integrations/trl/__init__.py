@@ -12,9 +12,13 @@ What changes (TRL 1.16; checked at `enable_atlas` time):
 - the vLLM engine TRL builds (``VLLMGeneration._init_vllm`` calls ``vllm.LLM``) gets
   atlas-rl's speculative config, and an `AtlasRolloutEngine` adopts it
   (``trainer.vllm_generation.atlas_engine``);
+- the sampler computes in the trainer's dtype (`trainer_dtype`) unless
+  ``AtlasConfig.dtype`` is set: the logprobs vLLM returns are what TRL's importance-sampling
+  correction compares with the trainer's, and what atlas-rl's lossless claim is judged on;
 - weight sync (``VLLMGeneration.sync_weights``) feeds TRL's own parameter iterator (its
-  ZeRO-3 gathers, FSDP and merged PEFT adapters) to ``engine.sync_weights``, which works on
-  vLLM's CPU backend too (TRL's ``model.load_weights`` path does not there);
+  ZeRO-3 gathers, FSDP and merged PEFT adapters) to ``engine.sync_weights``, which checks
+  every tensor before loading any, rolls back a failed load, and works on vLLM's CPU
+  backend too (TRL's ``model.load_weights`` path does not there);
 - after every generation the adaptive speculator learns the rollouts of all ranks
   (gathered over torch.distributed), timed by TRL's profiling as ``atlas.update``, and
   ``atlas/*`` metrics join the trainer's metrics, so every ``report_to`` backend gets them;
@@ -25,6 +29,7 @@ Server mode (``vllm_mode="server"``) is left untouched, with a warning.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import time
@@ -86,6 +91,24 @@ def _install() -> None:
 
 # --- VLLMGeneration -----------------------------------------------------------------
 
+def trainer_dtype(model, accelerator=None) -> str:
+    """The dtype the trainer computes its logprobs in: the autocast dtype under mixed
+    precision (accelerate's ``mixed_precision`` "bf16" / "fp16"), else the dtype of the
+    model's weights (its input embeddings: the base weights under PEFT, where adapters
+    may be float32 over a bfloat16 model)."""
+    import torch
+
+    mixed = getattr(accelerator, "mixed_precision", "no")
+    if mixed in ("bf16", "fp16"):
+        return {"bf16": "bfloat16", "fp16": "float16"}[mixed]
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    dtype = getattr(getattr(embeddings, "weight", None), "dtype", None)
+    if dtype is None:
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return str(dtype).removeprefix("torch.")
+
+
+
 def _wrap_init_vllm(original, module):
     @functools.wraps(original)
     def _init_vllm(self):
@@ -99,6 +122,8 @@ def _wrap_init_vllm(original, module):
         from atlas_rl.engine import AtlasRolloutEngine
 
         config, speculation = _STATE["config"], _STATE["speculation"]
+        if config.dtype is None:  # the sampler computes as the trainer does (module docstring)
+            config = dataclasses.replace(config, dtype=trainer_dtype(self.model, self.accelerator))
         trl_llm = module.LLM
 
         def build(model, **kwargs):
@@ -130,9 +155,9 @@ def _wrap_sync_weights(original):
             self.llm.wake_up(tags=["weights"])
             self._llm_weights_sleeping = False
         # TRL's iterator gathers ZeRO-3 / FSDP shards and merges PEFT adapters, yielding
-        # checkpoint names; the engine loads them through vLLM's checkpoint loader and
-        # resets the prefix cache.
-        engine.sync_weights(self._iter_named_params())
+        # checkpoint names; its tensors change once it ends (adapters unmerged, shards
+        # released), and the engine checks them all before loading any: so it copies them.
+        engine.sync_weights(self._iter_named_params(), copy=True)
 
     return sync_weights
 

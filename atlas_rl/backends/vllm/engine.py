@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterable
-
 import torch
 
 from atlas_rl.config import AtlasConfig
@@ -127,21 +125,6 @@ class VllmSpecCounters:
     def _add(self, s) -> None:
         self.counters.add(s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens,
                           s.num_draft_tokens_per_pos, s.num_accepted_tokens_per_pos)
-
-
-def load_weights(llm, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """New policy weights into the running engine, then drop the prefix cache (its KV
-    was computed with the old weights).
-
-    ``model_runner.reload_weights`` goes through vLLM's checkpoint-format loader, which
-    works on the CPU backend too; TRL's ``model.load_weights`` path fails there
-    (the CPU backend repacks linear weights: 'Parameter' has no 'weight_loader')."""
-    from atlas_rl.compat import vllm_cpu
-
-    runner = model_runner(llm)
-    runner.reload_weights(weights_iterator=iter(weights))
-    vllm_cpu.refresh_tied_lm_head(runner.get_model())
-    llm.reset_prefix_cache()
 
 
 class StepTimes:

@@ -1,0 +1,279 @@
+"""New policy weights into a running vLLM engine, all or nothing.
+
+A sync has three stages:
+
+1. **check** (before anything reaches vLLM): every incoming tensor is a parameter of the
+   checkpoint the engine was built from (names), with that parameter's shape, a floating
+   dtype, and finite values. A refused sync raises `WeightSyncError`, naming each bad
+   parameter and what was expected; the engine keeps serving the weights it had.
+2. **load**: vLLM's ``model_runner.reload_weights`` (checkpoint format; it works on the CPU
+   backend, where TRL's ``model.load_weights`` path does not: the CPU backend repacks
+   linear weights and their parameters lose ``weight_loader``), then the tied LM head's
+   CPU GEMM handle is rebuilt (compat fix 5) and the prefix cache dropped (its KV was
+   computed with the old weights).
+3. **roll back** if the load itself fails (after checks, that is vLLM's or the iterator's
+   fault): vLLM 0.32 reloads layer by layer, moving each layer to the meta device until
+   all its weights have arrived, so an exception midway leaves some layers new, some on
+   the meta device and stale buffered loads behind (the next ``generate`` fails on meta
+   tensors; the next reload trips over the buffered loads). We clear the buffered loads,
+   let vLLM put every unfinished layer's tensors back, and reload the previous weights:
+   the last synced tensors (kept on the host in the engine's dtype), and the checkpoint
+   on disk for any parameter never synced. Only if that fails too is the engine marked
+   broken, and it then refuses to generate with an error instead of computing on meta
+   tensors.
+
+Cost on SmolLM2-135M (the note of issue 15 has the figures): the checks are one pass of
+``isfinite`` over the weights; the rollback copy is one host copy of the weights in the
+engine's dtype, refreshed on every sync (``AtlasConfig.sync_rollback=False`` skips it and
+keeps only the checks).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+Weights = Iterable[tuple[str, torch.Tensor]]
+
+# PEFT wraps names; TRL strips these before it hands weights over (``_iter_named_params``).
+_PEFT_MARKERS = ("base_model.model.", ".base_layer.", "lora_A", "lora_B")
+
+
+class WeightSyncError(ValueError):
+    """A sync refused before it touched the engine: the engine serves its old weights."""
+
+
+class EngineBrokenError(RuntimeError):
+    """A failed load could not be rolled back: the engine must be rebuilt."""
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    shape: tuple[int, ...]
+    floating: bool
+
+
+def _local_model_dir(model: str) -> Path | None:
+    path = Path(model)
+    if path.is_dir():
+        return path
+    try:  # a hub id that vLLM resolved through the local hub cache
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # noqa: BLE001  (no hub, not cached, not a repo id)
+        return None
+
+
+def checkpoint_spec(model: str) -> dict[str, ParamSpec] | None:
+    """Names, shapes and dtype kind of every tensor in the model's safetensors checkpoint
+    (headers only: nothing is read from disk but the metadata), plus ``lm_head.weight``
+    for a tied head, which transformers' ``state_dict`` lists and vLLM skips. None when the
+    checkpoint is not local safetensors: names and shapes are then left unchecked."""
+    folder = _local_model_dir(model)
+    files = sorted(folder.glob("*.safetensors")) if folder is not None else []
+    if not files:
+        return None
+    from safetensors import safe_open
+
+    spec: dict[str, ParamSpec] = {}
+    for file in files:
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                sl = f.get_slice(name)
+                spec[name] = ParamSpec(tuple(sl.get_shape()), sl.get_dtype().startswith(("F", "BF")))
+    config = folder / "config.json"
+    tied = config.is_file() and json.loads(config.read_text()).get("tie_word_embeddings", False)
+    embed = next((n for n in spec if n.endswith("embed_tokens.weight")), None)
+    if tied and embed is not None and "lm_head.weight" not in spec:
+        spec["lm_head.weight"] = spec[embed]
+    return spec
+
+
+def _checkpoint_tensors(model: str, skip: set[str]) -> Iterator[tuple[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    folder = _local_model_dir(model)
+    for file in sorted(folder.glob("*.safetensors")) if folder is not None else []:
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                if name not in skip:
+                    yield name, f.get_tensor(name)
+
+
+class WeightSync:
+    """One engine's weight sync: `sync(weights)` checks, loads, and rolls back on failure.
+
+    ``allow_nonfinite``: load NaN/inf weights instead of refusing them.
+    ``keep_previous``: keep a host copy of the synced weights (engine dtype) to roll back
+    to; without it a failed load leaves the engine broken."""
+
+    def __init__(self, llm, model: str, *, allow_nonfinite: bool = False,
+                 keep_previous: bool = True):
+        self.llm = llm
+        self.model = model
+        self.allow_nonfinite = allow_nonfinite
+        self.keep_previous = keep_previous
+        self.dtype: torch.dtype = llm.llm_engine.model_config.dtype
+        self.spec = checkpoint_spec(model)
+        if self.spec is None:
+            logger.warning("atlas-rl: no local safetensors checkpoint for %r: weight syncs "
+                           "check dtypes and finiteness, not names and shapes; a failed "
+                           "load rolls back to synced weights only", model)
+        self.previous: dict[str, torch.Tensor] = {}
+        self.broken: str | None = None
+        self.last_timings: dict[str, float] = {}
+
+    # --- 1. check ---------------------------------------------------------------------
+
+    def stage(self, weights: Weights, copy: bool = False) -> list[tuple[str, torch.Tensor]]:
+        """Read ``weights`` once and check them all; returns (name, tensor) pairs ready to
+        load. ``copy``: copy each tensor (to the host, in the engine's dtype) as it is read,
+        for iterators whose tensors change once iteration ends (merged PEFT adapters,
+        gathered ZeRO-3 shards: TRL's ``_iter_named_params``)."""
+        staged, problems, seen = [], [], set()
+        for item in weights:
+            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+                    and isinstance(item[1], torch.Tensor)):
+                raise WeightSyncError(
+                    f"sync_weights: expected (name, tensor) pairs, got {type(item).__name__} "
+                    f"{str(item)[:60]!r}: pass a model, a state dict or (name, tensor) pairs")
+            name, tensor = item
+            tensor = tensor.detach()
+            if copy:
+                tensor = tensor.to("cpu", self.dtype, copy=True) if tensor.is_floating_point() \
+                    else tensor.to("cpu", copy=True)
+            problem = self._check(name, tensor, seen)
+            if problem:
+                problems.append(problem)
+            seen.add(name)
+            staged.append((name, tensor))
+        if problems:
+            shown = "\n".join(f"  - {p}" for p in problems[:10])
+            more = f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else ""
+            raise WeightSyncError(
+                f"sync_weights refused {len(problems)} of {len(staged)} tensors; nothing was "
+                f"loaded, the engine keeps serving its current weights:\n{shown}{more}")
+        return staged
+
+    def _check(self, name: str, t: torch.Tensor, seen: set[str]) -> str | None:
+        if name in seen:
+            return f"{name!r}: given twice in one sync"
+        expected = None if self.spec is None else self.spec.get(name)
+        if self.spec is not None and expected is None:
+            hint = ("strip PEFT's names (merge the adapter: model.merge_and_unload())"
+                    if any(m in name for m in _PEFT_MARKERS) else
+                    "pass checkpoint names, as transformers' state_dict() has them "
+                    f"(e.g. {next(iter(self.spec))!r})")
+            return f"{name!r}: not a parameter of {self.model!r}: {hint}"
+        if not t.is_floating_point():
+            return (f"{name!r}: dtype {str(t.dtype).removeprefix('torch.')}, expected a "
+                    f"floating dtype (the engine computes in {str(self.dtype).removeprefix('torch.')})")
+        if expected is not None and tuple(t.shape) != expected.shape:
+            return f"{name!r}: shape {tuple(t.shape)}, expected {expected.shape} as in the checkpoint"
+        if t.device.type == "meta":
+            return f"{name!r}: a meta tensor (no data): materialise the model before syncing"
+        if not self.allow_nonfinite:
+            finite = torch.isfinite(t)
+            if not bool(finite.all()):
+                bad = t.numel() - int(finite.sum())
+                return (f"{name!r}: {bad} of {t.numel()} values are NaN or inf (a diverged "
+                        f"update?); fix the update, or AtlasConfig(allow_nonfinite_weights="
+                        f"True) to load them anyway")
+        return None
+
+    # --- 2. load, 3. roll back ----------------------------------------------------------
+
+    def sync(self, weights: Weights, copy: bool = False) -> None:
+        """`stage` then `load`, timed into ``last_timings``."""
+        import time
+
+        start = time.perf_counter()
+        staged = self.stage(weights, copy=copy)
+        checked = time.perf_counter()
+        self.load(staged, owned=copy)
+        self.last_timings = {"check_seconds": checked - start,
+                             "load_seconds": time.perf_counter() - checked}
+
+    def load(self, staged: Iterable[tuple[str, torch.Tensor]], owned: bool = False) -> None:
+        """Load checked weights; if vLLM or the iterator fails midway, reload the previous
+        weights and re-raise (the engine keeps serving them). ``owned``: the tensors are
+        ours (`stage` copied them), so they can be kept as they are to roll back to;
+        otherwise the caller owns them (an optimizer updates them in place) and we keep
+        copies."""
+        if self.broken:
+            raise EngineBrokenError(self.broken)
+        loaded: list[tuple[str, torch.Tensor]] = []
+
+        def recording() -> Iterator[tuple[str, torch.Tensor]]:
+            for name, tensor in staged:
+                loaded.append((name, tensor))
+                yield name, tensor
+
+        try:
+            self._reload(recording())
+        except Exception as e:
+            self._roll_back(e, {name for name, _ in loaded})
+            raise
+        if self.keep_previous:
+            for name, tensor in loaded:
+                self.previous[name] = tensor if owned else tensor.to("cpu", self.dtype, copy=True)
+
+    def _reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from atlas_rl.backends.vllm.engine import model_runner
+        from atlas_rl.compat import vllm_cpu
+
+        runner = model_runner(self.llm)
+        runner.reload_weights(weights_iterator=iter(weights))
+        vllm_cpu.refresh_tied_lm_head(runner.get_model())
+        self.llm.reset_prefix_cache()
+
+    def _roll_back(self, error: Exception, touched: set[str]) -> None:
+        logger.error("atlas-rl: loading new weights failed (%s: %s); restoring the previous "
+                     "weights", type(error).__name__, error)
+        previous = dict(self.previous)
+        # A tied head has no checkpoint tensor of its own: vLLM skips it on load.
+        on_disk = set(self.spec or ()) - {"lm_head.weight"}
+        uncovered = touched - set(previous) - on_disk - {"lm_head.weight"}
+        try:
+            if uncovered:
+                raise RuntimeError(f"no previous value of {sorted(uncovered)[:3]} to restore "
+                                   f"(AtlasConfig.sync_rollback is off, or the checkpoint is "
+                                   f"not local safetensors)")
+            _reset_layerwise_reload(self.llm)
+
+            def weights() -> Iterator[tuple[str, torch.Tensor]]:
+                if on_disk:
+                    yield from _checkpoint_tensors(self.model, skip=set(previous))
+                yield from previous.items()
+
+            self._reload(weights())
+        except Exception as e:  # noqa: BLE001
+            self.broken = (f"the engine could not restore its weights after a failed load "
+                           f"({type(error).__name__}: {error}; restoring raised "
+                           f"{type(e).__name__}: {e}): build a new AtlasRolloutEngine")
+            raise EngineBrokenError(self.broken) from e
+
+
+def _reset_layerwise_reload(llm) -> None:
+    """Undo a reload that stopped midway (vLLM 0.32's layerwise reload): drop the loads
+    buffered for unfinished layers, then let vLLM's own finalisation put those layers'
+    kernel tensors back, so that the next ``reload_weights`` starts from a clean state."""
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    from atlas_rl.backends.vllm.engine import model_runner
+
+    model = model_runner(llm).get_model()
+    for layer in model.modules():
+        info = layerwise.LAYERWISE_INFO.get(layer)
+        if info is not None and info.can_load():
+            info.loaded_weights.clear()
+            info.load_numel = 0
+    layerwise.finalize_layerwise_reload(model, llm.llm_engine.model_config)
