@@ -133,6 +133,20 @@ def _cmd_doctor(args) -> int:
                         f"torchvision, run: pip uninstall -y torchvision torchaudio torchcodec")
     for mod, ver in versions.items():
         print(f"{mod:<13} {ver}")
+    if "torch" in versions:
+        import torch
+
+        from atlas_rl.backends.vllm.engine import default_dtype
+        from atlas_rl.machine import machine_info
+
+        info = machine_info(dtype="")
+        units = "with bf16 units (AVX512-BF16/AMX)" if info["cpu_bf16_units"] else \
+            "without bf16 units (bfloat16 is emulated)"
+        print(f"{'cpu':<13} {info['cpu']}, {info['cores']} cores, {units}")
+        print(f"{'gpu':<13} {info['gpu'] or 'none'}")
+        standalone = default_dtype(on_cpu=not torch.cuda.is_available())
+        print(f"{'dtype':<13} {standalone} for AtlasRolloutEngine by default here; in TRL the "
+              f"trainer's (AtlasConfig.dtype overrides both)")
     if problems:
         for p in problems:
             print(f"atlas-rl doctor: {p}", file=sys.stderr)
@@ -164,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=10, help="GRPO steps per run (code, then math "
                                                            "from halfway)")
     demo.add_argument("--max-tokens", type=int, default=64, help="max completion tokens")
-    demo.add_argument("--dtype", default=None, help="engine dtype (default: float32 on CPUs "
-                                                    "without native bf16, else bfloat16)")
+    demo.add_argument("--dtype", default=None,
+                      help="the sampler's dtype (default: the trainer's, float32: the "
+                           "logprobs TRL compares then agree to float noise; bfloat16 is "
+                           "faster on CPUs with bf16 units, its lossless bound is wider)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out-dir", default="demo-results", help="where the runs and demo.png go")
     demo.add_argument("--json", help="also write the results to this JSON file")
@@ -216,7 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
                        + " (default: all installed; 'none' always runs)"
                        + (". Not yet available: " + ", ".join(NOT_YET) if NOT_YET else ""))
     bench.add_argument("--max-lookahead", type=int, default=None, help="draft tokens (default 8)")
-    bench.add_argument("--dtype", default=None, help="engine dtype (default as the engine's)")
+    bench.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
+                       help="every engine's dtype (default float32 on every CPU: exactness "
+                            "is judged there; bfloat16: logprobs within 0.5 of the float32 "
+                            "policy, greedy identity up to near-ties)")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
 

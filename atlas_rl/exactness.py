@@ -104,3 +104,20 @@ def check_sampling(model, batch, temperature: float = 1.0, seed: int = 0) -> Sam
 def greedy_mismatches(reference: Sequence[Sequence[int]], other: Sequence[Sequence[int]]) -> list[int]:
     """Indices of completions that differ token for token."""
     return [i for i, (a, b) in enumerate(zip(reference, other)) if list(a) != list(b)]
+
+
+@torch.no_grad()
+def greedy_divergence_margin(model, prompt_ids: Sequence[int], reference: Sequence[int],
+                             other: Sequence[int]) -> tuple[int, float] | None:
+    """Where two greedy completions of one prompt first differ, and by how much the
+    reference model (float32) prefers one of the two tokens there: |l_a - l_b| in nats
+    (logits and logprobs differ by the same constant per row). None if they agree.
+
+    A greedy decoder in a lower precision (bfloat16 keeps 8 mantissa bits) can flip a
+    near-tie whenever the batch shape changes, with or without speculation; a margin
+    within that precision's error is such a tie, a larger one is a real divergence."""
+    t = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), None)
+    if t is None:
+        return None
+    logits = model(torch.tensor([list(prompt_ids) + list(reference[:t])])).logits[0, -1]
+    return t, float((logits[reference[t]] - logits[other[t]]).abs())

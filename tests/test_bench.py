@@ -180,6 +180,10 @@ def test_quick_run_schema(quick_run):
         for row in m["steps"]:
             assert STEP_KEYS <= set(row)
         assert m["exactness"]["exact"] is True, (name, m["exactness"])
+        # float32 by default on every CPU, bf16 units or not: exactness is judged there
+        assert m["exactness"]["judged_in"] == "float32"
+    assert results["machine"]["dtype"] == "float32"
+    assert isinstance(results["machine"]["cpu_bf16_units"], bool)
     steps = results["methods"]["none"]["steps"]
     assert [s["domain"] for s in steps] == ["code", "math"]  # the drift
     assert results["config"]["drift_step"] == 1
@@ -219,6 +223,32 @@ def test_quick_run_policy_really_moves(quick_run):
     policy = results["policy"]
     assert policy["updates"] >= 1 and policy["param_delta_norm"] > 0
     assert all(s["sync_seconds"] > 0 for s in policy["steps"])
+
+
+def test_greedy_divergence_margin_is_the_reference_logit_gap(tiny_model_path):
+    """Where two greedy completions first differ, the margin is the float32 reference's
+    logit gap between the two tokens there (what the bench compares with the dtype's
+    tolerance to tell a bf16 near-tie from a real divergence)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from atlas_rl.exactness import greedy_divergence_margin
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+    prompt, a = [1, 5, 9, 11], [20, 21, 22, 23]
+    assert greedy_divergence_margin(model, prompt, a, list(a)) is None
+    b = [20, 21, 40, 41]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + a[:2]])).logits[0, -1]
+    t, margin = greedy_divergence_margin(model, prompt, a, b)
+    assert t == 2 and margin == pytest.approx(float((logits[22] - logits[40]).abs()), abs=1e-5)
+
+
+def test_bench_refuses_a_dtype_it_cannot_judge():
+    from atlas_rl.bench import BenchConfig
+
+    with pytest.raises(ValueError, match="dtype 'float16' is not one the benchmark can judge"):
+        BenchConfig(dtype="float16")
 
 
 def test_cli_refuses_bad_combinations(tmp_path):

@@ -87,12 +87,15 @@ def _assert_drop_in_contract(trainer, changed, probe):
     # the speculator learned each step's rollouts
     assert len(probe.counts) == 2 and 0 < probe.counts[0] < probe.counts[1]
 
-    # after a sync, vLLM's logprobs and greedy output are the trained policy's
+    # after a sync, vLLM's logprobs and greedy output are the trained policy's. The sampler
+    # computes in the trainer's dtype (float32, TRL's default), on CPUs with bf16 units too,
+    # so the bounds are float32's: logprobs agree to the order of float32 operations.
     from atlas_rl.exactness import check_sampling
 
     vg = trainer.vllm_generation
     vg.sync_weights()
     engine = vg.atlas_engine
+    assert engine.llm.llm_engine.model_config.dtype == torch.float32 == trainer.model.dtype
     sampled = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=12, seed=1)
     check = check_sampling(trainer.model.eval(), sampled)
     assert math.isfinite(check.logprob_max_abs_err) and check.logprob_max_abs_err < 1e-4
@@ -105,6 +108,32 @@ def _assert_drop_in_contract(trainer, changed, probe):
             out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                  max_new_tokens=12, pad_token_id=tok.eos_token_id)
         assert out[0, ids.shape[1]:].tolist() == got[: out.shape[1] - ids.shape[1]]
+
+
+def test_sampler_dtype_follows_the_trainer():
+    """In TRL, the sampler computes in the dtype the trainer computes its logprobs in: the
+    autocast dtype under mixed precision, else the weights' (the base weights under PEFT,
+    whose adapters TRL may keep in float32)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from atlas_rl.integrations.trl import trainer_dtype
+
+    config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    model = LlamaForCausalLM(config)
+    assert trainer_dtype(model) == "float32"
+    peft = get_peft_model(model.to(torch.bfloat16), LoraConfig(r=2, target_modules=["q_proj"]))
+    for name, p in peft.named_parameters():
+        if "lora" in name:
+            p.data = p.data.float()
+    assert trainer_dtype(peft) == "bfloat16"
+
+    class Accelerator:
+        mixed_precision = "bf16"
+
+    assert trainer_dtype(LlamaForCausalLM(config), Accelerator()) == "bfloat16"
 
 
 def test_stock_grpo_trainer_with_two_added_lines(tiny_model_path, tmp_path, monkeypatch):

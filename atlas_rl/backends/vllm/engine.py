@@ -37,19 +37,12 @@ def speculative_config(method: str, config: AtlasConfig) -> dict | None:
     raise ValueError(f"unknown speculation method {method!r}")
 
 
-def _cpu_has_native_bf16() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def default_dtype(on_cpu: bool) -> str:
     # Measured on a 2-core AVX-512 Xeon without bf16 units: float32 decodes ~2x faster
     # than emulated bfloat16 at batch 16 (README, "Choosing a dtype").
-    return "bfloat16" if not on_cpu or _cpu_has_native_bf16() else "float32"
+    from atlas_rl.machine import cpu_has_native_bf16
+
+    return "bfloat16" if not on_cpu or cpu_has_native_bf16() else "float32"
 
 
 def build_llm(model_path: str, method: str, config: AtlasConfig, **engine_kwargs):
