@@ -79,8 +79,11 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     path = resolve_model(args.model)
+    # The sampler in the policy's dtype: vLLM's logprobs are the "old" logprobs of the PPO
+    # ratio, so they must be what the float32 policy computes (bf16 moves them by up to ~0.4).
     engine = AtlasRolloutEngine(path, speculation=args.speculation,
-                                config=AtlasConfig(max_model_len=1024, cpu_kv_cache_gib=1))
+                                config=AtlasConfig(max_model_len=1024, cpu_kv_cache_gib=1,
+                                                   dtype="float32"))
     torch.manual_seed(0)
     policy = PolicyWithValueHead(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
     reference = copy.deepcopy(policy.model).eval().requires_grad_(False)

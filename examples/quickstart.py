@@ -13,7 +13,10 @@ from atlas_rl.workloads import extract_answer, math_prompts
 
 
 def main():
-    engine = AtlasRolloutEngine("smollm2-135m-instruct", speculation="atlas", config=AtlasConfig())
+    # The sampler computes in the trainer's dtype, so that batch.logprobs are the ones the
+    # policy computes (importance ratios, KL); the engine's own default follows speed.
+    engine = AtlasRolloutEngine("smollm2-135m-instruct", speculation="atlas",
+                                config=AtlasConfig(dtype="float32"))
     policy = AutoModelForCausalLM.from_pretrained(engine.model_path, dtype=torch.float32)
     problems = math_prompts(4, seed=0)
 
