@@ -10,7 +10,7 @@ EXTRAS  ?= cpu,trl,peft,wandb,bench,dev
 BENCH_OUT ?= bench-results
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench fetch-model clean
+.PHONY: setup demo test test-fast bench fetch-model gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ test: setup
 # Mechanics only (tiny random models, no real-model exactness runs).
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+# The GPU check (docs/gpu.md), on a GPU machine with torch + Triton (no vLLM needed):
+# results in $$OUT, else ./gpu-check-out. `bash scripts/gpu_check.sh --cpu-smoke` runs here.
+gpu-check:
+	bash scripts/gpu_check.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

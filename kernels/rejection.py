@@ -11,20 +11,25 @@ What this implementation does differently from vLLM 0.32's rejection sampler (wh
 atlas-rl replaces with it on the vLLM backend, see ``atlas_rl.backends.vllm.verifier``):
 
 - q may be *sparse*: ``draft_ids[i]`` / ``draft_q[i]`` hold the support of the draft
-  distribution at token i (padding: probability 0, any id). The neural drafter's q lives
-  on its 4,096-token draft vocabulary, a sibling-count q on a handful of tokens; a dense
-  [tokens, vocab] q (49,152 wide for SmolLM2) costs a zero-fill, a scatter and a copy
-  per step before verification even starts.
+  distribution at token i (padding: probability 0, any id; nonzero probabilities on
+  distinct ids: the Triton path relies on it, this one would sum duplicates). The
+  neural drafter's q lives on its 4,096-token draft vocabulary, a sibling-count q on a
+  handful of tokens; a dense [tokens, vocab] q (49,152 wide for SmolLM2) costs a
+  zero-fill, a scatter and a copy per step before verification even starts.
 - p is only normalised where it is needed: acceptance needs p(x) = exp(l_x - lse) (one
   logsumexp per row); the full softmax row and the residual are built only at the (at
   most one per request) position that was rejected.
 - A recovered token is drawn by inverse CDF from one uniform per request, instead of an
   exponential race that draws [requests, vocab] exponential noise every step (twice
   for seeded requests); on 2 CPU cores that noise alone was ~10 ms of a ~100 ms step.
+  On CUDA the residual row is float64, so that an implementation summing it in another
+  order (the Triton one) lands on the same token except with probability ~1e-11 per draw.
 
 Randomness comes in as arguments (``uniform`` per draft token, ``recovery_uniform`` per
 request), so callers control generators and tests control draws. This module is the
-torch implementation (CPU and any torch device).
+torch implementation (CPU and any torch device) and the reference of the Triton one
+(`rejection_triton`, used for CUDA tensors), which returns the same tokens on the same
+uniforms.
 """
 
 from __future__ import annotations
@@ -75,64 +80,113 @@ def rejection_sample(
     draft_probs: torch.Tensor | None = None,  # dense [N, V] q, or the sparse q [N, S]
     draft_ids: torch.Tensor | None = None,    # [N, S] support of the sparse q
     backend: str = "auto",
-) -> torch.Tensor:
+    bonus_logits: torch.Tensor | None = None,  # [B, V] rows the bonus tokens came from
+    return_logprobs: bool = False,
+    recovery_dtype: torch.dtype | None = None,
+):
     """Verify a batch of drafts; returns [B, max_spec_len + 1] int32 output tokens,
     ``PLACEHOLDER_TOKEN_ID`` after each request's last token (vLLM's layout).
 
     ``draft_probs`` None: one-hot drafts. With ``draft_ids``: ``draft_probs`` is the
     sparse q on that support. Without: a dense q over the vocabulary. ``target_logits``
-    is not modified. ``backend``: the acceptance step in "torch" or as the Triton kernel
-    ("triton"; "auto": Triton for CUDA tensors when Triton is installed); the residual
-    draw at rejected positions is torch either way."""
+    is not modified. ``backend``: "torch" (this module, the reference), "triton" (the
+    whole verification as Triton kernels, `rejection_triton`) or "auto" (Triton for CUDA
+    tensors when Triton is installed). Both give the same tokens on the same uniforms.
+
+    ``return_logprobs``: also return [B, max_spec_len + 1] float32 log p(token) of every
+    output token under the target distribution it was verified against or drawn from
+    (log_softmax of its ``target_logits`` row; of ``bonus_logits`` for the bonus token,
+    which must then be given), 0 at placeholders: ``(out, logprobs)``.
+
+    ``recovery_dtype``: the precision of the residual row at a rejected position (torch
+    backend). None: float64 on CUDA, where this is the Triton path's reference and must
+    land on its tokens (summed in float32 in two orders, the draws disagreed on 0.36% of
+    rows at vocabulary 151,936; in float64 on none of 128,000); float32 elsewhere, where
+    it is the CPU verifier's hot path (float64 cost ~0.3 ms more per rejected row at
+    vocabulary 49,152 on 2 cores). Both are exact in distribution."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"rejection_sample: backend must be 'auto', 'torch' or 'triton', "
                          f"got {backend!r}")
     num_reqs = len(num_draft_tokens)
     device = target_logits.device
-    counts = torch.as_tensor(list(num_draft_tokens), dtype=torch.long, device=device)
-    out = torch.full((num_reqs, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32,
-                     device=device)
+    vocab = target_logits.shape[-1]
+    if return_logprobs and (bonus_logits is None
+                            or tuple(bonus_logits.shape) != (num_reqs, vocab)):
+        raise ValueError("rejection_sample: return_logprobs needs bonus_logits of shape "
+                         f"({num_reqs}, {vocab}), the rows the bonus tokens were sampled from; "
+                         f"got {None if bonus_logits is None else tuple(bonus_logits.shape)}")
     bonus = bonus_token_ids.reshape(-1).to(torch.int32)
     n = draft_token_ids.shape[0]
     if n == 0:
+        out = torch.full((num_reqs, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32,
+                         device=device)
         out[:, 0] = bonus
-        return out
-    if int(counts.sum()) != n or target_logits.shape[0] != n:
-        raise ValueError(f"rejection_sample: {n} draft tokens, {int(counts.sum())} counted "
+        if not return_logprobs:
+            return out
+        logprobs = torch.zeros(out.shape, dtype=torch.float32, device=device)
+        logprobs[:, 0] = torch.log_softmax(bonus_logits.float(), -1).gather(
+            1, bonus.long()[:, None]).squeeze(1)
+        return out, logprobs
+    counted = sum(int(c) for c in num_draft_tokens)  # on the host: no device sync
+    if counted != n or target_logits.shape[0] != n:
+        raise ValueError(f"rejection_sample: {n} draft tokens, {counted} counted "
                          f"over requests, {target_logits.shape[0]} target rows")
-    sparse = draft_ids is not None
-    if sparse and draft_probs is None:
+    if draft_ids is not None and draft_probs is None:
         raise ValueError("rejection_sample: draft_ids without draft_probs")
+    if backend == "auto":
+        backend = "triton" if target_logits.is_cuda and triton_available() else "torch"
+    if backend == "triton":
+        from atlas_rl.kernels.rejection_triton import rejection_sample_triton
 
+        return rejection_sample_triton(draft_token_ids, num_draft_tokens, target_logits,
+                                       bonus_token_ids, uniform, recovery_uniform, max_spec_len,
+                                       draft_probs, draft_ids, bonus_logits, return_logprobs)
+
+    counts = torch.as_tensor([int(c) for c in num_draft_tokens], dtype=torch.long, device=device)
+    out = torch.full((num_reqs, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32,
+                     device=device)
     starts = torch.cumsum(counts, 0) - counts
     x = draft_token_ids.long()
     logits = target_logits.float()
     lse = torch.logsumexp(logits, dim=-1)
-    if backend == "auto":
-        backend = "triton" if logits.is_cuda and triton_available() else "torch"
-    if backend == "triton":
-        from atlas_rl.kernels.rejection_triton import accept_drafts_triton as accept_drafts
-    else:
-        accept_drafts = accept_drafts_torch
-    first = accept_drafts(out, x, counts, starts, logits, lse, bonus, uniform,
-                          draft_probs, draft_ids)
-    all_accepted = first == counts
+    first = accept_drafts_torch(out, x, counts, starts, logits, lse, bonus, uniform,
+                                draft_probs, draft_ids)
 
-    recover = (~all_accepted).nonzero().squeeze(1)
+    recover = (first != counts).nonzero().squeeze(1)
     if recover.numel():
         rows = starts[recover] + first[recover]
-        p = torch.exp(logits[rows] - lse[rows, None])
+        if recovery_dtype is None:
+            recovery_dtype = torch.float64 if logits.is_cuda else torch.float32
+        row_logits = logits[rows].to(recovery_dtype)
+        p = torch.exp(row_logits - torch.logsumexp(row_logits, dim=-1, keepdim=True))
         residual = p.clone()
         if draft_probs is None:  # q = delta_x (a padded draft token, x < 0: q = 0)
             hit = (x[rows] >= 0).nonzero().squeeze(1)
             residual[hit, x[rows][hit]] = 0.0
-        elif sparse:
-            residual.scatter_add_(1, draft_ids[rows].clamp(min=0), -draft_probs[rows].float())
+        elif draft_ids is not None:
+            residual.scatter_add_(1, draft_ids[rows].clamp(min=0),
+                                  -draft_probs[rows].to(recovery_dtype))
             residual.clamp_(min=0.0)
         else:
-            residual.sub_(draft_probs[rows].float()).clamp_(min=0.0)
+            residual.sub_(draft_probs[rows].to(recovery_dtype)).clamp_(min=0.0)
         out[recover, first[recover]] = _inverse_cdf(residual, p, recovery_uniform[recover])
-    return out
+    if not return_logprobs:
+        return out
+    return out, _output_logprobs(out, counts, starts, logits, lse, bonus_logits)
+
+
+def _output_logprobs(out, counts, starts, logits, lse, bonus_logits) -> torch.Tensor:
+    """log p(token) at every output position: positions below a request's draft count
+    were verified against (or drawn from) its target row, the one after them is the
+    bonus token; 0 at placeholders."""
+    pos = torch.arange(out.shape[1], device=out.device)
+    tokens = out.long().clamp(min=0)
+    rows = (starts[:, None] + pos[None, :]).clamp(max=logits.shape[0] - 1)
+    from_target = logits[rows, tokens] - lse[rows]
+    bonus_rows = bonus_logits.float()
+    from_bonus = bonus_rows.gather(1, tokens) - torch.logsumexp(bonus_rows, -1, keepdim=True)
+    lp = torch.where(pos[None, :] < counts[:, None], from_target, from_bonus)
+    return torch.where(out != PLACEHOLDER_TOKEN_ID, lp, torch.zeros_like(lp))
 
 
 def accept_drafts_torch(out, x, counts, starts, logits, lse, bonus, uniform, draft_probs,

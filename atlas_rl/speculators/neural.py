@@ -25,10 +25,17 @@ computes them with transformers (`atlas-rl train-speculator`).
 Drafting from a distribution: with ``sample=True`` a draft token is sampled from q and q
 goes to the verifier (accepted with probability 1 - TV(p, q)); otherwise the draft is
 q's argmax, one-hot (accepted with probability p(x)).
+
+Devices: the drafter lives where the policy's embedding does (``attach_target``). On CUDA
+with a bf16 policy it drafts with bf16 matmuls (softmax and sampling in float32) and
+trains with float32 weights under bf16 autocast; on the CPU everything is float32. The
+drafting step waits for the device once per `propose` call: the Draft contract hands
+tokens and confidences back as Python lists (docs/gpu.md lists the host syncs).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -40,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atlas_rl.kernels.staging import to_device
 from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, Speculator
 
 
@@ -79,20 +87,23 @@ class DrafterNet(nn.Module):
         z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps)
         return z * self.norm
 
-    def inference_weights(self) -> tuple[torch.Tensor, ...]:
-        """The weights laid out for drafting: transposed copies (on 2 CPU cores a
-        [4, 1152] x [1152, 576] product is ~8x faster against a contiguous [in, out]
-        matrix than against nn.Linear's [out, in] one). Cached until a parameter is
-        modified (tensor version counters: optimizer steps, load_state_dict, publish)."""
+    def inference_weights(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+        """The weights laid out for drafting, in ``dtype``: transposed copies (on 2 CPU
+        cores a [4, 1152] x [1152, 576] product is ~8x faster against a contiguous
+        [in, out] matrix than against nn.Linear's [out, in] one). Cached until a parameter
+        is modified (tensor version counters: optimizer steps, load_state_dict, publish)
+        or another dtype is asked for."""
         params = (self.w_in.weight, self.w_in.bias, self.w_out.weight, self.w_out.bias,
                   self.norm)
-        key = tuple((id(t), t._version) for t in params)
+        key = (dtype, *((id(t), t._version) for t in params))
         cached = getattr(self, "_inference_cache", None)
         if cached is None or cached[0] != key:
             with torch.no_grad():
-                weights = (self.w_in.weight.detach().t().contiguous(), self.w_in.bias.detach().clone(),
-                           self.w_out.weight.detach().t().contiguous(), self.w_out.bias.detach().clone(),
-                           self.norm.detach().clone())
+                weights = (self.w_in.weight.detach().t().to(dtype).contiguous(),
+                           self.w_in.bias.detach().to(dtype).clone(),
+                           self.w_out.weight.detach().t().to(dtype).contiguous(),
+                           self.w_out.bias.detach().to(dtype).clone(),
+                           self.norm.detach().to(dtype).clone())
             cached = self._inference_cache = (key, weights)
         return cached[1]
 
@@ -136,7 +147,9 @@ class NeuralSpeculator(Speculator):
         self._embed = self._head = self._head_sub = None
         self._head_version = -1
         self._optimizer_state = None
+        self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(seed)
+        self._device_generator: torch.Generator | None = None  # sampling drafts on CUDA
         self._last: dict[object, tuple[torch.Tensor, int]] = {}  # key -> (h, last token)
         self._streams: dict[object, list] = {}  # key -> [next_pos, [h rows], [tokens]]
         self._done: list = []  # finished streams waiting for learn()
@@ -152,6 +165,9 @@ class NeuralSpeculator(Speculator):
         weight sync that updates them in place is seen here)."""
         if embed.shape[-1] != head.shape[-1]:
             raise ValueError(f"embedding width {embed.shape[-1]} != head width {head.shape[-1]}")
+        if embed.device != head.device:
+            raise ValueError(f"embedding on {embed.device} but LM head on {head.device}: the "
+                             "drafter runs where both are")
         self._embed, self._head = embed, head
         d = int(embed.shape[-1])
         if self.net is None:
@@ -160,6 +176,7 @@ class NeuralSpeculator(Speculator):
             raise ValueError(
                 f"the drafter was trained for hidden size {self.net.hidden_size}, but the "
                 f"policy's is {d}: train one for this model with `atlas-rl train-speculator`")
+        self.net.to(embed.device)  # float32 weights beside the policy's tensors
         if self.vocab is None:
             self.vocab = torch.arange(min(self.draft_vocab_size, int(head.shape[0])))
         if int(self.vocab.max()) >= int(head.shape[0]):
@@ -171,10 +188,21 @@ class NeuralSpeculator(Speculator):
     def ready(self) -> bool:
         return self._embed is not None and self.net is not None
 
+    def _draft_dtype(self) -> torch.dtype:
+        """Matmul dtype for drafting: a bf16/fp16 policy's own dtype on CUDA (tensor cores;
+        the softmax and the sampling stay float32), float32 otherwise."""
+        dtype = self._head.dtype
+        if self._head.is_cuda and dtype in (torch.bfloat16, torch.float16):
+            return dtype
+        return torch.float32
+
     def _sub_head(self) -> torch.Tensor:
         if self._head_version != self.weights_version or self._head_sub is None:
-            self._head_sub = self._head.detach().index_select(0, self.vocab).float()
-            self._head_sub_t = self._head_sub.t().contiguous()  # [d, |S|], for drafting
+            # self.vocab stays on the CPU (saved state, set_vocab_from_counts)
+            self._vocab_dev = to_device(self.vocab, None, self._head.device)
+            self._head_sub = self._head.detach().index_select(0, self._vocab_dev).float()
+            # [d, |S|], for drafting
+            self._head_sub_t = self._head_sub.t().to(self._draft_dtype()).contiguous()
             self._head_version = self.weights_version
         return self._head_sub
 
@@ -226,36 +254,44 @@ class NeuralSpeculator(Speculator):
         if not rows:
             return drafts
         self._sub_head()
-        head_t, vocab = self._head_sub_t, self.vocab
-        weights, eps = self.net.inference_weights(), self.net.eps
-        h = torch.stack([self._last[keys[i]][0] for i in rows])
-        tok = torch.tensor([self._last[keys[i]][1] for i in rows])
-        lens = torch.tensor([max_lengths[i] for i in rows])
-        do_sample = torch.tensor([bool(sample[i]) if sample is not None else False for i in rows])
-        any_sample = bool(do_sample.any())
-        steps = int(lens.max())
+        head_t, vocab = self._head_sub_t, self._vocab_dev
+        device, dtype = head_t.device, head_t.dtype
+        weights, eps = self.net.inference_weights(dtype), self.net.eps
+        # Per-request bookkeeping stays in Python lists; what the device needs goes over
+        # in non-blocking copies, so nothing below waits for it until the results.
+        h = to_device(torch.stack([self._last[keys[i]][0] for i in rows]), None, device).to(dtype)
+        tok = to_device([self._last[keys[i]][1] for i in rows], torch.long, device)
+        lens = [max_lengths[i] for i in rows]
+        flags = [bool(sample[i]) if sample is not None else False for i in rows]
+        any_sample = any(flags)
+        if any_sample:
+            do_sample = to_device(flags, torch.bool, device)
+            generator = self._sampling_generator(device)
         toks, confs, qs = [], [], []
-        for _ in range(steps):
-            y = DrafterNet.draft_step(weights, h, self._embed.index_select(0, tok).float(), eps)
-            q = torch.softmax(y @ head_t, dim=-1)
+        for _ in range(max(lens)):
+            y = DrafterNet.draft_step(weights, h, self._embed.index_select(0, tok).to(dtype), eps)
+            q = torch.softmax((y @ head_t).float(), dim=-1)
             idx = q.argmax(-1)
             if any_sample:  # inverse CDF: one uniform per row (torch.multinomial is slower)
                 cdf = q.cumsum(-1)
-                u = torch.rand(len(rows), 1, generator=self._generator) * cdf[:, -1:]
+                u = torch.rand(len(rows), 1, generator=generator, device=device) * cdf[:, -1:]
                 sampled = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=q.shape[1] - 1)
                 idx = torch.where(do_sample, sampled, idx)
             toks.append(idx)
             confs.append(q.gather(1, idx[:, None]).squeeze(1))
             qs.append(q)
             h, tok = y, vocab[idx]
-        toks = vocab[torch.stack(toks, 1)].tolist()
-        confs = torch.stack(confs, 1).tolist()
+        # The one wait for the device: a single copy of tokens and confidences (ids are
+        # exact in float64), because the Draft contract is Python lists.
+        host = torch.stack((vocab[torch.stack(toks, 1)].double(),
+                            torch.stack(confs, 1).double())).cpu()
+        toks, confs = host[0].long().tolist(), host[1].tolist()
         qs = torch.stack(qs, 1)  # [rows, steps, |S|]
         for j, i in enumerate(rows):
-            n = int(lens[j])
+            n = lens[j]
             drafts[i] = Draft(toks[j][:n], confs[j][:n],
-                              q_ids=vocab.expand(n, -1) if do_sample[j] else None,
-                              q=qs[j, :n] if do_sample[j] else None)
+                              q_ids=vocab.expand(n, -1) if flags[j] else None,
+                              q=qs[j, :n] if flags[j] else None)
         return drafts
 
     # --- learning ---------------------------------------------------------------------
@@ -272,6 +308,16 @@ class NeuralSpeculator(Speculator):
         if not xs:
             return None
         return torch.cat(xs), torch.cat(ts), torch.cat(ys)
+
+    def _sampling_generator(self, device: torch.device) -> torch.Generator:
+        """The generator of draft sampling: the CPU one on the CPU (as before devices), one
+        seeded the same way on an accelerator (a CPU generator cannot feed CUDA draws)."""
+        if device.type == "cpu":
+            return self._generator
+        gen = self._device_generator
+        if gen is None or gen.device != device:
+            gen = self._device_generator = torch.Generator(device).manual_seed(self.seed)
+        return gen
 
     def add_examples(self, h: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor) -> None:
         """Training rows: (hidden at t, token t+1) -> hidden at t+1. Bounded FIFO."""
@@ -335,6 +381,14 @@ class NeuralSpeculator(Speculator):
             time_budget = max(0.0, time_budget - (time.perf_counter() - start))
         return self.train(time_budget=time_budget, max_epochs=self.max_epochs)
 
+    def _autocast(self, device: torch.device):
+        """bf16 autocast for training on CUDA when the policy is bf16 (matmuls in bf16,
+        softmax and the loss in float32, weights and AdamW state float32); fp16 policies
+        train in float32 (no loss scaling here), as does the CPU."""
+        if device.type == "cuda" and self._head.dtype == torch.bfloat16:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def _loss(self, net, h, tok, target, head):
         y = net(h, self._embed.detach().index_select(0, tok).float().clone())
         with torch.no_grad():
@@ -346,15 +400,18 @@ class NeuralSpeculator(Speculator):
         """First-position acceptance on held-out rows, against the policy's full-vocabulary
         p: a distribution draft is accepted with sum_v min(p_v, q_v), a one-hot draft of
         q's argmax with p(argmax)."""
+        head_sub = self._sub_head()
+        vocab = self._vocab_dev
+        h, tok, target = (t.to(vocab.device) for t in (h, tok, target))
         head_full = self._head.detach().float()
         p = torch.softmax(target.float() @ head_full.T, dim=-1)
         y = self.net(h.float(), self._embed.detach().index_select(0, tok).float())
-        q_sub = torch.softmax(y @ self._sub_head().T, dim=-1)
-        q = torch.zeros_like(p).index_copy_(1, self.vocab, q_sub)
+        q_sub = torch.softmax(y @ head_sub.T, dim=-1)
+        q = torch.zeros_like(p).index_copy_(1, vocab, q_sub)
         return {"accept_distribution": float(torch.minimum(p, q).sum(-1).mean()),
-                "accept_one_hot": float(p.gather(1, self.vocab[q_sub.argmax(-1)][:, None]).mean()),
+                "accept_one_hot": float(p.gather(1, vocab[q_sub.argmax(-1)][:, None]).mean()),
                 "accept_ceiling_one_hot": float(p.max(-1).values.mean()),
-                "vocab_coverage": float(p.index_select(1, self.vocab).sum(-1).mean())}
+                "vocab_coverage": float(p.index_select(1, vocab).sum(-1).mean())}
 
     def train(self, time_budget: float | None = None, max_epochs: int = 1,
               progress=None) -> dict[str, float]:
@@ -362,9 +419,11 @@ class NeuralSpeculator(Speculator):
         budget. A loss that turns NaN or explodes rolls the drafter back to its last
         published weights (counted in `rollbacks`)."""
         start = time.perf_counter()
-        # Clones: tensors made under vLLM's inference mode cannot enter autograd.
+        # Copies: tensors made under vLLM's inference mode cannot enter autograd. The
+        # buffer may sit on the CPU (the proposer copies hidden states there): one move.
         head = self._sub_head().clone()
-        h, tok, target = (x.clone() for x in self.buffer())
+        device = head.device
+        h, tok, target = (x.to(device, copy=True) for x in self.buffer())
         net = copy.deepcopy(self.net)
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=0.0)
         if self._optimizer_state is not None:
@@ -373,15 +432,16 @@ class NeuralSpeculator(Speculator):
         n = len(tok)
         slowest = 0.0  # the longest minibatch so far: the next one may take as long
         for epoch in range(max_epochs):
-            order = torch.randperm(n, generator=self._generator)
+            order = to_device(torch.randperm(n, generator=self._generator), None, device)
             for s in range(0, n, self.batch_rows):
                 t0 = time.perf_counter()
                 if (time_budget is not None and rows_seen
                         and t0 - start + slowest > time_budget):
                     break  # stop before the budget, not after (one minibatch at least)
                 idx = order[s:s + self.batch_rows]
-                loss = self._loss(net, h[idx], tok[idx], target[idx], head)
-                value = float(loss.detach())
+                with self._autocast(device):
+                    loss = self._loss(net, h[idx], tok[idx], target[idx], head)
+                value = float(loss.detach())  # a sync per minibatch: divergence and budget
                 limit = 4 * self._loss_ema + 1.0 if self._loss_ema is not None else math.inf
                 if not math.isfinite(value) or value > limit:
                     diverged = True
@@ -420,7 +480,8 @@ class NeuralSpeculator(Speculator):
     def state(self):
         if self.net is None:
             return {}, {"empty": True}
-        tensors = {f"net.{k}": v.detach().clone() for k, v in self.net.state_dict().items()}
+        tensors = {f"net.{k}": v.detach().cpu().clone()
+                   for k, v in self.net.state_dict().items()}
         tensors["vocab"] = self.vocab.clone()
         meta = {"hidden_size": self.net.hidden_size, "draft_vocab_size": self.draft_vocab_size,
                 "lr": self.lr, "version": self.version, "rollbacks": self.rollbacks,

@@ -21,8 +21,10 @@ for kind in ("one-hot", "sparse", "dense"):
         x = p.argmax(-1)
         x[3] = -1  # a padded draft token
     else:
-        ids = torch.stack([torch.randperm(V, generator=g)[:S] for _ in range(n)])
-        ids[:, 0] = p.argmax(-1)  # overlap with p
+        top = p.argmax(-1)  # the support holds p's likeliest token (overlap with p) ...
+        perms = [torch.randperm(V, generator=g) for _ in range(n)]
+        ids = torch.stack([torch.cat([top[i:i + 1], perm[perm != top[i]][:S - 1]])
+                           for i, perm in enumerate(perms)])  # ... and distinct ids
         q = p.gather(1, ids) + 0.05 * torch.rand(n, S, generator=g)  # close to p on ids
         q = q / q.sum(-1, keepdim=True)
         pick = torch.multinomial(q, 1, generator=g).squeeze(1)
