@@ -40,6 +40,22 @@ def tiny_model_path(real_model_path, tmp_path_factory) -> str:
     return str(out)
 
 
+def perturbed_policy(model_path: str, seed: int = 0, scale: float = 0.2):
+    """The real policy in transformers (float32, eval) with Gaussian noise on its MLP
+    weights (``scale`` x each weight's std): new weights whose greedy output differs from
+    the checkpoint's, to push through sync_weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "mlp" in name and name.endswith("weight"):
+                p.add_(torch.randn(p.shape, generator=gen) * scale * p.std())
+    return model
+
+
 @pytest.fixture(scope="module")
 def make_engine():
     """Build engines once per (model, method, config) within a test module; they are

@@ -135,16 +135,11 @@ def test_sync_weights_matches_transformers_greedy(make_engine, real_model_path, 
     perturbed model's greedy output in transformers (and differs from before). The same
     prompts run before and after, so a prefix cache left holding KV computed with the old
     weights would make this fail: it checks the reset too."""
-    from transformers import AutoModelForCausalLM
+    from conftest import perturbed_policy
 
     engine = make_engine(real_model_path, "atlas", **{**CFG, "explore": 0.11})
     before = engine.generate(prompts[:3], temperature=0.0, max_tokens=48)
-    model = AutoModelForCausalLM.from_pretrained(real_model_path, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "mlp" in name and name.endswith("weight"):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2 * p.std())
+    model = perturbed_policy(real_model_path, seed=0)
     engine.sync_weights(model)
     after = engine.generate(prompts[:3], temperature=0.0, max_tokens=48)
     assert after.completion_ids != before.completion_ids, "the new weights must change the output"

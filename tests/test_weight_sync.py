@@ -22,15 +22,9 @@ def policy(real_model_path):
     """The real policy in transformers, perturbed so that its greedy output differs from
     the checkpoint's: a rollback to the checkpoint on disk instead of to the last synced
     weights would then be seen."""
-    from transformers import AutoModelForCausalLM
+    from conftest import perturbed_policy
 
-    model = AutoModelForCausalLM.from_pretrained(real_model_path, dtype=torch.float32).eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "mlp" in name and name.endswith("weight"):
-                p.add_(torch.randn(p.shape, generator=gen) * 0.2 * p.std())
-    return model
+    return perturbed_policy(real_model_path, seed=1)
 
 
 @pytest.fixture(scope="module")

@@ -1,12 +1,11 @@
 """Building and driving an in-process vLLM engine: speculative configs per method,
-spec-decode counters as vLLM's scheduler reports them, weight sync that works on the
-CPU backend."""
+spec-decode counters as vLLM's scheduler reports them, where an engine step's time goes.
+Weight sync: `weight_sync`."""
 
 from __future__ import annotations
 
 import os
 import time
-import torch
 
 from atlas_rl.config import AtlasConfig
 from atlas_rl.metrics import SpecCounters
