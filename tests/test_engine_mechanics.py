@@ -17,6 +17,9 @@ PROMPTS = [
     "The quick brown fox jumps over the lazy dog. The quick brown fox",
     "import os\nimport sys\nimport json\nimport re\nimport os\n",
 ]
+# float32 on every CPU (with or without bf16 units): greedy identity with and without
+# speculation and logprobs against transformers are float32 claims; in bf16, verifying k+1
+# tokens at once rounds differently from decoding them one by one and near-ties flip.
 SPEC = dict(dtype="float32", speculate_always=True)
 
 
