@@ -363,8 +363,8 @@ def rejection_sample_triton(
     chunks_pad = _pow2(num_chunks, 2)
     width = max_spec_len + 1
 
-    # counts and first rows in one host-to-device copy that does not wait for the GPU
-    # (kernels/staging.py).
+    # counts and first rows in one pinned, non-blocking host-to-device copy: it does not
+    # wait for the GPU (kernels/staging.py).
     starts = [0] * num_reqs
     for b in range(1, num_reqs):
         starts[b] = starts[b - 1] + counts[b - 1]
