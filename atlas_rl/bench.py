@@ -28,21 +28,36 @@ over steps. Schema of the results: docs/benchmarks.md.
 
 from __future__ import annotations
 
+import argparse
+import functools
+import importlib
 import json
 import logging
 import os
 import random
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Callable, Sequence
+
+from atlas_rl.metrics import (
+    BENCH_RECORD_KEYS,
+    BENCH_REGIME_KEYS,
+    BENCH_STEP_KEYS,
+    BENCH_SUMMARY_KEYS,
+    BENCH_TIME_KEYS,
+    BENCH_UPDATE_KEYS,
+    POS_PREFIX,
+    arm_metrics,
+    fmt,
+    median,
+)
 
 logger = logging.getLogger(__name__)
 
 BENCH_METHODS = ("none", "vllm-ngram", "vllm-suffix", "atlas-static", "atlas")
-# Methods the benchmark knows but this version cannot run yet, and why.
-NOT_YET: dict[str, str] = {}
 WORKLOADS = ("drift", "code", "math")
 REGIMES = ("tail", "large_batch")
 # What the exactness check tolerates, by the engines' dtype. float32 engines against the
@@ -52,16 +67,15 @@ REGIMES = ("tail", "large_batch")
 # method, vLLM's own included: a greedy difference counts only where the float32 policy
 # separates the two tokens by more than that tolerance.
 LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5}
-SUMMARY_KEYS = ("tokens_per_s", "speedup", "acceptance_length", "acceptance_rate",
-                "oracle_acceptance_length", "exact")
+# What --quick changes: two steps (one per domain), short completions (and one large
+# batch, on the last step: `BenchConfig.quick_preset`).
+QUICK_PRESET = {"steps": 2, "max_tokens": 32, "large_batch_max_tokens": 16, "probe_tokens": 16}
 
 
 def available_methods() -> list[str]:
     """The methods this installation can run, in the benchmark's order."""
     out = []
     for m in BENCH_METHODS:
-        if m in NOT_YET:
-            continue
         if m == "vllm-suffix":
             try:
                 import arctic_inference  # noqa: F401
@@ -71,53 +85,115 @@ def available_methods() -> list[str]:
     return out
 
 
+def _comma_list(text: str) -> list[str]:
+    return [m.strip() for m in text.split(",") if m.strip()]
+
+
+def _one_based_steps(text: str) -> list[int]:
+    """"2,4" (the CLI's 1-based step numbers) -> [1, 3]."""
+    try:
+        return [int(s) - 1 for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected step numbers separated by commas (1-based), got {text!r}") from None
+
+
 @dataclass
 class BenchConfig:
-    model: str = "smollm2-135m-instruct"
-    workload: str = "drift"
-    prompt_files: list[str] = field(default_factory=list)
-    steps: int = 8
-    prompts_per_step: int = 16
-    completions: int = 4
-    max_tokens: int = 128
-    large_batch_max_tokens: int = 48
-    tail_sequences: int = 4
-    large_batch_steps: list[int] | None = None  # None: every other step (2nd, 4th, ...)
-    temperature: float = 1.0
-    seed: int = 0
-    methods: list[str] = field(default_factory=available_methods)
-    lr: float = 1e-5
-    check_sequences: int = 2
-    probe_tokens: int = 32
-    max_lookahead: int = 8
-    # float32 on every CPU by default: exactness is judged there (see LOGPROB_TOLERANCE).
-    dtype: str = "float32"
-    quick: bool = False
+    """What `atlas-rl bench` runs. A field's metadata makes its CLI flag
+    (`add_arguments`): ``help``, and where the default does not do, ``flag``, ``type``,
+    ``choices``, ``metavar`` or ``action``; ``cli: False`` gives it none."""
+
+    model: str = field(default="smollm2-135m-instruct", metadata={
+        "help": "known short name or a local HF folder"})
+    workload: str | None = field(default=None, metadata={
+        "help": "drift (default): code prompts, then math prompts from halfway; code or "
+                "math: one domain", "choices": WORKLOADS})
+    prompt_files: list[str] = field(default_factory=list, metadata={
+        "help": "prompts from a JSONL file (.gz ok; a 'prompt', 'question' or 'messages' "
+                "field per line, optional 'answer'); give it twice to drift from the first "
+                "set to the second", "flag": "--prompts", "action": "append",
+        "metavar": "FILE.jsonl"})
+    steps: int = field(default=8, metadata={"help": "RL steps"})
+    prompts_per_step: int = field(default=16, metadata={"help": "prompts in the large batch"})
+    completions: int = field(default=4, metadata={
+        "help": "completions per prompt, a GRPO group"})
+    max_tokens: int = field(default=128, metadata={"help": "max tokens per tail completion"})
+    large_batch_max_tokens: int = field(default=48, metadata={
+        "help": "max tokens per large-batch completion"})
+    tail_sequences: int = field(default=4, metadata={
+        "help": "completions of the tail group (at most `completions`)", "cli": False})
+    large_batch_steps: list[int] | None = field(default=None, metadata={
+        "help": "1-based steps that also run the large batch (default: every other step, "
+                "2, 4, ...; quick: the last step)", "type": _one_based_steps,
+        "metavar": "S1,S2"})  # here 0-based; None: every other step (2nd, 4th, ...)
+    temperature: float = field(default=1.0, metadata={
+        "help": "sampling temperature of the rollouts"})
+    seed: int = field(default=0, metadata={
+        "help": "seed of the prompts, the sampling, the policy and the checks"})
+    methods: list[str] = field(default_factory=available_methods, metadata={
+        "help": f"comma-separated, from: {', '.join(BENCH_METHODS)} (default: all "
+                f"installed; 'none' always runs)", "type": _comma_list, "metavar": "M1,M2"})
+    lr: float = field(default=1e-5, metadata={
+        "help": "policy learning rate of the GRPO updates"})
+    check_sequences: int = field(default=2, metadata={
+        "help": "tail completions per method and step checked against the policy",
+        "cli": False})
+    probe_tokens: int = field(default=32, metadata={
+        "help": "tokens of the greedy probe that checks greedy identity", "cli": False})
+    max_lookahead: int = field(default=8, metadata={"help": "draft tokens"})
+    dtype: str = field(default="float32", metadata={
+        "help": "every engine's dtype (default float32 on every CPU: exactness is judged "
+                "there; bfloat16: logprobs within 0.5 of the float32 "
+                "policy, greedy identity up to near-ties)", "choices": tuple(LOGPROB_TOLERANCE)})
+    quick: bool = field(default=False, metadata={
+        "help": "2 steps, short completions, one large batch (~3 min here)"})
 
     @classmethod
-    def quick_preset(cls, **overrides) -> "BenchConfig":
+    def quick_preset(cls, **overrides) -> BenchConfig:
         """Two steps (one per domain), short completions, one large batch: ~3 minutes."""
-        base = dict(steps=2, max_tokens=32, large_batch_max_tokens=16, probe_tokens=16,
-                    quick=True)
+        base = {**QUICK_PRESET, "quick": True}
         base.update({k: v for k, v in overrides.items() if v is not None})
         cfg = cls(**base)
         if overrides.get("large_batch_steps") is None:
             cfg.large_batch_steps = [cfg.steps - 1]
         return cfg
 
+    @classmethod
+    def cli_fields(cls) -> list:
+        """The fields that have a CLI flag."""
+        return [f for f in fields(cls) if f.metadata.get("cli", True)]
+
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """A flag per CLI field: ``--field-name`` (or its ``flag``) with the field's help
+        (plus its default and --quick's, where the help does not say them). A flag not
+        given is None, so that the config's default (or the quick preset's) stands."""
+        hints = typing.get_type_hints(cls)
+        for f in cls.cli_fields():
+            kwargs = {k: v for k, v in f.metadata.items() if k not in ("flag", "cli")}
+            kind = hints[f.name]
+            if kind is bool:
+                kwargs["action"] = "store_true"
+            elif kind in (int, float):
+                kwargs.setdefault("type", kind)
+            if kind is not bool and "default" not in kwargs["help"] and \
+                    f.default not in (MISSING, None):
+                quick = f"; quick {QUICK_PRESET[f.name]}" if f.name in QUICK_PRESET else ""
+                kwargs["help"] += f" (default {f.default}{quick})"
+            parser.add_argument(f.metadata.get("flag", "--" + f.name.replace("_", "-")),
+                                dest=f.name, **kwargs)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> BenchConfig:
+        """The config that the flags of `add_arguments` describe."""
+        given = {f.name: getattr(args, f.name) for f in cls.cli_fields()}
+        if given.pop("quick"):
+            return cls.quick_preset(**given)
+        return cls(**{k: v for k, v in given.items() if v is not None})
+
     def __post_init__(self):
-        if self.prompt_files and self.workload not in ("drift", "file"):
-            raise ValueError(f"--prompts gives the prompts; workload {self.workload!r} "
-                             f"cannot be combined with it (use --workload drift with two "
-                             f"--prompts files to switch between them)")
-        if self.prompt_files:
-            if len(self.prompt_files) > 2:
-                raise ValueError(f"--prompts takes one file, or two to drift from the first "
-                                 f"to the second; got {len(self.prompt_files)}")
-            self.workload = "drift" if len(self.prompt_files) == 2 else "file"
-        elif self.workload not in WORKLOADS:
-            raise ValueError(f"unknown workload {self.workload!r}: choose one of "
-                             f"{', '.join(WORKLOADS)}, or give --prompts FILE.jsonl")
+        self._resolve_workload()
         for name in ("steps", "prompts_per_step", "completions", "max_tokens",
                      "large_batch_max_tokens", "tail_sequences", "probe_tokens"):
             if getattr(self, name) < 1:
@@ -132,9 +208,6 @@ class BenchConfig:
                              f"exactness in: choose one of {', '.join(LOGPROB_TOLERANCE)}")
         self.methods = list(dict.fromkeys(self.methods))
         for m in self.methods:
-            if m in NOT_YET:
-                raise ValueError(f"method {m!r} is not available yet: {NOT_YET[m]}. "
-                                 f"Available: {', '.join(available_methods())}")
             if m not in BENCH_METHODS:
                 raise ValueError(f"unknown method {m!r}: choose from "
                                  f"{', '.join(available_methods())}")
@@ -145,6 +218,27 @@ class BenchConfig:
             if bad:
                 raise ValueError(f"large_batch_steps {bad} are outside the run's steps "
                                  f"0..{self.steps - 1}")
+
+    def _resolve_workload(self) -> None:
+        """drift by default; with prompt files, "file" (one) or "drift" (two)."""
+        if not self.prompt_files:
+            self.workload = self.workload or "drift"
+            if self.workload not in WORKLOADS:
+                raise ValueError(f"unknown workload {self.workload!r}: choose one of "
+                                 f"{', '.join(WORKLOADS)}, or give --prompts FILE.jsonl")
+            return
+        if self.workload not in (None, "drift", "file"):
+            raise ValueError(f"--workload {self.workload} builds its own prompts; drop it "
+                             f"when you give --prompts (or use --workload drift with two "
+                             f"--prompts files to switch between them)")
+        if len(self.prompt_files) > 2:
+            raise ValueError(f"--prompts takes one file, or two to drift from the first "
+                             f"to the second; got {len(self.prompt_files)}")
+        if self.workload == "drift" and len(self.prompt_files) == 1:
+            raise ValueError("--workload drift with --prompts needs two files (the run "
+                             "switches from the first to the second halfway); give "
+                             "--prompts twice, or drop --workload to run on one file")
+        self.workload = "drift" if len(self.prompt_files) == 2 else "file"
 
     @property
     def drift_step(self) -> int | None:
@@ -253,32 +347,19 @@ class PolicyUpdater:
 
 # --- summaries -----------------------------------------------------------------
 
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
 def _step_record(stats: dict, max_lookahead: int) -> dict:
-    pos = [stats.get(f"acceptance_rate_pos_{i}") for i in range(max_lookahead)]
+    pos = [stats.get(f"{POS_PREFIX}{i}") for i in range(max_lookahead)]
     while pos and pos[-1] is None:
         pos.pop()
-    keep = ("tokens_per_s", "rollout_seconds", "num_tokens", "num_completions",
-            "acceptance_length", "acceptance_rate", "lookahead", "oracle_acceptance_length",
-            "num_drafts", "num_draft_tokens", "num_accepted_tokens", "engine_steps",
-            "forward_seconds", "sample_seconds", "propose_seconds", "draft_seconds")
-    rec = {k: stats[k] for k in keep if k in stats}
-    # atlas: which arm drafted (share of drafts) and how well it did
-    rec.update({k: v for k, v in stats.items()
-                if k.startswith("drafts_") or k.startswith("acceptance_length_")})
+    rec = {k: stats[k] for k in BENCH_RECORD_KEYS if k in stats}
+    rec.update(arm_metrics(stats))  # atlas: which arm drafted (share of drafts), how well
     rec["acceptance_rate_pos"] = pos
     return rec
 
 
 def summarize_regime(records: list[dict], exact: bool) -> dict:
     """Medians over a regime's steps (speedup: the median of per-step ratios)."""
-    out = {k: _median([r.get(k) for r in records]) for k in
-           ("tokens_per_s", "speedup", "acceptance_length", "acceptance_rate",
-            "oracle_acceptance_length", "lookahead")}
+    out = {k: median([r.get(k) for r in records]) for k in BENCH_REGIME_KEYS}
     out["exact"] = exact
     out["steps"] = len(records)
     if not exact:
@@ -286,44 +367,57 @@ def summarize_regime(records: list[dict], exact: bool) -> dict:
     return out
 
 
+def _step_rows(records: dict[str, list[dict]], exact: bool) -> list[dict]:
+    """A method's rows, one per step: its tail record, with the step's record of every
+    regime it ran (no speedup where the method is not exact)."""
+    by_step = {r: {x["step"]: x for x in records[r]} for r in REGIMES}
+    rows = []
+    for rec in records["tail"]:
+        row = {k: rec.get(k) for k in BENCH_STEP_KEYS}
+        row.update(arm_metrics(rec))
+        if not exact:
+            row["speedup"] = None
+        row["regimes"] = {r: by_step[r][rec["step"]] for r in REGIMES
+                          if rec["step"] in by_step[r]}
+        if not exact:
+            for x in row["regimes"].values():
+                x["speedup"] = None
+        rows.append(row)
+    return rows
+
+
 def format_table(results: dict) -> str:
-    lines = ["| method | regime | tokens/s | speedup | acceptance length | acceptance rate "
-             "| lookahead | oracle (one-hot ceiling) | exact |",
+    lines = [("| method | regime | tokens/s | speedup | acceptance length | acceptance rate "
+              "| lookahead | oracle (one-hot ceiling) | exact |"),
              "|---|---|---|---|---|---|---|---|---|"]
-
-    def f(x, spec=".2f"):
-        return "-" if x is None else format(x, spec)
-
     for name, m in results["methods"].items():
         for regime in REGIMES:
             s = m["regimes"].get(regime)
             if not s or not s.get("steps"):
                 continue
-            rate = "-" if name == "none" else f(s["acceptance_rate"])
+            rate = "-" if name == "none" else fmt(s["acceptance_rate"])
             lines.append(
-                f"| {name} | {regime} | {f(s['tokens_per_s'], '.1f')} | "
-                f"{f(s['speedup'])}{'x' if s['speedup'] is not None else ''} | "
-                f"{f(s['acceptance_length'])} | {rate} | {f(s['lookahead'])} | "
-                f"{f(s['oracle_acceptance_length'])} | {'yes' if s['exact'] else 'NO'} |")
+                f"| {name} | {regime} | {fmt(s['tokens_per_s'], '.1f')} | "
+                f"{fmt(s['speedup'])}{'x' if s['speedup'] is not None else ''} | "
+                f"{fmt(s['acceptance_length'])} | {rate} | {fmt(s['lookahead'])} | "
+                f"{fmt(s['oracle_acceptance_length'])} | {'yes' if s['exact'] else 'NO'} |")
     return "\n".join(lines)
 
 
 def format_time_table(results: dict, regime: str = "tail") -> str:
     """Where the time of a regime's rollouts goes, per engine step, per method."""
-    lines = [f"| method ({regime}) | engine steps | tokens/step | forward ms/step | sampling, "
-             f"rejection (vllm-*: + their drafting) ms/step | atlas proposer bookkeeping "
-             f"ms/step | atlas drafting ms/step | other vLLM ms/step | speculator update "
-             f"ms/batch |",
+    lines = [(f"| method ({regime}) | engine steps | tokens/step | forward ms/step | sampling, "
+              f"rejection (vllm-*: + their drafting) ms/step | atlas proposer bookkeeping "
+              f"ms/step | atlas drafting ms/step | other vLLM ms/step | speculator update "
+              f"ms/batch |"),
              "|---|---|---|---|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         recs = [row["regimes"][regime] for row in m["steps"] if regime in row["regimes"]]
         if not recs:
             continue
-        tot = {k: sum(r.get(k, 0.0) or 0.0 for r in recs) for k in
-               ("rollout_seconds", "forward_seconds", "sample_seconds", "propose_seconds",
-                "draft_seconds", "update_seconds", "engine_steps", "num_tokens")}
+        tot = {k: sum(r.get(k, 0.0) or 0.0 for r in recs) for k in BENCH_TIME_KEYS}
         n = max(tot["engine_steps"], 1)
-        ms = lambda x, n=n: f"{1000 * x / n:.1f}"  # noqa: E731
+        ms = functools.partial(_ms_per, n=n)
         other = tot["rollout_seconds"] - tot["forward_seconds"] - tot["sample_seconds"]
         lines.append(
             f"| {name} | {int(tot['engine_steps'])} | {tot['num_tokens'] / n:.2f} | "
@@ -334,6 +428,10 @@ def format_time_table(results: dict, regime: str = "tail") -> str:
     return "\n".join(lines)
 
 
+def _ms_per(seconds: float, n: float) -> str:
+    return f"{1000 * seconds / n:.1f}"
+
+
 # --- the run -------------------------------------------------------------------
 
 class _Progress:
@@ -341,8 +439,13 @@ class _Progress:
 
     def __init__(self, total: int, enabled: bool = True):
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.console = Console(stderr=True)
         self.progress = None
@@ -367,207 +470,250 @@ class _Progress:
             self.progress.stop()
 
 
+# What the run imports (vLLM's import takes seconds): loaded before its clock starts.
+_STACK = ("torch", "atlas_rl.engine", "atlas_rl.exactness", "atlas_rl.machine",
+          "atlas_rl.models", "atlas_rl.rewards")
+
+
+class _BenchRun:
+    """One benchmark run, phase by phase: `build` the engines and the policy; per step
+    (`step`): the `rollouts` of every regime, `check_exactness`, `update_policy`; then
+    `results`."""
+
+    def __init__(self, cfg: BenchConfig, bar: _Progress, say: Callable[[str], None]):
+        self.cfg, self.bar, self.say = cfg, bar, say
+        self.methods = cfg.methods
+        self.lb_steps = cfg.resolved_large_batch_steps()
+        self.records = {m: {r: [] for r in REGIMES} for m in self.methods}
+        self.pit = {m: ([], []) for m in self.methods}
+        self.greedy_fail = {m: [] for m in self.methods}
+        self.greedy_ties = {m: [] for m in self.methods}
+        self.updates: list[dict] = []
+        self.totals = {m: {k: 0.0 if k.endswith("_seconds") else 0 for k in BENCH_TIME_KEYS}
+                       for m in self.methods}
+        self.warned: list = []
+
+    def build(self) -> None:
+        """The model, the prompts, an engine per method (warmed up), the policy."""
+        import torch
+
+        from atlas_rl import AtlasConfig, AtlasRolloutEngine
+        from atlas_rl.models import resolve_model
+
+        cfg = self.cfg
+        path = resolve_model(cfg.model)
+        self.pools = _domain_pools(cfg)
+        self.engine_config = AtlasConfig(max_lookahead=cfg.max_lookahead, dtype=cfg.dtype,
+                                         seed=cfg.seed)
+        self.engines = {}
+        for m in self.methods:
+            self.bar.advance(f"building engine {m}")
+            self.say(f"building the vLLM engine, speculation={m!r} ...")
+            self.engines[m] = AtlasRolloutEngine(path, speculation=m, config=self.engine_config)
+            self.engines[m].generate(["Warm-up."], n=2, max_tokens=8, seed=0)
+        any_engine = self.engines["none"]
+        self.dtype = str(any_engine.llm.llm_engine.model_config.dtype).replace("torch.", "")
+        self.chat = bool(getattr(any_engine.tokenizer, "chat_template", None))
+        self.say("loading the policy for updates and reference logprobs (transformers, float32)")
+        self.policy = PolicyUpdater(path, cfg.lr, cfg.seed)
+        self.tol = LOGPROB_TOLERANCE[self.dtype]
+        self.check_gen = torch.Generator().manual_seed(cfg.seed)
+
+    def as_prompt(self, p):
+        return _as_engine_prompt(p.prompt, self.chat, self.warned)
+
+    def step(self, step: int) -> None:
+        """One RL step: its prompts, every regime's rollouts, the checks, the update."""
+        cfg = self.cfg
+        phase = cfg.domain_phase(step)
+        domain, pool = self.pools[min(phase, len(self.pools) - 1)]
+        local_step = step - (cfg.drift_step or 0) if phase else step
+        drawn = _step_prompts(pool, local_step, cfg.prompts_per_step + 2)
+        tail_p, large_p, probe_p = drawn[0], drawn[1:-1], drawn[-1]
+        k = len(self.methods)
+        order = [self.methods[(i + step) % k] for i in range(k)]
+        jobs = [("tail", [tail_p], min(cfg.completions, cfg.tail_sequences), cfg.max_tokens)]
+        if step in self.lb_steps:
+            jobs.append(("large_batch", large_p, cfg.completions, cfg.large_batch_max_tokens))
+        step_seed = cfg.seed * 1_000_003 + step * 101
+        tail_batches = {}
+        for j, job in enumerate(jobs):
+            batches = self.rollouts(step, domain, order, job, step_seed + j)
+            if job[0] == "tail":
+                tail_batches = batches
+        self.check_exactness(step, order, tail_batches, probe_p)
+        self.update_policy(step, tail_p, tail_batches["none"])
+
+    def rollouts(self, step: int, domain: str, order: list[str], job: tuple,
+                 seed: int) -> dict:
+        """Every method (in `order`) generates a regime's prompts with the same seed and
+        its speculator learns the batch; a record per method; the batches."""
+        regime, prompts, n, max_tokens = job
+        cfg = self.cfg
+        batches, recs = {}, {}
+        for m in order:
+            eng = self.engines[m]
+            batch = eng.generate([self.as_prompt(p) for p in prompts], n=n,
+                                 temperature=cfg.temperature, max_tokens=max_tokens, seed=seed)
+            upd = eng.update(batch)
+            rec = _step_record(batch.stats, cfg.max_lookahead)
+            rec["update_seconds"] = upd.get("update_seconds", 0.0)
+            rec.update({key: upd[key] for key in BENCH_UPDATE_KEYS if key in upd})
+            recs[m], batches[m] = rec, batch
+            for key in self.totals[m]:
+                self.totals[m][key] += rec.get(key, 0) or 0
+            self.bar.advance(f"step {step + 1}/{cfg.steps} {regime} {m}")
+        base_tps = recs["none"]["tokens_per_s"]
+        for m, rec in recs.items():
+            rec["speedup"] = rec["tokens_per_s"] / base_tps if base_tps else None
+            rec.update(step=step, domain=domain)
+            self.records[m][regime].append(rec)
+        self.say(f"step {step + 1}/{cfg.steps} [{domain}] {regime:<11} " + "  ".join(
+            f"{m} {r['tokens_per_s']:.0f} tok/s AL {r['acceptance_length']:.2f}"
+            for m, r in recs.items()))
+        return batches
+
+    def check_exactness(self, step: int, order: list[str], tail_batches: dict,
+                        probe_prompt) -> None:
+        """The sampled tokens against the policy that sampled them; greedy identity with
+        `none` on a probe prompt."""
+        from atlas_rl.exactness import greedy_divergence_margin, sampling_values
+
+        cfg = self.cfg
+        if cfg.temperature > 0:
+            for m in self.methods:
+                comps = tail_batches[m].completions[: cfg.check_sequences]
+                u, err = sampling_values(self.policy.model, comps, cfg.temperature,
+                                         self.check_gen)
+                self.pit[m][0].append(u)
+                self.pit[m][1].append(err)
+        probe = {m: self.engines[m].generate([self.as_prompt(probe_prompt)], temperature=0.0,
+                                             max_tokens=cfg.probe_tokens)
+                 for m in order}
+        for m in self.methods:
+            ref, got = probe["none"].completions[0], probe[m].completions[0]
+            div = greedy_divergence_margin(self.policy.model, ref.prompt_ids,
+                                           ref.completion_ids, got.completion_ids)
+            if div is not None:
+                at = {"step": step, "position": div[0], "margin": div[1]}
+                # float32: any difference fails; lower precisions: a near-tie is not one
+                if self.dtype != "float32" and div[1] <= self.tol:
+                    self.greedy_ties[m].append(at)
+                else:
+                    self.greedy_fail[m].append(step)
+            self.bar.advance(f"step {step + 1}/{cfg.steps} exactness {m}")
+
+    def update_policy(self, step: int, tail_prompt, none_batch) -> None:
+        """The policy moves: a GRPO step on none's tail group, synced into every engine."""
+        from atlas_rl.rewards import rollout_reward
+
+        cfg = self.cfg
+        group = none_batch.completions
+        code = tail_prompt.prompt if tail_prompt.domain == "code" and \
+            isinstance(tail_prompt.prompt, str) else None
+        rewards = [rollout_reward(c.text, tail_prompt.answer, len(c.completion_ids),
+                                  cfg.max_tokens, c.finish_reason == "stop", code)
+                   for c in group]
+        t0 = time.perf_counter()
+        info = self.policy.step(group, rewards, cfg.temperature or 1.0)
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for eng in self.engines.values():
+            eng.sync_weights(self.policy.model)
+        sync_s = time.perf_counter() - t0
+        reward = statistics.fmean(rewards)
+        self.updates.append({"step": step, "reward": reward, **info,
+                             "train_seconds": train_s, "sync_seconds": sync_s})
+        self.bar.advance(f"step {step + 1}/{cfg.steps} policy update")
+        self.say(f"step {step + 1}/{cfg.steps} policy update: reward {reward:.3f}"
+                 f" grad norm {info['grad_norm']:.3f}, train {train_s:.1f} s, sync {sync_s:.1f} s")
+
+    def exactness(self, m: str) -> dict:
+        """A method's verdict: greedy identity on every probe, and (sampling) one KS test
+        of the pooled PIT values and the largest logprob error."""
+        import torch
+
+        from atlas_rl.exactness import sampling_check
+
+        out = {"greedy_mismatch_steps": self.greedy_fail[m],
+               "greedy_near_ties": self.greedy_ties[m], "judged_in": self.dtype}
+        if self.cfg.temperature > 0:
+            check = sampling_check(torch.cat(self.pit[m][0]), torch.cat(self.pit[m][1]))
+            out.update(check.as_dict(), logprob_tolerance=self.tol,
+                       distribution_ok=check.passed(1e-3, self.tol))
+        else:
+            out["distribution_ok"] = True  # greedy: identity is the whole check
+        out["exact"] = not self.greedy_fail[m] and out["distribution_ok"]
+        return out
+
+    def method_results(self, m: str) -> dict:
+        exactness = self.exactness(m)
+        exact = exactness["exact"]
+        records = self.records[m]
+        regimes = {r: summarize_regime(records[r], exact) for r in REGIMES if records[r]}
+        summary = {k: regimes["tail"][k] for k in BENCH_SUMMARY_KEYS}
+        d = self.cfg.drift_step
+        if d is not None:
+            tail = records["tail"]
+            summary["acceptance_length_pre_drift"] = median(
+                [r["acceptance_length"] for r in tail if r["step"] < d])
+            summary["acceptance_length_post_drift"] = median(
+                [r["acceptance_length"] for r in tail if r["step"] >= d])
+        if m == "none":
+            summary["speedup"] = 1.0
+        return {"summary": summary, "regimes": regimes, "steps": _step_rows(records, exact),
+                "exactness": exactness, "time": self.totals[m]}
+
+    def results(self, t_start: float, not_run: dict[str, str]) -> dict:
+        from atlas_rl.machine import machine_info
+
+        cfg = self.cfg
+        methods_out = {m: self.method_results(m) for m in self.methods}
+        return {
+            "machine": machine_info(self.dtype),
+            "config": {**asdict(cfg), "large_batch_steps": self.lb_steps,
+                       "drift_step": cfg.drift_step,
+                       "domains": [name for name, _ in self.pools],
+                       "engine": self.engine_config.to_dict(),
+                       "not_run": not_run},
+            "policy": {"updates": self.policy.updates,
+                       "param_delta_norm": self.policy.param_delta_norm(),
+                       "steps": self.updates},
+            "methods": methods_out,
+            "total_seconds": time.perf_counter() - t_start,
+        }
+
+
 def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
               progress: bool = True, log: Callable[[str], None] | None = None) -> dict:
     """Run the benchmark; returns the results dict (and writes `out` / `plot`)."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    import torch
-
-    from atlas_rl import AtlasConfig, AtlasRolloutEngine
-    from atlas_rl.machine import machine_info
-    from atlas_rl.exactness import greedy_divergence_margin, sampling_check, sampling_values
-    from atlas_rl.models import resolve_model
-    from atlas_rl.rewards import rollout_reward
+    for module in _STACK:
+        importlib.import_module(module)
 
     t_start = time.perf_counter()
-    lb_steps = cfg.resolved_large_batch_steps()
     methods = cfg.methods
-    units = len(methods) + cfg.steps * (len(methods) * 2 + 1) + len(lb_steps) * len(methods)
+    units = (len(methods) + cfg.steps * (len(methods) * 2 + 1)
+             + len(cfg.resolved_large_batch_steps()) * len(methods))
     bar = _Progress(units, enabled=progress)
     say = log or bar.log
-    unavailable = {m: NOT_YET.get(m, "not installed (pip install arctic-inference)")
-                   for m in BENCH_METHODS if m not in available_methods()}
+    not_run = {m: "not installed (pip install arctic-inference)"
+               for m in BENCH_METHODS if m not in available_methods()}
     say(f"methods: {', '.join(methods)}"
-        + (f"  (not run: {', '.join(unavailable)})" if unavailable else ""))
-
+        + (f"  (not run: {', '.join(not_run)})" if not_run else ""))
     try:
-        path = resolve_model(cfg.model)
-        pools = _domain_pools(cfg)
-        engine_config = AtlasConfig(max_lookahead=cfg.max_lookahead, dtype=cfg.dtype,
-                                    seed=cfg.seed)
-        engines = {}
-        for m in methods:
-            bar.advance(f"building engine {m}")
-            say(f"building the vLLM engine, speculation={m!r} ...")
-            engines[m] = AtlasRolloutEngine(path, speculation=m, config=engine_config)
-            engines[m].generate(["Warm-up."], n=2, max_tokens=8, seed=0)
-        any_engine = engines["none"]
-        dtype = str(any_engine.llm.llm_engine.model_config.dtype).replace("torch.", "")
-        chat = bool(getattr(any_engine.tokenizer, "chat_template", None))
-        warned: list = []
-        say("loading the policy for updates and reference logprobs (transformers, float32)")
-        policy = PolicyUpdater(path, cfg.lr, cfg.seed)
-
-        regime_records = {m: {r: [] for r in REGIMES} for m in methods}
-        pit = {m: ([], []) for m in methods}
-        greedy_fail = {m: [] for m in methods}
-        greedy_ties = {m: [] for m in methods}
-        tol = LOGPROB_TOLERANCE[dtype]
-        updates = []
-        totals = {m: {"rollout_seconds": 0.0, "forward_seconds": 0.0, "sample_seconds": 0.0,
-                      "propose_seconds": 0.0, "draft_seconds": 0.0, "update_seconds": 0.0,
-                      "engine_steps": 0, "num_tokens": 0} for m in methods}
-        check_gen = torch.Generator().manual_seed(cfg.seed)
-
+        run = _BenchRun(cfg, bar, say)
+        run.build()
         for step in range(cfg.steps):
-            phase = cfg.domain_phase(step)
-            domain, pool = pools[min(phase, len(pools) - 1)]
-            local_step = step - (cfg.drift_step or 0) if phase else step
-            drawn = _step_prompts(pool, local_step, cfg.prompts_per_step + 2)
-            tail_p, large_p, probe_p = drawn[0], drawn[1:-1], drawn[-1]
-            as_prompt = lambda p: _as_engine_prompt(p.prompt, chat, warned)  # noqa: E731
-            k = len(methods)
-            order = [methods[(i + step) % k] for i in range(k)]
-            jobs = [("tail", [tail_p], min(cfg.completions, cfg.tail_sequences), cfg.max_tokens)]
-            if step in lb_steps:
-                jobs.append(("large_batch", large_p, cfg.completions, cfg.large_batch_max_tokens))
-            step_seed = cfg.seed * 1_000_003 + step * 101
-            tail_batches = {}
-            for j, (regime, prompts, n, max_tokens) in enumerate(jobs):
-                results_here = {}
-                for m in order:
-                    eng = engines[m]
-                    batch = eng.generate([as_prompt(p) for p in prompts], n=n,
-                                         temperature=cfg.temperature, max_tokens=max_tokens,
-                                         seed=step_seed + j)
-                    upd = eng.update(batch)
-                    s = batch.stats
-                    rec = _step_record(s, cfg.max_lookahead)
-                    rec["update_seconds"] = upd.get("update_seconds", 0.0)
-                    for key in ("drafter_loss", "drafter_train_seconds", "update_budget_seconds",
-                                "drafter_rollback", "drafter_version", "index_tokens"):
-                        if key in upd:
-                            rec[key] = upd[key]
-                    results_here[m] = rec
-                    for key in totals[m]:
-                        totals[m][key] += rec.get(key, 0) or 0
-                    if regime == "tail":
-                        tail_batches[m] = batch
-                    bar.advance(f"step {step + 1}/{cfg.steps} {regime} {m}")
-                base_tps = results_here["none"]["tokens_per_s"]
-                for m, rec in results_here.items():
-                    rec["speedup"] = rec["tokens_per_s"] / base_tps if base_tps else None
-                    rec.update(step=step, domain=domain)
-                    regime_records[m][regime].append(rec)
-                say(f"step {step + 1}/{cfg.steps} [{domain}] {regime:<11} " + "  ".join(
-                    f"{m} {r['tokens_per_s']:.0f} tok/s AL {r['acceptance_length']:.2f}"
-                    for m, r in results_here.items()))
-
-            # exactness: the sampled tokens against the policy that sampled them
-            if cfg.temperature > 0:
-                for m in methods:
-                    comps = tail_batches[m].completions[: cfg.check_sequences]
-                    u, err = sampling_values(policy.model, comps, cfg.temperature, check_gen)
-                    pit[m][0].append(u)
-                    pit[m][1].append(err)
-            probe = {m: engines[m].generate([as_prompt(probe_p)], temperature=0.0,
-                                            max_tokens=cfg.probe_tokens)
-                     for m in order}
-            for m in methods:
-                ref, got = probe["none"].completions[0], probe[m].completions[0]
-                div = greedy_divergence_margin(policy.model, ref.prompt_ids,
-                                               ref.completion_ids, got.completion_ids)
-                if div is not None:
-                    at = {"step": step, "position": div[0], "margin": div[1]}
-                    # float32: any difference fails; lower precisions: a near-tie is not one
-                    if dtype != "float32" and div[1] <= tol:
-                        greedy_ties[m].append(at)
-                    else:
-                        greedy_fail[m].append(step)
-                bar.advance(f"step {step + 1}/{cfg.steps} exactness {m}")
-
-            # the policy moves: a GRPO step on none's tail group, synced everywhere
-            group = tail_batches["none"].completions
-            code = tail_p.prompt if tail_p.domain == "code" and isinstance(tail_p.prompt, str) \
-                else None
-            rewards = [rollout_reward(c.text, tail_p.answer, len(c.completion_ids),
-                                      cfg.max_tokens, c.finish_reason == "stop", code)
-                       for c in group]
-            t0 = time.perf_counter()
-            info = policy.step(group, rewards, cfg.temperature or 1.0)
-            train_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            for eng in engines.values():
-                eng.sync_weights(policy.model)
-            sync_s = time.perf_counter() - t0
-            updates.append({"step": step, "reward": statistics.fmean(rewards), **info,
-                            "train_seconds": train_s, "sync_seconds": sync_s})
-            bar.advance(f"step {step + 1}/{cfg.steps} policy update")
-            say(f"step {step + 1}/{cfg.steps} policy update: reward {statistics.fmean(rewards):.3f}"
-                f" grad norm {info['grad_norm']:.3f}, train {train_s:.1f} s, sync {sync_s:.1f} s")
-
-        # --- results ---------------------------------------------------------------
-        methods_out = {}
-        for m in methods:
-            exactness = {"greedy_mismatch_steps": greedy_fail[m],
-                         "greedy_near_ties": greedy_ties[m], "judged_in": dtype}
-            if cfg.temperature > 0:
-                check = sampling_check(torch.cat(pit[m][0]), torch.cat(pit[m][1]))
-                exactness.update(check.as_dict(), logprob_tolerance=tol,
-                                 distribution_ok=check.passed(1e-3, tol))
-            else:
-                exactness["distribution_ok"] = True  # greedy: identity is the whole check
-            exact = not greedy_fail[m] and exactness["distribution_ok"]
-            exactness["exact"] = exact
-            regimes = {r: summarize_regime(regime_records[m][r], exact)
-                       for r in REGIMES if regime_records[m][r]}
-            tail = regime_records[m]["tail"]
-            summary = {k: regimes["tail"][k] for k in SUMMARY_KEYS}
-            d = cfg.drift_step
-            if d is not None:
-                summary["acceptance_length_pre_drift"] = _median(
-                    [r["acceptance_length"] for r in tail if r["step"] < d])
-                summary["acceptance_length_post_drift"] = _median(
-                    [r["acceptance_length"] for r in tail if r["step"] >= d])
-            if m == "none":
-                summary["speedup"] = 1.0
-            by_step = {r: {x["step"]: x for x in regime_records[m][r]} for r in REGIMES}
-            step_rows = []
-            for rec in tail:
-                row = {k: rec.get(k) for k in ("step", "domain", "tokens_per_s", "speedup",
-                                               "acceptance_length", "acceptance_rate",
-                                               "lookahead", "oracle_acceptance_length",
-                                               "rollout_seconds", "acceptance_rate_pos",
-                                               "update_seconds", "drafter_loss",
-                                               "drafter_train_seconds", "update_budget_seconds")}
-                row.update({k: v for k, v in rec.items()
-                            if k.startswith("drafts_") or k.startswith("acceptance_length_")})
-                if not exact:
-                    row["speedup"] = None
-                row["regimes"] = {r: by_step[r][rec["step"]] for r in REGIMES
-                                  if rec["step"] in by_step[r]}
-                if not exact:
-                    for x in row["regimes"].values():
-                        x["speedup"] = None
-                step_rows.append(row)
-            methods_out[m] = {"summary": summary, "regimes": regimes, "steps": step_rows,
-                              "exactness": exactness, "time": totals[m]}
-
-        results = {
-            "machine": machine_info(dtype),
-            "config": {**asdict(cfg), "large_batch_steps": lb_steps,
-                       "drift_step": cfg.drift_step,
-                       "domains": [name for name, _ in pools],
-                       "engine": engine_config.to_dict(),
-                       "not_run": unavailable},
-            "policy": {"updates": policy.updates, "param_delta_norm": policy.param_delta_norm(),
-                       "steps": updates},
-            "methods": methods_out,
-            "total_seconds": time.perf_counter() - t_start,
-        }
+            run.step(step)
+        results = run.results(t_start, not_run)
     finally:
         bar.close()
+    _write(results, out, plot)
+    return results
 
+
+def _write(results: dict, out: str | None, plot: str | None) -> None:
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2))
@@ -575,7 +721,6 @@ def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
         from atlas_rl.plots import plot_bench
 
         plot_bench(results, plot)
-    return results
 
 
 def _bf16_units(mach: dict) -> str:

@@ -56,35 +56,16 @@ def _cmd_train_speculator(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from atlas_rl.bench import (BenchConfig, format_table, format_time_table, headline,
-                                run_bench)
-
-    overrides = dict(
-        model=args.model, steps=args.steps, prompts_per_step=args.prompts_per_step,
-        completions=args.completions, max_tokens=args.max_tokens,
-        large_batch_max_tokens=args.large_batch_max_tokens, temperature=args.temperature,
-        seed=args.seed, lr=args.lr, dtype=args.dtype, max_lookahead=args.max_lookahead,
-        large_batch_steps=None if args.large_batch_steps is None else
-        [int(s) - 1 for s in args.large_batch_steps.split(",") if s.strip()],
-        methods=None if args.methods is None else
-        [m.strip() for m in args.methods.split(",") if m.strip()],
-        prompt_files=args.prompts or None,
-        workload=args.workload,
+    from atlas_rl.bench import (
+        BenchConfig,
+        format_table,
+        format_time_table,
+        headline,
+        run_bench,
     )
-    if args.prompts and len(args.prompts) == 1 and args.workload == "drift":
-        print("atlas-rl bench: --workload drift with --prompts needs two files (the run "
-              "switches from the first to the second halfway); give --prompts twice, or "
-              "drop --workload to run on one file", file=sys.stderr)
-        return 2
-    if args.prompts and args.workload not in (None, "drift"):
-        print(f"atlas-rl bench: --workload {args.workload} builds its own prompts; drop it "
-              f"when you give --prompts", file=sys.stderr)
-        return 2
+
     try:
-        if args.quick:
-            cfg = BenchConfig.quick_preset(**overrides)
-        else:
-            cfg = BenchConfig(**{k: v for k, v in overrides.items() if v is not None})
+        cfg = BenchConfig.from_args(args)
     except (ValueError, FileNotFoundError) as e:
         print(f"atlas-rl bench: {e}", file=sys.stderr)
         return 2
@@ -109,6 +90,24 @@ def _cmd_bench(args) -> int:
     if args.out:
         print(f"results: {args.out}" + (f"  plot: {args.plot}" if args.plot else ""))
     return 1 if bad else 0
+
+
+def _add_bench_parser(sub) -> None:
+    from atlas_rl.bench import BenchConfig
+
+    bench = sub.add_parser(
+        "bench", help="speculation methods side by side on drifting RL rollouts (interleaved, "
+                      "exactness checked, oracle ceiling); writes JSON, a plot and a table",
+        description="Each step: every method generates the same prompts with the same seeds "
+                    "(a tail group and, on some steps, a 64-sequence batch), exactness is "
+                    "checked, then the policy takes a real GRPO step and its weights are "
+                    "synced into every engine. Speedups are ratios to 'none' in the same step. "
+                    "Defaults take ~20 min on 2 CPU cores; --quick ~3 min.")
+    BenchConfig.add_arguments(bench)  # a flag per BenchConfig field, with its help
+    bench.add_argument("--out", default="results.json", help="results JSON (default results.json)")
+    bench.add_argument("--plot", default=None, help="write the PNG plot here")
+    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
+    bench.set_defaults(func=_cmd_bench)
 
 
 def _cmd_grpo(argv) -> int:
@@ -147,12 +146,28 @@ def _cmd_doctor(args) -> int:
         standalone = default_dtype(on_cpu=not torch.cuda.is_available())
         print(f"{'dtype':<13} {standalone} for AtlasRolloutEngine by default here; in TRL the "
               f"trainer's (AtlasConfig.dtype overrides both)")
+    if "vllm" in versions:
+        _print_vllm_seam()
     if problems:
         for p in problems:
             print(f"atlas-rl doctor: {p}", file=sys.stderr)
         return 1
     print("atlas-rl doctor: the stack imports")
     return 0
+
+
+def _print_vllm_seam() -> None:
+    """The seam's table (docs/architecture.md): every hook atlas-rl installs into vLLM,
+    and whether this vLLM is the one they were written for."""
+    from atlas_rl.backends.vllm import hooks
+
+    tested = "the one they were written for" if hooks.tested_version() else \
+        "NOT the one they were written for: each hook checks its target and stands down"
+    print(f"vLLM hooks    (vLLM {'.'.join(map(str, hooks.vllm_version()))}: {tested}; "
+          f"{hooks.ENV}={'on' if hooks.enabled() else 'off'}; installed when an engine is "
+          f"built, see engine.stats()['vllm_hooks'])")
+    for row in hooks.describe():
+        print(f"  {row['key']:<23} {row['kind']:<12} {row['scope']:<32} {row['target']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,57 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--json", help="also write the results to this JSON file")
     demo.set_defaults(func=_cmd_demo)
 
-    from atlas_rl.bench import BENCH_METHODS, NOT_YET, WORKLOADS
-
-    bench = sub.add_parser(
-        "bench", help="speculation methods side by side on drifting RL rollouts (interleaved, "
-                      "exactness checked, oracle ceiling); writes JSON, a plot and a table",
-        description="Each step: every method generates the same prompts with the same seeds "
-                    "(a tail group and, on some steps, a 64-sequence batch), exactness is "
-                    "checked, then the policy takes a real GRPO step and its weights are "
-                    "synced into every engine. Speedups are ratios to 'none' in the same step. "
-                    "Defaults take ~20 min on 2 CPU cores; --quick ~3 min.")
-    bench.add_argument("--model", default=None, help="known short name or a local HF folder "
-                                                     "(default smollm2-135m-instruct)")
-    bench.add_argument("--workload", choices=WORKLOADS, default=None,
-                       help="drift (default): code prompts, then math prompts from halfway; "
-                            "code or math: one domain")
-    bench.add_argument("--prompts", action="append", metavar="FILE.jsonl",
-                       help="prompts from a JSONL file (.gz ok; a 'prompt', 'question' or "
-                            "'messages' field per line, optional 'answer'); give it twice to "
-                            "drift from the first set to the second")
-    bench.add_argument("--out", default="results.json", help="results JSON (default results.json)")
-    bench.add_argument("--plot", default=None, help="write the PNG plot here")
-    bench.add_argument("--quick", action="store_true",
-                       help="2 steps, short completions, one large batch (~3 min here)")
-    bench.add_argument("--steps", type=int, default=None, help="RL steps (default 8; quick 2)")
-    bench.add_argument("--prompts-per-step", type=int, default=None,
-                       help="prompts in the large batch (default 16)")
-    bench.add_argument("--completions", type=int, default=None,
-                       help="completions per prompt, a GRPO group (default 4)")
-    bench.add_argument("--max-tokens", type=int, default=None,
-                       help="max tokens per tail completion (default 128; quick 32)")
-    bench.add_argument("--large-batch-max-tokens", type=int, default=None,
-                       help="max tokens per large-batch completion (default 48; quick 16)")
-    bench.add_argument("--large-batch-steps", default=None, metavar="S1,S2",
-                       help="1-based steps that also run the large batch (default: every "
-                            "other step, 2, 4, ...; quick: the last step)")
-    bench.add_argument("--temperature", type=float, default=None, help="default 1.0 (RL)")
-    bench.add_argument("--seed", type=int, default=None, help="default 0")
-    bench.add_argument("--lr", type=float, default=None,
-                       help="policy learning rate of the GRPO updates (default 1e-5)")
-    bench.add_argument("--methods", default=None, metavar="M1,M2",
-                       help="comma-separated, from: " + ", ".join(
-                           m for m in BENCH_METHODS if m not in NOT_YET)
-                       + " (default: all installed; 'none' always runs)"
-                       + (". Not yet available: " + ", ".join(NOT_YET) if NOT_YET else ""))
-    bench.add_argument("--max-lookahead", type=int, default=None, help="draft tokens (default 8)")
-    bench.add_argument("--dtype", default=None, choices=("float32", "bfloat16"),
-                       help="every engine's dtype (default float32 on every CPU: exactness "
-                            "is judged there; bfloat16: logprobs within 0.5 of the float32 "
-                            "policy, greedy identity up to near-ties)")
-    bench.add_argument("--no-progress", action="store_true", help="no progress bar")
-    bench.set_defaults(func=_cmd_bench)
+    _add_bench_parser(sub)
 
     ts = sub.add_parser(
         "train-speculator",

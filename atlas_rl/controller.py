@@ -13,14 +13,19 @@ Three parts, all learned online on the machine it runs on:
   `overhead` what verification costs at all (vLLM's rejection sampler path); `slope`
   the price of one more verified token (near zero while the forward is memory-bound,
   about base/B once it is compute-bound).
-- `AtlasController.plan`: per step, each request's best draft (the arm whose calibrated
-  expected accepted tokens is largest), then a goodput cut across the batch (TLT's rule):
+- `AtlasController`: per step, `plan_step` decides before any drafting which speculators
+  run, for how many positions, in which draft kind per request, and whether the step
+  only probes the cost; `choose_drafts` then takes each request's best draft (the arm
+  whose calibrated expected accepted tokens is largest) and makes a goodput cut across
+  the batch (TLT's rule):
   draft positions are added in order of their probability of being accepted while each
   adds more expected tokens than it costs in time at the current throughput, and the
   whole plan is dropped unless it beats no speculation, which is always a choice. Some
   exploration keeps every arm's estimate fresh, so the controller notices when the
   adaptive speculator has become better; an arm whose measured acceptance collapses is
-  benched for a while and then probed again.
+  benched for a while and then probed again. Feedback arrives through
+  `record_acceptance` (what the verifier accepted), `record_step_time` (an engine step's
+  wall time) and `record_draft_time` (a speculator's drafting time).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
-from atlas_rl.speculators.base import EMPTY_DRAFT, Draft
+from atlas_rl.speculators.base import DISTRIBUTION, EMPTY_DRAFT, Arm, Draft
 
 
 @dataclass
@@ -66,17 +71,13 @@ class ConfidenceCalibrator:
         b = self._bucket(c)
         return (self.accepted[b] + s * overall) / (self.trials[b] + s)
 
-    def observe_one(self, c: float, accepted: bool) -> None:
+    def add_trial(self, c: float, accepted: bool) -> None:
         b = self._bucket(c)
         self.trials[b] += 1
         self.accepted[b] += bool(accepted)
         if self.trials[b] > self.max_trials:
             self.trials[b] /= 2
             self.accepted[b] /= 2
-
-    def observe(self, confidence: list[float], num_accepted: int) -> None:
-        for i, c in enumerate(confidence[: num_accepted + 1]):
-            self.observe_one(c, i < num_accepted)
 
     @property
     def total_trials(self) -> float:
@@ -97,9 +98,11 @@ class ArmCalibration:
     def calibrate(self, pos: int, c: float) -> float:
         return self.positions[min(pos, len(self.positions) - 1)].calibrate(c)
 
-    def observe(self, confidence: list[float], num_accepted: int) -> None:
+    def add_draft(self, confidence: list[float], num_accepted: int) -> None:
+        """Position i counts as a trial if positions < i were accepted (the conditional
+        confidence's claim)."""
         for i, c in enumerate(confidence[: num_accepted + 1]):
-            self.positions[min(i, len(self.positions) - 1)].observe_one(c, i < num_accepted)
+            self.positions[min(i, len(self.positions) - 1)].add_trial(c, i < num_accepted)
             self.recent_trials = 0.99 * self.recent_trials + 1
             self.recent_accepted = 0.99 * self.recent_accepted + (i < num_accepted)
 
@@ -173,7 +176,7 @@ class StepCostModel:
         overhead, slope = self.spec_cost(num_seqs)
         return base + overhead + slope * num_draft_tokens
 
-    def observe(self, num_seqs: int, num_draft_tokens: int, seconds: float) -> None:
+    def add_step(self, num_seqs: int, num_draft_tokens: int, seconds: float) -> None:
         if not (seconds > 0 and math.isfinite(seconds)):
             return
         expected = self.predict(num_seqs, num_draft_tokens)
@@ -224,16 +227,16 @@ class StepCostModel:
             self.spec[int(k)] = f
 
 
-def arm_name(draft: Draft) -> str:
-    return f"{draft.source}-dist" if draft.is_distribution else draft.source
-
-
 @dataclass
 class StepPlan:
-    lookahead: int                    # longest draft any request may get (0: none)
-    arms: list[str]                   # speculators to run this step
-    sample: dict[str, list[bool]]     # per speculator: distribution draft per request
-    lookaheads: dict[str, int] = field(default_factory=dict)  # per speculator: draft steps
+    """The controller's decision for one engine step, made before any drafting."""
+
+    num_seqs: int
+    lookahead: int = 0                # longest draft any request may get (0: none)
+    speculators: list[str] = field(default_factory=list)   # the ones to run this step
+    sample: dict[str, list[bool]] = field(default_factory=dict)  # per speculator and request: distribution draft?
+    lookaheads: dict[str, int] = field(default_factory=dict)     # per speculator: draft steps
+    probe: bool = False               # speculation does not pay here: at most one probe token
 
 
 class AtlasController:
@@ -252,7 +255,7 @@ class AtlasController:
                  max_batch_size: int | None = None, always: bool = False, seed: int = 0):
         self.max_lookahead = int(max_lookahead)
         self.speculators = list(speculators)
-        self.arms = [a for s in self.speculators for a in (s, f"{s}-dist")]
+        self.arms = [a for s in self.speculators for a in Arm.both(s)]
         self.calibration = {a: ArmCalibration(self.max_lookahead) for a in self.arms}
         self.cost = StepCostModel()
         self.explore = float(explore)
@@ -261,33 +264,36 @@ class AtlasController:
         self.max_batch_size = max_batch_size  # a hard cap on top of the cost model (None: off)
         self.always = bool(always)  # no cost model: every proposal in full (tests, debugging)
         self.draft_seconds = {s: 0.0 for s in self.speculators}  # median drafting time per step, recent calls
-        self.benched: dict[str, int] = {}  # arm -> steps left on the bench
+        self.benched: dict[Arm, int] = {}  # arm -> steps left on the bench
         self.collapses = 0
         self.probes = 0  # steps where one token was drafted only to re-measure the cost
         self._draft_times: dict[str, deque] = {}
         self._cut_streak: dict[int, int] = {}  # batch bucket -> steps the cut dropped all drafts
-        self._probe_now = False
         self.steps = 0
         self._rng = random.Random(seed)
 
     # --- feedback ---------------------------------------------------------------------
 
-    def observe(self, draft: Draft, num_accepted: int) -> None:
-        """The verifier accepted the first `num_accepted` tokens of `draft`."""
-        arm = self.calibration.get(arm_name(draft))
-        if arm is None:
+    def record_acceptance(self, draft: Draft, num_accepted: int) -> None:
+        """The verifier accepted the first `num_accepted` tokens of `draft`; an arm whose
+        recent acceptance collapses is benched for `cooldown_steps`."""
+        arm = draft.arm
+        cal = self.calibration.get(arm)
+        if cal is None:
             return
-        arm.observe(draft.confidence, num_accepted)
-        rate = arm.recent_rate
-        if rate is not None and rate < self.collapse_rate and arm_name(draft) not in self.benched:
-            self.benched[arm_name(draft)] = self.cooldown_steps
+        cal.add_draft(draft.confidence, num_accepted)
+        rate = cal.recent_rate
+        if rate is not None and rate < self.collapse_rate and arm not in self.benched:
+            self.benched[arm] = self.cooldown_steps
             self.collapses += 1
-            arm.recent_trials = arm.recent_accepted = 0.0  # probe afresh after the bench
+            cal.recent_trials = cal.recent_accepted = 0.0  # probe afresh after the bench
 
-    def observe_step(self, num_seqs: int, num_draft_tokens: int, seconds: float) -> None:
-        self.cost.observe(num_seqs, num_draft_tokens, seconds)
+    def record_step_time(self, num_seqs: int, num_draft_tokens: int, seconds: float) -> None:
+        """A pure decode step of `num_seqs` sequences verifying `num_draft_tokens` took
+        `seconds` (the cost model's data)."""
+        self.cost.add_step(num_seqs, num_draft_tokens, seconds)
 
-    def observe_draft_time(self, speculator: str, seconds: float) -> None:
+    def record_draft_time(self, speculator: str, seconds: float) -> None:
         """Drafting time per step: the median of the last 15 calls (a stalled call does
         not count)."""
         recent = self._draft_times.setdefault(speculator, deque(maxlen=15))
@@ -296,69 +302,77 @@ class AtlasController:
 
     # --- planning ---------------------------------------------------------------------
 
-    def _arm_value(self, arm: str, pos: int = 0) -> float:
+    def _arm_value(self, arm: Arm, pos: int = 0) -> float:
         """Calibrated acceptance of the arm at a position, at a middling confidence."""
         cal = self.calibration[arm].positions[pos]
         n = cal.total_trials
         return (sum(cal.accepted) + 0.5) / (n + 1.0)
 
-    def begin_step(self, num_seqs: int) -> StepPlan:
+    def plan_step(self, num_seqs: int) -> StepPlan:
         """Which speculators to run (and in which draft kind per request), and the
         longest draft worth making, before any drafting is done."""
         self.steps += 1
+        self._tick_bench()
+        speculate, probe = self._worth_drafting(num_seqs)
+        plan = StepPlan(num_seqs, probe=probe)
+        if not speculate:
+            return plan
+        floor = self._position_floor(num_seqs)
+        for spec in self.speculators:
+            usable = [a for a in Arm.both(spec) if a not in self.benched]
+            k = self._useful_positions(usable, floor) if usable else 0
+            if k == 0:
+                continue
+            best = max(usable, key=self._arm_value)
+            other = [a for a in usable if a != best]
+            plan.speculators.append(spec)
+            plan.lookaheads[spec] = k
+            plan.sample[spec] = [
+                (other[0] if other and self._rng.random() < self.explore else best
+                 ).draft_kind == DISTRIBUTION
+                for _ in range(num_seqs)]
+        plan.lookahead = max(plan.lookaheads.values(), default=0)
+        return plan
+
+    def _tick_bench(self) -> None:
         for arm in list(self.benched):
             self.benched[arm] -= 1
             if self.benched[arm] <= 0:
                 del self.benched[arm]
-        none = StepPlan(0, [], {})
-        if self.max_batch_size is not None and num_seqs > self.max_batch_size:
-            return none
-        base = self.cost.base_seconds(num_seqs)
-        cost = self.cost.spec_cost(num_seqs)
-        self._probe_now = False
-        if base is None and not self.always:
-            # A batch size whose cost without speculation was never measured: measure it
-            # first (a step or two per power-of-two bucket, once), since every decision
-            # below compares against it.
-            return none
-        if not self.always:
-            # Even a draft token that is surely accepted must pay for itself; and where the
-            # goodput cut has dropped every draft for a while, do not pay for drafting
-            # either: only explore-rate steps draft, and those probe the cost.
-            hopeless = (num_seqs / base * cost[1] >= 1.0
-                        or self._cut_streak.get(self.cost.bucket(num_seqs), 0) >= self.cut_patience)
-            if hopeless:
-                if self._rng.random() >= self.explore:
-                    return none
-                self._probe_now = True
-        arms, sample, lookaheads = [], {}, {}
-        floor = self._position_floor(num_seqs, base, cost)
-        for spec in self.speculators:
-            onehot, dist = spec, f"{spec}-dist"
-            usable = [a for a in (onehot, dist) if a not in self.benched]
-            if not usable:
-                continue
-            best = max(usable, key=self._arm_value)
-            k = self._useful_positions(usable, floor)
-            if k == 0:
-                continue
-            arms.append(spec)
-            lookaheads[spec] = k
-            other = [a for a in usable if a != best]
-            sample[spec] = [
-                ((other[0] if other and self._rng.random() < self.explore else best) == dist)
-                for _ in range(num_seqs)]
-        return StepPlan(max(lookaheads.values(), default=0), arms, sample, lookaheads)
 
-    def _position_floor(self, num_seqs, base, cost) -> float:
+    def _worth_drafting(self, num_seqs: int) -> tuple[bool, bool]:
+        """(draft this step?, only to probe the cost?). Over the hard batch cap: no. A
+        batch size whose cost without speculation was never measured: no, measure it
+        first (a step or two per power-of-two bucket, once), since every decision
+        compares against it. Where even a surely accepted draft token cannot pay for its
+        verification, or the goodput cut has dropped every draft for a while: only on
+        explore-rate steps, and those probe the cost."""
+        if self.max_batch_size is not None and num_seqs > self.max_batch_size:
+            return False, False
+        if self.always:
+            return True, False
+        base = self.cost.base_seconds(num_seqs)
+        if base is None:
+            return False, False
+        slope = self.cost.spec_cost(num_seqs)[1]
+        hopeless = (num_seqs / base * slope >= 1.0
+                    or self._cut_streak.get(self.cost.bucket(num_seqs), 0) >= self.cut_patience)
+        if not hopeless:
+            return True, False
+        probe = self._rng.random() < self.explore
+        return probe, probe
+
+    def _position_floor(self, num_seqs: int) -> float:
         """The cumulative acceptance probability below which one more draft position
         does not pay for its verification (the same rule as the goodput cut, at the
         batch's no-speculation throughput)."""
+        base = self.cost.base_seconds(num_seqs)
+        cost = self.cost.spec_cost(num_seqs)
         if self.always or base is None or cost is None:
             return 0.0
         return num_seqs / base * cost[1]
 
-    def _useful_positions(self, arms: list[str], floor: float) -> int:
+    def _useful_positions(self, arms: list[Arm], floor: float) -> int:
         """How many draft steps are worth asking a speculator for: positions while the
         arms' average cumulative acceptance stays above the floor, plus, on a quarter of
         the steps (`explore_position`), one more to keep that position's calibration
@@ -378,13 +392,13 @@ class AtlasController:
         explore = 1 if self._rng.random() < self.explore_position else 0
         return min(self.max_lookahead, best + explore)
 
-    def choose(self, candidates: list[list[Draft]], num_seqs: int) -> list[Draft]:
+    def choose_drafts(self, plan: StepPlan, candidates: list[list[Draft]]) -> list[Draft]:
         """Per request, the best of its candidate drafts, then the goodput cut."""
         chosen = []
         for cands in candidates:
             best, best_value, scored = EMPTY_DRAFT, 0.0, []
             for d in cands:
-                if not d.tokens or arm_name(d) not in self.calibration:
+                if not d.tokens or d.arm not in self.calibration:
                     continue
                 value = sum(self._cumulative(d))
                 scored.append((value, d))
@@ -393,17 +407,18 @@ class AtlasController:
             if len(scored) > 1 and self._rng.random() < self.explore:
                 best = self._rng.choice(scored)[1]  # keep every arm's estimate fresh
             chosen.append(best)
-        return chosen if self.always else self._goodput_cut(chosen, num_seqs)
+        return chosen if self.always else self._goodput_cut(chosen, plan)
 
     def _cumulative(self, draft: Draft) -> list[float]:
-        cal = self.calibration[arm_name(draft)]
+        cal = self.calibration[draft.arm]
         out, run = [], 1.0
         for i, c in enumerate(draft.confidence):
             run *= cal.calibrate(i, c)
             out.append(run)
         return out
 
-    def _goodput_cut(self, drafts: list[Draft], num_seqs: int) -> list[Draft]:
+    def _goodput_cut(self, drafts: list[Draft], plan: StepPlan) -> list[Draft]:
+        num_seqs = plan.num_seqs
         base = self.cost.base_seconds(num_seqs)
         cost = self.cost.spec_cost(num_seqs)
         if base is None or cost is None:  # no measurements yet: keep likely-accepted prefixes
@@ -424,17 +439,18 @@ class AtlasController:
         bucket = self.cost.bucket(num_seqs)
         if not any(keep) or tokens / seconds <= num_seqs / base:
             self._cut_streak[bucket] = self._cut_streak.get(bucket, 0) + 1
-            return self._probe(drafts)
+            return self._probe(drafts, plan.probe)
         self._cut_streak[bucket] = 0
         return [d.truncate(k) if k else EMPTY_DRAFT for d, k in zip(drafts, keep)]
 
-    def _probe(self, drafts: list[Draft]) -> list[Draft]:
-        """No speculation this step, except, with probability `explore`, one draft token
-        for one request: a cheap measurement that keeps the cost model current (its
-        estimate of speculation's overhead is otherwise only ever updated by steps that
-        speculate, so a stale, too-high one would never be corrected)."""
+    def _probe(self, drafts: list[Draft], planned: bool) -> list[Draft]:
+        """No speculation this step, except one draft token for one request where the
+        plan was a probe or, otherwise, with probability `explore`: a cheap measurement
+        that keeps the cost model current (its estimate of speculation's overhead is
+        otherwise only ever updated by steps that speculate, so a stale, too-high one
+        would never be corrected)."""
         empty = [EMPTY_DRAFT] * len(drafts)
-        if not self._probe_now and self._rng.random() >= self.explore:
+        if not planned and self._rng.random() >= self.explore:
             return empty
         firsts = [(self._cumulative(d)[0], r) for r, d in enumerate(drafts) if d.tokens]
         if not firsts:
@@ -447,15 +463,17 @@ class AtlasController:
     # --- state ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        return {"calibration": {a: c.to_dict() for a, c in self.calibration.items()},
+        return {"calibration": {a.label: c.to_dict() for a, c in self.calibration.items()},
                 "cost": self.cost.to_dict(), "draft_seconds": dict(self.draft_seconds),
-                "benched": dict(self.benched), "collapses": self.collapses}
+                "benched": {a.label: n for a, n in self.benched.items()},
+                "collapses": self.collapses}
 
     def load_state_dict(self, d: dict) -> None:
-        for arm, saved in d.get("calibration", {}).items():
-            if arm in self.calibration:
-                self.calibration[arm].load_dict(saved)
+        arms = {a.label: a for a in self.arms}
+        for label, saved in d.get("calibration", {}).items():
+            if label in arms:
+                self.calibration[arms[label]].load_dict(saved)
         self.cost.load_dict(d.get("cost", {}))
         self.draft_seconds.update(d.get("draft_seconds", {}))
-        self.benched = {k: int(v) for k, v in d.get("benched", {}).items()}
+        self.benched = {arms[k]: int(v) for k, v in d.get("benched", {}).items() if k in arms}
         self.collapses = int(d.get("collapses", 0))

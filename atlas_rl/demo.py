@@ -8,19 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import sys
 import time
 
+from atlas_rl.metrics import TRL_LOGP_GAP, TRL_REWARD, TRL_STEP_TIME, atlas_name, fmt, median
 
-def _median(xs):
-    xs = [x for x in xs if x is not None]
-    return statistics.median(xs) if xs else None
-
-
-def _fmt(x, spec=".2f"):
-    return "-" if x is None else format(x, spec)
-
+ROLLOUT_SECONDS = atlas_name("rollout_seconds")
+ACCEPTANCE_LENGTH = atlas_name("acceptance_length")
 
 # The largest gap between the sampler's logprobs and the trainer's (TRL's
 # sampling/sampling_logp_difference/max) that the demo accepts, by the sampler's dtype; the
@@ -67,7 +61,7 @@ def _grpo_run(method: str, model_path: str, steps: int, max_tokens: int, out_dir
         args=args, train_dataset=dataset, peft_config=lora, speculation=method,
         atlas_config=AtlasConfig(dtype=dtype, cpu_kv_cache_gib=1, max_model_len=1024))
     trainer.train()
-    logs = [row for row in trainer.state.log_history if "atlas/rollout_seconds" in row]
+    logs = [row for row in trainer.state.log_history if ROLLOUT_SECONDS in row]
     engine = trainer.vllm_generation.atlas_engine
     sampler_dtype = str(engine.llm.llm_engine.model_config.dtype).removeprefix("torch.")
     del trainer, engine
@@ -96,34 +90,62 @@ def run_demo(model: str = "smollm2-135m-instruct", steps: int = 10, max_tokens: 
         logs[method], dtypes[method] = _grpo_run(method, path, steps, max_tokens, out_dir,
                                                  dtype, seed, say)
     switch = steps // 2
-    rows = []
-    for i in range(steps):
-        a, b = logs["atlas"][i], logs["none"][i]
-        rows.append({
-            "step": i + 1, "domain": "code" if i < switch else "math",
-            "rollout_seconds": {"none": b["atlas/rollout_seconds"], "atlas": a["atlas/rollout_seconds"]},
-            "step_seconds": {"none": b.get("step_time"), "atlas": a.get("step_time")},
-            "acceptance_length": a["atlas/acceptance_length"],
-            "reward": {"none": b["reward"], "atlas": a["reward"]},
-            "logp_gap": {"none": b.get("sampling/sampling_logp_difference/max"),
-                         "atlas": a.get("sampling/sampling_logp_difference/max")},
-        })
-    step_speedup = _median([r["step_seconds"]["none"] for r in rows]) / \
-        _median([r["step_seconds"]["atlas"] for r in rows])
-    rollout_speedup = _median([r["rollout_seconds"]["none"] for r in rows]) / \
-        _median([r["rollout_seconds"]["atlas"] for r in rows])
-    gaps = {m: max((r["logp_gap"][m] for r in rows if r["logp_gap"][m] is not None),
-                   default=None) for m in ("atlas", "none")}
-    sampler_dtype = dtypes["atlas"]
-    bound = LOGP_GAP_BOUND.get(sampler_dtype, 1.0)
-    lossless = gaps["atlas"] is not None and gaps["atlas"] <= bound
+    rows = _rows(logs, steps, switch)
+    report = _compare(rows, sampler_dtype=dtypes["atlas"])
 
     from atlas_rl.plots import plot_demo
 
     png = plot_demo(rows, switch, os.path.join(out_dir, "demo.png"))
     from atlas_rl.machine import machine_info
 
-    info = machine_info(sampler_dtype)
+    info = machine_info(report["sampler_dtype"])
+    _print_report(model, steps, max_tokens, switch, rows, report, info)
+    print(f"(runs are sequential, not interleaved: single-step times swing on this machine; "
+          f"`make bench` is the measurement of record.)  plot: {png}  total "
+          f"{time.perf_counter() - t0:.0f} s")
+    if json_out:
+        with open(json_out, "w") as f:
+            json.dump({"machine": info, "rows": rows, "step_speedup": report["step_speedup"],
+                       "rollout_speedup": report["rollout_speedup"],
+                       "max_logp_gap": report["gaps"], "logp_gap_bound": report["bound"],
+                       "lossless": report["lossless"]}, f, indent=2)
+    return 0 if report["lossless"] else 1
+
+
+def _rows(logs: dict[str, list[dict]], steps: int, switch: int) -> list[dict]:
+    """A row per step: both runs' figures side by side."""
+    rows = []
+    for i in range(steps):
+        a, b = logs["atlas"][i], logs["none"][i]
+        rows.append({
+            "step": i + 1, "domain": "code" if i < switch else "math",
+            "rollout_seconds": {"none": b[ROLLOUT_SECONDS], "atlas": a[ROLLOUT_SECONDS]},
+            "step_seconds": {"none": b.get(TRL_STEP_TIME), "atlas": a.get(TRL_STEP_TIME)},
+            "acceptance_length": a[ACCEPTANCE_LENGTH],
+            "reward": {"none": b[TRL_REWARD], "atlas": a[TRL_REWARD]},
+            "logp_gap": {"none": b.get(TRL_LOGP_GAP), "atlas": a.get(TRL_LOGP_GAP)},
+        })
+    return rows
+
+
+def _compare(rows: list[dict], sampler_dtype: str) -> dict:
+    """Median step and rollout times of both runs, their ratios, and the lossless check:
+    the largest logprob gap of each run against the bound for the sampler's dtype."""
+    med = {key: {m: median([r[key][m] for r in rows]) for m in ("none", "atlas")}
+           for key in ("step_seconds", "rollout_seconds")}
+    gaps = {m: max((r["logp_gap"][m] for r in rows if r["logp_gap"][m] is not None),
+                   default=None) for m in ("atlas", "none")}
+    bound = LOGP_GAP_BOUND.get(sampler_dtype, 1.0)
+    return {"step_median": med["step_seconds"],
+            "step_speedup": med["step_seconds"]["none"] / med["step_seconds"]["atlas"],
+            "rollout_speedup": med["rollout_seconds"]["none"] / med["rollout_seconds"]["atlas"],
+            "gaps": gaps, "bound": bound, "sampler_dtype": sampler_dtype,
+            "lossless": gaps["atlas"] is not None and gaps["atlas"] <= bound}
+
+
+def _print_report(model: str, steps: int, max_tokens: int, switch: int, rows: list[dict],
+                  report: dict, info: dict) -> None:
+    sampler_dtype, gaps = report["sampler_dtype"], report["gaps"]
     print()
     print(f"atlas-rl demo: GRPO on {model} with LoRA, {steps} steps of 2 prompts x 4 "
           f"completions at temperature 1, {max_tokens} tokens max; code prompts, then math "
@@ -139,24 +161,16 @@ def run_demo(model: str = "smollm2-135m-instruct", steps: int = 10, max_tokens: 
         print(f"| {r['step']} | {r['domain']} | {r['rollout_seconds']['none']:.1f} | "
               f"{r['rollout_seconds']['atlas']:.1f} | {r['acceptance_length']:.2f} | "
               f"{r['reward']['none']:.3f} | {r['reward']['atlas']:.3f} | "
-              f"{_fmt(r['step_seconds']['none'], '.1f')} | {_fmt(r['step_seconds']['atlas'], '.1f')} |")
+              f"{fmt(r['step_seconds']['none'], '.1f')} | {fmt(r['step_seconds']['atlas'], '.1f')} |")
     print()
-    print(f"end-to-end step time: median {_median([r['step_seconds']['none'] for r in rows]):.1f} s "
-          f"without speculation, {_median([r['step_seconds']['atlas'] for r in rows]):.1f} s with "
-          f"atlas -> speedup {step_speedup:.2f}x (rollouts alone: {rollout_speedup:.2f}x)")
-    print(f"lossless check (TRL's sampling/sampling_logp_difference/max, largest over the "
-          f"steps): atlas {_fmt(gaps['atlas'], '.1e')}, no speculation {_fmt(gaps['none'], '.1e')}; "
-          f"bound for a {sampler_dtype} sampler against a float32 trainer {bound:.0e}: "
-          f"{'PASS' if lossless else 'FAIL'}")
-    print(f"(runs are sequential, not interleaved: single-step times swing on this machine; "
-          f"`make bench` is the measurement of record.)  plot: {png}  total "
-          f"{time.perf_counter() - t0:.0f} s")
-    if json_out:
-        with open(json_out, "w") as f:
-            json.dump({"machine": info, "rows": rows, "step_speedup": step_speedup,
-                       "rollout_speedup": rollout_speedup, "max_logp_gap": gaps,
-                       "logp_gap_bound": bound, "lossless": lossless}, f, indent=2)
-    return 0 if lossless else 1
+    print(f"end-to-end step time: median {report['step_median']['none']:.1f} s "
+          f"without speculation, {report['step_median']['atlas']:.1f} s with "
+          f"atlas -> speedup {report['step_speedup']:.2f}x (rollouts alone: "
+          f"{report['rollout_speedup']:.2f}x)")
+    print(f"lossless check (TRL's {TRL_LOGP_GAP}, largest over the "
+          f"steps): atlas {fmt(gaps['atlas'], '.1e')}, no speculation {fmt(gaps['none'], '.1e')}; "
+          f"bound for a {sampler_dtype} sampler against a float32 trainer {report['bound']:.0e}: "
+          f"{'PASS' if report['lossless'] else 'FAIL'}")
 
 
 if __name__ == "__main__":

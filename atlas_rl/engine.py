@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from atlas_rl import ranks
 from atlas_rl.config import SPECULATION_METHODS, AtlasConfig
 from atlas_rl.controller import AtlasController
 from atlas_rl.metrics import SpecCounters, oracle_acceptance_length, summarize, summarize_arms
 from atlas_rl.models import resolve_model
 from atlas_rl.rollout import Completion, RolloutBatch
 from atlas_rl.speculators import NeuralSpeculator, SuffixSpeculator
+from atlas_rl.speculators.base import HiddenStateSpeculator, Speculator
 from atlas_rl.speculators.neural import static_speculator_dir
 
 logger = logging.getLogger(__name__)
@@ -70,7 +72,7 @@ class AtlasRolloutEngine:
         self._weight_sync = WeightSync(self.llm, self.model_path,
                                        allow_nonfinite=self.config.allow_nonfinite_weights,
                                        keep_previous=self.config.sync_rollback)
-        self.speculators: dict[str, object] = {}
+        self.speculators: dict[str, Speculator] = {}
         self.proposer = None
         if speculation in ("atlas", "atlas-static"):
             self.speculators = self._build_speculators(speculation == "atlas-static")
@@ -82,7 +84,8 @@ class AtlasRolloutEngine:
                 max_lookahead=self.config.max_lookahead, speculators=list(self.speculators),
                 explore=self.config.explore, max_batch_size=self.config.max_speculation_batch_size,
                 always=self.config.speculate_always, seed=self.config.seed))
-            self.proposer.verifier = self.config.verifier
+            backend.hooks.install_atlas(backend.model_runner(self.llm), self.proposer,
+                                        self.config.verifier)
         self._last_rollout_seconds = 0.0
         self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
                         "generate_calls": 0, "update_seconds": 0.0}
@@ -93,9 +96,8 @@ class AtlasRolloutEngine:
                                             frozen=static, seed=cfg.seed)}
         if not cfg.neural_drafter:
             return specs
-        neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr,
-                                  train_budget_fraction=cfg.train_budget_fraction,
-                                  frozen=static, seed=cfg.seed)
+        neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr, frozen=static,
+                                  seed=cfg.seed)
         path = static_speculator_dir(cfg.static_speculator, self.model_path)
         if path is not None:
             neural.load(path)
@@ -147,18 +149,42 @@ class AtlasRolloutEngine:
         """The adaptive speculators learn the rollouts just generated: the suffix index
         their token sequences (prompt + completion each), the neural drafter the policy's
         hidden states captured while generating them, for at most
-        ``train_budget_fraction`` of ``rollout_seconds`` (default: the last batch's)."""
+        ``train_budget_fraction`` of ``rollout_seconds`` (default: the last batch's).
+
+        Under torch.distributed (a data-parallel trainer: call it on every rank), every
+        rank learns every rank's rollouts: the sequences and the captured hidden states
+        are gathered, rank 0 trains the neural drafter and its published weights are
+        broadcast, so that the speculators of all ranks stay identical."""
         if not self.speculators:
             return {}
         if rollout_seconds is None:
             rollout_seconds = self._last_rollout_seconds
+        sequences = [list(s) for s in sequences]
+        rank, size = ranks.world()
+        if size == 1:
+            return self._learn(sequences, rollout_seconds)
+        sequences = [s for part in ranks.gather(sequences) for s in part]
+        neural = self.speculators.get("neural")
+        if not isinstance(neural, NeuralSpeculator) or neural.frozen:
+            return self._learn(sequences, rollout_seconds)
+        captured = ranks.gather(neural.take_captured())
+        for rows in captured if rank == 0 else ():  # rank 0 trains for everyone
+            if rows is not None:
+                neural.distiller.buffer.add(*rows)
+        update = self._learn(sequences, rollout_seconds, skip=() if rank == 0 else ("neural",))
+        published = ranks.from_rank_zero(neural.published() if rank == 0 else None)
+        if rank != 0:
+            neural.load_published(published)
+        return update
+
+    def _learn(self, sequences: list[list[int]], rollout_seconds: float, skip=()) -> dict:
         budget = self.config.train_budget_fraction * rollout_seconds
         start = time.perf_counter()
         out = {}
-        seqs = [list(s) for s in sequences]
-        for spec in self.speculators.values():  # one budget for all: each gets what is left
-            left = max(0.0, budget - (time.perf_counter() - start))
-            out.update(spec.learn(seqs, time_budget=left))
+        for name, spec in self.speculators.items():  # one budget: each gets what is left
+            if name not in skip:
+                left = max(0.0, budget - (time.perf_counter() - start))
+                out.update(spec.learn(sequences, time_budget=left))
         seconds = time.perf_counter() - start
         self._totals["update_seconds"] += seconds
         return {**out, "update_seconds": seconds, "update_budget_seconds": budget}
@@ -314,6 +340,7 @@ class AtlasRolloutEngine:
         stats["num_completions"] = self._totals["num_completions"]
         stats["generate_calls"] = self._totals["generate_calls"]
         stats["update_seconds"] = self._totals["update_seconds"]
+        stats["vllm_hooks"] = self._backend.hooks.status()  # what the seam installed
         secs = self._totals["rollout_seconds"]
         stats["tokens_per_s"] = self._totals["num_tokens"] / secs if secs > 0 else 0.0
         return stats
@@ -345,9 +372,9 @@ class AtlasRolloutEngine:
         else:
             weights = model_or_state_dict
         self._weight_sync.sync(weights, copy=copy)
-        for spec in self.speculators.values():  # the drafter's copy of the head rows
-            if hasattr(spec, "weights_version"):
-                spec.weights_version += 1
+        for spec in self.speculators.values():  # e.g. the drafter's copy of the head rows
+            if isinstance(spec, HiddenStateSpeculator):
+                spec.weights_synced()
 
     def save(self, directory: str | Path) -> None:
         """Every speculator's state (safetensors + JSON) and the controller's

@@ -223,7 +223,7 @@ def _verify_one(cfg, device, vocab, kind, batch, k, peak_bytes_per_s) -> dict:
 
 def stage_drafter(cfg, device, deadline, save=_no_save) -> dict:
     from atlas_rl.speculators import NeuralSpeculator
-    from atlas_rl.speculators.neural import DrafterNet
+    from atlas_rl.speculators.drafter_net import DrafterNet
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     result = {"dtype": str(dtype), "models": {}}
@@ -243,7 +243,7 @@ def stage_drafter(cfg, device, deadline, save=_no_save) -> dict:
             spec.begin_batch()
             hidden = torch.randn(batch, d, generator=gen, device=device)
             for i, key in enumerate(keys):
-                spec.observe(key, hidden[i:i + 1], [i % vocab], 0)
+                spec.capture(key, hidden[i:i + 1], [i % vocab], 0)
             row = {"batch": batch}
             for k in cfg["draft_lookaheads"]:
                 t = time_call(lambda r, k=k, keys=keys, spec=spec: spec.propose(
@@ -294,8 +294,8 @@ def _train_step(spec, device, d, cfg) -> dict:
     gen = torch.Generator(device).manual_seed(1)
     n = cfg["train_rows"]
     spec.frozen = False
-    spec.clear_buffer()
-    spec.add_examples(torch.randn(n, d, generator=gen, device=device),
+    spec.distiller.buffer.clear()
+    spec.distiller.buffer.add(torch.randn(n, d, generator=gen, device=device),
                       torch.randint(0, spec.vocab.numel(), (n,), generator=gen, device=device),
                       torch.randn(n, d, generator=gen, device=device))
     before = {k: v.detach().clone() for k, v in spec.net.state_dict().items()}
@@ -304,7 +304,7 @@ def _train_step(spec, device, d, cfg) -> dict:
     stats = spec.train(max_epochs=1)
     _sync(device)
     seconds = time.perf_counter() - t0
-    minibatches = max(1, math.ceil(stats.get("drafter_rows", 0) / spec.batch_rows))
+    minibatches = max(1, math.ceil(stats.get("drafter_rows", 0) / spec.distiller.batch_rows))
     spec.frozen = True
     return {"rows": int(stats.get("drafter_rows", 0)), "seconds": seconds,
             "ms_per_minibatch": seconds / minibatches * 1e3, "loss": stats.get("drafter_loss"),

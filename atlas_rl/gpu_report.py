@@ -8,6 +8,8 @@ import json
 import math
 from pathlib import Path
 
+from atlas_rl.metrics import fmt
+
 #: the drafter issue's target acceptance length, and the lookahead it is projected at
 TARGET_ACCEPTANCE_LENGTH, TARGET_LOOKAHEAD = 2.6, 3
 CPU_BENCH = (Path(__file__).resolve().parent.parent / "docs" / "bench"
@@ -98,7 +100,7 @@ def project(report: dict, bench_path: Path) -> dict:
 
 
 def _fmt(x, spec=".2f"):
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
+    return fmt(None if isinstance(x, float) and math.isnan(x) else x, spec)
 
 
 def render_markdown(report: dict) -> str:

@@ -1,4 +1,4 @@
-"""Speculation metrics: one definition each, the same names everywhere (DESIGN.md).
+"""Speculation metrics: one definition each, the same names everywhere.
 
 - acceptance_length: tokens per target forward pass of a drafting request, bonus
   token included: 1 + accepted / drafts (vLLM's "mean acceptance length"). 1.0 without
@@ -13,15 +13,18 @@
 - oracle_acceptance_length: the expected acceptance length at lookahead k of a
   drafter that always proposes the policy's most likely token, from the top-1
   probabilities along the rollouts (the ceiling of one-hot drafting).
+
+The registry of names at the end of this module (`TRAINER_METRICS`, `trainer_metrics`,
+the `BENCH_*` keys) is what the TRL integration, the wandb dashboard, `atlas-rl bench`
+and `atlas-rl demo` use; `median` and `fmt` are their one median and number formatter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Sequence
-
 import math
-
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, fields
 
 #: The drafting arms the controller chooses between: a speculator and a draft kind
 #: (one-hot, or "-dist": a distribution draft whose q goes to the verifier).
@@ -47,15 +50,14 @@ class SpecCounters:
     arm_draft_tokens: list[int] = field(default_factory=list)
     arm_accepted_tokens: list[int] = field(default_factory=list)
 
-    def record_verified(self, num_verified: int, num_accepted: int, source: str = "",
-                        distribution: bool = False) -> None:
+    def record_verified(self, num_verified: int, num_accepted: int, arm: str = "") -> None:
         """One request-step: `num_verified` draft tokens checked, the first
-        `num_accepted` of them accepted (no draft: nothing to record)."""
+        `num_accepted` of them accepted (no draft: nothing to record); `arm` is the
+        drafting arm's label (`speculators.base.Arm.label`)."""
         if num_verified > 0:
             self.add(1, num_verified, num_accepted, [1] * num_verified, [1] * num_accepted)
-            name = f"{source}-dist" if distribution else source
-            if name in ARMS:
-                i = ARMS.index(name)
+            if arm in ARMS:
+                i = ARMS.index(arm)
                 for xs, v in ((self.arm_drafts, 1), (self.arm_draft_tokens, num_verified),
                               (self.arm_accepted_tokens, num_accepted)):
                     _grow(xs, len(ARMS))
@@ -77,11 +79,11 @@ class SpecCounters:
         _grow(self.lookahead_hist, lookahead + 1)
         self.lookahead_hist[lookahead] += 1
 
-    def copy(self) -> "SpecCounters":
+    def copy(self) -> SpecCounters:
         return SpecCounters(**{f.name: (list(v) if isinstance(v := getattr(self, f.name), list) else v)
                                for f in fields(self)})
 
-    def since(self, earlier: "SpecCounters") -> "SpecCounters":
+    def since(self, earlier: SpecCounters) -> SpecCounters:
         out = SpecCounters()
         for f in fields(self):
             now, then = getattr(self, f.name), getattr(earlier, f.name)
@@ -99,7 +101,7 @@ def _grow(xs: list[int], n: int) -> None:
 
 
 def summarize(c: SpecCounters | None) -> dict[str, float]:
-    """Metric dict (DESIGN.md names) from counters; None means no speculation."""
+    """Metric dict (the names defined here) from counters; None means no speculation."""
     if c is None or c.num_drafts == 0:
         return {"acceptance_length": 1.0, "acceptance_rate": 0.0, "lookahead": 0.0,
                 "num_drafts": 0, "num_draft_tokens": 0, "num_accepted_tokens": 0}
@@ -157,3 +159,132 @@ def oracle_acceptance_length(top1_logprobs: Sequence[Sequence[float]], k: int) -
             total += expected_acceptance_length(p[t:t + k], k)
             count += 1
     return total / count if count else 1.0
+
+
+# --- the registry of metric names ------------------------------------------------
+# One place for the names the engine's stats, the TRL integration (``atlas/*``), the
+# wandb dashboard, `atlas-rl bench` and `atlas-rl demo` share.
+
+#: What the TRL integration puts before its metrics' names (wandb groups them under it).
+METRIC_PREFIX = "atlas/"
+
+#: Engine batch stats the TRL integration logs as they are, when present.
+ROLLOUT_METRICS = ("acceptance_length", "acceptance_rate", "lookahead", "tokens_per_s",
+                   "rollout_seconds")
+#: Figures of the speculator's update (`engine.update` / `engine.learn`) it logs when present.
+UPDATE_METRICS = ("drafter_loss", "drafter_train_seconds", "update_budget_seconds")
+
+#: The scalars the TRL integration logs per generation (as METRIC_PREFIX + key).
+TRAINER_METRICS: dict[str, str] = {
+    "acceptance_length": "tokens per target forward pass of a drafting request, bonus "
+                         "token included (1.0 without speculation)",
+    "acceptance_rate": "accepted draft tokens / verified draft tokens",
+    "lookahead": "mean drafted tokens per drafting request-step",
+    "tokens_per_s": "completion tokens over the generation's wall time",
+    "rollout_seconds": "wall time of the generation",
+    "update_seconds": "time the speculator took to learn the generation's rollouts",
+    "drafter_loss": "the adaptive drafter's distillation loss in that update",
+    "drafter_train_seconds": "time the adaptive drafter trained in that update",
+    "update_budget_seconds": "the training time the update was allowed (a share of the "
+                             "rollout time)",
+    "drafter_rollbacks": "times a diverging adaptive drafter was rolled back (cumulative)",
+    "speedup_estimate": "1 + accepted tokens / request-steps: the factor by which "
+                        "speculation cut the target's request-steps (an upper bound of the "
+                        "speedup; `atlas-rl bench` measures it)",
+    "drafted_fraction": "share of request-steps that drafted",
+}
+#: Families of scalars, one per draft position / drafting arm: template -> description.
+TRAINER_METRIC_FAMILIES: dict[str, str] = {
+    "acceptance_rate_pos_{i}": "acceptance rate at draft position i (0-based)",
+    "drafts_{arm}": "share of the drafts the arm made",
+    "acceptance_length_{arm}": "acceptance length of the arm's drafts (when it drafted)",
+}
+POS_PREFIX = "acceptance_rate_pos_"
+ARM_PREFIXES = ("drafts_", "acceptance_length_")
+
+#: TRL's own metric names that the demo and the dashboard read.
+TRL_REWARD = "reward"
+TRL_STEP_TIME = "step_time"
+TRL_LOGP_GAP = "sampling/sampling_logp_difference/max"
+
+#: `atlas-rl bench` results (docs/benchmarks.md): a method's summary (tail regime) ...
+BENCH_SUMMARY_KEYS = ("tokens_per_s", "speedup", "acceptance_length", "acceptance_rate",
+                      "oracle_acceptance_length", "exact")
+#: ... the medians of a regime's steps ...
+BENCH_REGIME_KEYS = ("tokens_per_s", "speedup", "acceptance_length", "acceptance_rate",
+                     "oracle_acceptance_length", "lookahead")
+#: ... the engine stats kept in a step's record of one regime ...
+BENCH_RECORD_KEYS = ("tokens_per_s", "rollout_seconds", "num_tokens", "num_completions",
+                     "acceptance_length", "acceptance_rate", "lookahead",
+                     "oracle_acceptance_length", "num_drafts", "num_draft_tokens",
+                     "num_accepted_tokens", "engine_steps", "forward_seconds",
+                     "sample_seconds", "propose_seconds", "draft_seconds")
+#: ... the speculator update's figures kept there ...
+BENCH_UPDATE_KEYS = UPDATE_METRICS + ("drafter_rollback", "drafter_version", "index_tokens")
+#: ... a method's per-step rows (tail regime) ...
+BENCH_STEP_KEYS = ("step", "domain", "tokens_per_s", "speedup", "acceptance_length",
+                   "acceptance_rate", "lookahead", "oracle_acceptance_length",
+                   "rollout_seconds", "acceptance_rate_pos", "update_seconds",
+                   "drafter_loss", "drafter_train_seconds", "update_budget_seconds")
+#: ... and where the time went (sums over steps; the last two are counts).
+BENCH_TIME_KEYS = ("rollout_seconds", "forward_seconds", "sample_seconds", "propose_seconds",
+                   "draft_seconds", "update_seconds", "engine_steps", "num_tokens")
+
+
+def atlas_name(key: str) -> str:
+    """The name the TRL integration logs `key` under."""
+    return METRIC_PREFIX + key
+
+
+def trainer_metric_names(max_lookahead: int = 8, arms: Sequence[str] = ARMS) -> list[str]:
+    """Every ``atlas/*`` scalar the TRL integration can log, families expanded for
+    draft positions ``0..max_lookahead-1`` and the given arms."""
+    keys = list(TRAINER_METRICS)
+    for template in TRAINER_METRIC_FAMILIES:
+        if "{i}" in template:
+            keys += [template.format(i=i) for i in range(max_lookahead)]
+        else:
+            keys += [template.format(arm=arm) for arm in arms]
+    return [atlas_name(k) for k in keys]
+
+
+def is_arm_metric(key: str) -> bool:
+    """`drafts_{arm}` / `acceptance_length_{arm}`: which arm drafted, and how well."""
+    return key.startswith(ARM_PREFIXES)
+
+
+def arm_metrics(stats: dict) -> dict:
+    """The per-arm entries of a stats dict, as they are."""
+    return {k: v for k, v in stats.items() if is_arm_metric(k)}
+
+
+def trainer_metrics(stats: dict, update: dict, drafter_rollbacks: float) -> dict[str, float]:
+    """The ``atlas/*`` scalars of one generation: from the engine's batch stats, the
+    speculator update's dict and the adaptive drafter's rollbacks so far (0 without one)."""
+    out = {atlas_name(k): float(stats[k]) for k in ROLLOUT_METRICS if k in stats}
+    out.update({atlas_name(k): float(v) for k, v in stats.items() if k.startswith(POS_PREFIX)})
+    out[atlas_name("update_seconds")] = float(update.get("update_seconds", 0.0))
+    out.update({atlas_name(k): float(update[k]) for k in UPDATE_METRICS if k in update})
+    out[atlas_name("drafter_rollbacks")] = float(drafter_rollbacks)
+    out.update({atlas_name(k): float(v) for k, v in arm_metrics(stats).items()})
+    steps = stats.get("request_steps")
+    if steps:
+        # Without a baseline run: tokens per request-step, 1 + accepted / request-steps.
+        # It ignores what verifying drafts costs, so it bounds the speedup from above.
+        out[atlas_name("speedup_estimate")] = float(1.0 + stats["num_accepted_tokens"] / steps)
+        hist = stats.get("lookahead_hist") or [steps]
+        out[atlas_name("drafted_fraction")] = float(1.0 - hist[0] / steps)
+    return out
+
+
+# --- summaries and formatting -----------------------------------------------------
+
+def median(xs: Iterable[float | None]) -> float | None:
+    """The median of the values that are not None; None when there are none."""
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x: float | None, spec: str = ".2f") -> str:
+    """`x` formatted with `spec`, "-" for None (a figure a run did not produce)."""
+    return "-" if x is None else format(x, spec)

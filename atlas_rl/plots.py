@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from atlas_rl.metrics import atlas_name
+
 _COLORS = {"none": "#7f7f7f", "vllm-ngram": "#1f77b4", "vllm-suffix": "#2ca02c",
            "atlas-static": "#ff7f0e", "atlas": "#d62728"}
 
@@ -114,12 +116,12 @@ def plot_speculation(rows: list[dict], path: str | Path) -> Path:
         if any(y is not None for y in ys):
             ax.plot(steps, [float("nan") if y is None else y for y in ys], style, label=label)
 
-    line(axes[0], "atlas/acceptance_length", "acceptance length")
-    line(axes[0], "atlas/speedup_estimate", "speedup estimate (target passes saved)", "s--")
+    line(axes[0], atlas_name("acceptance_length"), "acceptance length")
+    line(axes[0], atlas_name("speedup_estimate"), "speedup estimate (target passes saved)", "s--")
     axes[0].axhline(1.0, color="k", linewidth=0.8)
-    line(axes[1], "atlas/acceptance_rate", "acceptance rate")
-    line(axes[1], "atlas/drafted_fraction", "drafted request-steps", "s--")
-    line(axes[2], "atlas/tokens_per_s", "rollout tokens/s")
+    line(axes[1], atlas_name("acceptance_rate"), "acceptance rate")
+    line(axes[1], atlas_name("drafted_fraction"), "drafted request-steps", "s--")
+    line(axes[2], atlas_name("tokens_per_s"), "rollout tokens/s")
     return _finish(fig, axes, ("Tokens per target pass", "Drafts", "Rollout throughput"),
                    "training step", path)
 

@@ -19,7 +19,7 @@ class Completion:
 @dataclass
 class RolloutBatch:
     """Completions in prompt order (the n completions of prompt i are contiguous) and
-    the call's speculation stats (metric names of DESIGN.md)."""
+    the call's speculation stats (metric names: atlas_rl.metrics)."""
 
     completions: list[Completion] = field(default_factory=list)
     stats: dict = field(default_factory=dict)

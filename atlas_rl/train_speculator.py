@@ -69,8 +69,8 @@ def train_static(cfg: TrainSpeculatorConfig, progress: bool = True) -> dict:
         max_speculation_batch_size=0, static_speculator="none", dtype=cfg.dtype,
         draft_vocab_size=cfg.draft_vocab_size, max_model_len=cfg.max_model_len, seed=cfg.seed))
     neural = engine.speculators["neural"]
-    neural.max_buffer_rows = 10**9
-    neural.lr = cfg.lr
+    neural.distiller.buffer.max_rows = 10**9
+    neural.distiller.lr = cfg.lr
     counts = torch.zeros(engine.vocab_size)
     start = time.perf_counter()
     rows = 0
@@ -88,11 +88,11 @@ def train_static(cfg: TrainSpeculatorConfig, progress: bool = True) -> dict:
     neural.set_vocab_from_counts(counts)
 
     # Hold out the newest rows for evaluation.
-    h, tok, target = neural.buffer()
+    h, tok, target = neural.distiller.buffer.rows()
     n_eval = max(1, int(cfg.holdout * len(tok)))
     held = (h[-n_eval:].clone(), tok[-n_eval:].clone(), target[-n_eval:].clone())
-    neural.clear_buffer()
-    neural.add_examples(h[:-n_eval], tok[:-n_eval], target[:-n_eval])
+    neural.distiller.buffer.clear()
+    neural.distiller.buffer.add(h[:-n_eval], tok[:-n_eval], target[:-n_eval])
     before = neural.evaluate(*held)
     say(f"held-out before training: {before}", flush=True)
     start = time.perf_counter()
@@ -106,7 +106,7 @@ def train_static(cfg: TrainSpeculatorConfig, progress: bool = True) -> dict:
             f"{ev['accept_one_hot']:.3f} (one-hot), ceiling one-hot {ev['accept_ceiling_one_hot']:.3f}",
             flush=True)
     train_seconds = time.perf_counter() - start
-    neural.reset_training()  # a fresh static drafter
+    neural.distiller.reset()  # a fresh static drafter
     out = Path(cfg.out)
     neural.save(out)
     report = {"config": asdict(cfg), "training_rows": rows - n_eval, "heldout_rows": n_eval,

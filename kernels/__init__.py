@@ -3,7 +3,7 @@
 rejection.py: lossless rejection sampling over one-hot, sparse and dense draft
 distributions, in torch (CPU and any torch device), and the reference of the Triton path;
 on the vLLM backend it replaces vLLM's rejection step for atlas engines
-(atlas_rl.backends.vllm.verifier).
+(`atlas_rl.backends.vllm.sampler.AtlasRejectionSampler`).
 
 rejection_triton.py: the same verification as Triton kernels end to end (row
 log-sum-exp, acceptance chain, residual draw, bonus token, output logprobs; no host

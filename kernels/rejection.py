@@ -8,7 +8,7 @@ is distributed exactly as p (Leviathan et al., 2023; Chen et al., 2023). A one-h
 (no q) is the case q = delta_x.
 
 What this implementation does differently from vLLM 0.32's rejection sampler (which
-atlas-rl replaces with it on the vLLM backend, see ``atlas_rl.backends.vllm.verifier``):
+atlas-rl replaces with it on the vLLM backend, see ``atlas_rl.backends.vllm.sampler``):
 
 - q may be *sparse*: ``draft_ids[i]`` / ``draft_q[i]`` hold the support of the draft
   distribution at token i (padding: probability 0, any id; nonzero probabilities on
@@ -37,6 +37,8 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+
+from atlas_rl.kernels.sampling import inverse_cdf
 
 PLACEHOLDER_TOKEN_ID = -1
 
@@ -104,35 +106,19 @@ def rejection_sample(
     rows at vocabulary 151,936; in float64 on none of 128,000); float32 elsewhere, where
     it is the CPU verifier's hot path (float64 cost ~0.3 ms more per rejected row at
     vocabulary 49,152 on 2 cores). Both are exact in distribution."""
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"rejection_sample: backend must be 'auto', 'torch' or 'triton', "
-                         f"got {backend!r}")
+    _check_inputs(draft_token_ids, num_draft_tokens, target_logits, draft_probs, draft_ids,
+                  backend)
     num_reqs = len(num_draft_tokens)
-    device = target_logits.device
-    vocab = target_logits.shape[-1]
     if return_logprobs and (bonus_logits is None
-                            or tuple(bonus_logits.shape) != (num_reqs, vocab)):
+                            or tuple(bonus_logits.shape) != (num_reqs, target_logits.shape[-1])):
         raise ValueError("rejection_sample: return_logprobs needs bonus_logits of shape "
-                         f"({num_reqs}, {vocab}), the rows the bonus tokens were sampled from; "
-                         f"got {None if bonus_logits is None else tuple(bonus_logits.shape)}")
+                         f"({num_reqs}, {target_logits.shape[-1]}), the rows the bonus tokens "
+                         f"were sampled from; got "
+                         f"{None if bonus_logits is None else tuple(bonus_logits.shape)}")
+    device = target_logits.device
     bonus = bonus_token_ids.reshape(-1).to(torch.int32)
-    n = draft_token_ids.shape[0]
-    if n == 0:
-        out = torch.full((num_reqs, max_spec_len + 1), PLACEHOLDER_TOKEN_ID, dtype=torch.int32,
-                         device=device)
-        out[:, 0] = bonus
-        if not return_logprobs:
-            return out
-        logprobs = torch.zeros(out.shape, dtype=torch.float32, device=device)
-        logprobs[:, 0] = torch.log_softmax(bonus_logits.float(), -1).gather(
-            1, bonus.long()[:, None]).squeeze(1)
-        return out, logprobs
-    counted = sum(int(c) for c in num_draft_tokens)  # on the host: no device sync
-    if counted != n or target_logits.shape[0] != n:
-        raise ValueError(f"rejection_sample: {n} draft tokens, {counted} counted "
-                         f"over requests, {target_logits.shape[0]} target rows")
-    if draft_ids is not None and draft_probs is None:
-        raise ValueError("rejection_sample: draft_ids without draft_probs")
+    if draft_token_ids.shape[0] == 0:
+        return _bonus_only(bonus, max_spec_len, bonus_logits if return_logprobs else None)
     if backend == "auto":
         backend = "triton" if target_logits.is_cuda and triton_available() else "torch"
     if backend == "triton":
@@ -154,25 +140,60 @@ def rejection_sample(
 
     recover = (first != counts).nonzero().squeeze(1)
     if recover.numel():
-        rows = starts[recover] + first[recover]
         if recovery_dtype is None:
             recovery_dtype = torch.float64 if logits.is_cuda else torch.float32
-        row_logits = logits[rows].to(recovery_dtype)
-        p = torch.exp(row_logits - torch.logsumexp(row_logits, dim=-1, keepdim=True))
-        residual = p.clone()
-        if draft_probs is None:  # q = delta_x (a padded draft token, x < 0: q = 0)
-            hit = (x[rows] >= 0).nonzero().squeeze(1)
-            residual[hit, x[rows][hit]] = 0.0
-        elif draft_ids is not None:
-            residual.scatter_add_(1, draft_ids[rows].clamp(min=0),
-                                  -draft_probs[rows].to(recovery_dtype))
-            residual.clamp_(min=0.0)
-        else:
-            residual.sub_(draft_probs[rows].to(recovery_dtype)).clamp_(min=0.0)
-        out[recover, first[recover]] = _inverse_cdf(residual, p, recovery_uniform[recover])
+        rows = starts[recover] + first[recover]
+        out[recover, first[recover]] = _recovered_tokens(
+            logits[rows].to(recovery_dtype), x[rows], rows, draft_probs, draft_ids,
+            recovery_uniform[recover])
     if not return_logprobs:
         return out
     return out, _output_logprobs(out, counts, starts, logits, lse, bonus_logits)
+
+
+def _check_inputs(draft_token_ids, num_draft_tokens, target_logits, draft_probs, draft_ids,
+                  backend) -> None:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"rejection_sample: backend must be 'auto', 'torch' or 'triton', "
+                         f"got {backend!r}")
+    n = draft_token_ids.shape[0]
+    counted = sum(int(c) for c in num_draft_tokens)  # on the host: no device sync
+    if n and (counted != n or target_logits.shape[0] != n):
+        raise ValueError(f"rejection_sample: {n} draft tokens, {counted} counted "
+                         f"over requests, {target_logits.shape[0]} target rows")
+    if draft_ids is not None and draft_probs is None:
+        raise ValueError("rejection_sample: draft_ids without draft_probs")
+
+
+def _bonus_only(bonus, max_spec_len, bonus_logits):
+    """No draft token in the batch: each request's output is its bonus token."""
+    out = torch.full((bonus.shape[0], max_spec_len + 1), PLACEHOLDER_TOKEN_ID,
+                     dtype=torch.int32, device=bonus.device)
+    out[:, 0] = bonus
+    if bonus_logits is None:
+        return out
+    logprobs = torch.zeros(out.shape, dtype=torch.float32, device=bonus.device)
+    logprobs[:, 0] = torch.log_softmax(bonus_logits.float(), -1).gather(
+        1, bonus.long()[:, None]).squeeze(1)
+    return out, logprobs
+
+
+def _recovered_tokens(row_logits, x, rows, draft_probs, draft_ids, u) -> torch.Tensor:
+    """At each first rejected position: one draw from the residual max(p - q, 0) (its
+    target row `row_logits`, in the recovery precision), or from p where the residual
+    is 0 everywhere (p = q up to rounding)."""
+    dtype = row_logits.dtype
+    p = torch.exp(row_logits - torch.logsumexp(row_logits, dim=-1, keepdim=True))
+    residual = p.clone()
+    if draft_probs is None:  # q = delta_x (a padded draft token, x < 0: q = 0)
+        hit = (x >= 0).nonzero().squeeze(1)
+        residual[hit, x[hit]] = 0.0
+    elif draft_ids is not None:
+        residual.scatter_add_(1, draft_ids[rows].clamp(min=0), -draft_probs[rows].to(dtype))
+        residual.clamp_(min=0.0)
+    else:
+        residual.sub_(draft_probs[rows].to(dtype)).clamp_(min=0.0)
+    return _inverse_cdf(residual, p, u)
 
 
 def _output_logprobs(out, counts, starts, logits, lse, bonus_logits) -> torch.Tensor:
@@ -231,15 +252,7 @@ def triton_available() -> bool:
 
 
 def _inverse_cdf(weights: torch.Tensor, fallback: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One draw per row from ``weights`` (unnormalised, >= 0) with uniforms ``u``; a row
-    whose weights are all 0 (p = q up to rounding: rejection had probability ~0) draws
-    from ``fallback``."""
-    cdf = torch.cumsum(weights.double(), dim=1)
-    total = cdf[:, -1]
-    empty = total <= 0
-    if bool(empty.any()):
-        cdf[empty] = torch.cumsum(fallback[empty].double(), dim=1)
-        total = cdf[:, -1]
-    t = (u.double() * total)[:, None]
-    idx = torch.searchsorted(cdf, t, right=True).squeeze(1)
-    return idx.clamp_(max=weights.shape[1] - 1).to(torch.int32)
+    """One draw per row from ``weights`` (unnormalised, >= 0) with uniforms ``u``, in
+    float64; a row whose weights are all 0 (p = q up to rounding: rejection had
+    probability ~0) draws from ``fallback``."""
+    return inverse_cdf(weights, u, torch.float64, fallback).to(torch.int32)

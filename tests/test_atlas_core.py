@@ -114,7 +114,7 @@ def test_soak_index_and_buffers_stay_bounded_and_throughput_holds(make_engine, t
                                 max_tokens=12, seed=step)
         info = engine.update(batch)
         assert info["index_tokens"] <= bound
-        assert neural._buffer_rows <= neural.max_buffer_rows + 64
+        assert neural.distiller.buffer.num_rows <= neural.distiller.buffer.max_rows + 64
         assert not neural._streams and not neural._done  # captured states consumed
         tps.append(batch.stats["tokens_per_s"])
         table_sizes.append(len(suffix._past.table))

@@ -1,10 +1,11 @@
-"""compat fix 6: a step in which no request has a draft is sampled the way an engine
-without speculation samples it (vLLM's plain sampler, not the rejection sampler).
+"""AtlasRejectionSampler's first choice: a step in which no request has a draft is
+sampled the way an engine without speculation samples it (vLLM's plain sampler, not the
+rejection sampler).
 
 An atlas engine whose controller drafts nothing must then give exactly what a
 speculation='none' engine gives: the same tokens and bit-identical logprobs (through the
 rejection sampler they came out up to ~1e-6 off: a second log_softmax). Timings are not
-asserted here (see the module docstring of atlas_rl.compat.vllm_cpu)."""
+asserted here (see atlas_rl.backends.vllm.sampler and BENCHMARKS.md)."""
 
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ def _on_cpu() -> bool:
 
 @pytest.mark.parametrize("seed, top_p", [(0, 1.0), (21, 0.9)])
 def test_atlas_drafting_nothing_samples_exactly_like_no_speculation(silent, baseline, seed, top_p):
-    from atlas_rl.compat import vllm_cpu
+    from atlas_rl.backends.vllm import hooks
 
     got = silent.generate(PROMPTS, n=4, temperature=1.0, top_p=top_p, max_tokens=24, seed=seed)
     want = baseline.generate(PROMPTS, n=4, temperature=1.0, top_p=top_p, max_tokens=24, seed=seed)
@@ -48,7 +49,7 @@ def test_atlas_drafting_nothing_samples_exactly_like_no_speculation(silent, base
     assert [c.logprobs for c in got] == [c.logprobs for c in want]  # exact, not approx
     assert [c.top1_logprobs for c in got] == [c.top1_logprobs for c in want]
     if _on_cpu():
-        assert vllm_cpu.status()["plain_sampling_without_drafts"] == "applied"
+        assert "steps without drafts: plain sampler" in hooks.status()["atlas_sampler"]
 
 
 def test_greedy_drafting_nothing_matches_too(silent, baseline):
@@ -62,23 +63,36 @@ def test_self_check_and_guards(silent):
     """The fix's self-check passes on this engine's samplers, and steps it must leave to
     the rejection sampler (a draft anywhere, the dummy metadata of a warmup) are left."""
     if not _on_cpu():
-        pytest.skip("fix 6 is CPU-only")
-    from vllm.v1.sample.rejection_sampler import RejectionSampler
+        pytest.skip("the plain path is CPU-only")
     from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
+    from atlas_rl.backends.vllm import sampler
     from atlas_rl.backends.vllm.engine import model_runner
-    from atlas_rl.compat import vllm_cpu
 
     rs = model_runner(silent.llm).rejection_sampler
-    original = RejectionSampler.forward._atlas_original  # vLLM's own forward
+    assert isinstance(rs, sampler.AtlasRejectionSampler)
     vocab = silent.vocab_size
     rng = torch.get_rng_state()
-    assert vllm_cpu._plain_matches_rejection(rs, original, vocab) is None
+    assert sampler.plain_matches_rejection(rs, vocab) is None
     assert torch.equal(torch.get_rng_state(), rng)  # the check leaves the global RNG alone
 
-    metadata, logits, make_sm = vllm_cpu._synthetic_batch(vocab, all_random=True)
-    assert vllm_cpu._plain_sampling_applies(rs, metadata, None, logits, make_sm())
+    metadata, logits, make_sm = sampler.synthetic_batch(vocab, all_random=True)
+    assert sampler.plain_sampling_applies(rs, metadata, None, logits, make_sm())
     dummy = SpecDecodeMetadata.make_dummy([[], [], [], []], device=logits.device)
-    assert not vllm_cpu._plain_sampling_applies(rs, dummy, None, logits, make_sm())
+    assert not sampler.plain_sampling_applies(rs, dummy, None, logits, make_sm())
     drafted = SpecDecodeMetadata.make_dummy([[5], [], [], []], device=logits.device)
-    assert not vllm_cpu._plain_sampling_applies(rs, drafted, None, logits, make_sm())
+    assert not sampler.plain_sampling_applies(rs, drafted, None, logits, make_sm())
+
+
+def test_vllm_peers_keep_vllms_stock_sampler(make_engine, tiny_model_path):
+    """The speed changes are atlas engines' own: an engine built without atlas-rl's
+    speculative config (the benchmark's vLLM peers) samples with vLLM's stock classes."""
+    from vllm.v1.sample.rejection_sampler import RejectionSampler
+
+    from atlas_rl.backends.vllm import sampler
+    from atlas_rl.backends.vllm.engine import model_runner
+
+    peer = make_engine(tiny_model_path, "vllm-ngram", dtype="float32")
+    rs = model_runner(peer.llm).rejection_sampler
+    assert type(rs) is RejectionSampler and not isinstance(rs, sampler.AtlasRejectionSampler)
+    assert "propose_draft_token_ids" not in vars(model_runner(peer.llm))

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from atlas_rl.exactness import greedy_mismatches
+from atlas_rl.speculators.base import Arm
 
 PROMPTS = [
     "def add(a, b):\n    return a + b\n\ndef sub(a, b):\n    return a - b\n\ndef mul(a, b):\n",
@@ -183,7 +184,7 @@ def test_update_save_load(atlas, make_engine, tiny_model_path, tmp_path):
     for spec in (atlas.speculator, other.speculator):
         spec.begin_batch()
     assert other.controller.state_dict() == atlas.controller.state_dict()
-    assert sum(c.total_trials for c in other.controller.calibration["suffix"].positions) > 0
+    assert sum(c.total_trials for c in other.controller.calibration[Arm("suffix")].positions) > 0
     mine = atlas.speculator.propose(["x"], [ctx], [6])[0]
     theirs = other.speculator.propose(["x"], [ctx], [6])[0]
     assert mine.tokens and mine.tokens == theirs.tokens

@@ -74,27 +74,26 @@ def test_sampling_follows_the_model_distribution(method, make_engine, real_model
         assert batch.stats["proposer_num_accepted_tokens"] == batch.stats["num_accepted_tokens"]
         # distribution drafts (q handed to vLLM's rejection sampler) were verified, from
         # the neural drafter and the suffix index, and the PIT/KS check above still holds
-        from atlas_rl.backends.vllm import verifier
-        from atlas_rl.compat import vllm_draft_probs
+        from atlas_rl.backends.vllm import hooks, sampler
 
-        assert vllm_draft_probs.status().get("draft_probs") == "applied"
-        assert verifier.attached(model_runner(engine.llm))
-        assert verifier.calls()["atlas"] > 0
+        assert hooks.status().get("draft_probs") == "applied"
+        assert sampler.verifies(model_runner(engine.llm))
+        assert model_runner(engine.llm).rejection_sampler.atlas_calls["atlas"] > 0
         assert batch.stats["drafts_neural-dist"] > 0.1, batch.stats
         assert batch.stats["drafts_suffix-dist"] + batch.stats["drafts_suffix"] > 0.05, batch.stats
 
 
 def test_sampling_with_vllms_verifier(make_engine, real_model_path, prompts, reference):
     """verifier="vllm": atlas's (dense) draft distributions go to vLLM's rejection sampler."""
-    from atlas_rl.backends.vllm import verifier
+    from atlas_rl.backends.vllm import sampler
 
     engine = make_engine(real_model_path, "atlas", verifier="vllm", **CFG)
-    before = verifier.calls()
     batch = engine.generate(prompts * 3, n=2, temperature=1.0, max_tokens=64, seed=5)
     check = check_sampling(reference, batch)
     assert batch.stats["drafts_neural-dist"] > 0.1, batch.stats
-    assert not verifier.attached(model_runner(engine.llm))
-    assert verifier.calls() == before  # none of its verification went through ours
+    assert not sampler.verifies(model_runner(engine.llm))
+    calls = model_runner(engine.llm).rejection_sampler.atlas_calls
+    assert calls["atlas"] == 0 and calls["vllm"] > 0  # none of its verification went through ours
     assert check.ks_pvalue > KS_ALPHA, check
     assert check.logprob_max_abs_err < LOGPROB_TOL, check
 

@@ -224,7 +224,7 @@ def test_drafter_drafts_on_cuda_in_bf16_like_float32_on_cpu():
     keys = [f"r{i}" for i in range(n)]
     for spec, h in ((cpu, hidden), (gpu, hidden.to(DEV))):
         for i, key in enumerate(keys):
-            spec.observe(key, h[i:i + 1], [i], 0)
+            spec.capture(key, h[i:i + 1], [i], 0)
     want = cpu.propose(keys, [[0]] * n, [1] * n)
     got = gpu.propose(keys, [[0]] * n, [1] * n)
     assert gpu._head_sub_t.dtype == torch.bfloat16 and gpu._head_sub_t.is_cuda
@@ -298,7 +298,7 @@ def test_drafter_trains_on_cuda_under_bf16_autocast():
             hs, toks = policy.rollout(48)
             hs = hs.to(DEV)
             for s in range(0, 48, 3):
-                spec.observe(f"s{step}r{i}", hs[s:s + 3], toks[s:s + 3], s)
+                spec.capture(f"s{step}r{i}", hs[s:s + 3], toks[s:s + 3], s)
             spec.finish(f"s{step}r{i}")
         stats = spec.learn(time_budget=None)
         assert stats["drafter_version"] == step + 1, stats

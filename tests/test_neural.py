@@ -47,7 +47,7 @@ def _feed(spec, policy, sequences=8, length=48, prefix="r"):
         hs, toks = policy.rollout(length)
         # as the proposer does: a few positions per step, contiguous
         for s in range(0, length, 3):
-            spec.observe(f"{prefix}{i}", hs[s:s + 3], toks[s:s + 3], s)
+            spec.capture(f"{prefix}{i}", hs[s:s + 3], toks[s:s + 3], s)
         spec.finish(f"{prefix}{i}")
 
 
@@ -66,7 +66,7 @@ def test_drafter_learns_the_policy_distribution_and_publishes_new_weights():
     before = spec.evaluate(*held)
     spec.begin_batch()
     hs, toks = policy.rollout(10)
-    spec.observe("live", hs, toks, 0)
+    spec.capture("live", hs, toks, 0)
     old_net = {k: v.clone() for k, v in spec.net.state_dict().items()}
     (draft_before,) = spec.propose(["live"], [[0] * 11], [4])
     versions = []
@@ -93,7 +93,7 @@ def test_distribution_draft_hands_over_the_q_it_sampled_from():
     policy = SyntheticPolicy(1)
     spec = _speculator(policy)
     hs, toks = policy.rollout(5)
-    spec.observe("a", hs, toks, 0)
+    spec.capture("a", hs, toks, 0)
     (d,) = spec.propose(["a"], [[0] * 6], [3], sample=[True])
     assert d.is_distribution and len(d) == 3 and d.q.shape == (3, V)
     assert torch.allclose(d.q.sum(-1), torch.ones(3), atol=1e-5)
@@ -111,9 +111,9 @@ def test_diverging_training_rolls_back_to_the_last_good_weights():
     # a poisoned batch: NaN hidden states make the loss NaN
     hs, toks = policy.rollout(30)
     hs[5:] = float("nan")
-    spec.observe("bad", hs, toks, 0)
+    spec.capture("bad", hs, toks, 0)
     spec.finish("bad")
-    spec.clear_buffer()
+    spec.distiller.buffer.clear()
     stats = spec.learn(time_budget=None)
     assert stats["drafter_rollback"] == 1.0 and spec.rollbacks == 1
     assert spec.version == version
@@ -134,20 +134,22 @@ def test_training_stops_before_its_budget_not_after(monkeypatch):
     that would end at 1.2 s."""
     from types import SimpleNamespace
 
-    from atlas_rl.speculators import neural
+    from atlas_rl.speculators import distill, neural
 
     policy = SyntheticPolicy(3)
     spec = _speculator(policy, batch_rows=8)
     _feed(spec, policy, sequences=40)
     now = [0.0]
-    monkeypatch.setattr(neural, "time", SimpleNamespace(perf_counter=lambda: now[0]))
-    loss = spec._loss
+    clock = SimpleNamespace(perf_counter=lambda: now[0])
+    monkeypatch.setattr(neural, "time", clock)
+    monkeypatch.setattr(distill, "time", clock)
+    loss = distill.distill_loss
 
     def slow_loss(*args):
         now[0] += 0.3
         return loss(*args)
 
-    monkeypatch.setattr(spec, "_loss", slow_loss)
+    monkeypatch.setattr(distill, "distill_loss", slow_loss)
     stats = spec.learn(time_budget=1.0)
     assert stats["drafter_rows"] == 3 * 8
     assert stats["drafter_train_seconds"] <= 1.0
@@ -166,7 +168,7 @@ def test_save_load_roundtrip(tmp_path):
     hs, toks = policy.rollout(6)
     for s in (spec, other):
         s.begin_batch()
-        s.observe("x", hs, toks, 0)
+        s.capture("x", hs, toks, 0)
     assert other.propose(["x"], [[0] * 7], [5])[0].tokens == spec.propose(["x"], [[0] * 7], [5])[0].tokens
     with pytest.raises(ValueError, match="hidden size 32"):
         other.attach_target(torch.zeros(V, 16), torch.zeros(V, 16))  # another model

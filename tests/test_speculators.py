@@ -7,8 +7,9 @@ import random
 import pytest
 import torch
 
-from atlas_rl.controller import AtlasController, ConfidenceCalibrator
+from atlas_rl.controller import ArmCalibration, AtlasController, ConfidenceCalibrator, StepPlan
 from atlas_rl.speculators import Draft, SuffixSpeculator
+from atlas_rl.speculators.base import Arm
 
 
 def test_drafts_from_learned_rollouts_with_majority_confidence():
@@ -78,9 +79,9 @@ def _fed_controller(base, overhead, slope, num_seqs, arms=("suffix",), steps=60)
     """A controller whose cost model measured T(D) = base + [D > 0] overhead + slope D."""
     ctl = AtlasController(max_lookahead=8, speculators=list(arms), explore=0.0)
     for i in range(steps):
-        ctl.observe_step(num_seqs, 0, base)
+        ctl.record_step_time(num_seqs, 0, base)
         d = 1 + i % 24
-        ctl.observe_step(num_seqs, d, base + overhead + slope * d)
+        ctl.record_step_time(num_seqs, d, base + overhead + slope * d)
     return ctl
 
 
@@ -93,7 +94,7 @@ def _train_arm(ctl, arm, rate, n=400, conf=0.8):
         accepted = 0
         while accepted < 4 and rng.random() < rate:
             accepted += 1
-        ctl.observe(draft, accepted)
+        ctl.record_acceptance(draft, accepted)
 
 
 def test_cost_model_recovers_the_step_cost():
@@ -108,19 +109,19 @@ def test_controller_picks_no_speculation_when_the_cost_model_says_it_loses():
     # Large batch, compute-bound: a draft token costs what a sequence's token costs.
     ctl = _fed_controller(base=0.15, overhead=0.01, slope=0.15 / 64 * 1.2, num_seqs=64)
     _train_arm(ctl, "suffix", 0.9)
-    plan = ctl.begin_step(64)
+    plan = ctl.plan_step(64)
     drafts = [Draft([1, 2, 3], [0.9] * 3, source="suffix") for _ in range(64)]
-    assert plan.lookahead == 0 or all(not d.tokens for d in ctl.choose([[d] for d in drafts], 64))
+    assert plan.lookahead == 0 or all(not d.tokens for d in ctl.choose_drafts(StepPlan(64), [[d] for d in drafts]))
     # The tail, memory-bound: the same drafts pay, and are kept.
     ctl = _fed_controller(base=0.075, overhead=0.008, slope=0.0003, num_seqs=4)
     _train_arm(ctl, "suffix", 0.9)
-    assert ctl.begin_step(4).lookahead >= 4  # every position the arm was measured at
-    kept = ctl.choose([[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)], 4)
+    assert ctl.plan_step(4).lookahead >= 4  # every position the arm was measured at
+    kept = ctl.choose_drafts(StepPlan(4), [[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)])
     assert all(len(d) == 3 for d in kept)
     # ...unless they are rarely accepted: then the verification overhead is not worth it.
     ctl = _fed_controller(base=0.075, overhead=0.008, slope=0.0003, num_seqs=4)
     _train_arm(ctl, "suffix", 0.02)
-    kept = ctl.choose([[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)], 4)
+    kept = ctl.choose_drafts(StepPlan(4), [[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)])
     assert all(not d.tokens for d in kept)
 
 
@@ -129,10 +130,10 @@ def test_an_unmeasured_batch_size_is_measured_before_speculating():
     the first steps at a new batch-size bucket run without speculation, to measure it."""
     ctl = _fed_controller(base=0.075, overhead=0.008, slope=0.0003, num_seqs=4)
     _train_arm(ctl, "suffix", 0.9)
-    assert ctl.begin_step(4).lookahead > 0
+    assert ctl.plan_step(4).lookahead > 0
     assert ctl.cost.base_seconds(64) is None
-    assert ctl.begin_step(64).lookahead == 0
-    ctl.observe_step(64, 0, 0.3)
+    assert ctl.plan_step(64).lookahead == 0
+    ctl.record_step_time(64, 0, 0.3)
     assert ctl.cost.base_seconds(64) == pytest.approx(0.3)
     assert ctl.cost.base_seconds(4) == pytest.approx(0.075)  # buckets stay apart
 
@@ -143,12 +144,12 @@ def test_a_one_off_stall_does_not_switch_speculation_off():
     ctl = _fed_controller(base=0.075, overhead=0.008, slope=0.0003, num_seqs=4)
     _train_arm(ctl, "suffix", 0.9)
     for _ in range(5):
-        ctl.observe_draft_time("suffix", 0.002)
-    ctl.observe_step(4, 12, 4.5)
-    ctl.observe_draft_time("suffix", 4.5)  # and a stalled drafting call
+        ctl.record_draft_time("suffix", 0.002)
+    ctl.record_step_time(4, 12, 4.5)
+    ctl.record_draft_time("suffix", 4.5)  # and a stalled drafting call
     overhead, _ = ctl.cost.spec_cost(4)
     assert overhead < 0.075  # uncapped, the stall alone would add ~0.09 s
-    kept = ctl.choose([[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)], 4)
+    kept = ctl.choose_drafts(StepPlan(4), [[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)])
     assert all(len(d) == 3 for d in kept)
 
 
@@ -162,13 +163,13 @@ def test_probes_correct_a_stale_too_high_cost_estimate():
     drafts = [[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)]
     probes = 0
     for _ in range(600):
-        kept = ctl.choose(drafts, 4)
+        kept = ctl.choose_drafts(StepPlan(4), drafts)
         d = sum(len(k) for k in kept)
         if d == 1:
             probes += 1
         if d > 1:
             break
-        ctl.observe_step(4, d, 0.075 + (0.008 + 0.0003 * d if d else 0.0))
+        ctl.record_step_time(4, d, 0.075 + (0.008 + 0.0003 * d if d else 0.0))
     else:
         pytest.fail("speculation never came back")
     assert probes >= 3  # it came back through probes, not by itself
@@ -181,12 +182,14 @@ def test_no_drafting_where_the_cut_keeps_dropping_every_draft():
     _train_arm(ctl, "suffix", 0.9)
     drafts = [[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)]
     for _ in range(ctl.cut_patience):
-        assert ctl.begin_step(4).lookahead > 0
-        assert not any(d.tokens for d in ctl.choose(drafts, 4))
-    assert all(ctl.begin_step(4).lookahead == 0 for _ in range(50))  # explore = 0
+        plan = ctl.plan_step(4)
+        assert plan.lookahead > 0 and not plan.probe
+        assert not any(d.tokens for d in ctl.choose_drafts(plan, drafts))
+    assert all(ctl.plan_step(4).lookahead == 0 for _ in range(50))  # explore = 0
     ctl.explore = 1.0
-    assert ctl.begin_step(4).lookahead > 0
-    assert sum(len(d) for d in ctl.choose(drafts, 4)) == 1  # the probe
+    plan = ctl.plan_step(4)
+    assert plan.lookahead > 0 and plan.probe
+    assert sum(len(d) for d in ctl.choose_drafts(plan, drafts)) == 1  # the probe
 
 
 def test_goodput_cut_keeps_the_likeliest_positions_first():
@@ -194,7 +197,7 @@ def test_goodput_cut_keeps_the_likeliest_positions_first():
     _train_arm(ctl, "suffix", 0.7)
     sure = Draft([1, 2, 3, 4, 5, 6], [0.95] * 6, source="suffix")
     weak = Draft([7, 8, 9], [0.05] * 3, source="suffix")
-    a, b = ctl.choose([[sure], [weak]], 2)
+    a, b = ctl.choose_drafts(StepPlan(2), [[sure], [weak]])
     assert len(a) >= 1 and len(b) <= len(a)  # never a longer draft where acceptance is less likely
 
 
@@ -205,14 +208,14 @@ def test_controller_follows_the_better_arm_and_the_draft_kind():
     _train_arm(ctl, "neural", 0.2)
     _train_arm(ctl, "neural-dist", 0.2)
     pair = [Draft([1, 2, 3], [0.6] * 3, source="suffix"), Draft([4, 5, 6], [0.6] * 3, source="neural")]
-    assert ctl.choose([pair], 1)[0].source == "suffix"
+    assert ctl.choose_drafts(StepPlan(1), [pair])[0].source == "suffix"
     # The adaptive drafter improved (drift): feedback moves the choice over.
     _train_arm(ctl, "suffix", 0.2, n=1500)
     _train_arm(ctl, "neural", 0.85, n=1500)
-    assert ctl.choose([pair], 1)[0].source == "neural"
+    assert ctl.choose_drafts(StepPlan(1), [pair])[0].source == "neural"
     # Distribution drafts accepted more than one-hot ones: the plan asks for them.
     _train_arm(ctl, "neural-dist", 0.95, n=1500)
-    plan = ctl.begin_step(1)
+    plan = ctl.plan_step(1)
     assert plan.sample["neural"] == [True]
 
 
@@ -221,11 +224,11 @@ def test_an_arm_whose_acceptance_collapses_is_benched_then_probed_again():
                           cooldown_steps=5, always=True)  # no cost model: benching alone
     _train_arm(ctl, "neural", 0.0, n=50)
     _train_arm(ctl, "neural-dist", 0.0, n=50)
-    assert "neural" in ctl.benched and ctl.collapses >= 1
-    assert ctl.begin_step(1).arms == ["suffix"]
+    assert Arm("neural") in ctl.benched and ctl.collapses >= 1
+    assert ctl.plan_step(1).speculators == ["suffix"]
     for _ in range(5):
-        ctl.begin_step(1)
-    assert "neural" in ctl.begin_step(1).arms
+        ctl.plan_step(1)
+    assert "neural" in ctl.plan_step(1).speculators
 
 
 def test_calibration_converges_on_synthetic_feedback():
@@ -235,14 +238,16 @@ def test_calibration_converges_on_synthetic_feedback():
     cal = ConfidenceCalibrator()
     for _ in range(20000):
         c = rng.random()
-        cal.observe_one(c, rng.random() < 0.3 + 0.5 * c)
+        cal.add_trial(c, rng.random() < 0.3 + 0.5 * c)
     for c in (0.05, 0.35, 0.65, 0.95):
         assert cal.calibrate(c) == pytest.approx(0.3 + 0.5 * c, abs=0.06)
 
 
 def test_calibrator_counts_only_reached_positions():
-    cal = ConfidenceCalibrator(prior_strength=0.0)
-    cal.observe([0.95, 0.15, 0.55], 1)  # pos 0 accepted, pos 1 rejected, pos 2 never reached
+    arm = ArmCalibration(max_lookahead=1)  # every position counts in one calibrator
+    cal = arm.positions[0]
+    cal.prior_strength = 0.0
+    arm.add_draft([0.95, 0.15, 0.55], 1)  # pos 0 accepted, pos 1 rejected, pos 2 never reached
     assert cal.trials[9] == 1 and cal.accepted[9] == 1
     assert cal.trials[1] == 1 and cal.accepted[1] == 0
     assert cal.trials[5] == 0

@@ -148,7 +148,7 @@ def test_logprobs_of_output_tokens_match_vllms():
     from vllm.v1.sample.sampler import Sampler
     from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
 
-    from atlas_rl.backends.vllm import verifier
+    from atlas_rl.backends.vllm import sampler as atlas_sampler
 
     vocab = 300
     drafts = [[5, 7, 9], [11], [], [3, 4]]
@@ -170,7 +170,8 @@ def test_logprobs_of_output_tokens_match_vllms():
     sampler = RejectionSampler(Sampler(logprobs_mode="processed_logprobs"))
     expected = {k: sampler._get_logprobs_tensors(k, meta, logits, target, bonus, sampled)
                 for k in (0, 1, 3)}
-    assert verifier.attach(SimpleNamespace(rejection_sampler=sampler))
+    assert atlas_sampler.attach(SimpleNamespace(rejection_sampler=sampler), atlas_verifies=True)
+    assert isinstance(sampler, atlas_sampler.AtlasRejectionSampler)
     valid = (sampled != P).flatten()
     for k, want in expected.items():
         got = sampler._get_logprobs_tensors(k, meta, logits, target, bonus, sampled)
@@ -178,7 +179,9 @@ def test_logprobs_of_output_tokens_match_vllms():
         assert torch.equal(got.logprob_token_ids[valid], want.logprob_token_ids[valid])
         assert torch.allclose(got.logprobs[valid], want.logprobs[valid], atol=1e-5)
         assert torch.equal(got.selected_token_ranks[valid], want.selected_token_ranks[valid])
-    assert verifier.status()["logprobs"].startswith("atlas")
+    from atlas_rl.backends.vllm import hooks
+
+    assert hooks.status()["atlas_sampler"].startswith("applied")
 
 
 def _triton_probe(device: str, interpret: bool) -> dict:

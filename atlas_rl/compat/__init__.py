@@ -1,4 +1,6 @@
-"""Version-gated, self-checking fixes for the libraries atlas-rl stands on."""
+"""Version-gated, self-checking workarounds for bugs in the libraries atlas-rl stands on
+(vLLM's CPU backend: `vllm_cpu`). Their status lives in the vLLM seam's registry
+(`atlas_rl.backends.vllm.hooks.status`), beside every other hook."""
 
 from atlas_rl.compat.vllm_cpu import status as vllm_cpu_status
 

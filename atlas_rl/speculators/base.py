@@ -1,6 +1,11 @@
-"""The speculator contract (DESIGN.md): draft for many requests at once, with a
-confidence per draft token; learn from rollouts and from acceptance feedback; save and
-load as safetensors + JSON. Speculators know nothing of vLLM."""
+"""The speculator contract (docs/architecture.md, "The speculator contract"): draft for
+many requests at once, with a confidence per draft token; learn from rollouts and from
+acceptance feedback; save and load as safetensors + JSON. Speculators know nothing of
+vLLM: the proposer (`atlas_rl.backends.vllm.proposer`) calls exactly the methods below.
+
+`Speculator` drafts from token contexts; `HiddenStateSpeculator` also reads the policy's
+hidden states, which the proposer captures at the positions vLLM sampled from and hands
+over with `capture`, after `attach_target` gave it the policy's embedding and LM head."""
 
 from __future__ import annotations
 
@@ -8,9 +13,34 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Literal, Sequence
 
 import torch
+
+ONE_HOT, DISTRIBUTION = "one-hot", "distribution"
+DraftKind = Literal["one-hot", "distribution"]
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What the controller chooses between: a speculator and a kind of draft (one-hot, or
+    a distribution draft whose q goes to the verifier). ``label`` is the arm's name in
+    metrics and saved state ("suffix", "suffix-dist", ...)."""
+
+    speculator: str
+    draft_kind: DraftKind = ONE_HOT
+
+    @property
+    def label(self) -> str:
+        return f"{self.speculator}-dist" if self.draft_kind == DISTRIBUTION else self.speculator
+
+    @classmethod
+    def of(cls, draft: "Draft") -> "Arm":
+        return cls(draft.source, DISTRIBUTION if draft.is_distribution else ONE_HOT)
+
+    @classmethod
+    def both(cls, speculator: str) -> tuple["Arm", "Arm"]:
+        return cls(speculator, ONE_HOT), cls(speculator, DISTRIBUTION)
 
 @dataclass
 class Draft:
@@ -37,6 +67,10 @@ class Draft:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def arm(self) -> Arm:
+        return Arm.of(self)
+
     def truncate(self, n: int) -> "Draft":
         if n >= len(self.tokens):
             return self
@@ -52,15 +86,20 @@ class Speculator(ABC):
     """Drafts continuations of token contexts; learns from what the policy produced."""
 
     #: short name used in stats and saved state
-    name: str = "speculator"
+    name: ClassVar[str] = "speculator"
+    #: whether the proposer hands it the policy's hidden states (`HiddenStateSpeculator`)
+    uses_hidden_states: ClassVar[bool] = False
 
     @abstractmethod
     def propose(self, keys: Sequence[str], contexts: Sequence[Sequence[int]],
-                max_lengths: Sequence[int]) -> list[Draft]:
+                max_lengths: Sequence[int], sample: Sequence[bool] | None = None
+                ) -> list[Draft]:
         """Draft up to ``max_lengths[i]`` tokens continuing ``contexts[i]``.
 
         ``keys`` identify requests across steps (the context of a key only grows
-        between calls, until ``finish(key)``).
+        between calls, until ``finish(key)``). ``sample[i]``: draft request i as a
+        distribution draft (tokens sampled from q, q in the Draft) where the speculator
+        can; otherwise, or with ``sample=None``, one-hot.
         """
 
     def feedback(self, key: str, draft: Draft, num_accepted: int) -> None:
@@ -87,6 +126,7 @@ class Speculator(ABC):
         """Restore what `state()` returned (stateless speculators have nothing to do)."""
 
     def save(self, directory: str | Path) -> None:
+        """Write ``{name}.safetensors`` and ``{name}.json`` into `directory`."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
@@ -109,3 +149,25 @@ class Speculator(ABC):
         meta = json.loads(meta_path.read_text())
         tensors = load_file(str(directory / f"{self.name}.safetensors"))
         self.load_state(tensors, meta)
+
+
+class HiddenStateSpeculator(Speculator):
+    """A speculator that drafts from the policy's own hidden states (a neural drafter)."""
+
+    uses_hidden_states: ClassVar[bool] = True
+
+    @abstractmethod
+    def attach_target(self, embed: torch.Tensor, head: torch.Tensor) -> None:
+        """The policy's token embedding and LM head [V, d] (references: weight syncs
+        that update them in place are seen by the speculator)."""
+
+    @abstractmethod
+    def capture(self, key: str, hidden: torch.Tensor, tokens: Sequence[int],
+                first_pos: int) -> None:
+        """The policy computed ``hidden[i]`` at position ``first_pos + i`` of request
+        `key` and sampled ``tokens[i]`` from it. `hidden` is memory the caller gives
+        away (the proposer copies vLLM's reused buffer once per step)."""
+
+    def weights_synced(self) -> None:
+        """The policy's weights changed (after `attach_target`'s tensors were updated):
+        drop anything derived from them."""

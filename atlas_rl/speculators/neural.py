@@ -15,12 +15,12 @@ syncs), so the drafter owns only W_in, W_out and g: ~1M parameters for a 576-wid
 Per draft token and request it costs ~3.4M multiply-adds (mostly the 4,096-row head),
 against ~135M for a SmolLM2-135M forward.
 
-Training is distillation from the policy's own distribution: every target hidden state
-h_{t+1} gives p = softmax(h_{t+1} W^T), so the loss is the cross-entropy of q against p
-restricted to the draft vocabulary (the best q with that support). The inputs come for
-free during generation: vLLM hands the proposer the hidden states at the positions it
-sampled from, and we keep them per request (``observe``). Offline, ``train_static``
-computes them with transformers (`atlas-rl train-speculator`).
+Three rooms: the network (`drafter_net.DrafterNet`), this module (drafting, and capturing
+the policy's hidden states while it generates), and the distillation side
+(`distill.Distiller`: buffer, budgeted training with rollback, evaluation). The training
+inputs come for free during generation: vLLM hands the proposer the hidden states at the
+positions it sampled from, and we keep them per request (``capture``). Offline,
+`atlas-rl train-speculator` (`atlas_rl.train_speculator`) collects them the same way.
 
 Drafting from a distribution: with ``sample=True`` a draft token is sampled from q and q
 goes to the verifier (accepted with probability 1 - TV(p, q)); otherwise the draft is
@@ -35,20 +35,18 @@ tokens and confidences back as Python lists (docs/gpu.md lists the host syncs).
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import math
 import time
-from collections import deque
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
+from atlas_rl.kernels.sampling import inverse_cdf
 from atlas_rl.kernels.staging import to_device
-from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, Speculator
+from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, HiddenStateSpeculator
+from atlas_rl.speculators.distill import Distiller, Rows, acceptance
+from atlas_rl.speculators.drafter_net import DrafterNet
 
 
 #: Static drafters shipped with atlas-rl, by model short name (`atlas-rl models`).
@@ -71,92 +69,49 @@ def static_speculator_dir(setting: str | None, model_path: str) -> Path | None:
     return d
 
 
-class DrafterNet(nn.Module):
-    def __init__(self, hidden_size: int, eps: float = 1e-5):
-        super().__init__()
-        self.hidden_size = hidden_size
-        self.eps = eps
-        self.w_in = nn.Linear(2 * hidden_size, hidden_size)
-        self.w_out = nn.Linear(hidden_size, hidden_size)
-        self.norm = nn.Parameter(torch.ones(hidden_size))
-        nn.init.zeros_(self.w_out.weight)  # starts as "the next hidden state is this one"
-        nn.init.zeros_(self.w_out.bias)
+@dataclass
+class CapturedStream:
+    """One request's captured hidden states since its last gap: ``hidden[i]`` was
+    computed at position ``first_pos + i`` and ``tokens[i]`` sampled from it."""
 
-    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        z = h + self.w_out(F.silu(self.w_in(torch.cat([h, e], dim=-1))))
-        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + self.eps)
-        return z * self.norm
-
-    def inference_weights(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
-        """The weights laid out for drafting, in ``dtype``: transposed copies (on 2 CPU
-        cores a [4, 1152] x [1152, 576] product is ~8x faster against a contiguous
-        [in, out] matrix than against nn.Linear's [out, in] one). Cached until a parameter
-        is modified (tensor version counters: optimizer steps, load_state_dict, publish)
-        or another dtype is asked for."""
-        params = (self.w_in.weight, self.w_in.bias, self.w_out.weight, self.w_out.bias,
-                  self.norm)
-        key = (dtype, *((id(t), t._version) for t in params))
-        cached = getattr(self, "_inference_cache", None)
-        if cached is None or cached[0] != key:
-            with torch.no_grad():
-                weights = (self.w_in.weight.detach().t().to(dtype).contiguous(),
-                           self.w_in.bias.detach().to(dtype).clone(),
-                           self.w_out.weight.detach().t().to(dtype).contiguous(),
-                           self.w_out.bias.detach().to(dtype).clone(),
-                           self.norm.detach().to(dtype).clone())
-            cached = self._inference_cache = (key, weights)
-        return cached[1]
-
-    @staticmethod
-    def draft_step(weights, h: torch.Tensor, e: torch.Tensor, eps: float) -> torch.Tensor:
-        """`forward` with `inference_weights` (no autograd; the same function)."""
-        w_in_t, b_in, w_out_t, b_out, g = weights
-        a = F.silu(torch.addmm(b_in, torch.cat([h, e], dim=-1), w_in_t))
-        z = h + torch.addmm(b_out, a, w_out_t)
-        z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
-        return z * g
+    next_pos: int
+    hidden: list[torch.Tensor] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
 
 
-class NeuralSpeculator(Speculator):
+class NeuralSpeculator(HiddenStateSpeculator):
     """Drafts with `DrafterNet`; learns online from the hidden states the policy computed
     while generating (unless ``frozen``)."""
 
     name = "neural"
-    uses_hidden_states = True
 
     def __init__(self, draft_vocab_size: int = 4096, lr: float = 1e-3,
-                 train_budget_fraction: float = 0.1, max_buffer_rows: int = 16384,
-                 batch_rows: int = 256, max_epochs: int = 2, frozen: bool = False,
-                 seed: int = 0):
+                 max_buffer_rows: int = 16384, batch_rows: int = 256, max_epochs: int = 2,
+                 frozen: bool = False, seed: int = 0):
         if draft_vocab_size < 2:
             raise ValueError(f"draft_vocab_size must be >= 2, got {draft_vocab_size}")
-        if not 0.0 <= train_budget_fraction <= 1.0:
-            raise ValueError("train_budget_fraction must be in [0, 1] (share of the rollout "
-                             f"time spent training), got {train_budget_fraction}")
         self.draft_vocab_size = int(draft_vocab_size)
-        self.lr = float(lr)
-        self.train_budget_fraction = float(train_budget_fraction)
-        self.max_buffer_rows = int(max_buffer_rows)
-        self.batch_rows = int(batch_rows)
-        self.max_epochs = int(max_epochs)
         self.frozen = bool(frozen)
+        self.distiller = Distiller(lr, max_buffer_rows, batch_rows, max_epochs)
         self.net: DrafterNet | None = None
         self.vocab: torch.Tensor | None = None  # draft vocabulary (token ids), sorted
-        self.version = 0  # bumped whenever new weights are published
-        self.rollbacks = 0
         self._embed = self._head = self._head_sub = None
-        self._head_version = -1
-        self._optimizer_state = None
+        self._head_stale = True  # the draft vocabulary's head rows need a refresh
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(seed)
         self._device_generator: torch.Generator | None = None  # sampling drafts on CUDA
         self._last: dict[object, tuple[torch.Tensor, int]] = {}  # key -> (h, last token)
-        self._streams: dict[object, list] = {}  # key -> [next_pos, [h rows], [tokens]]
-        self._done: list = []  # finished streams waiting for learn()
-        self._buffer: deque = deque()  # (inputs h, tokens, target h) chunks, FIFO
-        self._buffer_rows = 0
-        self._loss_ema: float | None = None
-        self.weights_version = 0  # bumped by the engine after a policy weight sync
+        self._streams: dict[object, CapturedStream] = {}
+        self._done: list[CapturedStream] = []  # finished streams waiting for learn()
+
+    @property
+    def version(self) -> int:
+        """Bumped whenever new drafter weights are published."""
+        return self.distiller.version
+
+    @property
+    def rollbacks(self) -> int:
+        return self.distiller.rollbacks
 
     # --- the target's tensors ---------------------------------------------------------
 
@@ -182,7 +137,10 @@ class NeuralSpeculator(Speculator):
         if int(self.vocab.max()) >= int(head.shape[0]):
             raise ValueError(f"the drafter's vocabulary has token ids up to "
                              f"{int(self.vocab.max())}, beyond the policy's {int(head.shape[0])}")
-        self._head_version = -1
+        self._head_stale = True
+
+    def weights_synced(self) -> None:
+        self._head_stale = True
 
     @property
     def ready(self) -> bool:
@@ -197,24 +155,24 @@ class NeuralSpeculator(Speculator):
         return torch.float32
 
     def _sub_head(self) -> torch.Tensor:
-        if self._head_version != self.weights_version or self._head_sub is None:
+        if self._head_stale or self._head_sub is None:
             # self.vocab stays on the CPU (saved state, set_vocab_from_counts)
             self._vocab_dev = to_device(self.vocab, None, self._head.device)
             self._head_sub = self._head.detach().index_select(0, self._vocab_dev).float()
             # [d, |S|], for drafting
             self._head_sub_t = self._head_sub.t().to(self._draft_dtype()).contiguous()
-            self._head_version = self.weights_version
+            self._head_stale = False
         return self._head_sub
 
     def set_vocab_from_counts(self, counts: torch.Tensor) -> None:
         """Draft vocabulary = the `draft_vocab_size` most frequent tokens of `counts` [V]."""
         k = min(self.draft_vocab_size, counts.numel())
         self.vocab = torch.sort(torch.topk(counts.float(), k).indices).values
-        self._head_version = -1
+        self._head_stale = True
 
     # --- hidden states seen during generation -------------------------------------------
 
-    def observe(self, key, hidden: torch.Tensor, tokens: Sequence[int], first_pos: int) -> None:
+    def capture(self, key, hidden: torch.Tensor, tokens: Sequence[int], first_pos: int) -> None:
         """The policy computed ``hidden[i]`` at position ``first_pos + i`` and sampled
         ``tokens[i]`` (the token at position ``first_pos + i + 1``) from it. The rows
         are kept as given: callers pass memory they own (vLLM reuses its buffers, so the
@@ -226,13 +184,13 @@ class NeuralSpeculator(Speculator):
         if self.frozen:
             return
         stream = self._streams.get(key)
-        if stream is None or stream[0] != first_pos:  # a gap (preemption): new segment
+        if stream is None or stream.next_pos != first_pos:  # a gap (preemption): new segment
             if stream is not None:
                 self._done.append(stream)
-            stream = self._streams[key] = [first_pos, [], []]
-        stream[1].append(hidden)
-        stream[2].extend(int(t) for t in tokens)
-        stream[0] = first_pos + len(tokens)
+            stream = self._streams[key] = CapturedStream(first_pos)
+        stream.hidden.append(hidden)
+        stream.tokens.extend(int(t) for t in tokens)
+        stream.next_pos = first_pos + len(tokens)
 
     def finish(self, key) -> None:
         self._last.pop(key, None)
@@ -272,11 +230,9 @@ class NeuralSpeculator(Speculator):
             y = DrafterNet.draft_step(weights, h, self._embed.index_select(0, tok).to(dtype), eps)
             q = torch.softmax((y @ head_t).float(), dim=-1)
             idx = q.argmax(-1)
-            if any_sample:  # inverse CDF: one uniform per row (torch.multinomial is slower)
-                cdf = q.cumsum(-1)
-                u = torch.rand(len(rows), 1, generator=generator, device=device) * cdf[:, -1:]
-                sampled = torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=q.shape[1] - 1)
-                idx = torch.where(do_sample, sampled, idx)
+            if any_sample:
+                u = torch.rand(len(rows), generator=generator, device=device)
+                idx = torch.where(do_sample, inverse_cdf(q, u, torch.float32), idx)
             toks.append(idx)
             confs.append(q.gather(1, idx[:, None]).squeeze(1))
             qs.append(q)
@@ -296,19 +252,6 @@ class NeuralSpeculator(Speculator):
 
     # --- learning ---------------------------------------------------------------------
 
-    def _triples(self, streams) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        xs, ts, ys = [], [], []
-        for _, hs, toks in streams:
-            if len(toks) < 2:
-                continue
-            h = torch.cat(hs)
-            xs.append(h[:-1])
-            ts.append(torch.tensor(toks[:-1]))
-            ys.append(h[1:])
-        if not xs:
-            return None
-        return torch.cat(xs), torch.cat(ts), torch.cat(ys)
-
     def _sampling_generator(self, device: torch.device) -> torch.Generator:
         """The generator of draft sampling: the CPU one on the CPU (as before devices), one
         seeded the same way on an accelerator (a CPU generator cannot feed CUDA draws)."""
@@ -319,20 +262,20 @@ class NeuralSpeculator(Speculator):
             gen = self._device_generator = torch.Generator(device).manual_seed(self.seed)
         return gen
 
-    def add_examples(self, h: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor) -> None:
-        """Training rows: (hidden at t, token t+1) -> hidden at t+1. Bounded FIFO."""
-        self._buffer.append((h.float(), tokens.long(), target.float()))
-        self._buffer_rows += len(tokens)
-        while self._buffer_rows > self.max_buffer_rows and len(self._buffer) > 1:
-            self._buffer_rows -= len(self._buffer.popleft()[1])
-
-    def take_captured(self):
+    def take_captured(self) -> Rows | None:
         """The training rows (h_t, x_{t+1}, h_{t+1}) captured since the last call, or
         None; the capture is emptied."""
         streams = self._done + list(self._streams.values())
-        self._done = []
-        self._streams = {}
-        return self._triples(streams)
+        self._done, self._streams = [], {}
+        xs, ts, ys = [], [], []
+        for stream in streams:
+            if len(stream.tokens) < 2:
+                continue
+            h = torch.cat(stream.hidden)
+            xs.append(h[:-1])
+            ts.append(torch.tensor(stream.tokens[:-1]))
+            ys.append(h[1:])
+        return (torch.cat(xs), torch.cat(ts), torch.cat(ys)) if xs else None
 
     def collect(self) -> int:
         """Move the hidden states captured since the last call into the training buffer;
@@ -340,32 +283,15 @@ class NeuralSpeculator(Speculator):
         got = self.take_captured()
         if got is None:
             return 0
-        self.add_examples(*got)
+        self.distiller.buffer.add(*got)
         return len(got[1])
-
-    def buffer(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The whole training buffer, oldest rows first: (h_t, x_{t+1}, h_{t+1})."""
-        return tuple(torch.cat([b[i] for b in self._buffer]) for i in range(3))
-
-    def clear_buffer(self) -> None:
-        self._buffer.clear()
-        self._buffer_rows = 0
 
     def published(self) -> dict:
         """The published drafter (weights and counters), e.g. to broadcast to other ranks."""
-        return {"net": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
-                "version": self.version, "rollbacks": self.rollbacks, "loss_ema": self._loss_ema}
+        return self.distiller.published(self.net)
 
     def load_published(self, state: dict) -> None:
-        self.net.load_state_dict(state["net"])
-        self.version, self.rollbacks = state["version"], state["rollbacks"]
-        self._loss_ema = state["loss_ema"]
-
-    def reset_training(self) -> None:
-        """Forget the buffer and the optimizer; version 0 (a freshly distilled drafter)."""
-        self.clear_buffer()
-        self._optimizer_state = None
-        self.version = 0
+        self.distiller.load_published(self.net, state)
 
     def learn(self, sequences=(), time_budget: float | None = None) -> dict[str, float]:
         """Train on the hidden states captured since the last call (the batch's rollouts;
@@ -375,105 +301,23 @@ class NeuralSpeculator(Speculator):
             return {}
         start = time.perf_counter()
         self.collect()
-        if not self._buffer:
+        if not self.distiller.buffer:
             return {}
         if time_budget is not None:  # collecting the capture came out of the budget
             time_budget = max(0.0, time_budget - (time.perf_counter() - start))
-        return self.train(time_budget=time_budget, max_epochs=self.max_epochs)
-
-    def _autocast(self, device: torch.device):
-        """bf16 autocast for training on CUDA when the policy is bf16 (matmuls in bf16,
-        softmax and the loss in float32, weights and AdamW state float32); fp16 policies
-        train in float32 (no loss scaling here), as does the CPU."""
-        if device.type == "cuda" and self._head.dtype == torch.bfloat16:
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return contextlib.nullcontext()
-
-    def _loss(self, net, h, tok, target, head):
-        y = net(h, self._embed.detach().index_select(0, tok).float().clone())
-        with torch.no_grad():
-            p = torch.softmax(target @ head.T, dim=-1)
-        return -(p * torch.log_softmax(y @ head.T, dim=-1)).sum(-1).mean()
-
-    @torch.no_grad()
-    def evaluate(self, h: torch.Tensor, tok: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-        """First-position acceptance on held-out rows, against the policy's full-vocabulary
-        p: a distribution draft is accepted with sum_v min(p_v, q_v), a one-hot draft of
-        q's argmax with p(argmax)."""
-        head_sub = self._sub_head()
-        vocab = self._vocab_dev
-        h, tok, target = (t.to(vocab.device) for t in (h, tok, target))
-        head_full = self._head.detach().float()
-        p = torch.softmax(target.float() @ head_full.T, dim=-1)
-        y = self.net(h.float(), self._embed.detach().index_select(0, tok).float())
-        q_sub = torch.softmax(y @ head_sub.T, dim=-1)
-        q = torch.zeros_like(p).index_copy_(1, vocab, q_sub)
-        return {"accept_distribution": float(torch.minimum(p, q).sum(-1).mean()),
-                "accept_one_hot": float(p.gather(1, vocab[q_sub.argmax(-1)][:, None]).mean()),
-                "accept_ceiling_one_hot": float(p.max(-1).values.mean()),
-                "vocab_coverage": float(p.index_select(1, vocab).sum(-1).mean())}
+        return self.train(time_budget=time_budget, max_epochs=self.distiller.max_epochs)
 
     def train(self, time_budget: float | None = None, max_epochs: int = 1,
               progress=None) -> dict[str, float]:
-        """Distil on the buffer: newest rows first, up to `max_epochs` passes or the time
-        budget. A loss that turns NaN or explodes rolls the drafter back to its last
-        published weights (counted in `rollbacks`)."""
-        start = time.perf_counter()
-        # Copies: tensors made under vLLM's inference mode cannot enter autograd. The
-        # buffer may sit on the CPU (the proposer copies hidden states there): one move.
-        head = self._sub_head().clone()
-        device = head.device
-        h, tok, target = (x.to(device, copy=True) for x in self.buffer())
-        net = copy.deepcopy(self.net)
-        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=0.0)
-        if self._optimizer_state is not None:
-            opt.load_state_dict(self._optimizer_state)
-        losses, diverged, rows_seen = [], False, 0
-        n = len(tok)
-        slowest = 0.0  # the longest minibatch so far: the next one may take as long
-        for epoch in range(max_epochs):
-            order = to_device(torch.randperm(n, generator=self._generator), None, device)
-            for s in range(0, n, self.batch_rows):
-                t0 = time.perf_counter()
-                if (time_budget is not None and rows_seen
-                        and t0 - start + slowest > time_budget):
-                    break  # stop before the budget, not after (one minibatch at least)
-                idx = order[s:s + self.batch_rows]
-                with self._autocast(device):
-                    loss = self._loss(net, h[idx], tok[idx], target[idx], head)
-                value = float(loss.detach())  # a sync per minibatch: divergence and budget
-                limit = 4 * self._loss_ema + 1.0 if self._loss_ema is not None else math.inf
-                if not math.isfinite(value) or value > limit:
-                    diverged = True
-                    break
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-                opt.step()
-                losses.append(value)
-                rows_seen += len(idx)
-                slowest = max(slowest, time.perf_counter() - t0)
-                if progress is not None:
-                    progress(epoch, s, n, value)
-            else:
-                continue
-            break
-        stats = {"drafter_train_seconds": time.perf_counter() - start,
-                 "drafter_rows": float(rows_seen), "drafter_buffer_rows": float(n)}
-        if diverged:
-            self.rollbacks += 1  # keep self.net (the last good weights) and the old optimizer
-            stats["drafter_rollback"] = 1.0
-            stats["drafter_rollbacks"] = float(self.rollbacks)
-            return stats
-        if losses:
-            mean = sum(losses) / len(losses)
-            self._loss_ema = mean if self._loss_ema is None else 0.7 * self._loss_ema + 0.3 * mean
-            stats["drafter_loss"] = mean
-            self.net.load_state_dict(net.state_dict())  # publish
-            self._optimizer_state = opt.state_dict()
-            self.version += 1
-        stats["drafter_version"] = float(self.version)
-        return stats
+        """Distil on the buffer (`Distiller.train`) and publish into this drafter."""
+        return self.distiller.train(self.net, self._embed, self._sub_head(), self._generator,
+                                    time_budget=time_budget, max_epochs=max_epochs,
+                                    progress=progress)
+
+    def evaluate(self, h: torch.Tensor, tok: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+        """First-position acceptance on held-out rows (`distill.acceptance`)."""
+        self._sub_head()
+        return acceptance(self.net, self._embed, self._head, self._vocab_dev, h, tok, target)
 
     # --- state ------------------------------------------------------------------------
 
@@ -483,9 +327,9 @@ class NeuralSpeculator(Speculator):
         tensors = {f"net.{k}": v.detach().cpu().clone()
                    for k, v in self.net.state_dict().items()}
         tensors["vocab"] = self.vocab.clone()
+        d = self.distiller
         meta = {"hidden_size": self.net.hidden_size, "draft_vocab_size": self.draft_vocab_size,
-                "lr": self.lr, "version": self.version, "rollbacks": self.rollbacks,
-                "loss_ema": self._loss_ema}
+                "lr": d.lr, "version": d.version, "rollbacks": d.rollbacks, "loss_ema": d.loss_ema}
         return tensors, meta
 
     def load_state(self, tensors, meta) -> None:
@@ -496,10 +340,11 @@ class NeuralSpeculator(Speculator):
         self.net = net
         self.vocab = tensors["vocab"].long()
         self.draft_vocab_size = int(meta.get("draft_vocab_size", len(self.vocab)))
-        self.version = int(meta.get("version", 0))
-        self.rollbacks = int(meta.get("rollbacks", 0))
-        self._loss_ema = meta.get("loss_ema")
-        self._optimizer_state = None
-        self._head_version = -1
+        d = self.distiller
+        d.version = int(meta.get("version", 0))
+        d.rollbacks = int(meta.get("rollbacks", 0))
+        d.loss_ema = meta.get("loss_ema")
+        d.optimizer_state = None
+        self._head_stale = True
         if self._embed is not None:
             self.attach_target(self._embed, self._head)

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import torch
 
+from atlas_rl.kernels.sampling import inverse_cdf
 from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, Speculator
 
 
@@ -151,7 +152,7 @@ class SuffixSpeculator(Speculator):
             support = list(counts)
             weights = torch.tensor([counts[t] for t in support], dtype=torch.float32)
             weights /= weights.sum()
-            j = int(torch.multinomial(weights, 1, generator=self._generator))
+            j = int(inverse_cdf(weights[None], torch.rand(1, generator=self._generator))[0])
             tok = support[j]
             tokens.append(tok)
             confidence.append(counts[tok] / (len(reach) + 1))

@@ -25,6 +25,24 @@ What changes (TRL 1.16; checked at `enable_atlas` time):
 - checkpoints hold the speculator's state (``checkpoint-N/atlas/``), and
   ``resume_from_checkpoint`` brings it back.
 Server mode (``vllm_mode="server"``) is left untouched, with a warning.
+
+The seam into TRL (every assignment into a TRL object goes through `SEAM`, `atlas_rl.seam`):
+
+========================  =========================================================
+key                       target (TRL 1.16)
+========================  =========================================================
+init_vllm                 VLLMGeneration._init_vllm: build the engine with our config
+vllm_llm                  trl.generation.vllm_generation.LLM, swapped during _init_vllm
+engine_handle             VLLMGeneration.atlas_engine (the user's handle on the engine)
+sync_weights              VLLMGeneration.sync_weights: TRL's iterator -> engine.sync_weights
+generate                  VLLMGeneration.generate: the batch's stats and sequences
+generate_single_turn      {GRPO,RLOO}Trainer._generate_single_turn: learn + atlas/* metrics
+save_checkpoint           {GRPO,RLOO}Trainer._save_checkpoint: + checkpoint-N/atlas/
+load_optimizer_and_sched  {GRPO,RLOO}Trainer._load_optimizer_and_scheduler: resume it
+========================  =========================================================
+
+What the trainer does with its ranks is the engine's business: `engine.learn` on every
+rank keeps their speculators identical (`atlas_rl.ranks`).
 """
 
 from __future__ import annotations
@@ -33,14 +51,43 @@ import dataclasses
 import functools
 import logging
 import time
+import weakref
 from typing import Any
 
 from atlas_rl.config import AtlasConfig
+from atlas_rl.metrics import ROLLOUT_METRICS, trainer_metrics
+from atlas_rl.seam import Hook, Seam
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_TRL = ((1, 16), (1, 16))
 _STATE: dict[str, Any] = {"config": None, "speculation": "atlas", "installed": False}
+_PENDING: "weakref.WeakKeyDictionary[Any, tuple[dict, list]]" = weakref.WeakKeyDictionary()
+
+_WHEN = "checked at enable_atlas: a TRL outside 1.16 is refused with the fix"
+_GEN, _TRAINERS = "VLLMGeneration", "{GRPO,RLOO}Trainer"
+# key, target, scope, why (kind "wiring" for all; what happens when TRL changes: _WHEN)
+_TABLE = (
+    ("init_vllm", f"{_GEN}._init_vllm", "colocate mode",
+     "build TRL's engine with atlas-rl's speculative config and adopt it"),
+    ("vllm_llm", "trl.generation.vllm_generation.LLM", "during _init_vllm",
+     "TRL calls vllm.LLM by this name: build_llm takes its place, then it is restored"),
+    ("engine_handle", f"{_GEN}.atlas_engine", "colocate mode",
+     "the user's handle on the AtlasRolloutEngine"),
+    ("sync_weights", f"{_GEN}.sync_weights", "colocate mode",
+     "TRL's parameter iterator (ZeRO-3 gathers, merged adapters) -> engine.sync_weights, "
+     "checked and all or nothing; TRL's own path fails on vLLM's CPU backend"),
+    ("generate", f"{_GEN}.generate", "colocate mode",
+     "the batch's speculation stats and token sequences"),
+    ("generate_single_turn", f"{_TRAINERS}._generate_single_turn", "trainers",
+     "engine.learn after every generation, atlas/* into the trainer's metrics"),
+    ("save_checkpoint", f"{_TRAINERS}._save_checkpoint", "trainers",
+     "the speculator's state in checkpoint-N/atlas/"),
+    ("load_optimizer_and_scheduler", f"{_TRAINERS}._load_optimizer_and_scheduler", "trainers",
+     "resume_from_checkpoint restores the speculator's state"),
+)
+SEAM = Seam("TRL", tuple(Hook(key, target, "wiring", scope, why, _WHEN)
+                         for key, target, scope, why in _TABLE))
 
 
 def _trl_version() -> tuple[int, int]:
@@ -78,15 +125,20 @@ def _install() -> None:
     from trl.trainer.rloo_trainer import RLOOTrainer
 
     cls = vg.VLLMGeneration
-    cls._init_vllm = _wrap_init_vllm(cls._init_vllm, vg)
-    cls.sync_weights = _wrap_sync_weights(cls.sync_weights)
-    cls.generate = _wrap_generate(cls.generate)
+    SEAM.patch(cls, "_init_vllm", _wrap_init_vllm(cls._init_vllm, vg), key="init_vllm")
+    SEAM.patch(cls, "sync_weights", _wrap_sync_weights(cls.sync_weights), key="sync_weights")
+    SEAM.patch(cls, "generate", _wrap_generate(cls.generate), key="generate")
     for trainer_cls in (GRPOTrainer, RLOOTrainer):
-        trainer_cls._generate_single_turn = _wrap_generate_single_turn(
-            trainer_cls._generate_single_turn)
-        trainer_cls._save_checkpoint = _wrap_save_checkpoint(trainer_cls._save_checkpoint)
-        trainer_cls._load_optimizer_and_scheduler = _wrap_load_optimizer_and_scheduler(
-            trainer_cls._load_optimizer_and_scheduler)
+        SEAM.patch(trainer_cls, "_generate_single_turn",
+                   _wrap_generate_single_turn(trainer_cls._generate_single_turn),
+                   key="generate_single_turn")
+        SEAM.patch(trainer_cls, "_save_checkpoint",
+                   _wrap_save_checkpoint(trainer_cls._save_checkpoint), key="save_checkpoint")
+        SEAM.patch(trainer_cls, "_load_optimizer_and_scheduler",
+                   _wrap_load_optimizer_and_scheduler(trainer_cls._load_optimizer_and_scheduler),
+                   key="load_optimizer_and_scheduler")
+    for key in SEAM.keys:
+        SEAM.record(key, "applied")
 
 
 # --- VLLMGeneration -----------------------------------------------------------------
@@ -112,8 +164,7 @@ def trainer_dtype(model, accelerator=None) -> str:
 def _wrap_init_vllm(original, module):
     @functools.wraps(original)
     def _init_vllm(self):
-        self.atlas_engine = None
-        self._atlas_pending = None
+        SEAM.assign(self, {"atlas_engine": None}, key="engine_handle")
         if self.mode != "colocate":
             logger.warning("atlas-rl: vllm_mode=%r is not sped up (atlas-rl runs in colocate "
                            "mode, where the engine lives in the trainer's process)", self.mode)
@@ -131,12 +182,13 @@ def _wrap_init_vllm(original, module):
             kwargs = {k: v for k, v in kwargs.items() if v is not None}
             return backend.build_llm(model, speculation, config, **kwargs)
 
-        module.LLM = build
+        SEAM.assign(module, {"LLM": build}, key="vllm_llm")
         try:
             original(self)
         finally:
-            module.LLM = trl_llm
-        self.atlas_engine = AtlasRolloutEngine.adopt(self.llm, speculation, config)
+            SEAM.assign(module, {"LLM": trl_llm}, key="vllm_llm")
+        SEAM.assign(self, {"atlas_engine": AtlasRolloutEngine.adopt(self.llm, speculation, config)},
+                    key="engine_handle")
         logger.info("atlas-rl: TRL's vLLM engine speculates with %r", speculation)
 
     return _init_vllm
@@ -179,8 +231,8 @@ def _wrap_generate(original):
         completions = [Completion(prompt_index=i, prompt_ids=list(p), completion_ids=list(c),
                                   logprobs=[], finish_reason="")
                        for i, (p, c) in enumerate(zip(prompt_ids, completion_ids))]
-        self._atlas_pending = (engine.stats_since(before, seconds, completions),
-                               [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)])
+        _PENDING[self] = (engine.stats_since(before, seconds, completions),
+                          [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids)])
         return out
 
     return generate
@@ -188,52 +240,7 @@ def _wrap_generate(original):
 
 # --- trainers -------------------------------------------------------------------
 
-METRIC_KEYS = ("acceptance_length", "acceptance_rate", "lookahead", "tokens_per_s",
-               "rollout_seconds")
-
-
-def _gather_sequences(sequences: list[list[int]]) -> list[list[int]]:
-    """Every rank's rollouts, in rank order (so that every rank's speculator learns the
-    same data and their drafters stay identical)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return sequences
-    gathered: list = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, sequences)
-    return [s for part in gathered for s in part]
-
-
-def _learn_all_ranks(engine, sequences: list[list[int]], rollout_seconds: float | None = None) -> dict:
-    """`engine.learn` on every rank's rollouts. With several ranks, every rank's suffix
-    index learns the same sequences; the neural drafter's captured hidden states are
-    gathered too, rank 0 trains (within its time budget) and its published weights are
-    broadcast, so that the drafters of all ranks stay identical."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return engine.learn(sequences, rollout_seconds)
-    sequences = _gather_sequences(sequences)
-    neural = engine.speculators.get("neural")
-    if neural is None or neural.frozen:
-        return engine.learn(sequences, rollout_seconds)
-    mine = neural.take_captured()
-    chunks: list = [None] * dist.get_world_size()
-    dist.all_gather_object(chunks, mine)
-    for chunk in chunks:
-        if chunk is not None:
-            neural.add_examples(*chunk)
-    rank = dist.get_rank()
-    neural.frozen = rank != 0  # only rank 0 trains
-    try:
-        update = engine.learn(sequences, rollout_seconds)
-    finally:
-        neural.frozen = False
-    state = [neural.published() if rank == 0 else None]
-    dist.broadcast_object_list(state, src=0)
-    if rank != 0:
-        neural.load_published(state[0])
-    return update
+METRIC_KEYS = ROLLOUT_METRICS  # the rollout stats logged as atlas/<key> (atlas_rl.metrics)
 
 
 def _wrap_generate_single_turn(original):
@@ -242,46 +249,25 @@ def _wrap_generate_single_turn(original):
         out = original(self, *args, **kwargs)
         vg = getattr(self, "vllm_generation", None)
         engine = getattr(vg, "atlas_engine", None)
-        pending = getattr(vg, "_atlas_pending", None)
+        pending = _PENDING.pop(vg, None) if vg is not None else None
         if engine is None or pending is None:
             return out
-        vg._atlas_pending = None
         from trl.extras.profiling import profiling_context
 
         stats, sequences = pending
         with profiling_context(self, "atlas.update"):
-            update = _learn_all_ranks(engine, sequences, stats.get("rollout_seconds"))
+            update = engine.learn(sequences, stats.get("rollout_seconds"))  # on every rank
         mode = "train" if self.model.training else "eval"
         metrics = self._metrics[mode]
-        for key in METRIC_KEYS:
-            if key in stats:
-                metrics[f"atlas/{key}"].append(float(stats[key]))
-        for key, value in stats.items():
-            if key.startswith("acceptance_rate_pos_"):
-                metrics[f"atlas/{key}"].append(float(value))
-        metrics["atlas/update_seconds"].append(float(update.get("update_seconds", 0.0)))
-        for key in ("drafter_loss", "drafter_train_seconds", "update_budget_seconds"):
-            if key in update:
-                metrics[f"atlas/{key}"].append(float(update[key]))
-        metrics["atlas/drafter_rollbacks"].append(float(engine.speculators["neural"].rollbacks)
-                                                  if "neural" in engine.speculators else 0.0)
-        for key, value in stats.items():  # which arm drafted, and how well
-            if key.startswith("drafts_") or key.startswith("acceptance_length_"):
-                metrics[f"atlas/{key}"].append(float(value))
-        steps = stats.get("request_steps")
-        if steps:
-            # Without a baseline run: the factor by which speculation cut the target's
-            # request-steps (tokens per request-step, 1 + accepted / request-steps). It
-            # ignores what verifying drafts costs, so it bounds the speedup from above;
-            # `atlas-rl bench` measures the speedup itself.
-            metrics["atlas/speedup_estimate"].append(1.0 + stats["num_accepted_tokens"] / steps)
-            hist = stats.get("lookahead_hist") or [steps]
-            metrics["atlas/drafted_fraction"].append(1.0 - hist[0] / steps)
-        if not getattr(self, "_atlas_callback", None):
-            from atlas_rl.integrations.wandb import AtlasSpeculationCallback
+        rollbacks = (engine.speculators["neural"].rollbacks
+                     if "neural" in engine.speculators else 0.0)
+        for name, value in trainer_metrics(stats, update, rollbacks).items():
+            metrics[name].append(value)
+        from atlas_rl.integrations.wandb import AtlasSpeculationCallback
 
-            self._atlas_callback = AtlasSpeculationCallback()
-            self.add_callback(self._atlas_callback)
+        if not any(isinstance(c, AtlasSpeculationCallback)
+                   for c in self.callback_handler.callbacks):
+            self.add_callback(AtlasSpeculationCallback())
         return out
 
     return _generate_single_turn

@@ -17,13 +17,17 @@ from __future__ import annotations
 import json
 import os
 
+from atlas_rl.metrics import METRIC_PREFIX, atlas_name
+
 try:  # a TrainerCallback when transformers is there; a plain class otherwise
     from transformers import TrainerCallback as _Base
 except ImportError:  # pragma: no cover
     _Base = object
 
-TABLE_KEY = "atlas/speculation_table"
-PLOT_KEY = "atlas/speculation_plot"
+TABLE_KEY = atlas_name("speculation_table")
+PLOT_KEY = atlas_name("speculation_plot")
+# The metric every generation logs: a log row with it is a row of the table.
+ROW_KEY = atlas_name("acceptance_length")
 
 
 class AtlasSpeculationCallback(_Base):
@@ -31,9 +35,9 @@ class AtlasSpeculationCallback(_Base):
         self.rows: list[dict] = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "atlas/acceptance_length" in logs:
+        if logs and ROW_KEY in logs:
             self.rows.append({"step": state.global_step,
-                              **{k: v for k, v in logs.items() if k.startswith("atlas/")}})
+                              **{k: v for k, v in logs.items() if k.startswith(METRIC_PREFIX)}})
 
     def on_train_end(self, args, state, control, **kwargs):
         if not self.rows or not state.is_world_process_zero:
@@ -41,8 +45,7 @@ class AtlasSpeculationCallback(_Base):
         os.makedirs(args.output_dir, exist_ok=True)
         rows_path = os.path.join(args.output_dir, "atlas_speculation.jsonl")
         with open(rows_path, "w") as f:
-            for row in self.rows:
-                f.write(json.dumps(row) + "\n")
+            f.writelines(json.dumps(row) + "\n" for row in self.rows)
         plot_path = os.path.join(args.output_dir, "atlas_speculation.png")
         try:
             from atlas_rl.plots import plot_speculation

@@ -14,37 +14,46 @@ import argparse
 import json
 import sys
 
-# section -> panels; a panel is (title, kind, keys). Keys are what the TRL drop-in logs.
+from atlas_rl.integrations.wandb import PLOT_KEY, TABLE_KEY
+
+from atlas_rl.metrics import ARMS, POS_PREFIX, TRL_LOGP_GAP, TRL_REWARD, atlas_name
+
+
+def _atlas(*keys: str) -> list[str]:
+    return [atlas_name(k) for k in keys]
+
+
+# section -> panels; a panel is (title, kind, keys). Keys are what the TRL drop-in logs
+# (atlas_rl.metrics.TRAINER_METRICS and its families; TRL's own names).
 PANELS = {
     "Speculation": [
-        ("Acceptance length", "line", ["atlas/acceptance_length"]),
-        ("Speedup estimate (target passes saved)", "line", ["atlas/speedup_estimate"]),
-        ("Acceptance rate", "line", ["atlas/acceptance_rate"]),
+        ("Acceptance length", "line", _atlas("acceptance_length")),
+        ("Speedup estimate (target passes saved)", "line", _atlas("speedup_estimate")),
+        ("Acceptance rate", "line", _atlas("acceptance_rate")),
         ("Acceptance rate by draft position", "line",
-         [f"atlas/acceptance_rate_pos_{i}" for i in range(8)]),
-        ("Lookahead and drafted fraction", "line", ["atlas/lookahead", "atlas/drafted_fraction"]),
+         _atlas(*(f"{POS_PREFIX}{i}" for i in range(8)))),
+        ("Lookahead and drafted fraction", "line", _atlas("lookahead", "drafted_fraction")),
         ("Drafts by arm (speculator, draft kind)", "line",
-         ["atlas/drafts_suffix", "atlas/drafts_suffix-dist", "atlas/drafts_neural",
-          "atlas/drafts_neural-dist"]),
+         _atlas(*(f"drafts_{arm}" for arm in ARMS))),
     ],
     "Adaptive drafter": [
-        ("Drafter distillation loss", "line", ["atlas/drafter_loss"]),
+        ("Drafter distillation loss", "line", _atlas("drafter_loss")),
         ("Drafter training vs its budget (s)", "line",
-         ["atlas/drafter_train_seconds", "atlas/update_budget_seconds"]),
-        ("Rollbacks of a diverging drafter", "line", ["atlas/drafter_rollbacks"]),
+         _atlas("drafter_train_seconds", "update_budget_seconds")),
+        ("Rollbacks of a diverging drafter", "line", _atlas("drafter_rollbacks")),
     ],
     "Rollout cost": [
-        ("Rollout tokens/s", "line", ["atlas/tokens_per_s"]),
-        ("Rollout seconds per generation", "line", ["atlas/rollout_seconds"]),
-        ("Speculator update seconds", "line", ["atlas/update_seconds"]),
+        ("Rollout tokens/s", "line", _atlas("tokens_per_s")),
+        ("Rollout seconds per generation", "line", _atlas("rollout_seconds")),
+        ("Speculator update seconds", "line", _atlas("update_seconds")),
     ],
     "Per-step record": [
-        ("Speculation per step", "table", ["atlas/speculation_table"]),
-        ("Speculation plot", "media", ["atlas/speculation_plot"]),
+        ("Speculation per step", "table", [TABLE_KEY]),
+        ("Speculation plot", "media", [PLOT_KEY]),
     ],
     "Training": [
-        ("Reward", "line", ["reward"]),
-        ("Sampler vs trainer logprob gap", "line", ["sampling/sampling_logp_difference/max"]),
+        ("Reward", "line", [TRL_REWARD]),
+        ("Sampler vs trainer logprob gap", "line", [TRL_LOGP_GAP]),
     ],
 }
 

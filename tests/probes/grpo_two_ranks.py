@@ -14,19 +14,19 @@ from datasets import Dataset  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 import atlas_rl.integrations.trl as atlas_trl  # noqa: E402
-from atlas_rl import AtlasConfig  # noqa: E402
+from atlas_rl import AtlasConfig, AtlasRolloutEngine  # noqa: E402
 
 model, out = sys.argv[1], sys.argv[2]
 local_tokens = []
-gather = atlas_trl._gather_sequences
+learn = AtlasRolloutEngine.learn
 
 
-def counting_gather(sequences):
+def counting_learn(self, sequences, *args, **kwargs):  # what this rank generated
     local_tokens.append(sum(len(s) for s in sequences))
-    return gather(sequences)
+    return learn(self, sequences, *args, **kwargs)
 
 
-atlas_trl._gather_sequences = counting_gather
+AtlasRolloutEngine.learn = counting_learn
 atlas_trl.enable_atlas(AtlasConfig(max_model_len=512, speculate_always=True, cpu_kv_cache_gib=1))
 prompts = ["one two three four one two three", "def add(a, b):\n    return",
            "The quick brown fox", "import os\nimport sys\nimport"]

@@ -1,12 +1,13 @@
 """Building and driving an in-process vLLM engine: speculative configs per method,
 spec-decode counters as vLLM's scheduler reports them, where an engine step's time goes.
-Weight sync: `weight_sync`."""
+Weight sync: `weight_sync`. Every hook into vLLM is installed through `hooks` (the seam)."""
 
 from __future__ import annotations
 
 import os
 import time
 
+from atlas_rl.backends.vllm import hooks
 from atlas_rl.config import AtlasConfig
 from atlas_rl.metrics import SpecCounters
 
@@ -52,12 +53,7 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, **engine_kwargs
     from vllm import LLM
     from vllm.platforms import current_platform
 
-    from atlas_rl.compat import vllm_cpu
-
-    vllm_cpu.fix_repeated_registration()
-    vllm_cpu.fix_recovered_noise_without_drafts()
-    vllm_cpu.fix_plain_sampling_without_drafts()
-    vllm_cpu.fix_seeded_chunked_prefill()
+    hooks.install_process_hooks()
     on_cpu = current_platform.is_cpu()
     kwargs = dict(
         model=model_path,
@@ -72,7 +68,7 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, **engine_kwargs
     )
     kwargs.update(engine_kwargs)
     llm = LLM(**kwargs)
-    vllm_cpu.fix_expand_kernel()
+    hooks.install_after_build(llm)
     return llm
 
 
@@ -112,7 +108,8 @@ class VllmSpecCounters:
                 self._add(stats)
             return record(*args, scheduler_stats=scheduler_stats, **kwargs)
 
-        manager.record = record_and_count
+        hooks.patch(manager, "record", record_and_count, key="spec_counters")
+        hooks.record("spec_counters", "applied")
 
     def _add(self, s) -> None:
         self.counters.add(s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens,
@@ -148,8 +145,9 @@ class StepTimes:
             finally:
                 self.sample_seconds += time.perf_counter() - start
 
-        runner.execute_model = execute_model
-        runner.sample_tokens = sample_tokens
+        hooks.patch(runner, "execute_model", execute_model, key="step_times")
+        hooks.patch(runner, "sample_tokens", sample_tokens, key="step_times")
+        hooks.record("step_times", "applied")
 
     def snapshot(self) -> tuple[float, float, int]:
         return self.forward_seconds, self.sample_seconds, self.engine_steps

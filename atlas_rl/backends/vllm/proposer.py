@@ -1,25 +1,32 @@
 """AtlasProposer: the class vLLM instantiates for ``speculative_config={"method":
 "custom_class", "model": "atlas_rl.backends.vllm.proposer.AtlasProposer"}``.
 
-It owns no policy logic. Each decode step, inside the worker, it
-1. reads acceptance feedback: a request that had a k-token draft verified and now
-   shows m sampled tokens had m - 1 of them accepted (rejection sampling keeps the
-   accepted prefix and adds one token, the bonus or the correction); the controller
-   calibrates the drafting arm from it and measures the step's time for its cost model;
-2. hands the policy's hidden states at the sampled positions to speculators that use
-   them (the neural drafter drafts from them and learns from them later);
-3. asks the controller for a step plan, the speculators for drafts, and the controller
-   for each request's choice and the goodput cut across the batch;
-4. returns one token list per request (lengths may differ, empty = no draft), and keeps
-   the distribution drafts' q for vLLM's rejection sampler (`take_last_draft_probs`).
-Nothing escapes into vLLM: a failing speculator means no drafts for that step,
-logged once and counted in ``speculator_errors``.
+It owns no policy logic: the controller decides, the speculators draft. vLLM's
+``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, ...)`` names requests
+only by their row in the batch, so the runner's ``propose_draft_token_ids`` is wrapped
+on atlas engines (hook ``atlas_proposer_step``, `attach_step_hook`) to hand the proposer
+a `StepContext` first: request ids, draft tokens verified per request, finished requests,
+the step's scheduled tokens and the policy's hidden states at the sampled positions.
 
-vLLM's ``propose(sampled_token_ids, num_tokens_no_spec, token_ids_cpu, ...)`` names
-requests only by their row in the batch. To key drafts and feedback by request id we
-wrap ``GPUModelRunner.propose_draft_token_ids`` (the CPU runner inherits it) so that
-the runner tells the proposer the batch's request ids, how many draft tokens were
-verified per request, and which requests finished.
+One engine step, in named steps (docs/architecture.md, "One engine step"):
+
+1. `begin_step`: the last step's wall time goes to the controller's cost model (pure
+   decode steps only), finished requests are forgotten;
+2. `_record_acceptance`: a request that had a k-token draft verified and now shows m
+   sampled tokens had m - 1 of them accepted (rejection sampling keeps the accepted
+   prefix and adds one token, the bonus or the correction): counters, the controller's
+   calibration and the drafting speculator hear of it;
+3. `_capture_hidden_states`: the policy's hidden states at the sampled positions go to
+   the speculators that read them (one copy per step: vLLM reuses the buffer);
+4. the controller's `plan_step`: which speculators, how far, which draft kind;
+5. `_draft`: the speculators draft; the controller's `choose_drafts` picks per request
+   and cuts across the batch;
+6. `_hand_over`: one token list per request (lengths may differ, empty = no draft) goes
+   back to vLLM, and the distribution drafts' q is kept for the runner's draft
+   probabilities (`hand_over_q` after the runner's call).
+
+Nothing escapes into vLLM: a failing speculator means no drafts for that step, logged
+once and counted in ``speculator_errors``.
 """
 
 from __future__ import annotations
@@ -27,57 +34,99 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-import weakref
+from dataclasses import dataclass, field
 
 import torch
 
+from atlas_rl.backends.vllm import hooks
+from atlas_rl.controller import AtlasController, StepPlan
 from atlas_rl.kernels.rejection import pack_sparse_q
 from atlas_rl.metrics import SpecCounters
-from atlas_rl.speculators.base import EMPTY_DRAFT, Draft
+from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, HiddenStateSpeculator, Speculator
 
 logger = logging.getLogger(__name__)
 
-# Proposers built in this process (in-process engines), newest last.
-_PROPOSERS: "weakref.WeakSet[AtlasProposer]" = weakref.WeakSet()
+
+@dataclass
+class StepContext:
+    """What the runner tells the proposer about one engine step."""
+
+    req_ids: list[str]
+    num_verified: list[int] | None   # draft tokens verified per request (None: no spec step)
+    finished: tuple[str, ...] = ()
+    num_scheduled_tokens: int | None = None
+    hidden: torch.Tensor | None = None  # policy hidden states at the sampled positions
 
 
-def _install_runner_hook() -> None:
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+@dataclass
+class LiveRequests:
+    """The requests of a step that sampled a token (and so may get a draft)."""
 
-    from atlas_rl.backends.vllm import verifier
-    from atlas_rl.compat import vllm_draft_probs
+    rows: list[int] = field(default_factory=list)      # row in vLLM's batch
+    keys: list[str] = field(default_factory=list)      # request id
+    contexts: list = field(default_factory=list)       # token ids so far (prompt + output)
+    sampled: list[list[int]] = field(default_factory=list)
 
-    original = GPUModelRunner.propose_draft_token_ids
-    if getattr(original, "_atlas_hook", False):
-        return
+
+def attach_step_hook(runner, proposer: "AtlasProposer") -> None:
+    """Wrap this runner's ``propose_draft_token_ids`` so that `proposer` gets each step's
+    context before vLLM asks it for drafts, and the runner gets the drafts' q after."""
+    from atlas_rl.backends.vllm import sampler
+
+    original = runner.propose_draft_token_ids  # bound: this runner's, vLLM's class method
     signature = inspect.signature(original)
 
-    def propose_draft_token_ids(self, *args, **kwargs):
-        drafter = getattr(self, "drafter", None)
-        if not isinstance(drafter, AtlasProposer):
-            return original(self, *args, **kwargs)
-        bound = signature.bind(self, *args, **kwargs).arguments
+    def propose_draft_token_ids(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
         metadata = bound.get("spec_decode_metadata")
         scheduler_output = bound.get("scheduler_output")
-        drafter.begin_step(
-            req_ids=list(self.input_batch.req_ids),
+        proposer.begin_step(StepContext(
+            req_ids=list(runner.input_batch.req_ids),
             num_verified=None if metadata is None else list(metadata.num_draft_tokens),
-            finished=getattr(scheduler_output, "finished_req_ids", ()),
+            finished=tuple(getattr(scheduler_output, "finished_req_ids", ()) or ()),
             num_scheduled_tokens=getattr(scheduler_output, "total_num_scheduled_tokens", None),
-            sample_hidden_states=bound.get("sample_hidden_states"),
-        )
-        if drafter.verifier == "atlas" and not verifier.attached(self):
-            verifier.attach(self)
-        out = original(self, *args, **kwargs)
+            hidden=bound.get("sample_hidden_states")))
+        out = original(*args, **kwargs)
         try:
-            vllm_draft_probs.hand_over(self, drafter, packed=verifier.attached(self))
+            hand_over_q(runner, proposer, packed=sampler.verifies(runner))
         except Exception as e:  # noqa: BLE001 (without q, drafts are verified one-hot: exact)
-            self._draft_probs = self._draft_prob_req_ids = None
-            drafter._speculator_failed(None, e)
+            hooks.assign(runner, {"_draft_probs": None, "_draft_prob_req_ids": None},
+                         key="draft_probs")
+            proposer.speculator_failed(None, e)
         return out
 
-    propose_draft_token_ids._atlas_hook = True
-    GPUModelRunner.propose_draft_token_ids = propose_draft_token_ids
+    hooks.patch(runner, "propose_draft_token_ids", propose_draft_token_ids,
+                key="atlas_proposer_step")
+    hooks.record("atlas_proposer_step", "applied")
+
+
+def hand_over_q(runner, proposer: "AtlasProposer", packed: bool = False) -> bool:
+    """Store the last proposal's draft distributions where vLLM's runner keeps those of
+    its own model drafters (``_draft_probs`` with the request ids they belong to); its
+    ``_get_spec_decode_draft_probs`` passes them to the rejection sampler, which then
+    accepts a draft token x with min(1, p(x)/q(x)) and recovers from max(0, p - q): the
+    output is exactly p, a draft accepted with probability 1 - TV(p, q). vLLM asks only
+    its own drafters for q, never a ``custom_class`` one. ``packed``: atlas-rl's verifier
+    takes q packed sparse (`kernels.rejection.pack_sparse_q`), vLLM's [reqs, k, vocab].
+    Where this vLLM has no such path, or ``ATLAS_RL_COMPAT=off``, distribution drafts are
+    verified one-hot (still exact, accepted less). True if handed."""
+    probs = proposer.take_last_packed_q() if packed else proposer.take_last_draft_probs()
+    if probs is None:
+        return False
+    supported = (hooks.enabled() and hasattr(runner, "_draft_probs")
+                 and hasattr(runner, "_draft_prob_req_ids")
+                 and hasattr(type(runner), "_get_spec_decode_draft_probs"))
+    if not supported:
+        if "draft_probs" not in hooks.status():
+            hooks.record("draft_probs", "not applied (this vLLM has no draft-probability "
+                         "path, or compat is off): distribution drafts are verified one-hot")
+            logger.info("atlas-rl: %s", hooks.status()["draft_probs"])
+        return False
+    hooks.record("draft_probs", "applied")
+    hooks.assign(runner, {"_draft_probs": probs,
+                          "_draft_prob_req_ids": list(runner.input_batch.req_ids)},
+                 key="draft_probs")
+    return True
 
 
 class AtlasProposer:
@@ -86,37 +135,29 @@ class AtlasProposer:
         self.num_speculative_tokens = int(spec.num_speculative_tokens)
         self.max_model_len = int(vllm_config.model_config.max_model_len)
         self.vocab_size = int(vllm_config.model_config.get_vocab_size())
-        self.speculators: dict[str, object] = {}
-        self.controller = None
+        self.speculators: dict[str, Speculator] = {}
+        self.controller: AtlasController | None = None
         self.target_model = None
         self.counters = SpecCounters()
         self._pending: dict[str, Draft] = {}  # req_id -> Draft handed to vLLM last step
-        self._step = None
+        self._context: StepContext | None = None
         self._step_end: float | None = None
-        self._draft_probs = None  # (num_reqs, [(row, Draft)]) of the last distribution step
-        self.verifier = "atlas"  # who verifies: "atlas" (sparse q) or "vllm"; set by the engine
+        self._handed: tuple[int, list[tuple[int, Draft]]] | None = None  # distribution step
         self._error_logged = False
-        _install_runner_hook()
-        _PROPOSERS.add(self)
 
-    @property
-    def speculator(self):
-        """The first speculator (single-speculator setups)."""
-        return next(iter(self.speculators.values()), None)
-
-    def attach(self, speculators, controller) -> None:
-        """Called by the engine once vLLM built us: until then we draft nothing.
-        `speculators`: name -> Speculator (or a single Speculator)."""
+    def attach(self, speculators: dict[str, Speculator] | Speculator,
+               controller: AtlasController) -> None:
+        """Called by the engine once vLLM built us: until then we draft nothing."""
         if controller.max_lookahead > self.num_speculative_tokens:
             raise ValueError(
                 f"controller max_lookahead {controller.max_lookahead} exceeds vLLM's "
                 f"num_speculative_tokens {self.num_speculative_tokens}")
-        if not isinstance(speculators, dict):
+        if isinstance(speculators, Speculator):
             speculators = {speculators.name: speculators}
         self.speculators = dict(speculators)
         self.controller = controller
-        for spec in self.speculators.values():
-            if getattr(spec, "uses_hidden_states", False) and self.target_model is not None:
+        for spec in self._readers():
+            if self.target_model is not None:
                 spec.attach_target(*target_embeddings(self.target_model))
 
     def load_model(self, target_model) -> None:
@@ -127,29 +168,147 @@ class AtlasProposer:
     def begin_batch(self) -> None:
         self._step_end = None
 
-    def begin_step(self, req_ids, num_verified, finished, num_scheduled_tokens=None,
-                   sample_hidden_states=None) -> None:
+    def _readers(self) -> list[HiddenStateSpeculator]:
+        return [s for s in self.speculators.values() if isinstance(s, HiddenStateSpeculator)]
+
+    # --- 1. the step begins ----------------------------------------------------------
+
+    def begin_step(self, ctx: StepContext) -> None:
         now = time.perf_counter()
-        self._step = (req_ids, num_verified, sample_hidden_states)
-        if self.controller is not None and self._step_end is not None and num_scheduled_tokens:
-            drafted = sum(num_verified) if num_verified is not None else 0
+        self._context = ctx
+        if self.controller is not None and self._step_end is not None and ctx.num_scheduled_tokens:
+            drafted = sum(ctx.num_verified) if ctx.num_verified is not None else 0
             # Only pure decode steps (no prompt chunk in them) say what decoding costs.
-            if num_scheduled_tokens == len(req_ids) + drafted:
-                self.controller.observe_step(len(req_ids), drafted, now - self._step_end)
-        for rid in finished or ():
+            if ctx.num_scheduled_tokens == len(ctx.req_ids) + drafted:
+                self.controller.record_step_time(len(ctx.req_ids), drafted, now - self._step_end)
+        for rid in ctx.finished:
             self._pending.pop(rid, None)
             for spec in self.speculators.values():
                 try:
                     spec.finish(rid)
                 except Exception as e:  # noqa: BLE001 (never into vLLM)
-                    self._speculator_failed(spec, e)
+                    self.speculator_failed(spec, e)
+
+    # --- vLLM's entry point ----------------------------------------------------------
+
+    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
+                slot_mappings=None, **_ignored) -> list[list[int]]:
+        num_reqs = len(sampled_token_ids)
+        ctx, self._context = self._context, None
+        self._handed = None
+        start = time.perf_counter()
+        try:
+            if not self.speculators or ctx is None or len(ctx.req_ids) != num_reqs:
+                return [[] for _ in range(num_reqs)]
+            live = self._record_acceptance(ctx, sampled_token_ids, num_tokens_no_spec,
+                                           token_ids_cpu)
+            self._capture_hidden_states(ctx, live, num_tokens_no_spec)
+            plan = self.controller.plan_step(len(live.keys))
+            drafts = self._draft(plan, live)
+            return self._hand_over(num_reqs, live, drafts)
+        except Exception as e:  # noqa: BLE001 (a failing speculator must not kill a rollout)
+            self.speculator_failed(None, e)
+            self._pending.clear()
+            self._handed = None
+            return [[] for _ in range(num_reqs)]
+        finally:
+            end = time.perf_counter()
+            self.counters.propose_seconds += end - start
+            self._step_end = end
+
+    # --- 2. acceptance of last step's drafts -----------------------------------------
+
+    def _record_acceptance(self, ctx: StepContext, sampled_token_ids, num_tokens_no_spec,
+                           token_ids_cpu) -> LiveRequests:
+        live = LiveRequests()
+        for row, rid in enumerate(ctx.req_ids):
+            sampled = sampled_token_ids[row]
+            draft = self._pending.pop(rid, EMPTY_DRAFT)
+            if not sampled:  # a partial prefill chunk or a discarded request: no draft
+                continue
+            verified = len(draft) if ctx.num_verified is None else min(ctx.num_verified[row], len(draft))
+            if verified:
+                accepted = min(len(sampled) - 1, verified)
+                verified_draft = draft.truncate(verified)
+                self.counters.record_verified(verified, accepted, draft.arm.label)
+                self.controller.record_acceptance(verified_draft, accepted)
+                spec = self.speculators.get(draft.source)
+                if spec is not None:
+                    spec.feedback(rid, verified_draft, accepted)
+            live.rows.append(row)
+            live.keys.append(rid)
+            live.contexts.append(token_ids_cpu[row, :int(num_tokens_no_spec[row])])
+            live.sampled.append(sampled)
+        return live
+
+    # --- 3. hidden states for the speculators that read them -------------------------
+
+    def _capture_hidden_states(self, ctx: StepContext, live: LiveRequests,
+                               num_tokens_no_spec) -> None:
+        readers = self._readers()
+        offsets = sampled_offsets(ctx) if readers else None
+        if offsets is None:
+            return
+        hidden = ctx.hidden.detach().to("cpu", torch.float32, copy=True)  # vLLM reuses it
+        for row, rid, sampled in zip(live.rows, live.keys, live.sampled):
+            m = len(sampled)
+            first_pos = int(num_tokens_no_spec[row]) - m - 1
+            for spec in readers:
+                spec.capture(rid, hidden[offsets[row]:offsets[row] + m], sampled, first_pos)
+
+    # --- 5. drafting -----------------------------------------------------------------
+
+    def _draft(self, plan: StepPlan, live: LiveRequests) -> list[Draft]:
+        if plan.lookahead == 0 or not live.keys:
+            return [EMPTY_DRAFT] * len(live.keys)
+        # Never draft past the model length: the verifier needs room for k + 1.
+        max_lens = [max(0, min(plan.lookahead, self.max_model_len - len(c) - 1))
+                    for c in live.contexts]
+        start = time.perf_counter()
+        candidates: list[list[Draft]] = [[] for _ in live.keys]
+        for name in plan.speculators:
+            spec = self.speculators[name]
+            k = plan.lookaheads.get(name, plan.lookahead)
+            t0 = time.perf_counter()
+            try:
+                drafts = spec.propose(live.keys, live.contexts, [min(m, k) for m in max_lens],
+                                      sample=plan.sample[name])
+            except Exception as e:  # noqa: BLE001 (one speculator failing leaves the others)
+                self.speculator_failed(spec, e)
+                continue
+            self.controller.record_draft_time(name, time.perf_counter() - t0)
+            for cands, d in zip(candidates, drafts):
+                if d.tokens:
+                    d.source = d.source or name
+                    cands.append(d)
+        drafts = self.controller.choose_drafts(plan, candidates)
+        drafts = [d.truncate(min(self.num_speculative_tokens, m)) for d, m in zip(drafts, max_lens)]
+        self.counters.draft_seconds += time.perf_counter() - start
+        return drafts
+
+    # --- 6. hand-over ----------------------------------------------------------------
+
+    def _hand_over(self, num_reqs: int, live: LiveRequests, drafts: list[Draft]) -> list[list[int]]:
+        out: list[list[int]] = [[] for _ in range(num_reqs)]
+        handed = []
+        for row, rid, draft in zip(live.rows, live.keys, drafts):
+            self.counters.request_steps += 1
+            self.counters.record_lookahead(len(draft))
+            if not draft.tokens:
+                continue
+            self._pending[rid] = draft
+            out[row] = list(draft.tokens)
+            handed.append((row, draft))
+        if any(d.is_distribution for _, d in handed):
+            self._handed = (num_reqs, handed)
+        return out
 
     def _take_sparse_q(self):
         """The last proposal's draft distributions as (ids, q), both [num_reqs, k, S]
         (S the widest support; padding has probability 0), or None when every draft was
         one-hot. One-hot drafts in the same step get q = 1 on their token (verification
         is then the same as without q)."""
-        last, self._draft_probs = self._draft_probs, None
+        last, self._handed = self._handed, None
         if last is None:
             return None
         num_reqs, handed = last
@@ -170,7 +329,7 @@ class AtlasProposer:
 
     def take_last_draft_probs(self):
         """[num_reqs, k, vocab] draft distributions of the last proposal, or None when
-        every draft was one-hot (vLLM's runner reads this right after `propose`)."""
+        every draft was one-hot."""
         sparse = self._take_sparse_q()
         if sparse is None:
             return None
@@ -184,123 +343,30 @@ class AtlasProposer:
         sparse = self._take_sparse_q()
         return None if sparse is None else pack_sparse_q(*sparse, self.vocab_size)
 
-    def propose(self, sampled_token_ids, num_tokens_no_spec, token_ids_cpu,
-                slot_mappings=None, **_ignored) -> list[list[int]]:
-        num_reqs = len(sampled_token_ids)
-        empty = [[] for _ in range(num_reqs)]
-        step, self._step = self._step, None
-        self._draft_probs = None
-        start = time.perf_counter()
-        try:
-            if not self.speculators or step is None or len(step[0]) != num_reqs:
-                return empty
-            return self._propose(step, sampled_token_ids, num_tokens_no_spec, token_ids_cpu)
-        except Exception as e:  # noqa: BLE001 (a failing speculator must not kill a rollout)
-            self._speculator_failed(None, e)
-            self._pending.clear()
-            self._draft_probs = None
-            return empty
-        finally:
-            end = time.perf_counter()
-            self.counters.propose_seconds += end - start
-            self._step_end = end
-
-    def _propose(self, step, sampled_token_ids, num_tokens_no_spec, token_ids_cpu):
-        req_ids, num_verified, hidden = step
-        counters, controller = self.counters, self.controller
-        rows, keys, contexts = [], [], []
-        capture = [s for s in self.speculators.values() if getattr(s, "uses_hidden_states", False)]
-        offsets = self._hidden_offsets(num_verified, len(req_ids), hidden) if capture else None
-        if offsets is not None:  # one copy per step: vLLM reuses the buffer
-            hidden = hidden.detach().to("cpu", torch.float32, copy=True)
-        for row, rid in enumerate(req_ids):
-            sampled = sampled_token_ids[row]
-            draft = self._pending.pop(rid, EMPTY_DRAFT)
-            if not sampled:  # a partial prefill chunk or a discarded request: no draft
-                continue
-            verified = len(draft) if num_verified is None else min(num_verified[row], len(draft))
-            if verified:
-                accepted = min(len(sampled) - 1, verified)
-                counters.record_verified(verified, accepted, draft.source, draft.is_distribution)
-                verified_draft = draft.truncate(verified)
-                controller.observe(verified_draft, accepted)
-                spec = self.speculators.get(draft.source)
-                if spec is not None:
-                    spec.feedback(rid, verified_draft, accepted)
-            n = int(num_tokens_no_spec[row])
-            if offsets is not None:
-                m = len(sampled)
-                rows_h = hidden[offsets[row]:offsets[row] + m]
-                for spec in capture:
-                    spec.observe(rid, rows_h, sampled, n - m - 1)
-            rows.append(row)
-            keys.append(rid)
-            contexts.append(token_ids_cpu[row, :n])
-
-        out = [[] for _ in req_ids]
-        plan = controller.begin_step(len(keys))
-        if plan.lookahead == 0 or not keys:
-            for _ in keys:
-                counters.request_steps += 1
-                counters.record_lookahead(0)
-            return out
-        # Never draft past the model length: the verifier needs room for k + 1.
-        max_lens = [max(0, min(plan.lookahead, self.max_model_len - len(c) - 1)) for c in contexts]
-        start = time.perf_counter()
-        candidates = [[] for _ in keys]
-        for name in plan.arms:
-            spec = self.speculators[name]
-            k = plan.lookaheads.get(name, plan.lookahead)
-            t0 = time.perf_counter()
-            try:
-                drafts = spec.propose(keys, contexts, [min(m, k) for m in max_lens],
-                                      sample=plan.sample[name])
-            except Exception as e:  # noqa: BLE001 (one speculator failing leaves the others)
-                self._speculator_failed(spec, e)
-                continue
-            controller.observe_draft_time(name, time.perf_counter() - t0)
-            for cands, d in zip(candidates, drafts):
-                if d.tokens:
-                    d.source = d.source or name
-                    cands.append(d)
-        drafts = controller.choose(candidates, len(keys))
-        drafts = [d.truncate(min(self.num_speculative_tokens, m)) for d, m in zip(drafts, max_lens)]
-        counters.draft_seconds += time.perf_counter() - start
-        handed = []
-        for row, rid, draft in zip(rows, keys, drafts):
-            counters.request_steps += 1
-            counters.record_lookahead(len(draft))
-            if not draft.tokens:
-                continue
-            self._pending[rid] = draft
-            out[row] = list(draft.tokens)
-            handed.append((row, draft))
-        if any(d.is_distribution for _, d in handed):
-            self._draft_probs = (len(req_ids), handed)
-        return out
-
-    @staticmethod
-    def _hidden_offsets(num_verified, num_reqs, hidden):
-        """Row of each request's first sampled position in `sample_hidden_states`
-        (vLLM samples at k + 1 positions of a request with a k-token draft)."""
-        if hidden is None:
-            return None
-        sizes = [1] * num_reqs if num_verified is None else [k + 1 for k in num_verified]
-        if sum(sizes) != hidden.shape[0]:
-            return None  # a layout we do not know: draft from tokens only
-        offsets, total = [], 0
-        for s in sizes:
-            offsets.append(total)
-            total += s
-        return offsets
-
-    def _speculator_failed(self, spec, error: Exception) -> None:
+    def speculator_failed(self, spec, error: Exception) -> None:
         self.counters.speculator_errors += 1
         if not self._error_logged:
             self._error_logged = True
             logger.warning("atlas-rl: speculator %s failed (%s: %s); drafting nothing from it "
                            "for this step. Later failures are counted, not logged.",
                            getattr(spec, "name", "?"), type(error).__name__, error)
+
+
+def sampled_offsets(ctx: StepContext) -> list[int] | None:
+    """Row of each request's first sampled position in the step's hidden states (vLLM
+    samples at k + 1 positions of a request with a k-token draft), or None when there
+    are none or their layout is not that one (drafting then uses tokens only)."""
+    if ctx.hidden is None:
+        return None
+    num_reqs = len(ctx.req_ids)
+    sizes = [1] * num_reqs if ctx.num_verified is None else [k + 1 for k in ctx.num_verified]
+    if sum(sizes) != ctx.hidden.shape[0]:
+        return None
+    offsets, total = [], 0
+    for s in sizes:
+        offsets.append(total)
+        total += s
+    return offsets
 
 
 def target_embeddings(model):

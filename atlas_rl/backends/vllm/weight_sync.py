@@ -9,8 +9,8 @@ A sync has three stages:
 2. **load**: vLLM's ``model_runner.reload_weights`` (checkpoint format; it works on the CPU
    backend, where TRL's ``model.load_weights`` path does not: the CPU backend repacks
    linear weights and their parameters lose ``weight_loader``), then the tied LM head's
-   CPU GEMM handle is rebuilt (compat fix 5) and the prefix cache dropped (its KV was
-   computed with the old weights).
+   CPU GEMM handle is rebuilt (`compat.vllm_cpu.refresh_tied_lm_head`) and the prefix
+   cache dropped (its KV was computed with the old weights).
 3. **roll back** if the load itself fails (after checks, that is vLLM's or the iterator's
    fault): vLLM 0.32 reloads layer by layer, moving each layer to the meta device until
    all its weights have arrived, so an exception midway leaves some layers new, some on
@@ -270,6 +270,7 @@ def _reset_layerwise_reload(llm) -> None:
     kernel tensors back, so that the next ``reload_weights`` starts from a clean state."""
     from vllm.model_executor.model_loader.reload import layerwise
 
+    from atlas_rl.backends.vllm import hooks
     from atlas_rl.backends.vllm.engine import model_runner
 
     model = model_runner(llm).get_model()
@@ -277,5 +278,5 @@ def _reset_layerwise_reload(llm) -> None:
         info = layerwise.LAYERWISE_INFO.get(layer)
         if info is not None and info.can_load():
             info.loaded_weights.clear()
-            info.load_numel = 0
+            hooks.assign(info, {"load_numel": 0}, key="layerwise_reset")
     layerwise.finalize_layerwise_reload(model, llm.llm_engine.model_config)

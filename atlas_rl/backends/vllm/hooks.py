@@ -1,0 +1,148 @@
+"""The one seam between atlas-rl and vLLM: every assignment into a vLLM object goes
+through `patch` or `retype` here, and every such place is a row of `HOOKS`.
+
+The table (key: what is replaced; kind; scope; vLLM versions; why; when vLLM fixes it):
+
+=====================  =================================================  ==========  ============
+key                    target                                             kind        scope
+=====================  =================================================  ==========  ============
+repeated_registration  CpuPlatform.register_triton_kernel_overrides       workaround  process, CPU
+expand_kernel          rejection_sampler.expand_kernel (._impl, .func)    workaround  process, CPU
+seeded_chunked_prefill GPUModelRunner.sample_tokens (class)               workaround  process, CPU
+tied_lm_head           (no assignment: re-packs the head's CPU GEMM)      workaround  process, CPU
+atlas_sampler          runner.rejection_sampler.__class__                 atlas       atlas engines
+atlas_proposer_step    runner.propose_draft_token_ids (instance)          atlas       atlas engines
+draft_probs            runner._draft_probs, runner._draft_prob_req_ids    atlas       atlas engines
+step_times             runner.execute_model, runner.sample_tokens (inst.) measurement every engine
+spec_counters          engine.logger_manager.record (instance)            measurement every engine
+layerwise_reset        LAYERWISE_INFO[layer].load_numel (state reset)     rollback    failed syncs
+=====================  =================================================  ==========  ============
+
+The rows of `HOOKS` below say why each exists, for which vLLM versions it was written
+and checked, and what happens when vLLM fixes or changes the code underneath (every
+hook checks the code it replaces first; where that code is not what it was written
+for, nothing is replaced and `status()` says so). ``atlas-rl doctor`` prints the table,
+``engine.stats()["vllm_hooks"]`` what is installed in this process.
+
+- *workaround*: a vLLM CPU bug, fixed process-wide for every engine (the benchmark's vLLM
+  peers need them to sample correctly at all); the fixes live in `atlas_rl.compat`.
+- *atlas*: how atlas-rl speculates inside vLLM; only on the runner of an engine built
+  with atlas-rl's speculative config. The speed changes to the sampling step (steps
+  without drafts take vLLM's plain sampler; atlas-rl's verifier) live in
+  `AtlasRejectionSampler` (`atlas_rl.backends.vllm.sampler`), so the vLLM peers in the
+  benchmark run stock vLLM, as its users would (BENCHMARKS.md).
+- *measurement*: counters and timers on one engine's objects, every engine alike.
+
+``ATLAS_RL_COMPAT=off`` switches every workaround and every speed change off (atlas
+engines then verify with vLLM's own rejection sampler, and steps without drafts go
+through it too); used by the test that shows the CPU sampling bug is real.
+docs/architecture.md draws the seam in the data flow of one RL step.
+"""
+
+from __future__ import annotations
+
+import os
+
+from atlas_rl.seam import Hook, Seam, hook_of  # noqa: F401 (hook_of: for the fixes)
+
+#: The environment switch, read in one place (`enabled`).
+ENV = "ATLAS_RL_COMPAT"
+#: The vLLM minor releases the hooks were written and tested against.
+TESTED = ((0, 32), (0, 32))
+
+HOOKS: tuple[Hook, ...] = (
+    Hook("repeated_registration", "vllm.platforms.cpu.CpuPlatform.register_triton_kernel_overrides",
+         "workaround", "process (CPU)",
+         "a second in-process engine rescans sys.modules and raises AttributeError",
+         "no-op: registration runs once, as vLLM's own first call does"),
+    Hook("expand_kernel", "vllm.v1.sample.rejection_sampler.expand_kernel (KernelOverride)",
+         "workaround", "process (CPU)",
+         "the C++ override writes float outputs into a dropped copy: garbage at "
+         "temperature > 0 with any speculation (vllm #55005)",
+         "self-check passes, nothing replaced"),
+    Hook("seeded_chunked_prefill", "vllm.v1.worker.gpu_model_runner.GPUModelRunner.sample_tokens",
+         "workaround", "process (CPU)",
+         "a chunked prefill rewinds a CPU generator, which has no offset: the engine dies",
+         "not replaced once CPU generators have offsets or vLLM stops rewinding"),
+    Hook("tied_lm_head", "lm_head's packed CPU GEMM (dispatch_cpu_unquantized_gemm)",
+         "workaround", "after each weight sync (CPU)",
+         "a tied head keeps its old packed weights after reload_weights",
+         "re-packing an up-to-date head is harmless; remove when vLLM re-packs it"),
+    Hook("atlas_sampler", "model_runner.rejection_sampler.__class__ -> AtlasRejectionSampler",
+         "atlas", "atlas engines",
+         "atlas-rl's verifier (sparse q) and the plain sampler for steps without drafts",
+         "forward's signature or the helpers it calls changed: vLLM's sampler stays"),
+    Hook("atlas_proposer_step", "model_runner.propose_draft_token_ids (instance)",
+         "atlas", "atlas engines",
+         "vLLM's propose() names requests by row only: the proposer needs request ids, "
+         "verified draft counts, finished requests and the sampled hidden states",
+         "signature changed: no step context, the proposer drafts nothing"),
+    Hook("draft_probs", "model_runner._draft_probs / _draft_prob_req_ids",
+         "atlas", "atlas engines",
+         "vLLM asks only its own model drafters for q; a custom_class drafter's q is "
+         "stored where vLLM stores theirs",
+         "attributes gone: distribution drafts are verified one-hot (still exact)"),
+    Hook("step_times", "model_runner.execute_model / sample_tokens (instance)",
+         "measurement", "every engine",
+         "where an engine step's time goes (forward vs sampling+drafting)",
+         "keeps working: plain wrappers"),
+    Hook("spec_counters", "llm_engine.logger_manager.record (instance)",
+         "measurement", "every engine",
+         "vLLM's spec-decode counters per engine (its Prometheus registry is global)",
+         "keeps working while record() takes scheduler_stats"),
+    Hook("layerwise_reset", "vllm...reload.layerwise.LAYERWISE_INFO[layer] (load_numel)",
+         "rollback", "a weight sync that failed midway",
+         "vLLM 0.32 keeps half-loaded layers buffered: reset before restoring weights",
+         "reload API changed: a failed sync marks the engine broken (it says so)"),
+)
+SEAM = Seam("vLLM", HOOKS)
+record, status, patch, retype, assign, describe = (
+    SEAM.record, SEAM.status, SEAM.patch, SEAM.retype, SEAM.assign, SEAM.describe)
+
+
+def enabled() -> bool:
+    """False with ``ATLAS_RL_COMPAT=off`` (or 0/false/no)."""
+    return os.environ.get(ENV, "on").strip().lower() not in {"0", "off", "false", "no"}
+
+
+def vllm_version() -> tuple[int, int]:
+    import vllm
+
+    parts = vllm.__version__.split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return (0, 0)
+
+
+def tested_version() -> bool:
+    return TESTED[0] <= vllm_version() <= TESTED[1]
+
+
+# --- installing: before an engine is built, after, and on an atlas engine ----------
+
+def install_process_hooks() -> None:
+    """The CPU workarounds that must be in place before vLLM builds an engine."""
+    from atlas_rl.compat import vllm_cpu
+
+    vllm_cpu.fix_repeated_registration()
+    vllm_cpu.fix_seeded_chunked_prefill()
+
+
+def install_after_build(llm) -> None:
+    """The workarounds that need a built engine (the CPU kernel overrides are registered
+    during worker init)."""
+    from atlas_rl.compat import vllm_cpu
+
+    vllm_cpu.fix_expand_kernel()
+
+
+def install_atlas(runner, proposer, verifier: str) -> None:
+    """Make `runner` (an atlas engine's model runner) speculate with atlas-rl: its
+    rejection sampler becomes `AtlasRejectionSampler` (atlas-rl verifies where
+    ``verifier == "atlas"``), and each drafting step hands `proposer` its context."""
+    from atlas_rl.backends.vllm import proposer as proposer_room
+    from atlas_rl.backends.vllm import sampler as sampler_room
+
+    sampler_room.attach(runner, atlas_verifies=verifier == "atlas")
+    proposer_room.attach_step_hook(runner, proposer)

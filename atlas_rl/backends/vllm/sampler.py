@@ -1,0 +1,351 @@
+"""`AtlasRejectionSampler`: the sampling step of an atlas engine (hook ``atlas_sampler``).
+
+A subclass of vLLM's ``RejectionSampler`` given to the model runner of atlas engines
+only (`attach`); engines without atlas-rl's speculative config, the benchmark's vLLM
+peers included, keep vLLM's stock sampler. Three choices per step, in this order:
+
+1. **No draft anywhere in the batch, a step vLLM would sample like one without
+   speculation** (`plain_sampling_applies`): vLLM's plain ``Sampler``, the path of an
+   engine without speculation. vLLM 0.32 sends every step of a speculative engine through
+   the rejection sampler, drafts or not: a bonus-sampler pass, a [batch, vocab] zero-fill,
+   scatter, gather and a second log_softmax (logprobs ~1e-6 off no-speculation's), and the
+   random-sample kernel for zero tokens; at batch 64 that was ~15 ms of a ~200 ms step
+   (BENCHMARKS.md, "Steps without drafts"). The plain path draws the same random numbers
+   (per-request generators and the global one), so the same tokens, and logprobs
+   bit-identical to an engine without speculation. Self-check: on the first such step per
+   logprobs mode, a synthetic batch (greedy, random, seeded and unseeded rows) is sampled
+   both ways (plain, and this sampler's no-draft path of choice 2); the plain path is kept only if tokens, random-number use, logprob ids and
+   ranks agree exactly and logprobs within 1e-5. CPU only (where it was measured).
+2. **atlas-rl verifies** (``verifier="atlas"``, every request random, q packed sparse or
+   one-hot drafts): the rejection step is `atlas_rl.kernels.rejection.rejection_sample`.
+   Draft distributions arrive packed (`kernels.rejection.pack_sparse_q`, [tokens, 2S])
+   through vLLM's draft-probability path; p is normalised with one logsumexp per row, the
+   full row and the residual only where a draft token was rejected, and the recovered
+   token comes from one uniform per request (inverse CDF) instead of [requests, vocab]
+   exponential noise. The acceptance uniforms come from vLLM's ``generate_uniform_probs``
+   (per-request generators for seeded requests); the recovery uniform of a seeded request
+   with drafts from its generator, of the others from the global one. Seeded runs are
+   reproducible, not bit-identical to vLLM's rejection sampler (other draws); the
+   distribution is exactly p either way (tests/test_exactness.py, tests/test_verifier.py).
+   A step with no draft token at all (and choice 1 not taken: e.g. penalties with
+   leftover spec tokens, a thinking budget, logprobs of chosen token ids), greedy, random
+   or mixed, skips the rejection step: its output is the bonus tokens (nothing to accept
+   or recover), without vLLM's [batch, vocab] recovered-token noise.
+3. **Otherwise vLLM verifies** (greedy or mixed batches, synthetic acceptance, dense q,
+   ``verifier="vllm"``): ``RejectionSampler.forward``, a packed q expanded to the dense
+   rows it expects first.
+
+The logprobs of the output tokens (`_get_logprobs_tensors`) are computed at the
+positions that hold an output token only (one logsumexp per logits row), not over every
+draft position as vLLM 0.32 does; same values to rounding, ranks and top-k.
+
+``ATLAS_RL_COMPAT=off`` turns choice 1 and the no-draft shortcut of choice 2 off (steps
+without drafts go through vLLM's rejection sampler). Version-gated: `attach` checks the signatures it relies on (vLLM 0.32) and
+leaves vLLM's sampler in place, saying so, where they differ.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import replace
+
+import torch
+from vllm.v1.sample import rejection_sampler as rs
+
+from atlas_rl.backends.vllm import hooks
+from atlas_rl.kernels.rejection import is_packed, rejection_sample, unpack_sparse_q
+
+logger = logging.getLogger(__name__)
+
+_FORWARD_PARAMS = ("self", "metadata", "draft_probs", "logits", "sampling_metadata")
+_LOGPROBS_PARAMS = ("self", "max_num_logprobs", "metadata", "logits", "target_logits",
+                    "bonus_logits", "sampled_token_ids")
+_NEEDED = ("apply_sampling_constraints", "generate_uniform_probs", "PLACEHOLDER_TOKEN_ID")
+_plain_verdict: dict[str | None, bool] = {}  # logprobs mode -> the self-check's verdict
+
+
+def _unsupported() -> str | None:
+    """Why this vLLM's rejection sampler is not the one the subclass was written for."""
+    cls = rs.RejectionSampler
+    if tuple(inspect.signature(cls.forward).parameters) != _FORWARD_PARAMS:
+        return "RejectionSampler.forward's signature changed"
+    if tuple(inspect.signature(cls._get_logprobs_tensors).parameters) != _LOGPROBS_PARAMS:
+        return "RejectionSampler._get_logprobs_tensors's signature changed"
+    missing = [name for name in _NEEDED if not hasattr(rs, name)]
+    return f"vllm.v1.sample.rejection_sampler lacks {missing}" if missing else None
+
+
+def attach(runner, atlas_verifies: bool) -> bool:
+    """Give `runner` an `AtlasRejectionSampler` (idempotent). False where it cannot: vLLM
+    changed, or the runner has no rejection sampler; vLLM's sampler verifies then."""
+    sampler = getattr(runner, "rejection_sampler", None)
+    if sampler is None:
+        return False
+    if not isinstance(sampler, AtlasRejectionSampler):
+        problem = _unsupported()
+        if problem is not None:
+            hooks.record("atlas_sampler", f"not applicable: {problem}; vLLM's sampler verifies")
+            logger.warning("atlas-rl: %s", hooks.status()["atlas_sampler"])
+            return False
+        hooks.retype(sampler, AtlasRejectionSampler, key="atlas_sampler")
+        hooks.assign(sampler, {"atlas_calls": {"atlas": 0, "vllm": 0}}, key="atlas_sampler")
+    hooks.assign(sampler, {"atlas_verifies": bool(atlas_verifies)}, key="atlas_sampler")
+    hooks.record("atlas_sampler", "applied: " + ("atlas-rl verifies (sparse q)" if atlas_verifies
+                                                 else "vLLM's rejection step verifies"))
+    return True
+
+
+def verifies(runner) -> bool:
+    """Whether atlas-rl's verifier checks this runner's drafts (then q travels packed)."""
+    return bool(getattr(getattr(runner, "rejection_sampler", None), "atlas_verifies", False))
+
+
+class AtlasRejectionSampler(rs.RejectionSampler):
+    """vLLM's rejection sampler with atlas-rl's sampling step (module docstring). Adds no
+    state of its own beyond ``atlas_verifies`` and ``atlas_calls`` (set by `attach`)."""
+
+    atlas_verifies: bool = True
+    atlas_calls: dict[str, int]
+
+    def forward(self, metadata, draft_probs, logits, sampling_metadata):
+        if self._plain_step(metadata, draft_probs, logits, sampling_metadata):
+            return self.sampler(logits=logits, sampling_metadata=sampling_metadata)
+        if (metadata.max_spec_len == 0 and draft_probs is None and not self.synthetic_mode
+                and hooks.enabled()):  # no draft anywhere: nothing to accept or recover
+            return self._sample(metadata, None, logits, sampling_metadata)
+        vocab_size = logits.shape[-1]
+        packed = is_packed(draft_probs, vocab_size)
+        if (self.atlas_verifies and not self.synthetic_mode and sampling_metadata.all_random
+                and (draft_probs is None or packed)):
+            self.atlas_calls["atlas"] += 1
+            return self._sample(metadata, draft_probs, logits, sampling_metadata)
+        self.atlas_calls["vllm"] += 1
+        if packed:  # e.g. greedy and random requests in one batch: vLLM verifies, densely
+            ids, q = unpack_sparse_q(draft_probs)
+            draft_probs = torch.zeros(ids.shape[0], vocab_size, dtype=torch.float32,
+                                      device=logits.device).scatter_add_(1, ids.clamp(min=0), q.float())
+        return super().forward(metadata, draft_probs, logits, sampling_metadata)
+
+    # --- 1. steps without drafts: the plain sampler ------------------------------------
+
+    def _plain_step(self, metadata, draft_probs, logits, sampling_metadata) -> bool:
+        if not hooks.enabled() or logits is None or logits.device.type != "cpu":
+            return False
+        mode = getattr(self.sampler, "logprobs_mode", None)
+        if not _plain_verdict.get(mode, True) or not plain_sampling_applies(
+                self, metadata, draft_probs, logits, sampling_metadata):
+            return False
+        if mode not in _plain_verdict:  # the self-check, once per logprobs mode
+            try:
+                problem = (None if hooks.tested_version() else "written for vLLM 0.32") \
+                    or plain_matches_rejection(self, logits.shape[-1])
+            except Exception as e:  # noqa: BLE001 (a failed check keeps the rejection path)
+                problem = f"{type(e).__name__}: {e}"
+            _plain_verdict[mode] = problem is None
+            if problem is not None:
+                logger.warning("atlas-rl: steps without drafts keep the rejection sampler: "
+                               "the plain sampler did not match it (%s)", problem)
+            hooks.record("atlas_sampler", hooks.status().get("atlas_sampler", "applied") +
+                         ("; steps without drafts: plain sampler" if problem is None
+                          else f"; steps without drafts: self-check failed ({problem})"))
+        return _plain_verdict[mode]
+
+    # --- 2. atlas-rl verifies ----------------------------------------------------------
+
+    def _sample(self, metadata, draft_probs, logits, sampling_metadata):
+        """The bonus tokens, the processed target logits, atlas-rl's rejection step and
+        the logprobs of the output tokens (the parts of vLLM's forward, in its order)."""
+        bonus = self.sampler(
+            logits=logits[metadata.bonus_logits_indices],
+            sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
+            predict_bonus_token=True,
+            # the bonus rows' logits are needed below for their tokens' logprobs
+            logprobs_mode_override="processed_logits" if self.is_processed_logprobs_mode
+            else "raw_logits")
+        raw_target = logits[metadata.target_logits_indices].to(torch.float32)
+        # logits processors work in place: keep the raw rows for raw-logprobs modes
+        target = raw_target if self.is_processed_logprobs_mode else raw_target.clone()
+        target = self.apply_logits_processors(target, sampling_metadata, metadata)
+        target = rs.apply_sampling_constraints(target, metadata.cu_num_draft_tokens,
+                                               sampling_metadata)
+        bonus_ids = bonus.sampled_token_ids
+        if metadata.max_spec_len == 0:  # nothing drafted: nothing to accept or recover
+            output = bonus_ids.reshape(-1, 1).to(torch.int32)
+        else:
+            output = self._verify(metadata, draft_probs, target, bonus_ids, sampling_metadata)
+        logprobs = None
+        if sampling_metadata.max_num_logprobs is not None:
+            logprobs = self._get_logprobs_tensors(
+                sampling_metadata.max_num_logprobs, metadata, logits,
+                target if self.is_processed_logprobs_mode else raw_target,
+                bonus.logprobs_tensors.logprobs, output)
+        from vllm.v1.outputs import SamplerOutput
+
+        return SamplerOutput(sampled_token_ids=output, logprobs_tensors=logprobs)
+
+    @staticmethod
+    def _verify(metadata, draft_probs, target_logits, bonus_ids, sampling_metadata):
+        num_draft_tokens = metadata.num_draft_tokens
+        device = target_logits.device
+        generators = sampling_metadata.generators
+        uniform = rs.generate_uniform_probs(metadata.draft_token_ids.shape[0], num_draft_tokens,
+                                            generators, device)
+        recovery = torch.rand(len(num_draft_tokens), dtype=torch.float64, device=device)
+        for i, gen in generators.items():
+            if num_draft_tokens[i] > 0:  # like vLLM: no draws for requests without drafts
+                recovery[i:i + 1].uniform_(generator=gen)
+        ids = q = None
+        if draft_probs is not None:
+            ids, q = unpack_sparse_q(draft_probs)
+        return rejection_sample(metadata.draft_token_ids, num_draft_tokens, target_logits,
+                                bonus_ids, uniform, recovery, metadata.max_spec_len,
+                                draft_probs=q, draft_ids=ids)
+
+    # --- logprobs of the output tokens -------------------------------------------------
+
+    def _get_logprobs_tensors(self, max_num_logprobs, metadata, logits, target_logits,
+                              bonus_logits, sampled_token_ids):
+        if max_num_logprobs is None or max_num_logprobs < 0 or self.is_logits_logprobs_mode:
+            return super()._get_logprobs_tensors(max_num_logprobs, metadata, logits,
+                                                 target_logits, bonus_logits, sampled_token_ids)
+        return output_logprobs(int(max_num_logprobs), metadata, target_logits, bonus_logits,
+                               sampled_token_ids)
+
+
+def output_logprobs(k: int, metadata, target_logits, bonus_logits, sampled_token_ids):
+    """Logprob, rank and top-k of every output token; zeros at placeholder positions
+    (vLLM filters them out afterwards)."""
+    from vllm.v1.outputs import LogprobsTensors
+
+    rows = torch.cat([target_logits.to(torch.float32), bonus_logits.to(torch.float32)])
+    # final logits row (vLLM's layout) -> row of `rows`
+    source = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+    n_target = target_logits.shape[0]
+    source[metadata.target_logits_indices] = torch.arange(n_target, device=rows.device)
+    source[metadata.bonus_logits_indices] = torch.arange(n_target, rows.shape[0], device=rows.device)
+    starts = torch.zeros_like(metadata.cu_num_sampled_tokens)
+    starts[1:] = metadata.cu_num_sampled_tokens[:-1]
+    width = sampled_token_ids.shape[-1]
+    final = (starts[:, None] + torch.arange(width, device=rows.device)).flatten()
+    final.clamp_(max=rows.shape[0] - 1)
+    flat = sampled_token_ids.flatten()
+    tokens = flat.to(torch.int64)
+    tokens[tokens == rs.PLACEHOLDER_TOKEN_ID] = 0
+    valid = (flat != rs.PLACEHOLDER_TOKEN_ID).nonzero().squeeze(1)
+    ids = torch.zeros(tokens.shape[0], k + 1, dtype=torch.int64, device=rows.device)
+    ids[:, 0] = tokens
+    logprobs = torch.zeros(tokens.shape[0], k + 1, dtype=torch.float32, device=rows.device)
+    ranks = torch.zeros(tokens.shape[0], dtype=torch.int64, device=rows.device)
+    if valid.numel():
+        picked = rows[source[final[valid]]]
+        lp = picked - torch.logsumexp(picked, dim=-1, keepdim=True)
+        token_lp = lp.gather(1, tokens[valid, None])
+        logprobs[valid, :1] = token_lp
+        ranks[valid] = (lp >= token_lp).sum(-1)
+        if k:
+            top_lp, top_ids = torch.topk(lp, k, dim=-1)
+            logprobs[valid, 1:] = top_lp
+            ids[valid, 1:] = top_ids
+    return LogprobsTensors(ids.to(torch.int32), logprobs, ranks)
+
+
+# --- the plain path's guard and self-check ------------------------------------------
+
+def plain_sampling_applies(sampler, metadata, draft_probs, logits, sm) -> bool:
+    """A step vLLM would sample exactly like a step without speculation: no draft token
+    anywhere, one logits row per request, in request order, and nothing that treats a
+    bonus token differently from a plain one."""
+    if metadata.max_spec_len != 0 or draft_probs is not None:
+        return False
+    if getattr(sampler, "synthetic_mode", False):
+        return False
+    num_reqs = len(metadata.num_draft_tokens)
+    if logits is None or logits.shape[0] != num_reqs:
+        return False
+    if metadata.bonus_logits_indices.tolist() != list(range(num_reqs)):
+        return False  # e.g. the dummy metadata of a warmup run
+    if getattr(sm, "logprob_token_ids", None):
+        return False
+    holder = getattr(sm, "thinking_budget_state_holder", None)
+    if holder is not None and holder.has_tracked_requests():
+        return False  # applies its forcing differently to bonus tokens
+    # Penalties and bad words read spec tokens: with any left, the bonus sampler differs.
+    return not ((sm.bad_words_token_ids or not sm.no_penalties) and any(sm.spec_token_ids or ()))
+
+
+def synthetic_batch(vocab_size: int, all_random: bool):
+    """(metadata, logits, make_sampling_metadata) of a 4-request batch without drafts:
+    rows 1 and 3 seeded, 0 and 2 not; one greedy row unless `all_random`."""
+    from vllm.v1.sample.logits_processor import LogitsProcessors
+    from vllm.v1.sample.metadata import SamplingMetadata
+    from vllm.v1.spec_decode.metadata import SpecDecodeMetadata
+
+    n = 4
+    temperature = [1.0, 0.8, 0.7, 1.3] if all_random else [1.0, 0.0, 0.7, 1.3]
+
+    def ints(*values):
+        return torch.tensor(values, dtype=torch.int32)
+
+    metadata = SpecDecodeMetadata(
+        draft_token_ids=ints(), num_draft_tokens=[0] * n, cu_num_draft_tokens=ints(0, 0, 0, 0),
+        cu_num_sampled_tokens=ints(1, 2, 3, 4), target_logits_indices=ints(),
+        bonus_logits_indices=ints(0, 1, 2, 3), logits_indices=ints(0, 1, 2, 3))
+
+    def sampling_metadata():  # fresh generators each time
+        return SamplingMetadata(
+            temperature=torch.tensor(temperature), all_greedy=False, all_random=all_random,
+            top_p=None, top_k=None,
+            generators={1: torch.Generator().manual_seed(11), 3: torch.Generator().manual_seed(13)},
+            max_num_logprobs=1, no_penalties=True, prompt_token_ids=None,
+            frequency_penalties=torch.zeros(n), presence_penalties=torch.zeros(n),
+            repetition_penalties=torch.ones(n), output_token_ids=[[] for _ in range(n)],
+            allowed_token_ids_mask=None, bad_words_token_ids={}, logitsprocs=LogitsProcessors(),
+            spec_token_ids=[[] for _ in range(n)])
+
+    logits = torch.randn(n, vocab_size, generator=torch.Generator().manual_seed(0)) * 3
+    return metadata, logits, sampling_metadata
+
+
+def plain_matches_rejection(sampler, vocab_size: int) -> str | None:
+    """Sample synthetic batches without drafts with the plain sampler and with the
+    rejection sampler's path for such steps (`AtlasRejectionSampler._sample`: the bonus
+    sampler, the logprobs of its tokens, no rejection step); None if they agree, else
+    what differs. The global RNG is left as it was."""
+    saved = torch.get_rng_state()
+    try:
+        for all_random in (False, True):
+            metadata, logits, make_sm = synthetic_batch(vocab_size, all_random)
+            outs = []
+            for plain in (False, True):
+                sm = make_sm()
+                torch.manual_seed(1234)
+                if plain:
+                    out = sampler.sampler(logits=logits.clone(), sampling_metadata=sm)
+                else:
+                    out = sampler._sample(metadata, None, logits.clone(), sm)
+                outs.append((out, torch.get_rng_state(),
+                             [g.get_state() for _, g in sorted(sm.generators.items())]))
+            problem = _difference(*outs)
+            if problem:
+                return problem
+        return None
+    finally:
+        torch.set_rng_state(saved)
+
+
+def _difference(first, second) -> str | None:
+    (a, rng_a, gen_a), (b, rng_b, gen_b) = first, second
+    if not torch.equal(a.sampled_token_ids, b.sampled_token_ids):
+        return "sampled tokens differ"
+    if not torch.equal(rng_a, rng_b) or not all(map(torch.equal, gen_a, gen_b)):
+        return "random numbers drawn differ"
+    la, lb = a.logprobs_tensors, b.logprobs_tensors
+    if (la is None) != (lb is None):
+        return "logprobs returned by one path only"
+    if la is not None and not (
+            torch.equal(la.logprob_token_ids, lb.logprob_token_ids)
+            and torch.equal(la.selected_token_ranks, lb.selected_token_ranks)
+            and torch.allclose(la.logprobs, lb.logprobs, rtol=0.0, atol=1e-5)):
+        return "logprobs differ"
+    return None
