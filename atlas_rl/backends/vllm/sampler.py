@@ -91,9 +91,16 @@ def attach(runner, atlas_verifies: bool) -> bool:
         hooks.retype(sampler, AtlasRejectionSampler, key="atlas_sampler")
         hooks.assign(sampler, {"atlas_calls": {"atlas": 0, "vllm": 0}}, key="atlas_sampler")
     hooks.assign(sampler, {"atlas_verifies": bool(atlas_verifies)}, key="atlas_sampler")
-    hooks.record("atlas_sampler", "applied: " + ("atlas-rl verifies (sparse q)" if atlas_verifies
-                                                 else "vLLM's rejection step verifies"))
+    _record_status(atlas_verifies)
     return True
+
+
+def _record_status(atlas_verifies: bool) -> None:
+    verdicts = {True: "plain sampler", False: "rejection sampler (the self-check failed)"}
+    plain = ", ".join(f"{mode}: {verdicts[ok]}" for mode, ok in _plain_verdict.items())
+    hooks.record("atlas_sampler", "applied: " + (
+        "atlas-rl verifies (sparse q)" if atlas_verifies else "vLLM's rejection step verifies")
+        + f"; steps without drafts: {plain or 'self-check pending (first such step)'}")
 
 
 def verifies(runner) -> bool:
@@ -146,9 +153,7 @@ class AtlasRejectionSampler(rs.RejectionSampler):
             if problem is not None:
                 logger.warning("atlas-rl: steps without drafts keep the rejection sampler: "
                                "the plain sampler did not match it (%s)", problem)
-            hooks.record("atlas_sampler", hooks.status().get("atlas_sampler", "applied") +
-                         ("; steps without drafts: plain sampler" if problem is None
-                          else f"; steps without drafts: self-check failed ({problem})"))
+            _record_status(self.atlas_verifies)
         return _plain_verdict[mode]
 
     # --- 2. atlas-rl verifies ----------------------------------------------------------
