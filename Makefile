@@ -6,11 +6,11 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.atlas-setup
-EXTRAS  ?= cpu,trl,peft,wandb,bench,dev
+EXTRAS  ?= cpu,trl,peft,deepspeed,wandb,bench,dev
 BENCH_OUT ?= bench-results
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast bench fetch-model gpu-check clean
+.PHONY: setup demo test test-fast test-deepspeed bench fetch-model gpu-check clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ test: setup
 # Mechanics only (tiny random models, no real-model exactness runs).
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
+
+# DeepSpeed ZeRO-2/ZeRO-3 with atlas-rl on 2 CPU ranks (README, DeepSpeed): ~6 min on 2
+# cores, half of it the real-model run (marked slow; PYTEST_ARGS='-m "not slow"' skips it).
+test-deepspeed: setup
+	$(PY) -m pytest -q -ra tests/test_deepspeed.py $(PYTEST_ARGS)
 
 # The GPU check (docs/gpu.md), on a GPU machine with torch + Triton (no vLLM needed):
 # results in $$OUT, else ./gpu-check-out. `bash scripts/gpu_check.sh --cpu-smoke` runs here.

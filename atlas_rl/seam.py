@@ -1,15 +1,25 @@
 """The mechanism every seam into a library we stand on uses (vLLM: `atlas_rl.backends.
-vllm.hooks`; TRL: `atlas_rl.integrations.trl`): each assignment into a foreign object
-goes through `Seam.patch`, `Seam.retype` or `Seam.assign`, under the key of a row of the
-seam's table, and what each hook did in this process is in `Seam.status`."""
+vllm.hooks`; TRL: `atlas_rl.integrations.trl`; accelerate and DeepSpeed:
+`atlas_rl.compat.deepspeed`): each assignment into a foreign object goes through
+`Seam.patch`, `Seam.retype` or `Seam.assign`, under the key of a row of the seam's table,
+and what each hook did in this process is in `Seam.status`. ``ATLAS_RL_COMPAT=off``
+(`compat_enabled`, read here only) switches every workaround and speed change off."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
 #: Attribute carried by every replacement atlas-rl installs: the hook's key.
 MARK = "__atlas_hook__"
+#: The environment switch of the workarounds and speed changes.
+COMPAT_ENV = "ATLAS_RL_COMPAT"
+
+
+def compat_enabled() -> bool:
+    """False with ``ATLAS_RL_COMPAT=off`` (or 0/false/no)."""
+    return os.environ.get(COMPAT_ENV, "on").strip().lower() not in {"0", "off", "false", "no"}
 
 
 @dataclass(frozen=True)

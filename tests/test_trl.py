@@ -404,3 +404,18 @@ def test_dashboard_spec_names_only_metrics_that_are_logged():
     keys = {k for panels in spec().values() for p in panels for k in p["keys"]}
     assert keys <= logged, keys - logged
     assert main(["--print"]) == 0
+
+
+def test_atlas_rl_grpo_knows_when_a_run_wants_deepspeed(tmp_path, monkeypatch):
+    """`atlas-rl grpo` applies the DeepSpeed CPU fixes (before its training arguments
+    exist) exactly when the run asks for DeepSpeed."""
+    from atlas_rl.integrations.trl.grpo import wants_deepspeed
+
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    assert not wants_deepspeed(["--config", RECIPE])
+    assert wants_deepspeed(["--config", RECIPE, "--deepspeed", "ds.json"])
+    with_ds = tmp_path / "grpo_ds.yaml"
+    with_ds.write_text(open(RECIPE).read() + "\ndeepspeed: ds.json\n")
+    assert wants_deepspeed(["--config", str(with_ds)])
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch + DeepSpeed
+    assert wants_deepspeed(["--config", RECIPE])

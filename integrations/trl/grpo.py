@@ -11,6 +11,8 @@ Works under ``accelerate launch`` / ``torchrun``.
 from __future__ import annotations
 
 import dataclasses
+import os
+import sys
 import typing
 from dataclasses import dataclass, field
 
@@ -101,16 +103,38 @@ def build_dataset(script_args):
                               "domain": [p.domain for p in prompts]})
 
 
+def wants_deepspeed(argv) -> bool:
+    """A DeepSpeed run: ``accelerate launch`` with a DeepSpeed config, ``--deepspeed`` on
+    the command line, or a ``deepspeed:`` entry in the ``--config`` file."""
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+        return True
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--deepspeed" or a.startswith("--deepspeed=") for a in args):
+        return True
+    if "--config" in args[:-1]:
+        import yaml
+
+        with open(args[args.index("--config") + 1]) as f:
+            return bool((yaml.safe_load(f) or {}).get("deepspeed"))
+    return False
+
+
 def parse(argv):
     parser = build_parser()
+    if wants_deepspeed(argv):
+        # accelerate's process state is built with the training arguments: the DeepSpeed
+        # CPU fixes must be in place before (atlas_rl.compat.deepspeed).
+        from atlas_rl.compat import deepspeed as ds_compat
+
+        ds_compat.apply()
     script_args, training_args, model_args, atlas_args = parser.parse_args_and_config(argv)
     return script_args, training_args, model_args, to_atlas_config(atlas_args)
 
 
 def main(argv=None) -> int:
+    from atlas_rl.integrations.trl import AtlasGRPOTrainer
     from trl import get_peft_config
 
-    from atlas_rl.integrations.trl import AtlasGRPOTrainer
     from atlas_rl.models import resolve_model
     from atlas_rl.rewards import get_reward_funcs
 

@@ -41,12 +41,9 @@ docs/architecture.md draws the seam in the data flow of one RL step.
 
 from __future__ import annotations
 
-import os
+from atlas_rl.seam import COMPAT_ENV as ENV  # noqa: F401 (hooks.ENV)
+from atlas_rl.seam import Hook, Seam, compat_enabled, hook_of  # noqa: F401 (for the fixes)
 
-from atlas_rl.seam import Hook, Seam, hook_of  # noqa: F401 (hook_of: for the fixes)
-
-#: The environment switch, read in one place (`enabled`).
-ENV = "ATLAS_RL_COMPAT"
 #: The vLLM minor releases the hooks were written and tested against.
 TESTED = ((0, 32), (0, 32))
 
@@ -100,9 +97,7 @@ record, status, patch, retype, assign, describe = (
     SEAM.record, SEAM.status, SEAM.patch, SEAM.retype, SEAM.assign, SEAM.describe)
 
 
-def enabled() -> bool:
-    """False with ``ATLAS_RL_COMPAT=off`` (or 0/false/no)."""
-    return os.environ.get(ENV, "on").strip().lower() not in {"0", "off", "false", "no"}
+enabled = compat_enabled  # the one switch (atlas_rl.seam)
 
 
 def vllm_version() -> tuple[int, int]:
