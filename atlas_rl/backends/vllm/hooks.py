@@ -1,5 +1,6 @@
 """The one seam between atlas-rl and vLLM: every assignment into a vLLM object goes
-through `patch` or `retype` here, and every such place is a row of `HOOKS`.
+through the seam's `patch`, `retype` or `assign` (`atlas_rl.seam`) under the key of a row
+of `HOOKS`.
 
 The table (key: what is replaced; kind; scope; vLLM versions; why; when vLLM fixes it):
 
@@ -33,9 +34,10 @@ for, nothing is replaced and `status()` says so). ``atlas-rl doctor`` prints the
   benchmark run stock vLLM, as its users would (BENCHMARKS.md).
 - *measurement*: counters and timers on one engine's objects, every engine alike.
 
-``ATLAS_RL_COMPAT=off`` switches every workaround and every speed change off (atlas
-engines then verify with vLLM's own rejection sampler, and steps without drafts go
-through it too); used by the test that shows the CPU sampling bug is real.
+``ATLAS_RL_COMPAT=off`` switches every workaround off, the no-draft speed changes (steps
+without drafts then go through vLLM's rejection sampler) and the draft-probability
+hand-over (distribution drafts are then verified one-hot, still exact); atlas-rl's
+verifier stays. Used by the test that shows the CPU sampling bug is real.
 docs/architecture.md draws the seam in the data flow of one RL step.
 """
 
