@@ -32,6 +32,15 @@ class Hook:
     when_fixed: str  # what happens when the library changes or fixes the code underneath
 
 
+def minor_version(module: Any) -> tuple[int, int]:
+    """(major, minor) of a library module's ``__version__``; (0, 0) if unreadable."""
+    parts = str(getattr(module, "__version__", "")).split(".")
+    try:
+        return int(parts[0]), int(parts[1])
+    except (ValueError, IndexError):
+        return (0, 0)
+
+
 def hook_of(obj: Any) -> str | None:
     """The key of the atlas-rl hook `obj` is (a function, bound method or classmethod)."""
     return getattr(getattr(obj, "__func__", obj), MARK, None)

@@ -49,6 +49,24 @@ def verification_case(kind: str, counts, vocab: int, *, support: int = 64, devic
     return case
 
 
+def draft_q_kwargs(kind: str, q_rows, repeat: int, device="cpu") -> dict:
+    """`rejection_sample`'s q arguments for drafts whose position j was drawn from the dense
+    distribution ``q_rows[j]``, for ``repeat`` requests: nothing (one-hot), the dense rows,
+    or the sparse form (support: q's nonzero tokens, padded with id 0, probability 0)."""
+    if kind == "dense":
+        return {"draft_probs": torch.stack(q_rows).to(device).repeat(repeat, 1)}
+    if kind != "sparse":
+        return {}
+    vocab = q_rows[0].shape[-1]
+    ids, qs = [], []
+    for q in q_rows:
+        nz = q.nonzero().squeeze(1)
+        ids.append(torch.cat([nz, torch.zeros(vocab - len(nz), dtype=torch.long)]))
+        qs.append(torch.cat([q[nz], torch.zeros(vocab - len(nz))]))
+    return {"draft_ids": torch.stack(ids).to(device).repeat(repeat, 1),
+            "draft_probs": torch.stack(qs).to(device).repeat(repeat, 1)}
+
+
 def logprob_tolerance(vocab: int, lse: torch.Tensor, logit: torch.Tensor) -> torch.Tensor:
     """How far two float32 log-softmax values of the same logit may differ when they sum
     the V exponentials in different orders (Triton chunk sums vs torch's reduction):

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from atlas_rl.kernels.rejection import PLACEHOLDER_TOKEN_ID, rejection_sample
-from atlas_rl.kernels.testing import compare_backends, verification_case
+from atlas_rl.kernels.testing import compare_backends, draft_q_kwargs, verification_case
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -113,17 +113,7 @@ def test_output_tokens_follow_p_chi_square_across_chunks():
         else:
             drafts = torch.stack([torch.multinomial(q.to(DEV), n, replacement=True, generator=gd)
                                   for q in q_rows], 1)
-        kwargs = {}
-        if kind == "dense":
-            kwargs["draft_probs"] = torch.stack(q_rows).to(DEV).repeat(n, 1)
-        elif kind == "sparse":
-            ids, qs = [], []
-            for q in q_rows:  # support: q's nonzero tokens, padded with (id 0, probability 0)
-                nz = q.nonzero().squeeze(1)
-                ids.append(torch.cat([nz, torch.zeros(vocab - len(nz), dtype=torch.long)]))
-                qs.append(torch.cat([q[nz], torch.zeros(vocab - len(nz))]))
-            kwargs["draft_ids"] = torch.stack(ids).to(DEV).repeat(n, 1)
-            kwargs["draft_probs"] = torch.stack(qs).to(DEV).repeat(n, 1)
+        kwargs = draft_q_kwargs(kind, q_rows, n, DEV)
         out = rejection_sample_triton(
             drafts.reshape(-1), [k] * n, logits[:k].repeat(n, 1),
             torch.multinomial(p_rows[k].to(DEV), n, replacement=True, generator=gd),

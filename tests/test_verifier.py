@@ -14,6 +14,7 @@ from scipy import stats
 
 from atlas_rl.kernels.rejection import (PLACEHOLDER_TOKEN_ID, is_packed, pack_sparse_q,
                                         rejection_sample, unpack_sparse_q)
+from atlas_rl.kernels.testing import draft_q_kwargs
 
 V = 7
 B = 60_000
@@ -49,17 +50,7 @@ def _run(kind, g, p_rows, q_rows, k=2):
     bonus = torch.multinomial(p_rows[k], B, replacement=True, generator=g)
     uniform = torch.rand(B * k, generator=g, dtype=torch.float64)
     recovery = torch.rand(B, generator=g, dtype=torch.float64)
-    kwargs = {}
-    if kind == "dense":
-        kwargs["draft_probs"] = torch.stack(q_rows).repeat(B, 1)
-    elif kind == "sparse":
-        ids, qs = [], []
-        for q in q_rows:  # support: q's nonzero tokens, padded with (id 0, prob 0)
-            nz = q.nonzero().squeeze(1)
-            ids.append(torch.cat([nz, torch.zeros(V - len(nz), dtype=torch.long)]))
-            qs.append(torch.cat([q[nz], torch.zeros(V - len(nz))]))
-        kwargs["draft_ids"] = torch.stack(ids).repeat(B, 1)
-        kwargs["draft_probs"] = torch.stack(qs).repeat(B, 1)
+    kwargs = draft_q_kwargs(kind, q_rows, B)
     out = rejection_sample(drafts.reshape(-1), [k] * B, target, bonus, uniform, recovery,
                            max_spec_len=k, **kwargs)
     return drafts, out

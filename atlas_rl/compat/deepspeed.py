@@ -61,7 +61,7 @@ import logging
 import os
 from contextlib import contextmanager
 
-from atlas_rl.seam import Hook, Seam, compat_enabled, hook_of
+from atlas_rl.seam import Hook, Seam, compat_enabled, hook_of, minor_version
 
 logger = logging.getLogger(__name__)
 
@@ -93,12 +93,7 @@ def status() -> dict[str, str]:
     return SEAM.status()
 
 
-def _version(module) -> tuple[int, int]:
-    parts = module.__version__.split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (ValueError, IndexError):
-        return (0, 0)
+_version = minor_version
 
 
 def _ds_cpu_backend() -> str | None:

@@ -44,7 +44,7 @@ docs/architecture.md draws the seam in the data flow of one RL step.
 from __future__ import annotations
 
 from atlas_rl.seam import COMPAT_ENV as ENV  # noqa: F401 (hooks.ENV)
-from atlas_rl.seam import Hook, Seam, compat_enabled, hook_of  # noqa: F401 (for the fixes)
+from atlas_rl.seam import Hook, Seam, compat_enabled, hook_of, minor_version  # noqa: F401
 
 #: The vLLM minor releases the hooks were written and tested against.
 TESTED = ((0, 32), (0, 32))
@@ -105,11 +105,7 @@ enabled = compat_enabled  # the one switch (atlas_rl.seam)
 def vllm_version() -> tuple[int, int]:
     import vllm
 
-    parts = vllm.__version__.split(".")
-    try:
-        return int(parts[0]), int(parts[1])
-    except (ValueError, IndexError):
-        return (0, 0)
+    return minor_version(vllm)
 
 
 def tested_version() -> bool:
