@@ -4,6 +4,7 @@ beside a TRL config."""
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import asdict, dataclass, field
 
 SPECULATION_METHODS = ("atlas", "atlas-static", "none", "vllm-ngram", "vllm-suffix")
@@ -50,6 +51,11 @@ class AtlasConfig:
         "help": "n-gram lengths the suffix speculator matches, longest first."})
     max_corpus_tokens: int = field(default=2_000_000, metadata={
         "help": "Bound on the tokens of past rollouts the suffix speculator keeps (FIFO)."})
+    max_history_tokens: int = field(default=1_000_000, metadata={
+        "help": "History drafting: bound on the tokens of earlier completions the suffix "
+                "speculator keeps keyed by prompt, over all prompts (least recently used "
+                "prompts evicted first); a request of a prompt seen before drafts from "
+                "them, and from its live siblings, first. 0: keep none (siblings still)."})
     max_model_len: int = field(default=2048, metadata={
         "help": "Longest prompt + completion the engine accepts, in tokens."})
     dtype: str | None = field(default=None, metadata={
@@ -99,9 +105,21 @@ class AtlasConfig:
         if self.cpu_kv_cache_gib < 1 or int(self.cpu_kv_cache_gib) != self.cpu_kv_cache_gib:
             raise ValueError("cpu_kv_cache_gib must be a whole number of GiB >= 1, got "
                              f"{self.cpu_kv_cache_gib}")
+        check_history_budget(self.max_history_tokens)
         self.ngram_sizes = tuple(int(n) for n in self.ngram_sizes)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["ngram_sizes"] = list(self.ngram_sizes)
         return d
+
+
+def check_history_budget(max_history_tokens) -> None:
+    """`max_history_tokens` must be a whole number of tokens >= 0."""
+    if isinstance(max_history_tokens, bool) or not isinstance(max_history_tokens, numbers.Integral) \
+            or max_history_tokens < 0:
+        raise ValueError(
+            f"max_history_tokens must be an integer >= 0 (the tokens of earlier completions "
+            f"the suffix index keeps per prompt for history drafting), got "
+            f"{max_history_tokens!r}: set AtlasConfig(max_history_tokens=...) to e.g. "
+            f"1_000_000, or to 0 to keep no earlier completions")

@@ -13,7 +13,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from atlas_rl import ranks
 from atlas_rl.config import SPECULATION_METHODS, AtlasConfig
 from atlas_rl.controller import AtlasController
-from atlas_rl.metrics import SpecCounters, oracle_acceptance_length, summarize, summarize_arms
+from atlas_rl.metrics import (SpecCounters, oracle_acceptance_length, summarize, summarize_arms,
+                              summarize_history)
 from atlas_rl.models import resolve_model
 from atlas_rl.rollout import Completion, RolloutBatch
 from atlas_rl.speculators import NeuralSpeculator, SuffixSpeculator
@@ -93,7 +94,8 @@ class AtlasRolloutEngine:
     def _build_speculators(self, static: bool) -> dict:
         cfg = self.config
         specs = {"suffix": SuffixSpeculator(cfg.ngram_sizes, max_corpus_tokens=cfg.max_corpus_tokens,
-                                            frozen=static, seed=cfg.seed)}
+                                            frozen=static, seed=cfg.seed,
+                                            max_history_tokens=cfg.max_history_tokens)}
         if not cfg.neural_drafter:
             return specs
         neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr, frozen=static,
@@ -320,6 +322,7 @@ class AtlasRolloutEngine:
             stats["proposer_num_draft_tokens"] = ours_c.num_draft_tokens
             stats["proposer_num_accepted_tokens"] = ours_c.num_accepted_tokens
             stats.update(summarize_arms(ours_c))
+            stats.update(summarize_history(ours_c))
         stats["rollout_seconds"] = seconds
         # Engine steps and where their time went (see StepTimes); the rest of
         # rollout_seconds is vLLM's scheduler, detokenization and output handling.

@@ -13,6 +13,10 @@
 - oracle_acceptance_length: the expected acceptance length at lookahead k of a
   drafter that always proposes the policy's most likely token, from the top-1
   probabilities along the rollouts (the ceiling of one-hot drafting).
+- drafts_history: share of the suffix index's verified drafts that came from the
+  request's own prompt's corpus (its earlier completions, its live siblings) rather
+  than the global one; acceptance_length_history / acceptance_length_global: how
+  well each did; num_history_drafts / num_global_drafts: the counts.
 
 The registry of names at the end of this module (`TRAINER_METRICS`, `trainer_metrics`,
 the `BENCH_*` keys) is what the TRL integration, the wandb dashboard, `atlas-rl bench`
@@ -49,13 +53,23 @@ class SpecCounters:
     arm_drafts: list[int] = field(default_factory=list)
     arm_draft_tokens: list[int] = field(default_factory=list)
     arm_accepted_tokens: list[int] = field(default_factory=list)
+    # of those, drafts from a prompt's own corpus (`Draft.from_history`)
+    history_drafts: int = 0
+    history_draft_tokens: int = 0
+    history_accepted_tokens: int = 0
 
-    def record_verified(self, num_verified: int, num_accepted: int, arm: str = "") -> None:
+    def record_verified(self, num_verified: int, num_accepted: int, arm: str = "",
+                        history: bool = False) -> None:
         """One request-step: `num_verified` draft tokens checked, the first
         `num_accepted` of them accepted (no draft: nothing to record); `arm` is the
-        drafting arm's label (`speculators.base.Arm.label`)."""
+        drafting arm's label (`speculators.base.Arm.label`); `history`: the draft came
+        from the request's own prompt's corpus (`Draft.from_history`)."""
         if num_verified > 0:
             self.add(1, num_verified, num_accepted, [1] * num_verified, [1] * num_accepted)
+            if history:
+                self.history_drafts += 1
+                self.history_draft_tokens += num_verified
+                self.history_accepted_tokens += num_accepted
             if arm in ARMS:
                 i = ARMS.index(arm)
                 for xs, v in ((self.arm_drafts, 1), (self.arm_draft_tokens, num_verified),
@@ -133,6 +147,24 @@ def summarize_arms(c: SpecCounters) -> dict[str, float]:
     return out
 
 
+def summarize_history(c: SpecCounters) -> dict[str, float]:
+    """History drafting against the global index, among the suffix index's drafts
+    (arms "suffix" and "suffix-dist"): `drafts_history` (share), `num_history_drafts`,
+    `num_global_drafts`, and `acceptance_length_history` / `acceptance_length_global`
+    where there were such drafts."""
+    arms = [ARMS.index("suffix"), ARMS.index("suffix-dist")]
+    drafts = sum(c.arm_drafts[i] for i in arms if i < len(c.arm_drafts))
+    accepted = sum(c.arm_accepted_tokens[i] for i in arms if i < len(c.arm_accepted_tokens))
+    hist, hist_accepted = c.history_drafts, c.history_accepted_tokens
+    out = {"drafts_history": hist / drafts if drafts else 0.0,
+           "num_history_drafts": hist, "num_global_drafts": drafts - hist}
+    if hist:
+        out["acceptance_length_history"] = 1.0 + hist_accepted / hist
+    if drafts > hist:
+        out["acceptance_length_global"] = 1.0 + (accepted - hist_accepted) / (drafts - hist)
+    return out
+
+
 def expected_acceptance_length(accept_probs: Sequence[float], k: int) -> float:
     """E[tokens per step] when position j of a k-token draft is accepted with
     probability accept_probs[j] given the earlier ones were: 1 + sum_j prod_{i<=j} a_i."""
@@ -192,6 +224,12 @@ TRAINER_METRICS: dict[str, str] = {
                         "speculation cut the target's request-steps (an upper bound of the "
                         "speedup; `atlas-rl bench` measures it)",
     "drafted_fraction": "share of request-steps that drafted",
+    "drafts_history": "share of the suffix index's drafts that came from the request's own "
+                      "prompt's corpus (its earlier completions and live siblings: history "
+                      "drafting) rather than the global index",
+    "acceptance_length_history": "acceptance length of the suffix index's history drafts",
+    "acceptance_length_global": "acceptance length of the suffix index's drafts from the "
+                                "global index",
 }
 #: Families of scalars, one per draft position / drafting arm: template -> description.
 TRAINER_METRIC_FAMILIES: dict[str, str] = {
@@ -220,7 +258,8 @@ BENCH_RECORD_KEYS = ("tokens_per_s", "rollout_seconds", "num_tokens", "num_compl
                      "num_accepted_tokens", "engine_steps", "forward_seconds",
                      "sample_seconds", "propose_seconds", "draft_seconds")
 #: ... the speculator update's figures kept there ...
-BENCH_UPDATE_KEYS = UPDATE_METRICS + ("drafter_rollback", "drafter_version", "index_tokens")
+BENCH_UPDATE_KEYS = UPDATE_METRICS + ("drafter_rollback", "drafter_version", "index_tokens",
+                                      "history_tokens")
 #: ... a method's per-step rows (tail regime) ...
 BENCH_STEP_KEYS = ("step", "domain", "tokens_per_s", "speedup", "acceptance_length",
                    "acceptance_rate", "lookahead", "oracle_acceptance_length",
@@ -249,7 +288,9 @@ def trainer_metric_names(max_lookahead: int = 8, arms: Sequence[str] = ARMS) -> 
 
 
 def is_arm_metric(key: str) -> bool:
-    """`drafts_{arm}` / `acceptance_length_{arm}`: which arm drafted, and how well."""
+    """`drafts_{arm}` / `acceptance_length_{arm}`: which arm drafted, and how well (and
+    `drafts_history`, `acceptance_length_history` / `_global`: from which corpus the
+    suffix index drafted)."""
     return key.startswith(ARM_PREFIXES)
 
 

@@ -51,7 +51,9 @@ class Draft:
     draft* sampled token i from q_i and hands q_i to the verifier (which then accepts it
     with probability 1 - TV(p_i, q_i)); q_i is sparse: probabilities ``q[i]`` on token ids
     ``q_ids[i]`` (both [len, m]; padding has probability 0). One-hot drafts leave both None.
-    ``source`` names the speculator that drafted it.
+    ``source`` names the speculator that drafted it. ``from_history``: drafted from the
+    request's own prompt's corpus (earlier completions of that prompt, live siblings of
+    its group) rather than from a global one; it only tells the metrics apart.
     """
 
     tokens: list[int] = field(default_factory=list)
@@ -59,6 +61,7 @@ class Draft:
     q_ids: torch.Tensor | None = None
     q: torch.Tensor | None = None
     source: str = ""
+    from_history: bool = False
 
     @property
     def is_distribution(self) -> bool:
@@ -76,7 +79,7 @@ class Draft:
             return self
         return Draft(self.tokens[:n], self.confidence[:n],
                      None if self.q_ids is None else self.q_ids[:n],
-                     None if self.q is None else self.q[:n], self.source)
+                     None if self.q is None else self.q[:n], self.source, self.from_history)
 
 
 EMPTY_DRAFT = Draft()
@@ -101,6 +104,12 @@ class Speculator(ABC):
         distribution draft (tokens sampled from q, q in the Draft) where the speculator
         can; otherwise, or with ``sample=None``, one-hot.
         """
+
+    def begin_request(self, key: str, prompt: Sequence[int]) -> None:
+        """Request ``key`` starts: its contexts begin with the token ids ``prompt`` (its
+        prompt; what follows is its completion). Called once per request, before the
+        first `propose` that includes it, where the engine knows where prompts end
+        (otherwise never: speculators must draft without it)."""
 
     def feedback(self, key: str, draft: Draft, num_accepted: int) -> None:
         """The verifier accepted the first ``num_accepted`` tokens of ``draft``."""

@@ -7,6 +7,17 @@ in any of:
   prompt run side by side, and siblings repeat each other),
 - earlier rollouts that were passed to `learn` (bounded FIFO corpus).
 
+History drafting: RL revisits prompts (epochs over a dataset, a group of completions
+per prompt), so a request whose prompt is known (`begin_request`) drafts first from that
+prompt's own corpus: the live completions of its siblings (the other requests of the
+same prompt in this generate call) and the prompt's earlier completions, learned from
+`learn` and kept per prompt within a token budget, least recently used prompts evicted
+first (`PromptHistory`). Only where that corpus has no match does the draft come from
+the global n-grams above. Learned rollouts are prompt + completion with no boundary;
+they are keyed by the prompts registered since the last `learn` (the longest one that
+prefixes the rollout): a rollout of a prompt this process did not see generating (e.g.
+another rank's, under data parallelism) goes to the global corpus only.
+
 Where several earlier occurrences continue the n-gram, the draft follows the majority
 branch, and each token's confidence is its branch's share of the occurrences that
 reached it, smoothed: count / (total + 1). A single occurrence gives 0.5; four that
@@ -19,17 +30,36 @@ that distribution goes to the verifier (1 - TV(p, q) acceptance instead of p(tok
 
 from __future__ import annotations
 
-from collections import Counter, deque
+import hashlib
+from array import array
+from collections import Counter, OrderedDict, deque
 from typing import Sequence
 
 import torch
 
+from atlas_rl.config import check_history_budget
 from atlas_rl.kernels.sampling import inverse_cdf
 from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, Speculator
 
 
 def _as_list(tokens) -> list[int]:
     return tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
+
+
+def _token_bytes(tokens: Sequence[int]) -> bytes:
+    return array("q", tokens).tobytes()
+
+
+_TOKEN_BYTES = array("q").itemsize
+
+
+def _digest(token_bytes: bytes) -> str:
+    return hashlib.blake2b(token_bytes, digest_size=16).hexdigest()
+
+
+def prompt_key(prompt: Sequence[int]) -> str:
+    """The key of a prompt's corpus: a digest of its token ids."""
+    return _digest(_token_bytes(_as_list(prompt)))
 
 
 class NGramIndex:
@@ -58,14 +88,15 @@ class NGramIndex:
                 occ.append((key, end))
         self.num_tokens += len(new_tokens)
 
-    def continuations(self, gram: tuple[int, ...], length: int, exclude=None):
-        """Up to `length` tokens following each occurrence of `gram`, newest first."""
+    def continuations(self, gram: tuple[int, ...], length: int, exclude=None, skip_key=None):
+        """Up to `length` tokens following each occurrence of `gram`, newest first
+        (but the occurrence `exclude`, a (key, end) pair, and those in sequence `skip_key`)."""
         occ = self.table.get(gram)
         if not occ:
             return []
         out = []
         for key, end in reversed(occ):
-            if (key, end) == exclude:
+            if (key, end) == exclude or key == skip_key:
                 continue
             seq = self.seqs.get(key)
             if seq is None or end >= len(seq):
@@ -74,15 +105,102 @@ class NGramIndex:
         return out
 
 
+class PromptCorpus:
+    """One prompt's earlier completions, each stored after the prompt's last few tokens
+    (so that n-grams across the prompt's end match), oldest first."""
+
+    def __init__(self, ngram_sizes: Sequence[int], max_occurrences: int):
+        self.index = NGramIndex(ngram_sizes, max_occurrences)
+        self.order: deque = deque()
+        self._next = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return self.index.num_tokens
+
+    def add(self, seq: list[int]) -> None:
+        self.index.extend(self._next, seq)
+        self.order.append(self._next)
+        self._next += 1
+
+    def sequences(self) -> list[list[int]]:
+        return [self.index.seqs[k] for k in self.order]
+
+    def keep_newest(self, max_tokens: int) -> None:
+        """Drop the oldest completions until at most `max_tokens` tokens are left."""
+        seqs = self.sequences()
+        total = self.num_tokens
+        while seqs and total > max_tokens:
+            total -= len(seqs.pop(0))
+        self.index = NGramIndex(self.index.ngram_sizes, self.index.max_occurrences)
+        self.order.clear()
+        for seq in seqs:
+            self.add(seq)
+
+
+class PromptHistory:
+    """Earlier completions keyed by prompt (`prompt_key`), within ``max_tokens`` tokens
+    over all prompts: past the bound, the least recently used prompts are evicted (a
+    prompt is used when completions of it are learned or a request of it starts); a
+    prompt that alone exceeds the bound keeps its newest completions."""
+
+    def __init__(self, ngram_sizes: Sequence[int], max_occurrences: int, max_tokens: int):
+        self.ngram_sizes = tuple(ngram_sizes)
+        self.max_occurrences = max_occurrences
+        self.max_tokens = int(max_tokens)
+        self.prompts: OrderedDict[str, PromptCorpus] = OrderedDict()  # least recent first
+        self.num_tokens = 0
+
+    def get(self, key: str) -> PromptCorpus | None:
+        return self.prompts.get(key)
+
+    def touch(self, key: str) -> None:
+        if key in self.prompts:
+            self.prompts.move_to_end(key)
+
+    def add(self, key: str, completions: Sequence[list[int]]) -> None:
+        completions = [c for c in completions if 0 < len(c) <= self.max_tokens]
+        if not completions:
+            return
+        corpus = self.prompts.get(key)
+        if corpus is None:
+            corpus = self.prompts[key] = PromptCorpus(self.ngram_sizes, self.max_occurrences)
+        self.prompts.move_to_end(key)
+        before = corpus.num_tokens
+        for c in completions:
+            corpus.add(c)
+        self.num_tokens += corpus.num_tokens - before
+        self._bound()
+
+    def _bound(self) -> None:
+        while self.num_tokens > self.max_tokens:
+            if len(self.prompts) > 1:  # the least recently used prompt goes
+                _, corpus = self.prompts.popitem(last=False)
+                self.num_tokens -= corpus.num_tokens
+            else:  # one prompt over the bound on its own: its oldest completions go
+                key, corpus = next(iter(self.prompts.items()))
+                before = corpus.num_tokens
+                corpus.keep_newest(self.max_tokens)
+                self.num_tokens -= before - corpus.num_tokens
+                if not corpus.order:
+                    del self.prompts[key]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
 class SuffixSpeculator(Speculator):
-    """n-gram matching over the prompt, sibling completions and past rollouts."""
+    """n-gram matching over the prompt, sibling completions and past rollouts; a
+    request's own prompt's completions (earlier and sibling) first (history drafting)."""
 
     name = "suffix"
 
     def __init__(self, ngram_sizes: Sequence[int] = (2, 3, 4, 6), max_occurrences: int = 16,
-                 max_corpus_tokens: int = 2_000_000, frozen: bool = False, seed: int = 0):
+                 max_corpus_tokens: int = 2_000_000, frozen: bool = False, seed: int = 0,
+                 max_history_tokens: int = 1_000_000):
         if not ngram_sizes or min(ngram_sizes) < 1:
             raise ValueError(f"ngram_sizes must be positive integers, got {ngram_sizes!r}")
+        check_history_budget(max_history_tokens)
         self.ngram_sizes = tuple(sorted(set(int(n) for n in ngram_sizes)))
         self.max_occurrences = int(max_occurrences)
         self.max_corpus_tokens = int(max_corpus_tokens)
@@ -92,13 +210,57 @@ class SuffixSpeculator(Speculator):
         self._next_past_key = 0
         self.frozen = bool(frozen)  # atlas-static: no learning from past rollouts
         self._generator = torch.Generator().manual_seed(seed)
+        # History drafting: earlier completions per prompt, live completions per prompt.
+        self._history = PromptHistory(self.ngram_sizes, self.max_occurrences, max_history_tokens)
+        self._requests: dict[str, tuple[str, int, int]] = {}  # key -> (prompt key, prompt len, tail len)
+        self._siblings: dict[str, NGramIndex] = {}  # prompt key -> its live completions
+        self._unlearned: OrderedDict[str, int] = OrderedDict()  # prompt key -> length, since learn
+
+    #: Most prompts remembered between two `learn` calls (to key the rollouts learned).
+    max_unlearned_prompts = 65536
+
+    @property
+    def max_history_tokens(self) -> int:
+        return self._history.max_tokens
+
+    @property
+    def _tail(self) -> int:
+        # prompt tokens kept before each completion: an n-gram ending at the completion's
+        # first token has n - 1 of them
+        return max(self.ngram_sizes)
+
+    # --- requests ------------------------------------------------------------------
+
+    def begin_request(self, key, prompt) -> None:
+        prompt = _as_list(prompt)
+        if not prompt:
+            return
+        pkey = prompt_key(prompt)
+        tail = prompt[-self._tail:]
+        self._requests[key] = (pkey, len(prompt), len(tail))
+        siblings = self._siblings.get(pkey)
+        if siblings is None:
+            siblings = self._siblings[pkey] = NGramIndex(self.ngram_sizes, self.max_occurrences)
+        if key not in siblings.seqs:
+            siblings.extend(key, tail)
+        self._history.touch(pkey)
+        if not self.frozen and self.max_history_tokens > 0:
+            self._unlearned[pkey] = len(prompt)
+            self._unlearned.move_to_end(pkey)
+            while len(self._unlearned) > self.max_unlearned_prompts:
+                self._unlearned.popitem(last=False)
+
+    def finish(self, key) -> None:
+        # Its completion stays among its siblings' until the batch ends; it grows no more.
+        self._requests.pop(key, None)
 
     # --- drafting ------------------------------------------------------------------
 
     def propose(self, keys, contexts, max_lengths, sample=None) -> list[Draft]:
+        # Every request's context first, so that siblings see each other's latest tokens.
+        seqs = [self._sync_live(key, context) for key, context in zip(keys, contexts)]
         drafts = []
-        for i, (key, context, max_len) in enumerate(zip(keys, contexts, max_lengths)):
-            seq = self._sync_live(key, context)
+        for i, (key, seq, max_len) in enumerate(zip(keys, seqs, max_lengths)):
             drafts.append(self._draft(key, seq, max_len, bool(sample and sample[i]))
                           if max_len > 0 else EMPTY_DRAFT)
         return drafts
@@ -108,9 +270,22 @@ class SuffixSpeculator(Speculator):
         have = 0 if seq is None else len(seq)
         if len(context) > have:
             self._live.extend(key, _as_list(context[have:]))
-        return self._live.seqs[key]
+        seq = self._live.seqs[key]
+        request = self._requests.get(key)
+        if request is not None:  # its completion, after the prompt's tail, among its siblings
+            pkey, prompt_len, tail = request
+            siblings = self._siblings[pkey]
+            done = prompt_len + len(siblings.seqs[key]) - tail  # context tokens it has
+            if len(seq) > done:
+                siblings.extend(key, seq[done:])
+        return seq
 
     def _draft(self, key, seq: list[int], max_len: int, sample: bool = False) -> Draft:
+        request = self._requests.get(key)
+        if request is not None:
+            draft = self._draft_from_history(key, request[0], seq, max_len, sample)
+            if draft.tokens:
+                return draft
         exclude = (key, len(seq))  # the context's own tail has no continuation yet
         for n in reversed(self._live.ngram_sizes):
             if len(seq) < n:
@@ -119,11 +294,34 @@ class SuffixSpeculator(Speculator):
             conts = self._live.continuations(gram, max_len, exclude)
             conts += self._past.continuations(gram, max_len)
             if conts:
-                conts = conts[: self.max_occurrences]
-                if sample:
-                    return self._sampled(conts, max_len)
-                return self._majority(conts, max_len)
+                return self._from(conts, max_len, sample)
         return EMPTY_DRAFT
+
+    def _draft_from_history(self, key, pkey: str, seq: list[int], max_len: int,
+                            sample: bool) -> Draft:
+        """The longest match of the context's tail among the prompt's own completions:
+        its live siblings' (newest first) and its earlier ones. Its own completion is
+        no history (the global stage matches it)."""
+        siblings = self._siblings[pkey]
+        corpus = self._history.get(pkey)
+        for n in reversed(self.ngram_sizes):
+            if len(seq) < n:
+                continue
+            gram = tuple(seq[-n:])
+            conts = siblings.continuations(gram, max_len, skip_key=key)
+            if corpus is not None:
+                conts += corpus.index.continuations(gram, max_len)
+            if conts:
+                return self._from(conts, max_len, sample, from_history=True)
+        return EMPTY_DRAFT
+
+    def _from(self, conts: list[list[int]], max_len: int, sample: bool,
+              from_history: bool = False) -> Draft:
+        conts = conts[: self.max_occurrences]
+        draft = self._sampled(conts, max_len) if sample else self._majority(conts, max_len)
+        if from_history and draft.tokens:
+            draft.from_history = True  # a new Draft (never the shared EMPTY_DRAFT)
+        return draft
 
     @staticmethod
     def _majority(conts: list[list[int]], max_len: int) -> Draft:
@@ -171,13 +369,45 @@ class SuffixSpeculator(Speculator):
 
     def begin_batch(self) -> None:
         self._live = NGramIndex(self.ngram_sizes, self.max_occurrences)
+        self._requests.clear()
+        self._siblings.clear()
 
     # --- learning ------------------------------------------------------------------
 
     def learn(self, sequences, time_budget=None) -> dict[str, float]:
         if self.frozen:
             return {}
-        return self._add(sequences)
+        sequences = [_as_list(s) for s in sequences]
+        stats = self._add(sequences)
+        stats.update(self._learn_history(sequences))
+        return stats
+
+    def _learn_history(self, sequences: list[list[int]]) -> dict[str, float]:
+        """Each rollout's completion goes to the corpus of its prompt: the longest prompt
+        registered since the last `learn` that prefixes it (by digest)."""
+        by_length: dict[int, set[str]] = {}
+        for pkey, n in self._unlearned.items():
+            by_length.setdefault(n, set()).add(pkey)
+        self._unlearned.clear()
+        lengths = sorted(by_length, reverse=True)
+        completions: dict[str, list[list[int]]] = {}
+        for seq in sequences if self.max_history_tokens > 0 else ():
+            raw = None
+            for n in lengths:
+                if n >= len(seq):  # no completion after a prompt this long
+                    continue
+                raw = raw if raw is not None else _token_bytes(seq)
+                pkey = _digest(raw[:n * _TOKEN_BYTES])
+                if pkey in by_length[n]:
+                    completions.setdefault(pkey, []).append(seq[n - min(n, self._tail):])
+                    break
+        for pkey, seqs in completions.items():
+            self._history.add(pkey, seqs)
+        return self.history_stats()
+
+    def history_stats(self) -> dict[str, float]:
+        return {"history_tokens": float(self._history.num_tokens),
+                "history_prompts": float(len(self._history))}
 
     def _add(self, sequences) -> dict[str, float]:
         for seq in sequences:
@@ -209,7 +439,19 @@ class SuffixSpeculator(Speculator):
         tensors = {"corpus_tokens": torch.tensor(flat, dtype=torch.int64),
                    "corpus_lengths": torch.tensor([len(s) for s in seqs], dtype=torch.int64)}
         meta = {"ngram_sizes": list(self.ngram_sizes), "max_occurrences": self.max_occurrences,
-                "max_corpus_tokens": self.max_corpus_tokens}
+                "max_corpus_tokens": self.max_corpus_tokens,
+                "max_history_tokens": self.max_history_tokens}
+        # History: each prompt's completions (prompt tail + completion), least recent first.
+        prompts, counts, hist = [], [], []
+        for pkey, corpus in self._history.prompts.items():
+            seqs = corpus.sequences()
+            prompts.append(pkey)
+            counts.append(len(seqs))
+            hist.extend(seqs)
+        tensors["history_tokens"] = torch.tensor([t for s in hist for t in s], dtype=torch.int64)
+        tensors["history_lengths"] = torch.tensor([len(s) for s in hist], dtype=torch.int64)
+        tensors["history_counts"] = torch.tensor(counts, dtype=torch.int64)
+        meta["history_prompts"] = prompts
         return tensors, meta
 
     def load_state(self, tensors, meta) -> None:
@@ -220,10 +462,23 @@ class SuffixSpeculator(Speculator):
         self._past_order.clear()
         self._next_past_key = 0
         self.begin_batch()
-        flat = tensors["corpus_tokens"].tolist()
-        start = 0
-        seqs = []
-        for n in tensors["corpus_lengths"].tolist():
-            seqs.append(flat[start:start + n])
-            start += n
-        self._add(seqs)
+        self._add(_split(tensors["corpus_tokens"], tensors["corpus_lengths"]))
+        max_history = int(meta.get("max_history_tokens", self.max_history_tokens))
+        check_history_budget(max_history)
+        self._history = PromptHistory(self.ngram_sizes, self.max_occurrences, max_history)
+        self._unlearned.clear()
+        if "history_prompts" in meta:  # saved before history drafting: none
+            seqs = _split(tensors["history_tokens"], tensors["history_lengths"])
+            start = 0
+            for pkey, n in zip(meta["history_prompts"], tensors["history_counts"].tolist()):
+                self._history.add(pkey, seqs[start:start + n])  # in order: LRU order kept
+                start += n
+
+
+def _split(flat: torch.Tensor, lengths: torch.Tensor) -> list[list[int]]:
+    flat, out, start = flat.tolist(), [], 0
+    for n in lengths.tolist():
+        out.append(flat[start:start + n])
+        start += n
+    return out
+

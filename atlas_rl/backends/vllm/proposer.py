@@ -15,7 +15,9 @@ One engine step, in named steps (docs/architecture.md, "One engine step"):
 2. `_record_acceptance`: a request that had a k-token draft verified and now shows m
    sampled tokens had m - 1 of them accepted (rejection sampling keeps the accepted
    prefix and adds one token, the bonus or the correction): counters, the controller's
-   calibration and the drafting speculator hear of it;
+   calibration and the drafting speculator hear of it; a request seen for the first
+   time is announced to every speculator with its prompt (`Speculator.begin_request`,
+   from the input batch's ``num_prompt_tokens``);
 3. `_capture_hidden_states`: the policy's hidden states at the sampled positions go to
    the speculators that read them (one copy per step: vLLM reuses the buffer);
 4. the controller's `plan_step`: which speculators, how far, which draft kind;
@@ -56,6 +58,7 @@ class StepContext:
     finished: tuple[str, ...] = ()
     num_scheduled_tokens: int | None = None
     hidden: torch.Tensor | None = None  # policy hidden states at the sampled positions
+    num_prompt_tokens: list[int] | None = None  # prompt length per request (None: unknown)
 
 
 @dataclass
@@ -85,7 +88,8 @@ def attach_step_hook(runner, proposer: "AtlasProposer") -> None:
             num_verified=None if metadata is None else list(metadata.num_draft_tokens),
             finished=tuple(getattr(scheduler_output, "finished_req_ids", ()) or ()),
             num_scheduled_tokens=getattr(scheduler_output, "total_num_scheduled_tokens", None),
-            hidden=bound.get("sample_hidden_states")))
+            hidden=bound.get("sample_hidden_states"),
+            num_prompt_tokens=prompt_lengths(runner.input_batch)))
         out = original(*args, **kwargs)
         try:
             hand_over_q(runner, proposer, packed=sampler.verifies(runner))
@@ -140,6 +144,7 @@ class AtlasProposer:
         self.target_model = None
         self.counters = SpecCounters()
         self._pending: dict[str, Draft] = {}  # req_id -> Draft handed to vLLM last step
+        self._started: set[str] = set()  # req_ids announced with `begin_request`
         self._context: StepContext | None = None
         self._step_end: float | None = None
         self._handed: tuple[int, list[tuple[int, Draft]]] | None = None  # distribution step
@@ -167,6 +172,7 @@ class AtlasProposer:
 
     def begin_batch(self) -> None:
         self._step_end = None
+        self._started.clear()  # no request runs between generate calls
 
     def _readers(self) -> list[HiddenStateSpeculator]:
         return [s for s in self.speculators.values() if isinstance(s, HiddenStateSpeculator)]
@@ -183,6 +189,7 @@ class AtlasProposer:
                 self.controller.record_step_time(len(ctx.req_ids), drafted, now - self._step_end)
         for rid in ctx.finished:
             self._pending.pop(rid, None)
+            self._started.discard(rid)
             for spec in self.speculators.values():
                 try:
                     spec.finish(rid)
@@ -230,16 +237,32 @@ class AtlasProposer:
             if verified:
                 accepted = min(len(sampled) - 1, verified)
                 verified_draft = draft.truncate(verified)
-                self.counters.record_verified(verified, accepted, draft.arm.label)
+                self.counters.record_verified(verified, accepted, draft.arm.label,
+                                              history=draft.from_history)
                 self.controller.record_acceptance(verified_draft, accepted)
                 spec = self.speculators.get(draft.source)
                 if spec is not None:
                     spec.feedback(rid, verified_draft, accepted)
+            context = token_ids_cpu[row, :int(num_tokens_no_spec[row])]
+            if rid not in self._started and ctx.num_prompt_tokens is not None:
+                self._begin_request(rid, context, ctx.num_prompt_tokens[row])
             live.rows.append(row)
             live.keys.append(rid)
-            live.contexts.append(token_ids_cpu[row, :int(num_tokens_no_spec[row])])
+            live.contexts.append(context)
             live.sampled.append(sampled)
         return live
+
+    def _begin_request(self, rid: str, context, prompt_len: int) -> None:
+        self._started.add(rid)
+        if not 0 < prompt_len <= len(context):
+            return
+        prompt = context[:prompt_len]
+        prompt = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)  # vLLM reuses it
+        for spec in self.speculators.values():
+            try:
+                spec.begin_request(rid, prompt)
+            except Exception as e:  # noqa: BLE001 (never into vLLM)
+                self.speculator_failed(spec, e)
 
     # --- 3. hidden states for the speculators that read them -------------------------
 
@@ -350,6 +373,15 @@ class AtlasProposer:
             logger.warning("atlas-rl: speculator %s failed (%s: %s); drafting nothing from it "
                            "for this step. Later failures are counted, not logged.",
                            getattr(spec, "name", "?"), type(error).__name__, error)
+
+
+def prompt_lengths(input_batch) -> list[int] | None:
+    """Prompt length of each request of vLLM's input batch, by row (None where this
+    vLLM's batch does not say)."""
+    lengths = getattr(input_batch, "num_prompt_tokens", None)
+    if lengths is None:
+        return None
+    return [int(n) for n in lengths[:len(input_batch.req_ids)]]
 
 
 def sampled_offsets(ctx: StepContext) -> list[int] | None:
