@@ -44,11 +44,34 @@ def _cmd_train_speculator(args) -> int:
         if value < 1:
             print(f"atlas-rl: {name} must be >= 1, got {value}", file=sys.stderr)
             return 2
+    if args.time_budget <= 0:
+        print(f"atlas-rl: --time-budget must be > 0 seconds, got {args.time_budget}",
+              file=sys.stderr)
+        return 2
+    if args.drafter == "eagle3":
+        from atlas_rl.models import resolve_model
+        from atlas_rl.speculators.eagle3_distill import Eagle3DistillConfig, distil
+
+        cuda = args.device.startswith("cuda")
+        try:
+            distil(Eagle3DistillConfig(
+                model=resolve_model(args.model), prompts=args.prompts, out=args.out,
+                device=args.device, num_prompts=args.num_prompts, completions=args.completions,
+                max_tokens=args.max_tokens, draft_vocab_size=args.draft_vocab_size or 8192,
+                lr=args.lr or 5e-4, seed=args.seed, time_budget=args.time_budget,
+                generator="transformers" if cuda else "vllm", generator_dtype=args.dtype,
+                gen_batch=256 if cuda else 32, train_batch=64 if cuda else 16),
+                say=lambda *a: print(*a, flush=True))
+        except (FileNotFoundError, ValueError) as e:
+            print(f"atlas-rl: {e}", file=sys.stderr)
+            return 2
+        return 0
     try:
         train_static(TrainSpeculatorConfig(
             model=args.model, prompts=args.prompts, out=args.out, num_prompts=args.num_prompts,
             completions=args.completions, max_tokens=args.max_tokens, epochs=args.epochs,
-            draft_vocab_size=args.draft_vocab_size, lr=args.lr, seed=args.seed, dtype=args.dtype))
+            draft_vocab_size=args.draft_vocab_size or 4096, lr=args.lr or 2e-3, seed=args.seed,
+            dtype=args.dtype))
     except (FileNotFoundError, ValueError) as e:
         print(f"atlas-rl: {e}", file=sys.stderr)
         return 2
@@ -58,6 +81,7 @@ def _cmd_train_speculator(args) -> int:
 def _cmd_bench(args) -> int:
     from atlas_rl.bench import (
         BenchConfig,
+        format_drift,
         format_table,
         format_time_table,
         headline,
@@ -83,6 +107,11 @@ def _cmd_bench(args) -> int:
     print()
     print(format_time_table(results))
     print()
+    if drift := format_drift(results):
+        print("How far the policy drifted, and the frozen drafter on it (tail regime):")
+        print()
+        print(drift)
+        print()
     bad = [m for m, r in results["methods"].items() if not r["exactness"]["exact"]]
     print("exactness: " + ("every method exact (greedy identity on a probe per step; "
                            "sampled tokens vs the policy: KS and logprobs)" if not bad else
@@ -215,8 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--completions", type=int, default=2, help="completions per prompt")
     ts.add_argument("--max-tokens", type=int, default=160)
     ts.add_argument("--epochs", type=int, default=8)
-    ts.add_argument("--draft-vocab-size", type=int, default=4096)
-    ts.add_argument("--lr", type=float, default=2e-3)
+    ts.add_argument("--drafter", choices=("eagle3", "mlp"), default="eagle3",
+                    help="eagle3 (default): one decoder layer over three of the policy's "
+                         "layers, trained unrolled on TV; mlp: the residual MLP block")
+    ts.add_argument("--draft-vocab-size", type=int, default=None,
+                    help="default 8192 (eagle3) / 4096 (mlp)")
+    ts.add_argument("--lr", type=float, default=None, help="default 5e-4 (eagle3) / 2e-3 (mlp)")
+    ts.add_argument("--time-budget", type=float, default=1800.0,
+                    help="eagle3: seconds of training after generation (default 1800)")
+    ts.add_argument("--device", default="cpu",
+                    help="eagle3: where to distil (cuda: transformers generates too)")
     ts.add_argument("--seed", type=int, default=0)
     ts.add_argument("--dtype", default=None)
     ts.set_defaults(func=_cmd_train_speculator)

@@ -27,6 +27,12 @@ class AtlasConfig:
                 "start of atlas's adaptive drafter. 'auto': the one bundled for the model, "
                 "if any; 'none' (or empty): no static drafter (atlas starts its drafter "
                 "from scratch)."})
+    drafter: str = field(default="auto", metadata={
+        "help": "The neural drafter's architecture: 'eagle3' (one decoder layer over the "
+                "policy's features at three layers; needs a static drafter made by "
+                "`python -m atlas_rl.speculators.eagle3_distill`), 'mlp' (one residual MLP "
+                "block over the last hidden state), or 'auto': eagle3 where the static "
+                "drafter directory holds one, else mlp."})
     neural_drafter: bool = field(default=True, metadata={
         "help": "Use the neural drafter beside the suffix index (off: suffix only)."})
     draft_vocab_size: int = field(default=4096, metadata={
@@ -97,6 +103,8 @@ class AtlasConfig:
             raise ValueError(f"explore must be in [0, 1), got {self.explore}")
         if self.draft_vocab_size < 2:
             raise ValueError(f"draft_vocab_size must be >= 2, got {self.draft_vocab_size}")
+        if self.drafter not in ("auto", "eagle3", "mlp"):
+            raise ValueError(f"drafter must be 'auto', 'eagle3' or 'mlp', got {self.drafter!r}")
         if self.drafter_lr <= 0:
             raise ValueError(f"drafter_lr must be > 0, got {self.drafter_lr}")
         if self.logprobs_mode not in LOGPROBS_MODES:

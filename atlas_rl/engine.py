@@ -19,6 +19,7 @@ from atlas_rl.models import resolve_model
 from atlas_rl.rollout import Completion, RolloutBatch
 from atlas_rl.speculators import NeuralSpeculator, SuffixSpeculator
 from atlas_rl.speculators.base import HiddenStateSpeculator, Speculator
+from atlas_rl.speculators.eagle3 import Eagle3Speculator, is_eagle3_dir
 from atlas_rl.speculators.neural import static_speculator_dir
 
 logger = logging.getLogger(__name__)
@@ -98,10 +99,22 @@ class AtlasRolloutEngine:
                                             max_history_tokens=cfg.max_history_tokens)}
         if not cfg.neural_drafter:
             return specs
+        path = static_speculator_dir(cfg.static_speculator, self.model_path, cfg.drafter)
+        if cfg.drafter == "eagle3" or (cfg.drafter == "auto" and path is not None
+                                       and is_eagle3_dir(path)):
+            if path is None or not is_eagle3_dir(path):
+                raise ValueError(
+                    f"drafter='eagle3' needs a static EAGLE-3 drafter (a directory with "
+                    f"eagle3.json), but static_speculator={cfg.static_speculator!r} gives "
+                    f"{path}: distil one with `python -m atlas_rl.speculators.eagle3_distill "
+                    f"--model {self.model_path} --prompts FILE --out DIR`, or use drafter='mlp'")
+            specs["neural"] = Eagle3Speculator.from_dir(path, frozen=static, seed=cfg.seed,
+                                                        lr=cfg.drafter_lr)
+            logger.info("atlas-rl: static EAGLE-3 drafter from %s", path)
+            return specs
         neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr, frozen=static,
                                   seed=cfg.seed)
-        path = static_speculator_dir(cfg.static_speculator, self.model_path)
-        if path is not None:
+        if path is not None and (path / "neural.json").is_file():
             neural.load(path)
             logger.info("atlas-rl: static drafter from %s", path)
         elif static:
@@ -167,12 +180,12 @@ class AtlasRolloutEngine:
             return self._learn(sequences, rollout_seconds)
         sequences = [s for part in ranks.gather(sequences) for s in part]
         neural = self.speculators.get("neural")
-        if not isinstance(neural, NeuralSpeculator) or neural.frozen:
+        if not isinstance(neural, (NeuralSpeculator, Eagle3Speculator)) or neural.frozen:
             return self._learn(sequences, rollout_seconds)
         captured = ranks.gather(neural.take_captured())
         for rows in captured if rank == 0 else ():  # rank 0 trains for everyone
             if rows is not None:
-                neural.distiller.buffer.add(*rows)
+                neural.add_captured(rows)
         update = self._learn(sequences, rollout_seconds, skip=() if rank == 0 else ("neural",))
         published = ranks.from_rank_zero(neural.published() if rank == 0 else None)
         if rank != 0:

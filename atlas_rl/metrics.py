@@ -204,7 +204,8 @@ METRIC_PREFIX = "atlas/"
 ROLLOUT_METRICS = ("acceptance_length", "acceptance_rate", "lookahead", "tokens_per_s",
                    "rollout_seconds")
 #: Figures of the speculator's update (`engine.update` / `engine.learn`) it logs when present.
-UPDATE_METRICS = ("drafter_loss", "drafter_train_seconds", "update_budget_seconds")
+UPDATE_METRICS = ("drafter_loss", "drafter_train_seconds", "update_budget_seconds",
+                  "drafter_published", "drafter_published_score", "drafter_candidate_score")
 
 #: The scalars the TRL integration logs per generation (as METRIC_PREFIX + key).
 TRAINER_METRICS: dict[str, str] = {
@@ -219,7 +220,13 @@ TRAINER_METRICS: dict[str, str] = {
     "drafter_train_seconds": "time the adaptive drafter trained in that update",
     "update_budget_seconds": "the training time the update was allowed (a share of the "
                              "rollout time)",
-    "drafter_rollbacks": "times a diverging adaptive drafter was rolled back (cumulative)",
+    "drafter_rollbacks": "times an adaptive drafter's update was not published: it diverged "
+                         "or (EAGLE-3) did not beat the published drafter (cumulative)",
+    "drafter_published": "1 if that update's candidate drafter was published (EAGLE-3: it "
+                         "beat the published one on held-out rollouts of the batch), else 0",
+    "drafter_published_score": "the published EAGLE-3 drafter's expected acceptance length "
+                               "on the batch's held-out rollouts (distribution drafts)",
+    "drafter_candidate_score": "the candidate's, on the same rollouts",
     "speedup_estimate": "1 + accepted tokens / request-steps: the factor by which "
                         "speculation cut the target's request-steps (an upper bound of the "
                         "speedup; `atlas-rl bench` measures it)",

@@ -182,3 +182,99 @@ def acceptance(net: DrafterNet, embed: torch.Tensor, head: torch.Tensor, vocab: 
             "accept_one_hot": float(p.gather(1, vocab[q_sub.argmax(-1)][:, None]).mean()),
             "accept_ceiling_one_hot": float(p.max(-1).values.mean()),
             "vocab_coverage": float(p.index_select(1, vocab).sum(-1).mean())}
+
+
+# --- the EAGLE-3-class drafter: acceptance-targeted loss, unrolled ----------------------
+
+
+def vocab_targets(final_hidden: torch.Tensor, head: torch.Tensor, vocab: torch.Tensor,
+                  chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """The policy's p at each position, over the draft vocabulary: (p[..., vocab], the
+    mass p puts outside it), from its final normed hidden states [..., d] and its full LM
+    head [V, d]; in chunks of rows (a [rows, V] softmax at a time)."""
+    flat = final_hidden.reshape(-1, final_hidden.shape[-1])
+    p_sub, p_out = [], []
+    for s in range(0, len(flat), chunk):
+        p = torch.softmax((flat[s:s + chunk].float() @ head.float().T), dim=-1)
+        ps = p.index_select(1, vocab)
+        p_sub.append(ps)
+        p_out.append((1.0 - ps.sum(-1)).clamp_min(0.0))
+    shape = final_hidden.shape[:-1]
+    return (torch.cat(p_sub).reshape(*shape, len(vocab)), torch.cat(p_out).reshape(shape))
+
+
+def expected_length(rates: list[float]) -> float:
+    """Expected tokens per verification step (accepted drafts + 1) with per-position
+    acceptance rates given the earlier positions accepted: 1 + sum_k prod_{j<=k} a_j."""
+    total, run = 1.0, 1.0
+    for a in rates:
+        run *= a
+        total += run
+    return total
+
+
+def step_weights(steps: int, decay: float = 0.8) -> list[float]:
+    """Loss weight of each draft position: position j counts only when positions < j were
+    accepted, so later positions weigh less (decay^j, normalised to sum 1)."""
+    w = [decay ** j for j in range(steps)]
+    return [x / sum(w) for x in w]
+
+
+def tv_loss(q_logits: torch.Tensor, p_sub: torch.Tensor, p_out: torch.Tensor,
+            kl_weight: float = 0.1) -> torch.Tensor:
+    """Per row: TV(p, q) + kl_weight * CE(p restricted to the draft vocabulary, q).
+
+    A distribution draft is accepted with probability sum_v min(p_v, q_v) = 1 - TV(p, q),
+    so TV is the acceptance-targeted loss; q lives on the draft vocabulary, so p's mass
+    outside it counts in full. TV's gradient vanishes where q and p have disjoint
+    support; the cross-entropy term keeps a gradient there (early in training)."""
+    q = torch.softmax(q_logits.float(), dim=-1)
+    tv = 0.5 * ((p_sub - q).abs().sum(-1) + p_out)
+    if kl_weight:
+        mass = p_sub.sum(-1, keepdim=True).clamp_min(1e-12)
+        ce = -((p_sub / mass) * torch.log_softmax(q_logits.float(), dim=-1)).sum(-1)
+        return tv + kl_weight * ce
+    return tv
+
+
+def unrolled_loss(net, aux, emb, pos, valid, head_sub: torch.Tensor, p_sub, p_out,
+                  steps: int, kl_weight: float = 0.1, decay: float = 0.8):
+    """The EAGLE-3 drafter's training loss on a batch of sequences (`Eagle3Net.unroll`):
+    sum over draft positions j of step_weights[j] * mean over valid t of tv_loss, where
+    step j at t is scored against p at position t + j + 1 (p_sub/p_out [B, T + steps, ...]
+    aligned with positions; valid [B, T + steps]). Returns (loss, per-step 1 - TV)."""
+    T = aux.shape[1]
+    ys = net.unroll(aux, emb, pos, valid[:, :T], steps)
+    total, accept = 0.0, []
+    for j, (w, y) in enumerate(zip(step_weights(steps, decay), ys)):
+        ok = (valid[:, j + 1:j + 1 + T] & valid[:, :T]).float()
+        logits = y @ head_sub.T
+        per = tv_loss(logits, p_sub[:, j + 1:j + 1 + T], p_out[:, j + 1:j + 1 + T], kl_weight)
+        n = ok.sum().clamp_min(1.0)
+        total = total + w * (per * ok).sum() / n
+        with torch.no_grad():
+            tv = tv_loss(logits.detach(), p_sub[:, j + 1:j + 1 + T], p_out[:, j + 1:j + 1 + T], 0.0)
+            accept.append(float(((1.0 - tv) * ok).sum() / n))
+    return total, accept
+
+
+@torch.no_grad()
+def unrolled_acceptance(net, aux, emb, pos, valid, head_sub, p_sub, p_out,
+                        steps: int) -> dict[str, list[float]]:
+    """Per draft position j on held-out sequences: the acceptance of a distribution draft
+    (1 - TV), of a one-hot draft (p at q's argmax) and the one-hot ceiling (p's max over
+    the whole vocabulary is not known here: the max over the draft vocabulary, or the mass
+    outside it if larger, bounds it from below), given positions < j accepted."""
+    T = aux.shape[1]
+    ys = net.unroll(aux, emb, pos, valid[:, :T], steps)
+    out = {"distribution": [], "one_hot": [], "one_hot_ceiling": [], "vocab_coverage": []}
+    for j, y in enumerate(ys):
+        ok = (valid[:, j + 1:j + 1 + T] & valid[:, :T])
+        ps, po = p_sub[:, j + 1:j + 1 + T][ok], p_out[:, j + 1:j + 1 + T][ok]
+        logits = (y @ head_sub.T)[ok]
+        tv = tv_loss(logits, ps, po, 0.0)
+        out["distribution"].append(float((1.0 - tv).mean()))
+        out["one_hot"].append(float(ps.gather(1, logits.argmax(-1, keepdim=True)).mean()))
+        out["one_hot_ceiling"].append(float(ps.max(-1).values.mean()))
+        out["vocab_coverage"].append(float((1.0 - po).mean()))
+    return out

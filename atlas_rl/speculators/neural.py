@@ -53,19 +53,26 @@ from atlas_rl.speculators.drafter_net import DrafterNet
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "speculators"
 
 
-def static_speculator_dir(setting: str | None, model_path: str) -> Path | None:
+def static_speculator_dir(setting: str | None, model_path: str,
+                          drafter: str = "auto") -> Path | None:
     """Where the static drafter for `model_path` lives, per AtlasConfig.static_speculator
-    ('auto': the bundled one for the model, if any; 'none'/None: no static drafter)."""
+    ('auto': the bundled one for the model, if any; 'none'/None: no static drafter). A
+    directory holds an MLP drafter (neural.json), an EAGLE-3 one (eagle3.json) or both;
+    `drafter` ('mlp', 'eagle3', 'auto') says which one must be there."""
     if setting is None or str(setting).lower() in ("", "none"):
         return None
+    wanted = {"mlp": ("neural.json",), "eagle3": ("eagle3.json",)}.get(
+        drafter, ("eagle3.json", "neural.json"))
     if setting == "auto":
         d = BUNDLED_DIR / Path(str(model_path)).name
-        return d if (d / "neural.json").is_file() else None
+        return d if any((d / f).is_file() for f in wanted) else None
     d = Path(setting).expanduser()
-    if not (d / "neural.json").is_file():
+    if not any((d / f).is_file() for f in wanted):
         raise FileNotFoundError(
-            f"static_speculator {setting!r} has no neural.json: pass the --out directory of "
-            f"`atlas-rl train-speculator`, 'auto' (the bundled drafter) or 'none'")
+            f"static_speculator {setting!r} has no {' or '.join(wanted)}: pass the --out "
+            f"directory of `atlas-rl train-speculator` (MLP) or of `python -m "
+            f"atlas_rl.speculators.eagle3_distill` (EAGLE-3), 'auto' (the bundled drafter) "
+            f"or 'none'")
     return d
 
 
@@ -285,6 +292,10 @@ class NeuralSpeculator(HiddenStateSpeculator):
             return 0
         self.distiller.buffer.add(*got)
         return len(got[1])
+
+    def add_captured(self, rows: Rows) -> None:
+        """Rows captured elsewhere (another rank's `take_captured`) into the buffer."""
+        self.distiller.buffer.add(*rows)
 
     def published(self) -> dict:
         """The published drafter (weights and counters), e.g. to broadcast to other ranks."""

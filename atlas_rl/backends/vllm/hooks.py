@@ -14,6 +14,8 @@ tied_lm_head           (no assignment: re-packs the head's CPU GEMM)      workar
 atlas_sampler          runner.rejection_sampler.__class__                 atlas       atlas engines
 atlas_proposer_step    runner.propose_draft_token_ids (instance)          atlas       atlas engines
 draft_probs            runner._draft_probs, runner._draft_prob_req_ids    atlas       atlas engines
+aux_hidden_states      runner.use_aux_hidden_state_outputs (+ the model's atlas       atlas engines
+                       own set_aux_hidden_state_layers)                               with EAGLE-3
 step_times             runner.execute_model, runner.sample_tokens (inst.) measurement every engine
 spec_counters          engine.logger_manager.record (instance)            measurement every engine
 layerwise_reset        LAYERWISE_INFO[layer].load_numel (state reset)     rollback    failed syncs
@@ -81,6 +83,13 @@ HOOKS: tuple[Hook, ...] = (
          "vLLM asks only its own model drafters for q; a custom_class drafter's q is "
          "stored where vLLM stores theirs",
          "attributes gone: distribution drafts are verified one-hot (still exact)"),
+    Hook("aux_hidden_states", "model_runner.use_aux_hidden_state_outputs (instance); the "
+         "model's own set_aux_hidden_state_layers",
+         "atlas", "atlas engines with an EAGLE-3 drafter",
+         "the EAGLE-3 drafter reads the policy's residual stream at three layers; vLLM "
+         "captures them only for its own eagle3 method, so the custom_class runner is told to",
+         "no EAGLE-3 interface on the model or no such flag: the drafter gets no features "
+         "and drafts nothing (the other speculators go on)"),
     Hook("step_times", "model_runner.execute_model / sample_tokens (instance)",
          "measurement", "every engine",
          "where an engine step's time goes (forward vs sampling+drafting)",
@@ -139,3 +148,23 @@ def install_atlas(runner, proposer, verifier: str) -> None:
 
     sampler_room.attach(runner, atlas_verifies=verifier == "atlas")
     proposer_room.attach_step_hook(runner, proposer)
+    layers = proposer.aux_layers()
+    if layers:
+        enable_aux_hidden_states(runner, layers)
+
+
+def enable_aux_hidden_states(runner, layers) -> bool:
+    """Have the policy return its residual stream at `layers` (vLLM's numbering: the
+    input of that layer) beside its last hidden state, as vLLM does for its own EAGLE-3
+    drafters; the step hook hands them to the proposer at the sampled positions."""
+    from vllm.model_executor.models.interfaces import supports_eagle3
+
+    model = runner.get_model()
+    if not hasattr(runner, "use_aux_hidden_state_outputs") or not supports_eagle3(model):
+        record("aux_hidden_states", "not applied: this model or vLLM has no EAGLE-3 "
+               "feature path; the EAGLE-3 drafter drafts nothing")
+        return False
+    model.set_aux_hidden_state_layers(tuple(int(x) for x in layers))  # vLLM's own API
+    assign(runner, {"use_aux_hidden_state_outputs": True}, key="aux_hidden_states")
+    record("aux_hidden_states", f"applied (layers {tuple(layers)})")
+    return True

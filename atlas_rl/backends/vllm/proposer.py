@@ -58,6 +58,7 @@ class StepContext:
     finished: tuple[str, ...] = ()
     num_scheduled_tokens: int | None = None
     hidden: torch.Tensor | None = None  # policy hidden states at the sampled positions
+    aux: torch.Tensor | None = None     # its features at the EAGLE-3 layers there (concatenated)
     num_prompt_tokens: list[int] | None = None  # prompt length per request (None: unknown)
 
 
@@ -102,6 +103,28 @@ def attach_step_hook(runner, proposer: "AtlasProposer") -> None:
     hooks.patch(runner, "propose_draft_token_ids", propose_draft_token_ids,
                 key="atlas_proposer_step")
     hooks.record("atlas_proposer_step", "applied")
+
+
+def sampled_aux(runner, bound) -> torch.Tensor | None:
+    """The policy's features at the EAGLE-3 layers (hook ``aux_hidden_states``) at the
+    positions it sampled from, rows as in ``sample_hidden_states``: vLLM samples at its
+    ``logits_indices`` (the spec-decode metadata's, else each request's last scheduled
+    token)."""
+    aux = bound.get("aux_hidden_states")
+    hidden = bound.get("sample_hidden_states")
+    if not aux or hidden is None:
+        return None
+    metadata = bound.get("spec_decode_metadata")
+    if metadata is not None:
+        idx = metadata.logits_indices
+    else:
+        scheduled = getattr(bound.get("scheduler_output"), "num_scheduled_tokens", None) or {}
+        counts = [int(scheduled.get(rid, 0)) for rid in runner.input_batch.req_ids]
+        idx = torch.tensor(counts, dtype=torch.long).cumsum(0) - 1
+    idx = idx.to(aux[0].device)
+    if len(idx) != len(hidden):
+        return None
+    return torch.cat([a[idx] for a in aux], dim=-1)
 
 
 def hand_over_q(runner, proposer: "AtlasProposer", packed: bool = False) -> bool:
@@ -173,6 +196,13 @@ class AtlasProposer:
     def begin_batch(self) -> None:
         self._step_end = None
         self._started.clear()  # no request runs between generate calls
+
+    def aux_layers(self) -> tuple[int, ...]:
+        """The policy layers whose features a speculator reads (EAGLE-3), if any."""
+        for spec in self._readers():
+            if getattr(spec, "uses_aux_hidden_states", False) and spec.aux_layers:
+                return tuple(spec.aux_layers)
+        return ()
 
     def _readers(self) -> list[HiddenStateSpeculator]:
         return [s for s in self.speculators.values() if isinstance(s, HiddenStateSpeculator)]
@@ -273,11 +303,17 @@ class AtlasProposer:
         if offsets is None:
             return
         hidden = ctx.hidden.detach().to("cpu", torch.float32, copy=True)  # vLLM reuses it
+        aux = None if ctx.aux is None else ctx.aux.detach().to("cpu", torch.float32, copy=True)
         for row, rid, sampled in zip(live.rows, live.keys, live.sampled):
             m = len(sampled)
             first_pos = int(num_tokens_no_spec[row]) - m - 1
+            rows = slice(offsets[row], offsets[row] + m)
             for spec in readers:
-                spec.capture(rid, hidden[offsets[row]:offsets[row] + m], sampled, first_pos)
+                if getattr(spec, "uses_aux_hidden_states", False):
+                    spec.capture(rid, hidden[rows], sampled, first_pos,
+                                 aux=None if aux is None else aux[rows])
+                else:
+                    spec.capture(rid, hidden[rows], sampled, first_pos)
 
     # --- 5. drafting -----------------------------------------------------------------
 

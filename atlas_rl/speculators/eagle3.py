@@ -1,0 +1,397 @@
+"""The EAGLE-3-class drafter as a speculator: drafting with its own per-request keys and
+values, capturing the policy's multi-layer features while it generates, and learning
+online with a publish gate.
+
+Network: `drafter_net.Eagle3Net` (one decoder layer over fused low/mid/high features).
+Offline distillation: `eagle3_distill` (the static drafter). Losses: `distill.unrolled_loss`
+(TV + a little cross-entropy, unrolled over draft positions: training-time test).
+
+Per request it keeps the keys and values of the last `window` verified positions (computed
+once, in `capture`, from the fused features vLLM hands over), and the last position's
+input for the first draft step. Draft steps' keys live only inside `propose`, so a
+rejection leaves nothing to roll back. A gap in positions (preemption) starts afresh.
+
+Online learning (`learn`): the captured sequences (features, the policy's final hidden
+states, tokens) join a replay buffer bounded in tokens; a candidate, warm-started from the
+published drafter, trains on a mix of the newest batch and older rollouts within the time
+budget, and is published only if it beats the published drafter's expected acceptance
+length on held-out sequences of the newest batch (so adaptation cannot lose to the frozen
+drafter by more than that evaluation's noise). The optimizer state carries over.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from atlas_rl.kernels.sampling import inverse_cdf
+from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, HiddenStateSpeculator
+from atlas_rl.speculators.distill import (expected_length, unrolled_acceptance, unrolled_loss,
+                                          vocab_targets)
+from atlas_rl.speculators.drafter_net import Eagle3Net
+
+
+@dataclass
+class _Cache:
+    """One request's drafter state: keys/values of its last verified positions."""
+
+    k: torch.Tensor            # [n, kv_heads, hd]
+    v: torch.Tensor
+    hidden: torch.Tensor       # fused feature of the last position [d]
+    token: int                 # the token sampled there
+    pos: int                   # its position
+    next_pos: int              # the position the next capture must start at
+
+
+@dataclass
+class Eagle3Stream:
+    """One request's captured rows since its last gap (for learning)."""
+
+    start: int
+    aux: list[torch.Tensor] = field(default_factory=list)
+    final: list[torch.Tensor] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    next_pos: int = 0
+
+
+class Eagle3Speculator(HiddenStateSpeculator):
+    """Drafts with `Eagle3Net`; learns online from captured features unless ``frozen``."""
+
+    name = "eagle3"
+    uses_aux_hidden_states = True
+
+    def __init__(self, net: Eagle3Net | None = None, vocab: torch.Tensor | None = None,
+                 aux_layers: Sequence[int] = (), lr: float = 3e-4, frozen: bool = False,
+                 steps: int = 3, max_buffer_tokens: int = 200_000, batch_rollouts: int = 8,
+                 holdout_fraction: float = 0.15, seed: int = 0):
+        self.net, self.vocab = net, vocab
+        self.aux_layers = tuple(int(x) for x in aux_layers)
+        self.lr, self.frozen, self.steps = float(lr), bool(frozen), int(steps)
+        self.max_buffer_tokens, self.batch_rollouts = int(max_buffer_tokens), int(batch_rollouts)
+        self.holdout_fraction = float(holdout_fraction)
+        self.seed = int(seed)
+        self._generator = torch.Generator().manual_seed(seed)
+        self._rng = random.Random(seed)
+        self._embed = self._head = None
+        self._head_sub_t = None
+        self._caches: dict[object, _Cache] = {}
+        self._streams: dict[object, Eagle3Stream] = {}
+        self._done: list[Eagle3Stream] = []
+        self._buffer: deque = deque()   # (aux, final, tokens, start) per rollout
+        self._buffer_tokens = 0
+        self._optimizer_state = None
+        self.version = 0
+        self.rollbacks = 0            # candidates not published (worse, or diverged)
+        self.meta: dict = {}
+
+    # --- the target's tensors ---------------------------------------------------------
+
+    @classmethod
+    def from_dir(cls, directory, **kwargs) -> "Eagle3Speculator":
+        spec = cls(**kwargs)
+        spec.load(directory)
+        return spec
+
+    def attach_target(self, embed: torch.Tensor, head: torch.Tensor) -> None:
+        if self.net is None:
+            raise ValueError("the EAGLE-3 drafter has no weights: load a static drafter "
+                             "(`python -m atlas_rl.speculators.eagle3_distill`) first")
+        if embed.shape[-1] != self.net.hidden_size:
+            raise ValueError(f"the EAGLE-3 drafter was trained for hidden size "
+                             f"{self.net.hidden_size}, but the policy's is {embed.shape[-1]}")
+        self._embed, self._head = embed, head
+        self.net.to(embed.device)
+        self._head_sub_t = None
+
+    def weights_synced(self) -> None:
+        self._head_sub_t = None
+
+    @property
+    def ready(self) -> bool:
+        return self._embed is not None and self.net is not None
+
+    def _sub_head_t(self) -> torch.Tensor:
+        if self._head_sub_t is None:
+            self._vocab_dev = self.vocab.to(self._head.device)
+            self._head_sub_t = self._head.detach().index_select(0, self._vocab_dev).float().t().contiguous()
+        return self._head_sub_t
+
+    def _emb(self, tokens) -> torch.Tensor:
+        idx = tokens if torch.is_tensor(tokens) else torch.tensor(tokens, dtype=torch.long)
+        return self._embed.index_select(0, idx.to(self._embed.device)).float()
+
+    # --- capture ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def capture(self, key, hidden: torch.Tensor, tokens: Sequence[int], first_pos: int,
+                aux: torch.Tensor | None = None) -> None:
+        """`hidden[i]`: the policy's final hidden state at position first_pos + i, from
+        which it sampled tokens[i]; `aux[i]`: its features at `aux_layers` there."""
+        if not len(tokens) or aux is None or not self.ready:
+            return
+        aux = aux.detach().float()
+        m = len(tokens)
+        cache = self._caches.get(key)
+        pos = torch.arange(first_pos, first_pos + m)
+        g = self.net.fuse(aux)
+        k, v = self.net.kv(g, self._emb(list(tokens)), pos)
+        if cache is None or cache.next_pos != first_pos:
+            ks, vs = k, v
+        else:
+            ks, vs = torch.cat([cache.k, k]), torch.cat([cache.v, v])
+        w = self.net.window
+        self._caches[key] = _Cache(ks[-w:].clone(), vs[-w:].clone(), g[-1].clone(),
+                                   int(tokens[-1]), first_pos + m - 1, first_pos + m)
+        if self.frozen:
+            return
+        stream = self._streams.get(key)
+        if stream is None or stream.next_pos != first_pos:
+            if stream is not None:
+                self._done.append(stream)
+            stream = self._streams[key] = Eagle3Stream(first_pos, next_pos=first_pos)
+        stream.aux.append(aux.to(torch.bfloat16))
+        stream.final.append(hidden.detach().float().to(torch.bfloat16))
+        stream.tokens.extend(int(t) for t in tokens)
+        stream.next_pos = first_pos + m
+
+    def finish(self, key) -> None:
+        self._caches.pop(key, None)
+        stream = self._streams.pop(key, None)
+        if stream is not None:
+            self._done.append(stream)
+
+    def begin_batch(self) -> None:
+        self._caches.clear()
+
+    # --- drafting ---------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def propose(self, keys, contexts, max_lengths, sample: Sequence[bool] | None = None) -> list[Draft]:
+        drafts = [EMPTY_DRAFT] * len(keys)
+        if not self.ready:
+            return drafts
+        rows = [i for i, (k, n) in enumerate(zip(keys, max_lengths)) if n > 0 and k in self._caches]
+        if not rows:
+            return drafts
+        net = self.net
+        head_t, vocab = self._sub_head_t(), self._vocab_dev
+        caches = [self._caches[keys[i]] for i in rows]
+        B = len(rows)
+        width = max(len(c.k) for c in caches)
+        K = torch.zeros((B, width) + tuple(caches[0].k.shape[1:]))
+        V = torch.zeros_like(K)
+        mask = torch.zeros((B, width), dtype=torch.bool)
+        for b, c in enumerate(caches):
+            n = len(c.k)
+            K[b, width - n:], V[b, width - n:] = c.k, c.v
+            mask[b, width - n:] = True
+        hidden = torch.stack([c.hidden for c in caches])
+        tok = torch.tensor([c.token for c in caches], dtype=torch.long)
+        pos = torch.tensor([c.pos for c in caches], dtype=torch.long)
+        lens = [max_lengths[i] for i in rows]
+        flags = [bool(sample[i]) if sample is not None else False for i in rows]
+        do_sample = torch.tensor(flags, dtype=torch.bool)
+        toks, confs, qs = [], [], []
+        for j in range(max(lens)):
+            e = self._emb(tok)
+            if j:  # this draft step's own key and value (training: `Eagle3Net.unroll`)
+                k, v = net.kv(hidden, e, pos + j)
+                K, V = torch.cat([K, k[:, None]], 1), torch.cat([V, v[:, None]], 1)
+                mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool)], 1)
+            q = net.query(hidden, e, pos + j)
+            hidden, y = net.finish(hidden, net.attend(q, K, V, mask))
+            probs = torch.softmax(y @ head_t, dim=-1)
+            idx = probs.argmax(-1)
+            if any(flags):
+                u = torch.rand(B, generator=self._generator)
+                idx = torch.where(do_sample, inverse_cdf(probs, u, torch.float32), idx)
+            toks.append(idx)
+            confs.append(probs.gather(1, idx[:, None]).squeeze(1))
+            qs.append(probs)
+            tok = vocab[idx]
+        toks = vocab[torch.stack(toks, 1)].tolist()
+        confs = torch.stack(confs, 1).tolist()
+        qs = torch.stack(qs, 1)
+        for b, i in enumerate(rows):
+            n = lens[b]
+            drafts[i] = Draft(toks[b][:n], confs[b][:n],
+                              q_ids=vocab.expand(n, -1) if flags[b] else None,
+                              q=qs[b, :n] if flags[b] else None)
+        return drafts
+
+    # --- learning ---------------------------------------------------------------------
+
+    def take_captured(self) -> list | None:
+        """The captured rollouts since the last call, as (aux, final, tokens, start)
+        tensors per rollout (at least steps + 2 positions), or None; emptied."""
+        streams = self._done + list(self._streams.values())
+        self._done, self._streams = [], {}
+        out = []
+        for s in streams:
+            if len(s.tokens) < self.steps + 2:
+                continue
+            out.append((torch.cat(s.aux), torch.cat(s.final), torch.tensor(s.tokens), s.start))
+        return out or None
+
+    def add_captured(self, rollouts) -> None:
+        for r in rollouts or ():
+            self._buffer.append(r)
+            self._buffer_tokens += len(r[2])
+        while self._buffer_tokens > self.max_buffer_tokens and len(self._buffer) > 1:
+            self._buffer_tokens -= len(self._buffer.popleft()[2])
+
+    def _batch(self, rollouts):
+        """Training tensors for `unrolled_loss` from (aux, final, tokens, start) rollouts."""
+        steps = self.steps
+        M = max(len(r[2]) for r in rollouts)
+        B = len(rollouts)
+        d = self.net.hidden_size
+        aux = torch.zeros((B, M, rollouts[0][0].shape[1]))
+        final = torch.zeros((B, M + steps, d))
+        tok = torch.zeros((B, M + steps - 1), dtype=torch.long)
+        pos = torch.zeros((B, M), dtype=torch.long)
+        valid = torch.zeros((B, M + steps), dtype=torch.bool)
+        for b, (a, f, t, start) in enumerate(rollouts):
+            n = len(t)
+            aux[b, :n], final[b, :n], tok[b, :n] = a.float(), f.float(), t
+            pos[b] = start + torch.arange(M)
+            valid[b, :n] = True
+        emb = self._emb(tok.flatten()).view(B, -1, d)
+        p_sub, p_out = vocab_targets(final, self._head.detach(), self._vocab_dev)
+        return aux, emb, pos, valid, p_sub, p_out
+
+    def _score(self, net, held) -> float:
+        """Expected acceptance length of distribution drafts on held-out rollouts."""
+        was = net.training
+        net.eval()
+        acc = unrolled_acceptance(net, *held[:4], self._head_sub_t.t(), held[4], held[5],
+                                  self.steps)
+        net.train(was)
+        return expected_length(acc["distribution"])
+
+    def learn(self, sequences=(), time_budget: float | None = None) -> dict[str, float]:
+        if self.frozen or not self.ready:
+            self._done, self._streams = [], {}
+            return {}
+        start = time.perf_counter()
+        new = self.take_captured() or []
+        if not new:
+            return {}
+        self._sub_head_t()
+        self._rng.shuffle(new)
+        n_held = max(1, int(round(self.holdout_fraction * len(new)))) if len(new) > 1 else 0
+        held_rollouts, fresh = new[:n_held], new[n_held:]
+        older = list(self._buffer)
+        self.add_captured(fresh)
+        if not fresh or not held_rollouts:
+            return {"drafter_update_skipped": 1.0}
+        held = self._batch(held_rollouts)
+        published_score = self._score(self.net, held)
+        candidate = copy.deepcopy(self.net)
+        candidate.__dict__.pop("_weights_t", None)  # drafting caches: rebuilt on use
+        opt = torch.optim.AdamW(candidate.parameters(), lr=self.lr, weight_decay=0.0)
+        if self._optimizer_state is not None:
+            opt.load_state_dict(self._optimizer_state)
+        losses, slowest, diverged = [], 0.0, False
+        while True:  # newest rollouts first, each minibatch half new, half replayed
+            t0 = time.perf_counter()
+            if time_budget is not None and (t0 - start + slowest > time_budget):
+                break
+            half = max(1, self.batch_rollouts // 2)
+            part = self._rng.sample(fresh, min(half, len(fresh)))
+            if older:
+                part += self._rng.sample(older, min(self.batch_rollouts - len(part), len(older)))
+            loss = self._loss(candidate, part)
+            value = float(loss.detach())
+            if not torch.isfinite(loss):
+                diverged = True
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(candidate.parameters(), 1.0)
+            opt.step()
+            losses.append(value)
+            slowest = max(slowest, time.perf_counter() - t0)
+            if time_budget is None and len(losses) >= max(1, len(fresh) // half):
+                break  # one pass over the newest rollouts without a budget
+        stats = {"drafter_train_seconds": time.perf_counter() - start,
+                 "drafter_rows": float(sum(len(r[2]) for r in fresh)),
+                 "drafter_buffer_rows": float(self._buffer_tokens),
+                 "drafter_published_score": published_score}
+        if losses:
+            stats["drafter_loss"] = sum(losses) / len(losses)
+        if not losses or diverged:
+            self.rollbacks += int(diverged)
+            return {**stats, "drafter_rollback": float(diverged),
+                    "drafter_rollbacks": float(self.rollbacks), "drafter_version": float(self.version)}
+        score = self._score(candidate, held)
+        stats["drafter_candidate_score"] = score
+        if score > published_score:
+            self.net.load_state_dict(candidate.state_dict())
+            self._optimizer_state = opt.state_dict()
+            self.version += 1
+            stats["drafter_published"] = 1.0
+        else:
+            self.rollbacks += 1  # a candidate that does not beat the published drafter
+            stats["drafter_published"] = 0.0
+        stats["drafter_version"] = float(self.version)
+        stats["drafter_rollbacks"] = float(self.rollbacks)
+        return stats
+
+    def _loss(self, net, rollouts):
+        aux, emb, pos, valid, p_sub, p_out = self._batch(rollouts)
+        loss, _ = unrolled_loss(net, aux, emb, pos, valid, self._head_sub_t.t(), p_sub, p_out,
+                                self.steps)
+        return loss
+
+    def published(self) -> dict:
+        return {"net": {k: v.detach().cpu() for k, v in self.net.state_dict().items()},
+                "version": self.version, "rollbacks": self.rollbacks}
+
+    def load_published(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.version, self.rollbacks = state["version"], state["rollbacks"]
+
+    # --- state ------------------------------------------------------------------------
+
+    def state(self):
+        if self.net is None:
+            return {}, {"empty": True}
+        tensors = {f"net.{k}": v.detach().cpu().float().clone()
+                   for k, v in self.net.state_dict().items()}
+        tensors["vocab"] = self.vocab.clone()
+        meta = {**self.meta, "net": self.net.config(), "aux_layers": list(self.aux_layers),
+                "draft_vocab_size": int(len(self.vocab)), "version": self.version,
+                "rollbacks": self.rollbacks}
+        return tensors, meta
+
+    def load_state(self, tensors, meta) -> None:
+        if meta.get("empty"):
+            return
+        net = Eagle3Net(**meta["net"])
+        net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
+        self.net, self.vocab = net, tensors["vocab"].long()
+        self.aux_layers = tuple(int(x) for x in meta["aux_layers"])
+        self.version = int(meta.get("version", 0))
+        self.rollbacks = int(meta.get("rollbacks", 0))
+        self.meta = {k: v for k, v in meta.items()
+                     if k not in ("net", "aux_layers", "version", "rollbacks", "name")}
+        self._optimizer_state = None
+        if self._embed is not None:
+            self.attach_target(self._embed, self._head)
+
+
+def is_eagle3_dir(directory) -> bool:
+    from pathlib import Path
+
+    path = Path(directory) / "eagle3.json"
+    if not path.is_file():
+        return False
+    return json.loads(path.read_text()).get("name") == "eagle3"
