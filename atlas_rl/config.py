@@ -39,7 +39,8 @@ class AtlasConfig:
         "help": "Tokens the neural drafter can propose (the most frequent ones): its LM "
                 "head cost per draft token is proportional to this."})
     drafter_lr: float = field(default=1e-3, metadata={
-        "help": "Learning rate (AdamW) of the adaptive drafter's online distillation."})
+        "help": "Learning rate (AdamW) of the adaptive drafter's online distillation (the "
+                "EAGLE-3 drafter, a distilled decoder layer, fine-tunes at a third of it)."})
     train_budget_fraction: float = field(default=0.1, metadata={
         "help": "The adaptive drafter trains after each rollout batch for at most this "
                 "share of the batch's rollout time (measured and reported)."})

@@ -108,8 +108,9 @@ class AtlasRolloutEngine:
                     f"eagle3.json), but static_speculator={cfg.static_speculator!r} gives "
                     f"{path}: distil one with `python -m atlas_rl.speculators.eagle3_distill "
                     f"--model {self.model_path} --prompts FILE --out DIR`, or use drafter='mlp'")
+            # a distilled decoder layer fine-tunes at a third of the MLP drafter's rate
             specs["neural"] = Eagle3Speculator.from_dir(path, frozen=static, seed=cfg.seed,
-                                                        lr=cfg.drafter_lr)
+                                                        lr=cfg.drafter_lr / 3)
             logger.info("atlas-rl: static EAGLE-3 drafter from %s", path)
             return specs
         neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr, frozen=static,
