@@ -27,7 +27,8 @@ def static_dir(tiny_model_path, tmp_path_factory):
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 3))
     rc = main(["train-speculator", "--model", tiny_model_path, "--prompts", str(prompts),
                "--out", str(out / "drafter"), "--num-prompts", "6", "--max-tokens", "24",
-               "--epochs", "2", "--draft-vocab-size", "512", "--dtype", "float32"])
+               "--epochs", "2", "--draft-vocab-size", "512", "--dtype", "float32",
+               "--drafter", "mlp"])
     assert rc == 0
     return out / "drafter"
 
@@ -47,6 +48,29 @@ def test_train_speculator_writes_a_loadable_drafter_and_a_report(static_dir):
     meta = json.loads((static_dir / "neural.json").read_text())
     assert meta["hidden_size"] == 128 and meta["draft_vocab_size"] == 512
     assert first["accept_distribution"] >= 0.0
+
+
+def test_train_speculator_distils_an_eagle3_drafter_with_its_curve(tiny_model_path, tmp_path):
+    """The default drafter: rollouts through vLLM, features through transformers, unrolled
+    training; the directory loads as the engine's static drafter."""
+    from atlas_rl.cli import main
+    from atlas_rl.speculators.eagle3 import Eagle3Speculator, is_eagle3_dir
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS * 3))
+    out = tmp_path / "eagle3"
+    assert main(["train-speculator", "--model", tiny_model_path, "--prompts", str(prompts),
+                 "--out", str(out), "--num-prompts", "9", "--completions", "2",
+                 "--max-tokens", "24", "--draft-vocab-size", "256", "--time-budget", "4",
+                 "--dtype", "float32"]) == 0
+    assert is_eagle3_dir(out)
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["train_steps"] >= 1 and len(report["curve"]) >= 2
+    final = report["heldout_final"]
+    assert len(final["distribution"]) == 4 and all(0.0 <= a <= 1.0 for a in final["distribution"])
+    assert 0.0 < report["draft_vocab_sampled_coverage"] <= 1.0
+    spec = Eagle3Speculator.from_dir(out)
+    assert spec.aux_layers == (0, 1) and spec.net.num_aux == 2  # a 2-layer policy
 
 
 def test_train_speculator_rejects_bad_arguments(tiny_model_path, tmp_path, capsys):

@@ -83,6 +83,23 @@ def test_sampling_follows_the_model_distribution(method, make_engine, real_model
         assert batch.stats["drafts_suffix-dist"] + batch.stats["drafts_suffix"] > 0.05, batch.stats
 
 
+def test_mlp_drafter_stays_exact(make_engine, real_model_path, prompts, greedy_baseline,
+                                reference):
+    """The MLP drafter (AtlasConfig.drafter="mlp"; the methods above draft with the bundled
+    EAGLE-3 one): greedy identical, samples follow p, its distribution drafts verified."""
+    from atlas_rl.speculators import NeuralSpeculator
+
+    engine = make_engine(real_model_path, "atlas", drafter="mlp", **CFG)
+    assert isinstance(engine.speculators["neural"], NeuralSpeculator)
+    greedy = engine.generate(prompts, temperature=0.0, max_tokens=96)
+    assert greedy_mismatches(greedy_baseline.completion_ids, greedy.completion_ids) == []
+    batch = engine.generate(prompts * 3, n=2, temperature=1.0, max_tokens=64, seed=6)
+    check = check_sampling(reference, batch)
+    assert batch.stats["drafts_neural-dist"] > 0.1, batch.stats
+    assert check.ks_pvalue > KS_ALPHA, check
+    assert check.logprob_max_abs_err < LOGPROB_TOL, check
+
+
 def test_sampling_with_vllms_verifier(make_engine, real_model_path, prompts, reference):
     """verifier="vllm": atlas's (dense) draft distributions go to vLLM's rejection sampler."""
     from atlas_rl.backends.vllm import sampler

@@ -69,7 +69,7 @@ class Eagle3Speculator(HiddenStateSpeculator):
 
     def __init__(self, net: Eagle3Net | None = None, vocab: torch.Tensor | None = None,
                  aux_layers: Sequence[int] = (), lr: float = 3e-4, frozen: bool = False,
-                 steps: int = 3, max_buffer_tokens: int = 200_000, batch_rollouts: int = 8,
+                 steps: int = 3, max_buffer_tokens: int = 100_000, batch_rollouts: int = 8,
                  holdout_fraction: float = 0.15, seed: int = 0):
         self.net, self.vocab = net, vocab
         self.aux_layers = tuple(int(x) for x in aux_layers)

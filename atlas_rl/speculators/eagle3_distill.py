@@ -84,7 +84,10 @@ class Rollouts:
 
 
 def default_aux_layers(num_layers: int) -> list[int]:
-    return [2, num_layers // 2, num_layers - 3]
+    """vLLM's EAGLE-3 default (2, L // 2, L - 3), kept distinct and below L for small
+    models (a 2-layer policy: layers 0 and 1)."""
+    return sorted({min(2, num_layers - 1), num_layers // 2 if num_layers > 2 else 1,
+                   max(num_layers - 3, 0)})
 
 
 def _prompt_ids(tokenizer, prompt) -> list[int]:
@@ -174,8 +177,12 @@ def features(model, rollouts_ids, aux_layers: list[int], batch: int, say,
     """The teacher forward: aux features and final hidden states over completion regions."""
     device = next(model.parameters()).device
     data = Rollouts()
-    for b in range(0, len(rollouts_ids), batch):
-        chunk = rollouts_ids[b:b + batch]
+    # similar lengths together (less padding); the order of `data` is the input's
+    order = sorted(range(len(rollouts_ids)), key=lambda i: len(rollouts_ids[i][0]) + len(rollouts_ids[i][1]))
+    slots: list = [None] * len(rollouts_ids)
+    start = time.perf_counter()
+    for b in range(0, len(order), batch):
+        chunk = [rollouts_ids[i] for i in order[b:b + batch]]
         seqs = [p + c for p, c in chunk]
         width = max(len(s) for s in seqs)
         ids = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -189,10 +196,16 @@ def features(model, rollouts_ids, aux_layers: list[int], batch: int, say,
         final = hs[-1]
         for i, (p, c) in enumerate(chunk):
             lo, hi = len(p) - 1, len(p) - 1 + len(c)
-            data.tokens.append(torch.tensor(c))
-            data.start.append(lo)
-            data.aux.append(aux[i, lo:hi].to(store_dtype))
-            data.final.append(final[i, lo:hi].to(store_dtype))
+            slots[order[b + i]] = (torch.tensor(c), lo, aux[i, lo:hi].to(store_dtype).clone(),
+                                   final[i, lo:hi].to(store_dtype).clone())
+        if (b // batch) % 10 == 0:
+            say(f"features: {min(b + batch, len(order))}/{len(order)} rollouts, "
+                f"{time.perf_counter() - start:.0f} s")
+    for tok, lo, aux_rows, final_rows in slots:
+        data.tokens.append(tok)
+        data.start.append(lo)
+        data.aux.append(aux_rows)
+        data.final.append(final_rows)
     say(f"features: {len(data.tokens)} rollouts")
     return data
 
