@@ -4,7 +4,8 @@ the ceiling.
 
 A run is a sequence of RL steps. Each step:
 1. draws the step's prompts from the current domain (the domain switches halfway with
-   ``workload="drift"``);
+   ``workload="drift"``; with ``workload="epochs"`` the same prompts come back every
+   ``epoch_steps`` steps);
 2. for each regime, runs every method on the same prompts with the same seeds, in an
    order that rotates from step to step:
    - ``tail``: one prompt's group of at most 4 completions (the stretch where an RL
@@ -21,6 +22,8 @@ A run is a sequence of RL steps. Each step:
    verifiable reward, REINFORCE gradient, AdamW) with transformers on the CPU, on the
    ``none`` method's tail group, then pushes the new weights into every engine through
    ``sync_weights``, the path training uses. Every method sees the same weights.
+   Before it, the drift so far: KL(pi_step || pi_0) per token on that group, next to
+   atlas-static's acceptance length at the step (``results["drift"]``).
 
 Speedup is tokens/s over ``none``'s in the same step and regime; summaries are medians
 over steps. Schema of the results: docs/benchmarks.md.
@@ -45,11 +48,15 @@ from pathlib import Path
 from atlas_rl.metrics import (
     BENCH_RECORD_KEYS,
     BENCH_REGIME_KEYS,
+    BENCH_STATIC_METHOD,
     BENCH_STEP_KEYS,
     BENCH_SUMMARY_KEYS,
     BENCH_TIME_KEYS,
     BENCH_UPDATE_KEYS,
+    PARAM_DELTA_NORM,
+    POLICY_KL,
     POS_PREFIX,
+    STATIC_ACCEPTANCE_LENGTH,
     arm_metrics,
     fmt,
     median,
@@ -58,7 +65,7 @@ from atlas_rl.metrics import (
 logger = logging.getLogger(__name__)
 
 BENCH_METHODS = ("none", "vllm-ngram", "vllm-suffix", "atlas-static", "atlas")
-WORKLOADS = ("drift", "code", "math")
+WORKLOADS = ("drift", "code", "math", "epochs")
 REGIMES = ("tail", "large_batch")
 # What the exactness check tolerates, by the engines' dtype. float32 engines against the
 # float32 policy (transformers): logprobs agree to ~5e-5 (measured); greedy outputs are
@@ -67,9 +74,11 @@ REGIMES = ("tail", "large_batch")
 # method, vLLM's own included: a greedy difference counts only where the float32 policy
 # separates the two tokens by more than that tolerance.
 LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5}
-# What --quick changes: two steps (one per domain), short completions (and one large
-# batch, on the last step: `BenchConfig.quick_preset`).
-QUICK_PRESET = {"steps": 2, "max_tokens": 32, "large_batch_max_tokens": 16, "probe_tokens": 16}
+# What --quick changes: two steps (one per domain; with epochs, the second revisits the
+# first's prompts), short completions (and one large batch, on the last step:
+# `BenchConfig.quick_preset`).
+QUICK_PRESET = {"steps": 2, "max_tokens": 32, "large_batch_max_tokens": 16, "probe_tokens": 16,
+                "epoch_steps": 1}
 
 
 def available_methods() -> list[str]:
@@ -108,13 +117,19 @@ class BenchConfig:
         "help": "known short name or a local HF folder"})
     workload: str | None = field(default=None, metadata={
         "help": "drift (default): code prompts, then math prompts from halfway; code or "
-                "math: one domain", "choices": WORKLOADS})
+                "math: one domain; epochs: a fixed set of code and math prompts (or one "
+                "--prompts file) revisited every --epoch-steps steps, so earlier "
+                "completions of the same prompt can draft (history drafting)",
+        "choices": WORKLOADS})
     prompt_files: list[str] = field(default_factory=list, metadata={
         "help": "prompts from a JSONL file (.gz ok; a 'prompt', 'question' or 'messages' "
                 "field per line, optional 'answer'); give it twice to drift from the first "
                 "set to the second", "flag": "--prompts", "action": "append",
         "metavar": "FILE.jsonl"})
     steps: int = field(default=8, metadata={"help": "RL steps"})
+    epoch_steps: int = field(default=2, metadata={
+        "help": "--workload epochs: steps per epoch; step s's prompts (tail, large batch "
+                "and probe) come back at steps s + epoch_steps, s + 2 epoch_steps, ..."})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts in the large batch"})
     completions: int = field(default=4, metadata={
         "help": "completions per prompt, a GRPO group"})
@@ -134,8 +149,14 @@ class BenchConfig:
     methods: list[str] = field(default_factory=available_methods, metadata={
         "help": f"comma-separated, from: {', '.join(BENCH_METHODS)} (default: all "
                 f"installed; 'none' always runs)", "type": _comma_list, "metavar": "M1,M2"})
-    lr: float = field(default=1e-5, metadata={
-        "help": "policy learning rate of the GRPO updates"})
+    lr: float = field(default=3e-4, metadata={
+        "help": "policy learning rate of the GRPO updates (3e-4: the policy drifts far "
+                "enough that the frozen drafter loses ~20% of its acceptance length, at a "
+                "KL from the initial policy of ~1-2 nats/token by the last steps; "
+                "BENCHMARKS.md)"})
+    length_reward: float = field(default=0.2, metadata={
+        "help": "weight of the reward's brevity term (atlas_rl.rewards.length_reward) in "
+                "the GRPO updates; 0 takes it out"})
     check_sequences: int = field(default=2, metadata={
         "help": "tail completions per method and step checked against the policy",
         "cli": False})
@@ -195,12 +216,17 @@ class BenchConfig:
     def __post_init__(self):
         self._resolve_workload()
         for name in ("steps", "prompts_per_step", "completions", "max_tokens",
-                     "large_batch_max_tokens", "tail_sequences", "probe_tokens"):
+                     "large_batch_max_tokens", "tail_sequences", "probe_tokens",
+                     "epoch_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workload == "drift" and self.steps < 2:
             raise ValueError(f"a drift workload needs steps >= 2 (one per domain), got "
                              f"{self.steps}")
+        if self.workload == "epochs" and self.steps <= self.epoch_steps:
+            raise ValueError(f"an epochs workload needs steps > epoch_steps (else no prompt "
+                             f"comes back), got steps {self.steps}, epoch_steps "
+                             f"{self.epoch_steps}: lower --epoch-steps or raise --steps")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if self.dtype not in LOGPROB_TOLERANCE:
@@ -227,10 +253,11 @@ class BenchConfig:
                 raise ValueError(f"unknown workload {self.workload!r}: choose one of "
                                  f"{', '.join(WORKLOADS)}, or give --prompts FILE.jsonl")
             return
-        if self.workload not in (None, "drift", "file"):
+        if self.workload not in (None, "drift", "file", "epochs"):
             raise ValueError(f"--workload {self.workload} builds its own prompts; drop it "
                              f"when you give --prompts (or use --workload drift with two "
-                             f"--prompts files to switch between them)")
+                             f"--prompts files to switch between them, --workload epochs "
+                             f"with one to revisit its prompts)")
         if len(self.prompt_files) > 2:
             raise ValueError(f"--prompts takes one file, or two to drift from the first "
                              f"to the second; got {len(self.prompt_files)}")
@@ -238,7 +265,11 @@ class BenchConfig:
             raise ValueError("--workload drift with --prompts needs two files (the run "
                              "switches from the first to the second halfway); give "
                              "--prompts twice, or drop --workload to run on one file")
-        self.workload = "drift" if len(self.prompt_files) == 2 else "file"
+        if self.workload == "epochs" and len(self.prompt_files) == 2:
+            raise ValueError("--workload epochs revisits one prompt set: give --prompts "
+                             "once (two files make a drift workload)")
+        if self.workload != "epochs":
+            self.workload = "drift" if len(self.prompt_files) == 2 else "file"
 
     @property
     def drift_step(self) -> int | None:
@@ -248,6 +279,19 @@ class BenchConfig:
     def domain_phase(self, step: int) -> int:
         d = self.drift_step
         return 0 if d is None or step < d else 1
+
+    def prompt_slot(self, step: int) -> int:
+        """Which slice of its domain's prompts step `step` draws: a new one every step,
+        counted from the domain's first step; with epochs, slice `step % epoch_steps`,
+        so the same prompts come back every epoch."""
+        if self.workload == "epochs":
+            return step % self.epoch_steps
+        d = self.drift_step
+        return step - d if d is not None and step >= d else step
+
+    def epoch(self, step: int) -> int | None:
+        """The epoch of `step` (0-based) with --workload epochs, else None."""
+        return step // self.epoch_steps if self.workload == "epochs" else None
 
     def resolved_large_batch_steps(self) -> list[int]:
         if self.large_batch_steps is not None:
@@ -261,7 +305,14 @@ def _domain_pools(cfg: BenchConfig) -> list[tuple[str, list]]:
     """One (domain, prompts) per phase; prompts are workloads.Prompt objects."""
     from atlas_rl import workloads
 
-    per_phase = cfg.steps * (cfg.prompts_per_step + 2)
+    per_step = cfg.prompts_per_step + 2
+    if cfg.workload == "epochs":  # one fixed set, a slice per step of an epoch
+        if cfg.prompt_files:
+            prompts = workloads.load_prompt_file(cfg.prompt_files[0])
+            random.Random(cfg.seed).shuffle(prompts)
+            return [(prompts[0].domain, prompts[: cfg.epoch_steps * per_step])]
+        return [("mixed", workloads.mixed_prompts(cfg.epoch_steps * per_step, seed=cfg.seed))]
+    per_phase = cfg.steps * per_step
     if cfg.prompt_files:
         pools = []
         for path in cfg.prompt_files:
@@ -296,7 +347,8 @@ class PolicyUpdater:
     """The policy as the trainer holds it (transformers, float32, CPU) and one
     on-policy GRPO step per benchmark step. On-policy the clipped ratio is 1, so the
     step is REINFORCE with group-normalised advantages; the loss is normalised by the
-    group's token count. No KL term: drift is the point."""
+    group's token count. No KL term: drift is the point (`policy_kl` measures it against
+    a frozen copy of the initial weights)."""
 
     def __init__(self, model_path: str, lr: float, seed: int = 0):
         import torch
@@ -305,9 +357,12 @@ class PolicyUpdater:
         torch.manual_seed(seed)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.model.eval()  # no dropout in these models; eval keeps the check's forward exact
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in named]
         self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
+        # the initial policy, frozen: the reference of `param_delta_norm` and `policy_kl`
         self._initial = [p.detach().clone() for p in self.params]
+        self._initial_by_name = {n: p0 for (n, _), p0 in zip(named, self._initial)}
         self.updates = 0
 
     def step(self, completions, rewards: Sequence[float], temperature: float) -> dict:
@@ -337,6 +392,42 @@ class PolicyUpdater:
         self.updates += 1
         return {"loss": loss_total, "grad_norm": grad_norm, "updated": True}
 
+    def policy_kl(self, completions, temperature: float) -> float | None:
+        """KL(pi || pi_0) per token: the full-distribution KL of the policy now from the
+        initial policy, averaged over the completion positions of `completions`, at the
+        sampling temperature (float32, no gradient). One batched forward of each policy
+        (the initial one through `functional_call` on the frozen copy of its weights, so
+        no second model is held); 0.0 before any update (the policy is the initial one);
+        None without completion tokens."""
+        import torch
+        from torch.func import functional_call
+
+        seqs = [(list(c.prompt_ids), list(c.completion_ids)) for c in completions
+                if c.completion_ids]
+        if not seqs:
+            return None
+        if self.updates == 0:
+            return 0.0
+        width = max(len(p) + len(c) for p, c in seqs)
+        ids = torch.zeros(len(seqs), width, dtype=torch.long)
+        mask = torch.zeros(len(seqs), width, dtype=torch.long)
+        for i, (p, c) in enumerate(seqs):  # right-padded: a causal model's real
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)  # positions are unaffected
+            mask[i, : len(p) + len(c)] = 1
+        temp = temperature if temperature > 0 else 1.0
+        total, count = 0.0, 0
+        with torch.no_grad():
+            now = self.model(input_ids=ids, attention_mask=mask).logits
+            ref = functional_call(self.model, self._initial_by_name, (),
+                                  {"input_ids": ids, "attention_mask": mask}).logits
+            for i, (p, c) in enumerate(seqs):
+                at = slice(len(p) - 1, len(p) + len(c) - 1)  # the logits that sampled c
+                logp = torch.log_softmax(now[i, at].float() / temp, dim=-1)
+                logq = torch.log_softmax(ref[i, at].float() / temp, dim=-1)
+                total += float((logp.exp() * (logp - logq)).sum())
+                count += len(c)
+        return max(total / count, 0.0)
+
     def param_delta_norm(self) -> float:
         import torch
 
@@ -355,6 +446,24 @@ def _step_record(stats: dict, max_lookahead: int) -> dict:
     rec.update(arm_metrics(stats))  # atlas: which arm drafted (share of drafts), how well
     rec["acceptance_rate_pos"] = pos
     return rec
+
+
+def drift_summary(rows: list[dict], final_kl: float | None,
+                  final_delta_norm: float) -> dict:
+    """The drift section's summary (`BENCH_DRIFT_SUMMARY_KEYS`) from its per-step rows:
+    the frozen drafter's first and last figures are those of the first and last steps
+    that have one (a step where atlas-static drafted nothing has none)."""
+    static = [r[STATIC_ACCEPTANCE_LENGTH] for r in rows
+              if r.get(STATIC_ACCEPTANCE_LENGTH) is not None]
+    first, last = (static[0], static[-1]) if static else (None, None)
+    return {
+        "policy_kl_last_step": rows[-1].get(POLICY_KL) if rows else None,
+        "policy_kl_final": final_kl,
+        "param_delta_norm_final": final_delta_norm,
+        "static_acceptance_length_first": first,
+        "static_acceptance_length_last": last,
+        "static_acceptance_drop": 1.0 - last / first if first else None,
+    }
 
 
 def summarize_regime(records: list[dict], exact: bool) -> dict:
@@ -428,6 +537,29 @@ def format_time_table(results: dict, regime: str = "tail") -> str:
     return "\n".join(lines)
 
 
+def format_drift(results: dict) -> str:
+    """The policy's drift per step (`results["drift"]`) and what it did to the frozen
+    drafter: a table, then the run's figures on one line."""
+    drift = results.get("drift")
+    if not drift or not drift["steps"]:
+        return ""
+    lines = [(f"| step | domain | KL(pi_s || pi_0) nats/token | ||theta_s - theta_0|| | "
+              f"{BENCH_STATIC_METHOD} acceptance length |"), "|---|---|---|---|---|"]
+    for r in drift["steps"]:
+        lines.append(f"| {r['step'] + 1} | {r['domain']} | {fmt(r[POLICY_KL], '.4f')} | "
+                     f"{fmt(r[PARAM_DELTA_NORM])} | {fmt(r[STATIC_ACCEPTANCE_LENGTH])} |")
+    drop = drift["static_acceptance_drop"]
+    lines.append("")
+    lines.append(f"after the last update: KL {fmt(drift['policy_kl_final'], '.4f')} nats/token, "
+                 f"||theta - theta_0|| {fmt(drift['param_delta_norm_final'])}; "
+                 f"{BENCH_STATIC_METHOD} acceptance length "
+                 f"{fmt(drift['static_acceptance_length_first'])} (first step) -> "
+                 f"{fmt(drift['static_acceptance_length_last'])} (last): "
+                 + ("-" if drop is None else f"{100 * drop:.0f}% lost" if drop >= 0 else
+                    f"{-100 * drop:.0f}% gained"))
+    return "\n".join(lines)
+
+
 def _ms_per(seconds: float, n: float) -> str:
     return f"{1000 * seconds / n:.1f}"
 
@@ -492,6 +624,8 @@ class _BenchRun:
         self.totals = {m: {k: 0.0 if k.endswith("_seconds") else 0 for k in BENCH_TIME_KEYS}
                        for m in self.methods}
         self.warned: list = []
+        self.final_kl: float | None = None
+        self.domains: dict[int, str] = {}
 
     def build(self) -> None:
         """The model, the prompts, an engine per method (warmed up), the policy."""
@@ -527,8 +661,8 @@ class _BenchRun:
         cfg = self.cfg
         phase = cfg.domain_phase(step)
         domain, pool = self.pools[min(phase, len(self.pools) - 1)]
-        local_step = step - (cfg.drift_step or 0) if phase else step
-        drawn = _step_prompts(pool, local_step, cfg.prompts_per_step + 2)
+        drawn = _step_prompts(pool, cfg.prompt_slot(step), cfg.prompts_per_step + 2)
+        self.domains[step] = domain
         tail_p, large_p, probe_p = drawn[0], drawn[1:-1], drawn[-1]
         k = len(self.methods)
         order = [self.methods[(i + step) % k] for i in range(k)]
@@ -566,7 +700,7 @@ class _BenchRun:
         base_tps = recs["none"]["tokens_per_s"]
         for m, rec in recs.items():
             rec["speedup"] = rec["tokens_per_s"] / base_tps if base_tps else None
-            rec.update(step=step, domain=domain)
+            rec.update(step=step, domain=domain, epoch=cfg.epoch(step))
             self.records[m][regime].append(rec)
         self.say(f"step {step + 1}/{cfg.steps} [{domain}] {regime:<11} " + "  ".join(
             f"{m} {r['tokens_per_s']:.0f} tok/s AL {r['acceptance_length']:.2f}"
@@ -612,21 +746,33 @@ class _BenchRun:
         code = tail_prompt.prompt if tail_prompt.domain == "code" and \
             isinstance(tail_prompt.prompt, str) else None
         rewards = [rollout_reward(c.text, tail_prompt.answer, len(c.completion_ids),
-                                  cfg.max_tokens, c.finish_reason == "stop", code)
+                                  cfg.max_tokens, c.finish_reason == "stop", code,
+                                  length_weight=cfg.length_reward)
                    for c in group]
+        t0 = time.perf_counter()
+        # the drift so far: the policy that sampled this step's rollouts against pi_0
+        kl = self.policy.policy_kl(group, cfg.temperature)
+        kl_s = time.perf_counter() - t0
+        delta = self.policy.param_delta_norm()
         t0 = time.perf_counter()
         info = self.policy.step(group, rewards, cfg.temperature or 1.0)
         train_s = time.perf_counter() - t0
+        info.update({POLICY_KL: kl, PARAM_DELTA_NORM: delta})
+        if step == cfg.steps - 1:  # where the run leaves the policy (it samples no more)
+            self.final_kl = self.policy.policy_kl(group, cfg.temperature)
         t0 = time.perf_counter()
         for eng in self.engines.values():
             eng.sync_weights(self.policy.model)
         sync_s = time.perf_counter() - t0
         reward = statistics.fmean(rewards)
         self.updates.append({"step": step, "reward": reward, **info,
-                             "train_seconds": train_s, "sync_seconds": sync_s})
+                             "train_seconds": train_s, "sync_seconds": sync_s,
+                             "kl_seconds": kl_s})
         self.bar.advance(f"step {step + 1}/{cfg.steps} policy update")
         self.say(f"step {step + 1}/{cfg.steps} policy update: reward {reward:.3f}"
-                 f" grad norm {info['grad_norm']:.3f}, train {train_s:.1f} s, sync {sync_s:.1f} s")
+                 f" grad norm {info['grad_norm']:.3f}, train {train_s:.1f} s, sync {sync_s:.1f} s;"
+                 f" drift: KL(pi_{step} || pi_0) {fmt(kl, '.4f')} nats/token, "
+                 f"||theta_{step} - theta_0|| {delta:.2f}")
 
     def exactness(self, m: str) -> dict:
         """A method's verdict: greedy identity on every probe, and (sampling) one KS test
@@ -664,6 +810,20 @@ class _BenchRun:
         return {"summary": summary, "regimes": regimes, "steps": _step_rows(records, exact),
                 "exactness": exactness, "time": self.totals[m]}
 
+    def drift(self) -> dict:
+        """How far the policy moved and what that did to the frozen drafter: per step the
+        KL of the policy that sampled it from the initial one and atlas-static's tail
+        acceptance length (names and definitions: `metrics.BENCH_DRIFT_METRICS`)."""
+        # a step where the controller drafted nothing says nothing about the drafter
+        static = {r["step"]: r["acceptance_length"]
+                  for r in self.records.get(BENCH_STATIC_METHOD, {}).get("tail", [])
+                  if r.get("num_drafts")}
+        rows = [{"step": u["step"], "domain": self.domains[u["step"]],
+                 POLICY_KL: u.get(POLICY_KL), PARAM_DELTA_NORM: u.get(PARAM_DELTA_NORM),
+                 STATIC_ACCEPTANCE_LENGTH: static.get(u["step"])} for u in self.updates]
+        return {"steps": rows, **drift_summary(rows, self.final_kl,
+                                               self.policy.param_delta_norm())}
+
     def results(self, t_start: float, not_run: dict[str, str]) -> dict:
         from atlas_rl.machine import machine_info
 
@@ -679,6 +839,7 @@ class _BenchRun:
             "policy": {"updates": self.policy.updates,
                        "param_delta_norm": self.policy.param_delta_norm(),
                        "steps": self.updates},
+            "drift": self.drift(),
             "methods": methods_out,
             "total_seconds": time.perf_counter() - t_start,
         }
@@ -734,6 +895,9 @@ def headline(results: dict) -> str:
     c, mach = results["config"], results["machine"]
     drift = (f"drift {c['domains'][0]} -> {c['domains'][1]} at step {c['drift_step'] + 1}"
              if c.get("drift_step") is not None else f"domain {c['domains'][0]}")
+    if c.get("workload") == "epochs":
+        n = c["epoch_steps"]
+        drift += f", epochs of {n} step{'s' if n != 1 else ''} (prompts come back)"
     return (f"atlas-rl bench: {c['model']}, temperature {c['temperature']}, {c['steps']} steps "
             f"({drift}), tail = 1 prompt x {min(c['completions'], c['tail_sequences'])}, "
             f"large batch = {c['prompts_per_step']} x {c['completions']} on steps "

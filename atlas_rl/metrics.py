@@ -268,13 +268,49 @@ BENCH_RECORD_KEYS = ("tokens_per_s", "rollout_seconds", "num_tokens", "num_compl
 BENCH_UPDATE_KEYS = UPDATE_METRICS + ("drafter_rollback", "drafter_version", "index_tokens",
                                       "history_tokens")
 #: ... a method's per-step rows (tail regime) ...
-BENCH_STEP_KEYS = ("step", "domain", "tokens_per_s", "speedup", "acceptance_length",
+BENCH_STEP_KEYS = ("step", "domain", "epoch", "tokens_per_s", "speedup", "acceptance_length",
                    "acceptance_rate", "lookahead", "oracle_acceptance_length",
                    "rollout_seconds", "acceptance_rate_pos", "update_seconds",
                    "drafter_loss", "drafter_train_seconds", "update_budget_seconds")
 #: ... and where the time went (sums over steps; the last two are counts).
 BENCH_TIME_KEYS = ("rollout_seconds", "forward_seconds", "sample_seconds", "propose_seconds",
                    "draft_seconds", "update_seconds", "engine_steps", "num_tokens")
+
+
+#: The drift of the policy over a run (``results["drift"]``): the method whose
+#: acceptance length shows what the drift does to a drafter that does not learn ...
+BENCH_STATIC_METHOD = "atlas-static"
+POLICY_KL = "policy_kl"
+PARAM_DELTA_NORM = "param_delta_norm"
+STATIC_ACCEPTANCE_LENGTH = "static_acceptance_length"
+#: ... a row per step ...
+BENCH_DRIFT_STEP_KEYS = ("step", "domain", POLICY_KL, PARAM_DELTA_NORM,
+                         STATIC_ACCEPTANCE_LENGTH)
+#: ... and the run's figures.
+BENCH_DRIFT_SUMMARY_KEYS = ("policy_kl_last_step", "policy_kl_final", "param_delta_norm_final",
+                            "static_acceptance_length_first", "static_acceptance_length_last",
+                            "static_acceptance_drop")
+BENCH_DRIFT_METRICS: dict[str, str] = {
+    POLICY_KL: "KL(pi_s || pi_0) per token, nats: the full-distribution KL of the policy "
+               "that sampled step s's rollouts from the initial policy, at the sampling "
+               "temperature, averaged over the completion positions of the step's tail "
+               "group (none's); 0 at the first step",
+    PARAM_DELTA_NORM: "||theta_s - theta_0||: how far the weights that sampled step s are "
+                      "from the initial ones (L2 over every trained parameter)",
+    STATIC_ACCEPTANCE_LENGTH: "atlas-static's tail acceptance length at step s: the frozen "
+                              "drafter on the current policy (None where it drafted "
+                              "nothing)",
+    "policy_kl_last_step": "policy_kl of the last step's sampling policy",
+    "policy_kl_final": "KL of the policy after the last update, on the last step's tail "
+                       "group",
+    "param_delta_norm_final": "||theta_S - theta_0|| after the last update",
+    "static_acceptance_length_first": "static_acceptance_length of the first step (that "
+                                      "has one)",
+    "static_acceptance_length_last": "static_acceptance_length of the last step (that has "
+                                     "one)",
+    "static_acceptance_drop": "1 - last / first: the frozen drafter's loss of acceptance "
+                              "length over the run",
+}
 
 
 def atlas_name(key: str) -> str:

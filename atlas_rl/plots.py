@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from atlas_rl.metrics import atlas_name
+from atlas_rl.metrics import POLICY_KL, atlas_name
 
 _COLORS = {"none": "#7f7f7f", "vllm-ngram": "#1f77b4", "vllm-suffix": "#2ca02c",
            "atlas-static": "#ff7f0e", "atlas": "#d62728"}
@@ -72,6 +72,14 @@ def plot_bench(results: dict, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="best")
     ax_al.set_ylabel("acceptance length (tail)")
+    drift_rows = [r for r in (results.get("drift") or {}).get("steps", [])
+                  if r.get(POLICY_KL) is not None]
+    if drift_rows:  # how far the policy has moved: KL from the initial policy
+        ax_kl = ax_al.twinx()
+        ax_kl.plot([r["step"] + 1 for r in drift_rows], [r[POLICY_KL] for r in drift_rows],
+                   "s:", color="#9467bd", alpha=0.7, label="KL(pi_s || pi_0) (right axis)")
+        ax_kl.set_ylabel("KL from the initial policy, nats/token", color="#9467bd")
+        ax_kl.legend(fontsize=8, loc="lower right")
     ax_al.set_title("Acceptance length per step (tail regime, temperature %g)"
                     % results["config"]["temperature"])
     ax_sp.axhline(1.0, color="k", linewidth=0.8)

@@ -60,7 +60,11 @@ def plain_text_reward(text: str) -> float:
 
 def syntax_reward(code_prompt: str, text: str, finished: bool) -> float:
     """1.0 if `code_prompt` + the completion compiles as Python, else 0.0. A completion
-    cut at max_tokens is judged on its complete lines only (none: 0.0)."""
+    cut at max_tokens is judged on its complete lines only (none: 0.0); one that writes
+    no code at all gets 0.0 (a stub with its docstring compiles, but is no answer: under
+    RL an empty completion would otherwise be the easiest reward)."""
+    if not text.strip():
+        return 0.0
     if not finished:
         text = text[: text.rindex("\n") + 1] if "\n" in text else ""
         if not text.strip():
@@ -75,10 +79,14 @@ def syntax_reward(code_prompt: str, text: str, finished: bool) -> float:
 
 
 def rollout_reward(text: str, answer: str | None, num_tokens: int, max_tokens: int,
-                   finished: bool, code_prompt: str | None = None) -> float:
+                   finished: bool, code_prompt: str | None = None,
+                   length_weight: float = 0.2) -> float:
     """The benchmark's reward: correctness + 0.2 format (checkable prompts only)
-    + 0.5 syntax (code prompts only) + 0.2 length + 0.1 plain text."""
-    r = 0.2 * length_reward(num_tokens, max_tokens, finished) + 0.1 * plain_text_reward(text)
+    + 0.5 syntax (code prompts only) + `length_weight` (0.2) length + 0.1 plain text.
+    `length_weight` 0 takes brevity out: with large policy steps, the length term is
+    what GRPO learns first, and it drives completions to a few tokens."""
+    r = length_weight * length_reward(num_tokens, max_tokens, finished) + \
+        0.1 * plain_text_reward(text)
     if code_prompt is not None:
         r += 0.5 * syntax_reward(code_prompt, text, finished)
     if answer is not None:

@@ -307,6 +307,16 @@ def test_quick_run_policy_really_moves(quick_run):
     policy = results["policy"]
     assert policy["updates"] >= 1 and policy["param_delta_norm"] > 0
     assert all(s["sync_seconds"] > 0 for s in policy["steps"])
+    # the drift: KL from the initial policy, 0 until the first update, > 0 after one
+    drift = results["drift"]
+    assert [r["step"] for r in drift["steps"]] == [0, 1]
+    assert drift["steps"][0]["policy_kl"] == 0.0
+    if policy["steps"][0]["updated"]:
+        assert drift["steps"][1]["policy_kl"] > 0 and drift["steps"][1]["param_delta_norm"] > 0
+    assert drift["policy_kl_final"] > 0 and drift["param_delta_norm_final"] > 0
+    static = results["methods"]["atlas-static"]["steps"]
+    for row, rec in zip(drift["steps"], static):
+        assert row["static_acceptance_length"] in (None, rec["acceptance_length"])
 
 
 def test_greedy_divergence_margin_is_the_reference_logit_gap(tiny_model_path):
