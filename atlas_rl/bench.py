@@ -149,11 +149,11 @@ class BenchConfig:
     methods: list[str] = field(default_factory=available_methods, metadata={
         "help": f"comma-separated, from: {', '.join(BENCH_METHODS)} (default: all "
                 f"installed; 'none' always runs)", "type": _comma_list, "metavar": "M1,M2"})
-    lr: float = field(default=3e-4, metadata={
-        "help": "policy learning rate of the GRPO updates (3e-4: the policy drifts far "
-                "enough that the frozen drafter loses ~20% of its acceptance length, at a "
-                "KL from the initial policy of ~1-2 nats/token by the last steps; "
-                "BENCHMARKS.md)"})
+    lr: float = field(default=1e-4, metadata={
+        "help": "policy learning rate of the GRPO updates (1e-4: KL from the initial "
+                "policy ~0.01-0.1 nats/token per step, the range of a GRPO run with a KL "
+                "penalty; 3e-4 drifts ~10x further, shortens completions and costs the "
+                "frozen drafter ~20% of its acceptance length; BENCHMARKS.md)"})
     length_reward: float = field(default=0.2, metadata={
         "help": "weight of the reward's brevity term (atlas_rl.rewards.length_reward) in "
                 "the GRPO updates; 0 takes it out"})
