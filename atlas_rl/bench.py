@@ -153,7 +153,7 @@ class BenchConfig:
         "help": "policy learning rate of the GRPO updates (1e-4: KL from the initial "
                 "policy ~0.01-0.1 nats/token per step, the range of a GRPO run with a KL "
                 "penalty; 3e-4 drifts ~10x further, shortens completions and costs the "
-                "frozen drafter ~20% of its acceptance length; BENCHMARKS.md)"})
+                "frozen drafter a fifth of its acceptance length; BENCHMARKS.md)"})
     length_reward: float = field(default=0.2, metadata={
         "help": "weight of the reward's brevity term (atlas_rl.rewards.length_reward) in "
                 "the GRPO updates; 0 takes it out"})
@@ -163,6 +163,9 @@ class BenchConfig:
     probe_tokens: int = field(default=32, metadata={
         "help": "tokens of the greedy probe that checks greedy identity", "cli": False})
     max_lookahead: int = field(default=8, metadata={"help": "draft tokens"})
+    drafter: str = field(default="auto", metadata={
+        "help": "the atlas methods' neural drafter (AtlasConfig.drafter): auto (the bundled "
+                "EAGLE-3 one where there is one), eagle3 or mlp"})
     dtype: str = field(default="float32", metadata={
         "help": "every engine's dtype (default float32 on every CPU: exactness is judged "
                 "there; bfloat16: logprobs within 0.5 of the float32 "
@@ -638,7 +641,7 @@ class _BenchRun:
         path = resolve_model(cfg.model)
         self.pools = _domain_pools(cfg)
         self.engine_config = AtlasConfig(max_lookahead=cfg.max_lookahead, dtype=cfg.dtype,
-                                         seed=cfg.seed)
+                                         seed=cfg.seed, drafter=cfg.drafter)
         self.engines = {}
         for m in self.methods:
             self.bar.advance(f"building engine {m}")

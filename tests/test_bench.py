@@ -352,3 +352,14 @@ def test_cli_refuses_bad_combinations(tmp_path):
     assert main(["bench", "--prompts", str(tmp_path / "p.jsonl"), "--workload", "drift"]) == 2
     assert main(["bench", "--prompts", str(tmp_path / "p.jsonl"), "--workload", "code"]) == 2
     assert main(["bench", "--methods", "atlas-turbo"]) == 2
+
+
+def test_every_cli_help_renders(capsys):
+    """argparse formats help strings with %: a stray one breaks --help (it did once)."""
+    from atlas_rl.cli import main
+
+    for command in (["bench"], ["train-speculator"], []):
+        with pytest.raises(SystemExit) as exit_info:
+            main(command + ["--help"])
+        assert exit_info.value.code == 0
+        assert "usage:" in capsys.readouterr().out
