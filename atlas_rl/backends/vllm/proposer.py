@@ -90,6 +90,7 @@ def attach_step_hook(runner, proposer: "AtlasProposer") -> None:
             finished=tuple(getattr(scheduler_output, "finished_req_ids", ()) or ()),
             num_scheduled_tokens=getattr(scheduler_output, "total_num_scheduled_tokens", None),
             hidden=bound.get("sample_hidden_states"),
+            aux=sampled_aux(runner, bound),
             num_prompt_tokens=prompt_lengths(runner.input_batch)))
         out = original(*args, **kwargs)
         try:
