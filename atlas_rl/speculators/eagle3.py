@@ -81,6 +81,7 @@ class Eagle3Speculator(HiddenStateSpeculator):
         self._rng = random.Random(seed)
         self._embed = self._head = None
         self._head_sub_t = None
+        self._train_head: torch.Tensor | None = None  # the head rows learn() trains against
         self._caches: dict[object, _Cache] = {}
         self._streams: dict[object, Eagle3Stream] = {}
         self._done: list[Eagle3Stream] = []
@@ -263,7 +264,7 @@ class Eagle3Speculator(HiddenStateSpeculator):
             aux[b, :n], final[b, :n], tok[b, :n] = a.float(), f.float(), t
             pos[b] = start + torch.arange(M)
             valid[b, :n] = True
-        emb = self._emb(tok.flatten()).view(B, -1, d)
+        emb = self._emb(tok.flatten()).view(B, -1, d).clone()
         p_sub, p_out = vocab_targets(final, self._head.detach(), self._vocab_dev)
         return aux, emb, pos, valid, p_sub, p_out
 
@@ -271,7 +272,7 @@ class Eagle3Speculator(HiddenStateSpeculator):
         """Expected acceptance length of distribution drafts on held-out rollouts."""
         was = net.training
         net.eval()
-        acc = unrolled_acceptance(net, *held[:4], self._head_sub_t.t(), held[4], held[5],
+        acc = unrolled_acceptance(net, *held[:4], self._train_head.t(), held[4], held[5],
                                   self.steps)
         net.train(was)
         return expected_length(acc["distribution"])
@@ -284,7 +285,9 @@ class Eagle3Speculator(HiddenStateSpeculator):
         new = self.take_captured() or []
         if not new:
             return {}
-        self._sub_head_t()
+        # a copy made here: tensors made under inference mode (vLLM's weights, drafting's
+        # caches) cannot be saved for backward
+        self._train_head = self._sub_head_t().clone()
         self._rng.shuffle(new)
         n_held = max(1, int(round(self.holdout_fraction * len(new)))) if len(new) > 1 else 0
         held_rollouts, fresh = new[:n_held], new[n_held:]
@@ -347,7 +350,7 @@ class Eagle3Speculator(HiddenStateSpeculator):
 
     def _loss(self, net, rollouts):
         aux, emb, pos, valid, p_sub, p_out = self._batch(rollouts)
-        loss, _ = unrolled_loss(net, aux, emb, pos, valid, self._head_sub_t.t(), p_sub, p_out,
+        loss, _ = unrolled_loss(net, aux, emb, pos, valid, self._train_head.t(), p_sub, p_out,
                                 self.steps)
         return loss
 
