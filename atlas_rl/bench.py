@@ -165,7 +165,7 @@ class BenchConfig:
     max_lookahead: int = field(default=8, metadata={"help": "draft tokens"})
     drafter: str = field(default="auto", metadata={
         "help": "the atlas methods' neural drafter (AtlasConfig.drafter): auto (the bundled "
-                "EAGLE-3 one where there is one), eagle3 or mlp"})
+                "MLP one), eagle3 (the bundled EAGLE-3 one) or mlp"})
     dtype: str = field(default="float32", metadata={
         "help": "every engine's dtype (default float32 on every CPU: exactness is judged "
                 "there; bfloat16: logprobs within 0.5 of the float32 "

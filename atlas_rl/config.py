@@ -30,9 +30,10 @@ class AtlasConfig:
     drafter: str = field(default="auto", metadata={
         "help": "The neural drafter's architecture: 'eagle3' (one decoder layer over the "
                 "policy's features at three layers; needs a static drafter made by "
-                "`python -m atlas_rl.speculators.eagle3_distill`), 'mlp' (one residual MLP "
-                "block over the last hidden state), or 'auto': eagle3 where the static "
-                "drafter directory holds one, else mlp."})
+                "`atlas-rl train-speculator`), 'mlp' (one residual MLP block over the last "
+                "hidden state), or 'auto': mlp where the static drafter directory holds "
+                "one (the bundled directory holds both: on a CPU the EAGLE-3 drafter "
+                "accepts more but its drafting costs more, BENCHMARKS.md), else eagle3."})
     neural_drafter: bool = field(default=True, metadata={
         "help": "Use the neural drafter beside the suffix index (off: suffix only)."})
     draft_vocab_size: int = field(default=4096, metadata={

@@ -100,8 +100,12 @@ class AtlasRolloutEngine:
         if not cfg.neural_drafter:
             return specs
         path = static_speculator_dir(cfg.static_speculator, self.model_path, cfg.drafter)
+        # auto: the MLP drafter where the directory has one (the bundled directory has
+        # both: on this CPU the EAGLE-3 one accepts more but costs more, BENCHMARKS.md),
+        # else an EAGLE-3 one
         if cfg.drafter == "eagle3" or (cfg.drafter == "auto" and path is not None
-                                       and is_eagle3_dir(path)):
+                                       and is_eagle3_dir(path)
+                                       and not (path / "neural.json").is_file()):
             if path is None or not is_eagle3_dir(path):
                 raise ValueError(
                     f"drafter='eagle3' needs a static EAGLE-3 drafter (a directory with "

@@ -83,14 +83,14 @@ def test_sampling_follows_the_model_distribution(method, make_engine, real_model
         assert batch.stats["drafts_suffix-dist"] + batch.stats["drafts_suffix"] > 0.05, batch.stats
 
 
-def test_mlp_drafter_stays_exact(make_engine, real_model_path, prompts, greedy_baseline,
-                                reference):
-    """The MLP drafter (AtlasConfig.drafter="mlp"; the methods above draft with the bundled
-    EAGLE-3 one): greedy identical, samples follow p, its distribution drafts verified."""
-    from atlas_rl.speculators import NeuralSpeculator
+def test_eagle3_drafter_stays_exact(make_engine, real_model_path, prompts, greedy_baseline,
+                                   reference):
+    """The bundled EAGLE-3 drafter (AtlasConfig.drafter="eagle3"; the methods above draft
+    with the MLP one): greedy identical, samples follow p, its distribution drafts verified."""
+    from atlas_rl.speculators.eagle3 import Eagle3Speculator
 
-    engine = make_engine(real_model_path, "atlas", drafter="mlp", **CFG)
-    assert isinstance(engine.speculators["neural"], NeuralSpeculator)
+    engine = make_engine(real_model_path, "atlas", drafter="eagle3", **CFG)
+    assert isinstance(engine.speculators["neural"], Eagle3Speculator)
     greedy = engine.generate(prompts, temperature=0.0, max_tokens=96)
     assert greedy_mismatches(greedy_baseline.completion_ids, greedy.completion_ids) == []
     batch = engine.generate(prompts * 3, n=2, temperature=1.0, max_tokens=64, seed=6)
