@@ -172,8 +172,8 @@ class AtlasRolloutEngine:
         ``train_budget_fraction`` of ``rollout_seconds`` (default: the last batch's).
 
         Under torch.distributed (a data-parallel trainer: call it on every rank), every
-        rank learns every rank's rollouts: the sequences and the captured hidden states
-        are gathered, rank 0 trains the neural drafter and its published weights are
+        rank learns every rank's rollouts: the sequences, the prompts their requests
+        started with (history drafting) and the captured hidden states are gathered, rank 0 trains the neural drafter and its published weights are
         broadcast, so that the speculators of all ranks stay identical."""
         if not self.speculators:
             return {}
@@ -184,6 +184,10 @@ class AtlasRolloutEngine:
         if size == 1:
             return self._learn(sequences, rollout_seconds)
         sequences = [s for part in ranks.gather(sequences) for s in part]
+        for spec in self.speculators.values():  # history drafting: every rank's prompts
+            if hasattr(spec, "unlearned_prompts"):
+                spec.add_unlearned([p for part in ranks.gather(spec.unlearned_prompts())
+                                    for p in part])
         neural = self.speculators.get("neural")
         if not isinstance(neural, (NeuralSpeculator, Eagle3Speculator)) or neural.frozen:
             return self._learn(sequences, rollout_seconds)

@@ -105,8 +105,8 @@ def test_history_stays_within_its_budget_evicting_least_recently_used_prompts():
         learn(i)
     assert held() == [0, 1, 2]  # least recently used first
     spec.begin_batch()
-    spec.begin_request("r", prompts[0])  # a request of prompt 0 starts: it is used
-    assert held() == [1, 2, 0]
+    spec.begin_request("r", prompts[0])  # a request of prompt 0 starts: it is used ...
+    assert held() == [0, 1, 2]  # ... as of the batch's learn (the order all ranks share)
     learn(3)
     assert held() == [2, 0, 3]  # prompt 1 went, not the older prompt 0 (not FIFO)
     learn(4)
@@ -158,12 +158,12 @@ def test_history_state_round_trip(tmp_path):
     spec.learn(_generate(spec, [(P1, SHARED + [10, 11, 12]), (P2, SHARED + [20, 21, 22]),
                                 (P1, SHARED + [10, 11, 13])]))
     spec.begin_batch()
-    spec.begin_request("t", P1)  # P1 most recently used
+    spec.begin_request("t", P1)  # used as of the next learn, not yet
     spec.save(tmp_path)
     other = SuffixSpeculator()
     other.load(tmp_path)
     assert other.max_history_tokens == 500
-    assert list(other._history.prompts) == list(spec._history.prompts) == [prompt_key(P2), prompt_key(P1)]
+    assert list(other._history.prompts) == list(spec._history.prompts) == [prompt_key(P1), prompt_key(P2)]
     assert other.history_stats() == spec.history_stats()
     for prompt, want in ((P1, [10, 11, 13]), (P2, [20, 21, 22])):  # ties: newest
         drafts = []

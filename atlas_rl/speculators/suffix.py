@@ -243,7 +243,8 @@ class SuffixSpeculator(Speculator):
             siblings = self._siblings[pkey] = NGramIndex(self.ngram_sizes, self.max_occurrences)
         if key not in siblings.seqs:
             siblings.extend(key, tail)
-        self._history.touch(pkey)
+        # its history is touched (least recently used order) when the batch is learnt, in
+        # the order of `_unlearned`, which data-parallel ranks share (`add_unlearned`)
         if not self.frozen and self.max_history_tokens > 0:
             self._unlearned[pkey] = len(prompt)
             self._unlearned.move_to_end(pkey)
@@ -388,6 +389,7 @@ class SuffixSpeculator(Speculator):
         by_length: dict[int, set[str]] = {}
         for pkey, n in self._unlearned.items():
             by_length.setdefault(n, set()).add(pkey)
+        touched = list(self._unlearned)
         self._unlearned.clear()
         lengths = sorted(by_length, reverse=True)
         completions: dict[str, list[list[int]]] = {}
@@ -401,9 +403,25 @@ class SuffixSpeculator(Speculator):
                 if pkey in by_length[n]:
                     completions.setdefault(pkey, []).append(seq[n - min(n, self._tail):])
                     break
+        for pkey in touched:
+            self._history.touch(pkey)
         for pkey, seqs in completions.items():
             self._history.add(pkey, seqs)
         return self.history_stats()
+
+    def unlearned_prompts(self) -> list[tuple[str, int]]:
+        """The prompts (digest, length) of the requests started since the last `learn`,
+        oldest first: what a data-parallel rank shares with the others (`add_unlearned`),
+        so that every rank files every rank's rollouts under their prompts."""
+        return list(self._unlearned.items())
+
+    def add_unlearned(self, prompts) -> None:
+        """Make `prompts` (every rank's `unlearned_prompts`, in rank order) this rank's:
+        all ranks then hold the same prompts in the same order."""
+        self._unlearned.clear()
+        for pkey, n in prompts:
+            self._unlearned[pkey] = int(n)
+            self._unlearned.move_to_end(pkey)
 
     def history_stats(self) -> dict[str, float]:
         return {"history_tokens": float(self._history.num_tokens),
