@@ -173,8 +173,9 @@ class AtlasRolloutEngine:
 
         Under torch.distributed (a data-parallel trainer: call it on every rank), every
         rank learns every rank's rollouts: the sequences, the prompts their requests
-        started with (history drafting) and the captured hidden states are gathered, rank 0 trains the neural drafter and its published weights are
-        broadcast, so that the speculators of all ranks stay identical."""
+        started with (history drafting) and the captured hidden states are gathered,
+        rank 0 trains the neural drafter and its published weights are broadcast, so that
+        the speculators of all ranks stay identical."""
         if not self.speculators:
             return {}
         if rollout_seconds is None:
