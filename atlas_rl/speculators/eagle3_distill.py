@@ -98,20 +98,11 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 def load_prompts(files: list[str], count: int | None, seed: int) -> list:
-    from atlas_rl.workloads import load_prompt_file
+    """`count` prompts drawn round-robin over `files` (every prompt with None), as
+    `atlas-rl train-speculator` draws them for the MLP drafter."""
+    from atlas_rl.train_speculator import _draw_prompts
 
-    pools = [load_prompt_file(f) for f in files]
-    rng = random.Random(seed)
-    for pool in pools:
-        rng.shuffle(pool)
-    out, i = [], 0
-    total = sum(len(p) for p in pools) if count is None else count
-    while len(out) < total and any(pools):
-        pool = pools[i % len(pools)]
-        if pool:
-            out.append(pool.pop())
-        i += 1
-    return out
+    return _draw_prompts(files, count if count is not None else 1 << 62, seed)
 
 
 @torch.no_grad()
