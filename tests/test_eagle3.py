@@ -155,7 +155,39 @@ def test_a_gap_in_positions_starts_the_request_afresh():
     _capture(spec, policy, "r", 6, start=0)
     aux, hs, toks = policy.rollout(2)
     spec.capture("r", hs, toks, 50, aux=aux)        # preempted and recomputed elsewhere
-    assert len(spec._caches["r"].k) == 2 and spec._caches["r"].pos == 51
+    assert len(spec._slots.keys_of("r")) == 2 and int(spec._slots.pos[spec._slots.slot["r"]]) == 51
+
+
+def test_a_steps_batched_capture_equals_capturing_each_request():
+    """The proposer hands a step's rows of every request at once (`capture_batch`: one
+    fusion, one key/value projection, one scatter into ring-indexed slots); drafts and
+    learning rows are those of capturing request by request, across window wrap-around
+    and requests that finish and free their slots."""
+    policy = SyntheticPolicy(7)
+    one, many = _speculator(policy, net=_net(seed=3)), _speculator(policy, net=_net(seed=3))
+    rollouts = {f"r{i}": policy.rollout(9 + i) for i in range(3)}
+    for s in range(0, 12, 3):
+        keys, hidden, aux, toks, firsts, offs = [], [], [], [], [], []
+        for key, (a, h, t) in rollouts.items():
+            if s >= len(t):
+                continue
+            m = min(3, len(t) - s)
+            one.capture(key, h[s:s + m], t[s:s + m], 5 + s, aux=a[s:s + m])
+            keys.append(key)
+            offs.append(sum(len(x) for x in toks))
+            hidden.append(h[s:s + m])
+            aux.append(a[s:s + m])
+            toks.append(t[s:s + m])
+            firsts.append(5 + s)
+        many.capture_batch(keys, torch.cat(hidden), toks, firsts, offs, aux=torch.cat(aux))
+        got = many.propose(keys, [[0]] * len(keys), [3] * len(keys))
+        want = one.propose(keys, [[0]] * len(keys), [3] * len(keys))
+        for a, b in zip(got, want):
+            assert a.tokens == b.tokens and a.confidence == pytest.approx(b.confidence, abs=1e-5)
+    one.finish("r0"), many.finish("r0")
+    assert "r0" not in many._slots and len(many._slots) == 2
+    (a,), (b,) = one.take_captured()[:1], many.take_captured()[:1]
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])) and a[3] == b[3]
 
 
 def test_candidate_that_does_not_beat_the_published_drafter_is_not_published():
@@ -244,18 +276,20 @@ def test_eagle3_in_vllm_reads_the_policys_layers_and_stays_exact(make_engine, re
     assert isinstance(spec, Eagle3Speculator) and not spec.frozen
     assert "applied" in hooks.status()["aux_hidden_states"]
     seen = []
-    capture = spec.capture
+    capture = spec.capture_batch
 
-    def spy(key, hidden, tokens, first_pos, aux=None):
-        seen.append((key, list(tokens), first_pos, None if aux is None else aux.clone()))
-        return capture(key, hidden, tokens, first_pos, aux=aux)
+    def spy(keys, hidden, tokens, first_positions, offsets, aux=None):
+        for key, toks, first, off in zip(keys, tokens, first_positions, offsets):
+            rows = None if aux is None else aux[off:off + len(toks)].clone()
+            seen.append((key, list(toks), first, rows))
+        return capture(keys, hidden, tokens, first_positions, offsets, aux=aux)
 
-    spec.capture = spy
+    spec.capture_batch = spy
     try:
         want = base.generate(prompts, temperature=0.0, max_tokens=24)
         got = engine.generate(prompts, temperature=0.0, max_tokens=24)
     finally:
-        del spec.capture
+        del spec.capture_batch
     assert greedy_mismatches([c.completion_ids for c in want], [c.completion_ids for c in got]) == []
     assert seen and all(a is not None and a.shape[1] == 3 * 576 for *_, a in seen)
 

@@ -177,6 +177,16 @@ class HiddenStateSpeculator(Speculator):
         `key` and sampled ``tokens[i]`` from it. `hidden` is memory the caller gives
         away (the proposer copies vLLM's reused buffer once per step)."""
 
+    def capture_batch(self, keys: Sequence[str], hidden: torch.Tensor,
+                      tokens: Sequence[Sequence[int]], first_positions: Sequence[int],
+                      offsets: Sequence[int], aux: torch.Tensor | None = None) -> None:
+        """One engine step's captures: request ``keys[i]``'s rows are ``offsets[i] :
+        offsets[i] + len(tokens[i])`` of `hidden` (and of `aux`, the features at
+        `aux_layers` for drafters that read them). Override to batch the work."""
+        for key, toks, first, off in zip(keys, tokens, first_positions, offsets):
+            if len(toks):
+                self.capture(key, hidden[off:off + len(toks)], toks, first)
+
     def weights_synced(self) -> None:
         """The policy's weights changed (after `attach_target`'s tensors were updated):
         drop anything derived from them."""

@@ -221,14 +221,15 @@ class Eagle3Net(nn.Module):
         return m, _rms(m, self.final_norm, self.eps)
 
     def attend(self, q, keys, values, mask):
-        """q [B, H, hd]; keys/values [B, S, KV, hd]; mask [B, S] (True = attend)."""
-        rep = self.num_heads // self.num_kv_heads
-        keys = keys.repeat_interleave(rep, dim=-2)
-        values = values.repeat_interleave(rep, dim=-2)
-        scores = torch.einsum("bhd,bshd->bhs", q, keys) / math.sqrt(self.head_dim)
-        scores = scores.masked_fill(~mask[:, None, :], float("-inf"))
-        return torch.einsum("bhs,bshd->bhd", torch.softmax(scores.float(), -1).to(q.dtype),
-                            values)
+        """q [B, H, hd]; keys/values [B, S, KV, hd]; mask [B, S] (True = attend). Grouped:
+        head h reads key/value head h // (H / KV), without repeating keys."""
+        B, H, hd = q.shape
+        kv = self.num_kv_heads
+        qg = q.view(B, kv, H // kv, hd)
+        scores = torch.einsum("bgrd,bsgd->bgrs", qg, keys) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+        w = torch.softmax(scores.float(), -1).to(q.dtype)
+        return torch.einsum("bgrs,bsgd->bgrd", w, values).reshape(B, H, hd)
 
     # -- training: all positions of a batch of sequences, unrolled ----------------------
 

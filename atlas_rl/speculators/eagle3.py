@@ -38,16 +38,76 @@ from atlas_rl.speculators.distill import (expected_length, unrolled_acceptance, 
 from atlas_rl.speculators.drafter_net import Eagle3Net
 
 
-@dataclass
-class _Cache:
-    """One request's drafter state: keys/values of its last verified positions."""
+class KVSlots:
+    """Every live request's drafter state in one set of tensors, a slot (row) per request:
+    keys/values of its last `window` verified positions, ring-indexed by position (rotary
+    keys carry their position, so attention does not care about their order), the
+    position each ring entry holds (-1: none), and the last position's fused feature and
+    sampled token (the first draft step's input). One capture writes every request's new
+    rows with one scatter; one propose gathers the drafting requests' slots."""
 
-    k: torch.Tensor            # [n, kv_heads, hd]
-    v: torch.Tensor
-    hidden: torch.Tensor       # fused feature of the last position [d]
-    token: int                 # the token sampled there
-    pos: int                   # its position
-    next_pos: int              # the position the next capture must start at
+    def __init__(self, window: int, kv_heads: int, head_dim: int, hidden_size: int,
+                 capacity: int = 8):
+        self.window = window
+        self._shape = (window, kv_heads, head_dim)
+        self.hidden_size = hidden_size
+        self.slot: dict[object, int] = {}
+        self.next_pos: dict[object, int] = {}
+        self._free: list[int] = []
+        self._alloc(capacity)
+
+    def _alloc(self, capacity: int) -> None:
+        old = getattr(self, "k", None)
+        k = torch.zeros((capacity,) + self._shape)
+        fields = {"k": k, "v": torch.zeros_like(k),
+                  "stored": torch.full((capacity, self.window), -1, dtype=torch.long),
+                  "hidden": torch.zeros((capacity, self.hidden_size)),
+                  "token": torch.zeros(capacity, dtype=torch.long),
+                  "pos": torch.zeros(capacity, dtype=torch.long)}
+        if old is not None:
+            n = old.shape[0]
+            for name, t in fields.items():
+                t[:n] = getattr(self, name)
+            self._free.extend(range(capacity - 1, n - 1, -1))
+        else:
+            self._free = list(range(capacity - 1, -1, -1))
+        for name, t in fields.items():
+            setattr(self, name, t)
+
+    def __contains__(self, key) -> bool:
+        return key in self.slot
+
+    def __len__(self) -> int:
+        return len(self.slot)
+
+    def acquire(self, key, first_pos: int) -> int:
+        """`key`'s slot, emptied when the request is new or its positions jumped (a
+        preemption recomputes elsewhere: start afresh)."""
+        s = self.slot.get(key)
+        if s is None:
+            if not self._free:
+                self._alloc(2 * self.k.shape[0])
+            s = self.slot[key] = self._free.pop()
+            self.stored[s] = -1
+        elif self.next_pos[key] != first_pos:
+            self.stored[s] = -1
+        return s
+
+    def release(self, key) -> None:
+        s = self.slot.pop(key, None)
+        self.next_pos.pop(key, None)
+        if s is not None:
+            self._free.append(s)
+
+    def clear(self) -> None:
+        for key in list(self.slot):
+            self.release(key)
+
+    def keys_of(self, key) -> torch.Tensor:
+        """`key`'s stored keys, oldest first (for tests and inspection)."""
+        s = self.slot[key]
+        order = torch.argsort(self.stored[s])
+        return self.k[s][order][self.stored[s][order] >= 0]
 
 
 @dataclass
@@ -82,9 +142,10 @@ class Eagle3Speculator(HiddenStateSpeculator):
         self._embed = self._head = None
         self._head_sub_t = None
         self._train_head: torch.Tensor | None = None  # the head rows learn() trains against
-        self._caches: dict[object, _Cache] = {}
+        self._slots: KVSlots | None = None  # per-request keys/values (made on first use)
         self._streams: dict[object, Eagle3Stream] = {}
         self._done: list[Eagle3Stream] = []
+        self._pending_streams: list[Eagle3Stream] = []
         self._buffer: deque = deque()   # (aux, final, tokens, start) per rollout
         self._buffer_tokens = 0
         self._optimizer_state = None
@@ -130,96 +191,147 @@ class Eagle3Speculator(HiddenStateSpeculator):
 
     # --- capture ------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def capture(self, key, hidden: torch.Tensor, tokens: Sequence[int], first_pos: int,
                 aux: torch.Tensor | None = None) -> None:
         """`hidden[i]`: the policy's final hidden state at position first_pos + i, from
         which it sampled tokens[i]; `aux[i]`: its features at `aux_layers` there."""
-        if not len(tokens) or aux is None or not self.ready:
+        self.capture_batch([key], hidden, [tokens], [first_pos], [0], aux=aux)
+
+    @torch.inference_mode()
+    def capture_batch(self, keys, hidden: torch.Tensor, tokens, first_positions, offsets,
+                      aux: torch.Tensor | None = None) -> None:
+        """A step's rows of every request at once: request i's rows are
+        ``offsets[i] : offsets[i] + len(tokens[i])`` of `hidden` and `aux`. One fusion,
+        one key/value projection and one scatter for the whole step."""
+        if aux is None or not self.ready:
             return
-        aux = aux.detach().float()
-        m = len(tokens)
-        cache = self._caches.get(key)
-        pos = torch.arange(first_pos, first_pos + m)
-        g = self.net.fuse(aux)
-        k, v = self.net.kv(g, self._emb(list(tokens)), pos)
-        if cache is None or cache.next_pos != first_pos:
-            ks, vs = k, v
-        else:
-            ks, vs = torch.cat([cache.k, k]), torch.cat([cache.v, v])
-        w = self.net.window
-        self._caches[key] = _Cache(ks[-w:].clone(), vs[-w:].clone(), g[-1].clone(),
-                                   int(tokens[-1]), first_pos + m - 1, first_pos + m)
-        if self.frozen:
+        slots = self._kv_slots()
+        w = slots.window
+        rows, req_slot, positions, toks, last_rows = [], [], [], [], []
+        for key, sampled, first, off in zip(keys, tokens, first_positions, offsets):
+            m = len(sampled)
+            if not m:
+                continue
+            slot = slots.acquire(key, first)
+            slots.next_pos[key] = first + m
+            keep = max(0, m - w)  # older rows would fall out of the window at once
+            rows.extend(range(off + keep, off + m))
+            req_slot.extend([slot] * (m - keep))
+            positions.extend(range(first + keep, first + m))
+            toks.extend(int(t) for t in sampled[keep:])
+            last_rows.append((slot, len(rows) - 1))
+            if not self.frozen:
+                self._stream_rows(key, first, sampled, off)
+        if not rows:
             return
+        idx = torch.tensor(rows, dtype=torch.long)
+        a = aux.index_select(0, idx).float()
+        pos = torch.tensor(positions, dtype=torch.long)
+        tok = torch.tensor(toks, dtype=torch.long)
+        g = self.net.fuse(a)
+        k, v = self.net.kv(g, self._emb(tok), pos)
+        slot_t = torch.tensor(req_slot, dtype=torch.long)
+        ring = pos % w
+        slots.k[slot_t, ring] = k
+        slots.v[slot_t, ring] = v
+        slots.stored[slot_t, ring] = pos
+        last_slot = torch.tensor([s for s, _ in last_rows], dtype=torch.long)
+        last = torch.tensor([r for _, r in last_rows], dtype=torch.long)
+        slots.hidden[last_slot] = g[last]
+        slots.token[last_slot] = tok[last]
+        slots.pos[last_slot] = pos[last]
+        if not self.frozen:
+            self._stream_tensors(hidden, aux)
+
+    def _stream_rows(self, key, first: int, sampled, off: int) -> None:
+        m = len(sampled)
         stream = self._streams.get(key)
-        if stream is None or stream.next_pos != first_pos:
+        if stream is None or stream.next_pos != first:
             if stream is not None:
                 self._done.append(stream)
-            stream = self._streams[key] = Eagle3Stream(first_pos, next_pos=first_pos)
-        stream.aux.append(aux.to(torch.bfloat16))
-        stream.final.append(hidden.detach().float().to(torch.bfloat16))
-        stream.tokens.extend(int(t) for t in tokens)
-        stream.next_pos = first_pos + m
+            stream = self._streams[key] = Eagle3Stream(first, next_pos=first)
+        stream.aux.append((off, m))  # resolved into this step's tensors below
+        stream.tokens.extend(int(t) for t in sampled)
+        stream.next_pos = first + m
+        self._pending_streams.append(stream)
+
+    def _stream_tensors(self, hidden: torch.Tensor, aux: torch.Tensor) -> None:
+        """The learning copies of this step's rows (bfloat16), one conversion per step."""
+        aux_b = aux.detach().to(torch.bfloat16)
+        final_b = hidden.detach().to(torch.bfloat16)
+        for stream in self._pending_streams:
+            off, m = stream.aux.pop()
+            stream.aux.append(aux_b[off:off + m])
+            stream.final.append(final_b[off:off + m])
+        self._pending_streams = []
+
+    def _kv_slots(self) -> KVSlots:
+        if self._slots is None or self._slots.window != self.net.window:
+            net = self.net
+            self._slots = KVSlots(net.window, net.num_kv_heads, net.head_dim, net.hidden_size)
+        return self._slots
 
     def finish(self, key) -> None:
-        self._caches.pop(key, None)
+        if self._slots is not None:
+            self._slots.release(key)
         stream = self._streams.pop(key, None)
         if stream is not None:
             self._done.append(stream)
 
     def begin_batch(self) -> None:
-        self._caches.clear()
+        if self._slots is not None:
+            self._slots.clear()
 
     # --- drafting ---------------------------------------------------------------------
 
     @torch.inference_mode()
     def propose(self, keys, contexts, max_lengths, sample: Sequence[bool] | None = None) -> list[Draft]:
         drafts = [EMPTY_DRAFT] * len(keys)
-        if not self.ready:
+        slots = self._slots
+        if not self.ready or slots is None:
             return drafts
-        rows = [i for i, (k, n) in enumerate(zip(keys, max_lengths)) if n > 0 and k in self._caches]
+        rows = [i for i, (k, n) in enumerate(zip(keys, max_lengths)) if n > 0 and k in slots]
         if not rows:
             return drafts
         net = self.net
         head_t, vocab = self._sub_head_t(), self._vocab_dev
-        caches = [self._caches[keys[i]] for i in rows]
+        slot = torch.tensor([slots.slot[keys[i]] for i in rows], dtype=torch.long)
         B = len(rows)
-        width = max(len(c.k) for c in caches)
-        K = torch.zeros((B, width) + tuple(caches[0].k.shape[1:]))
-        V = torch.zeros_like(K)
-        mask = torch.zeros((B, width), dtype=torch.bool)
-        for b, c in enumerate(caches):
-            n = len(c.k)
-            K[b, width - n:], V[b, width - n:] = c.k, c.v
-            mask[b, width - n:] = True
-        hidden = torch.stack([c.hidden for c in caches])
-        tok = torch.tensor([c.token for c in caches], dtype=torch.long)
-        pos = torch.tensor([c.pos for c in caches], dtype=torch.long)
         lens = [max_lengths[i] for i in rows]
+        L, w = max(lens), slots.window
+        # the window's keys/values, then room for this proposal's own draft steps
+        K = torch.empty((B, w + L - 1) + slots.k.shape[2:])
+        V = torch.empty_like(K)
+        K[:, :w], V[:, :w] = slots.k[slot], slots.v[slot]
+        pos = slots.pos[slot]
+        stored = slots.stored[slot]
+        mask = torch.ones((B, w + L - 1), dtype=torch.bool)
+        mask[:, :w] = (stored >= 0) & (stored > (pos - w)[:, None])
+        hidden, tok = slots.hidden[slot], slots.token[slot]
         flags = [bool(sample[i]) if sample is not None else False for i in rows]
+        any_sample = any(flags)
         do_sample = torch.tensor(flags, dtype=torch.bool)
         toks, confs, qs = [], [], []
-        for j in range(max(lens)):
+        for j in range(L):
             e = self._emb(tok)
             if j:  # this draft step's own key and value (training: `Eagle3Net.unroll`)
-                k, v = net.kv(hidden, e, pos + j)
-                K, V = torch.cat([K, k[:, None]], 1), torch.cat([V, v[:, None]], 1)
-                mask = torch.cat([mask, torch.ones((B, 1), dtype=torch.bool)], 1)
+                K[:, w + j - 1], V[:, w + j - 1] = net.kv(hidden, e, pos + j)
+            n = w + j
             q = net.query(hidden, e, pos + j)
-            hidden, y = net.finish(hidden, net.attend(q, K, V, mask))
+            hidden, y = net.finish(hidden, net.attend(q, K[:, :n], V[:, :n], mask[:, :n]))
             probs = torch.softmax(y @ head_t, dim=-1)
             idx = probs.argmax(-1)
-            if any(flags):
+            if any_sample:
                 u = torch.rand(B, generator=self._generator)
                 idx = torch.where(do_sample, inverse_cdf(probs, u, torch.float32), idx)
             toks.append(idx)
             confs.append(probs.gather(1, idx[:, None]).squeeze(1))
-            qs.append(probs)
+            if any_sample:
+                qs.append(probs)
             tok = vocab[idx]
         toks = vocab[torch.stack(toks, 1)].tolist()
         confs = torch.stack(confs, 1).tolist()
-        qs = torch.stack(qs, 1)
+        qs = torch.stack(qs, 1) if any_sample else None
         for b, i in enumerate(rows):
             n = lens[b]
             drafts[i] = Draft(toks[b][:n], confs[b][:n],

@@ -305,16 +305,12 @@ class AtlasProposer:
             return
         hidden = ctx.hidden.detach().to("cpu", torch.float32, copy=True)  # vLLM reuses it
         aux = None if ctx.aux is None else ctx.aux.detach().to("cpu", torch.float32, copy=True)
-        for row, rid, sampled in zip(live.rows, live.keys, live.sampled):
-            m = len(sampled)
-            first_pos = int(num_tokens_no_spec[row]) - m - 1
-            rows = slice(offsets[row], offsets[row] + m)
-            for spec in readers:
-                if getattr(spec, "uses_aux_hidden_states", False):
-                    spec.capture(rid, hidden[rows], sampled, first_pos,
-                                 aux=None if aux is None else aux[rows])
-                else:
-                    spec.capture(rid, hidden[rows], sampled, first_pos)
+        first = [int(num_tokens_no_spec[row]) - len(sampled) - 1
+                 for row, sampled in zip(live.rows, live.sampled)]
+        starts = [int(offsets[row]) for row in live.rows]
+        for spec in readers:
+            spec.capture_batch(live.keys, hidden, live.sampled, first, starts,
+                               aux=aux if getattr(spec, "uses_aux_hidden_states", False) else None)
 
     # --- 5. drafting -----------------------------------------------------------------
 
