@@ -3,24 +3,27 @@
 from __future__ import annotations
 
 import hashlib
-import numbers
-import json
 import logging
+import numbers
 import time
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 from atlas_rl import ranks
+from atlas_rl import speculation as speculation_room
 from atlas_rl.config import SPECULATION_METHODS, AtlasConfig
-from atlas_rl.controller import AtlasController
-from atlas_rl.metrics import (SpecCounters, oracle_acceptance_length, summarize, summarize_arms,
-                              summarize_history)
+from atlas_rl.metrics import (
+    SpecCounters,
+    oracle_acceptance_length,
+    summarize,
+    summarize_arms,
+    summarize_history,
+)
 from atlas_rl.models import resolve_model
 from atlas_rl.rollout import Completion, RolloutBatch
-from atlas_rl.speculators import NeuralSpeculator, SuffixSpeculator
+from atlas_rl.speculators import NeuralSpeculator
 from atlas_rl.speculators.base import HiddenStateSpeculator, Speculator
-from atlas_rl.speculators.eagle3 import Eagle3Speculator, is_eagle3_dir
-from atlas_rl.speculators.neural import static_speculator_dir
+from atlas_rl.speculators.eagle3 import Eagle3Speculator
 
 logger = logging.getLogger(__name__)
 
@@ -77,60 +80,19 @@ class AtlasRolloutEngine:
         self.speculators: dict[str, Speculator] = {}
         self.proposer = None
         if speculation in ("atlas", "atlas-static"):
-            self.speculators = self._build_speculators(speculation == "atlas-static")
+            self.speculators = speculation_room.build_speculators(
+                self.config, self.model_path, static=speculation == "atlas-static")
             self.proposer = backend.proposer(self.llm)
             if self.proposer is None:
                 raise RuntimeError("vLLM did not build atlas-rl's AtlasProposer: build the "
                                    "engine with atlas-rl's speculative_config")
-            self.proposer.attach(self.speculators, AtlasController(
-                max_lookahead=self.config.max_lookahead, speculators=list(self.speculators),
-                explore=self.config.explore, max_batch_size=self.config.max_speculation_batch_size,
-                always=self.config.speculate_always, seed=self.config.seed))
+            self.proposer.attach(self.speculators,
+                                 speculation_room.build_controller(self.config, self.speculators))
             backend.hooks.install_atlas(backend.model_runner(self.llm), self.proposer,
                                         self.config.verifier)
         self._last_rollout_seconds = 0.0
         self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
                         "generate_calls": 0, "update_seconds": 0.0}
-
-    def _build_speculators(self, static: bool) -> dict:
-        cfg = self.config
-        specs = {"suffix": SuffixSpeculator(cfg.ngram_sizes, max_corpus_tokens=cfg.max_corpus_tokens,
-                                            frozen=static, seed=cfg.seed,
-                                            max_history_tokens=cfg.max_history_tokens)}
-        if not cfg.neural_drafter:
-            return specs
-        path = static_speculator_dir(cfg.static_speculator, self.model_path, cfg.drafter)
-        # auto: the MLP drafter where the directory has one (the bundled directory has
-        # both: on this CPU the EAGLE-3 one accepts more but costs more, BENCHMARKS.md),
-        # else an EAGLE-3 one
-        if cfg.drafter == "eagle3" or (cfg.drafter == "auto" and path is not None
-                                       and is_eagle3_dir(path)
-                                       and not (path / "neural.json").is_file()):
-            if path is None or not is_eagle3_dir(path):
-                raise ValueError(
-                    f"drafter='eagle3' needs a static EAGLE-3 drafter (a directory with "
-                    f"eagle3.json), but static_speculator={cfg.static_speculator!r} gives "
-                    f"{path}: distil one with `python -m atlas_rl.speculators.eagle3_distill "
-                    f"--model {self.model_path} --prompts FILE --out DIR`, or use drafter='mlp'")
-            # a distilled decoder layer fine-tunes at a third of the MLP drafter's rate
-            specs["neural"] = Eagle3Speculator.from_dir(path, frozen=static, seed=cfg.seed,
-                                                        lr=cfg.drafter_lr / 3)
-            logger.info("atlas-rl: static EAGLE-3 drafter from %s", path)
-            return specs
-        neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr, frozen=static,
-                                  seed=cfg.seed)
-        if path is not None and (path / "neural.json").is_file():
-            neural.load(path)
-            logger.info("atlas-rl: static drafter from %s", path)
-        elif static:
-            logger.warning(
-                "atlas-rl: atlas-static without a static drafter for %r (AtlasConfig."
-                "static_speculator=%r): drafting from the suffix index only. Train one with "
-                "`atlas-rl train-speculator --model %s --prompts FILE --out DIR`.",
-                self.model_path, cfg.static_speculator, self.model_path)
-            return specs
-        specs["neural"] = neural
-        return specs
 
     @property
     def speculator(self):
@@ -204,15 +166,9 @@ class AtlasRolloutEngine:
 
     def _learn(self, sequences: list[list[int]], rollout_seconds: float, skip=()) -> dict:
         budget = self.config.train_budget_fraction * rollout_seconds
-        start = time.perf_counter()
-        out = {}
-        for name, spec in self.speculators.items():  # one budget: each gets what is left
-            if name not in skip:
-                left = max(0.0, budget - (time.perf_counter() - start))
-                out.update(spec.learn(sequences, time_budget=left))
-        seconds = time.perf_counter() - start
-        self._totals["update_seconds"] += seconds
-        return {**out, "update_seconds": seconds, "update_budget_seconds": budget}
+        out = speculation_room.learn_all(self.speculators, sequences, budget, skip)
+        self._totals["update_seconds"] += out["update_seconds"]
+        return out
 
     # --- generation ----------------------------------------------------------------
 
@@ -404,28 +360,13 @@ class AtlasRolloutEngine:
 
     def save(self, directory: str | Path) -> None:
         """Every speculator's state (safetensors + JSON) and the controller's
-        calibration and cost model: `load` restores the run's speculation exactly."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {"speculation": self.speculation, "config": self.config.to_dict(),
-                 "speculators": list(self.speculators)}
-        if self.proposer is not None:
-            state["controller"] = self.proposer.controller.state_dict()
-        (directory / "atlas_config.json").write_text(json.dumps(state, indent=2))
-        for spec in self.speculators.values():
-            spec.save(directory)
+        calibration and cost model: `load` restores the run's speculation exactly. The
+        write is atomic: a crash mid-save leaves the previous state loadable."""
+        speculation_room.save_state(directory, self.speculation, self.config, self.speculators,
+                                    self.controller)
 
     def load(self, directory: str | Path) -> None:
         """Restore the speculators and the controller saved by `save`."""
         if not self.speculators:
             return
-        path = Path(directory) / "atlas_config.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"no atlas-rl state in {str(directory)!r} (expected "
-                                    f"atlas_config.json): save one with engine.save(dir)")
-        state = json.loads(path.read_text())
-        for name, spec in self.speculators.items():
-            if name in state.get("speculators", [name]):
-                spec.load(directory)
-        if "controller" in state:
-            self.proposer.controller.load_state_dict(state["controller"])
+        speculation_room.load_state(directory, self.speculators, self.controller)

@@ -1,0 +1,143 @@
+"""The speculation a proposer runs, wherever it lives: in the trainer's process (an
+in-process engine, `AtlasRolloutEngine`) or in a vLLM worker that stock vLLM started
+(`vllm serve`, `vllm.LLM` with multiprocessing; `backends.vllm.plugin`). One recipe for
+both: the speculators `AtlasConfig` asks for, the controller over them, learning within
+a time budget, and their state on disk."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from collections.abc import Sequence
+
+from atlas_rl.config import AtlasConfig
+from atlas_rl.controller import AtlasController
+from atlas_rl.speculators import NeuralSpeculator, SuffixSpeculator
+from atlas_rl.speculators.base import Speculator
+from atlas_rl.speculators.eagle3 import Eagle3Speculator, is_eagle3_dir
+from atlas_rl.speculators.neural import static_speculator_dir
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "atlas_config.json"
+
+
+def build_speculators(config: AtlasConfig, model_path: str, static: bool) -> dict[str, Speculator]:
+    """The suffix index and (unless ``config.neural_drafter`` is off) the neural drafter,
+    warm-started from the static drafter directory; frozen when `static`."""
+    cfg = config
+    specs: dict[str, Speculator] = {
+        "suffix": SuffixSpeculator(cfg.ngram_sizes, max_corpus_tokens=cfg.max_corpus_tokens,
+                                   frozen=static, seed=cfg.seed,
+                                   max_history_tokens=cfg.max_history_tokens)}
+    if not cfg.neural_drafter:
+        return specs
+    path = static_speculator_dir(cfg.static_speculator, model_path, cfg.drafter)
+    # auto: the MLP drafter where the directory has one (the bundled directory has
+    # both: on this CPU the EAGLE-3 one accepts more but costs more, BENCHMARKS.md),
+    # else an EAGLE-3 one
+    if cfg.drafter == "eagle3" or (cfg.drafter == "auto" and path is not None
+                                   and is_eagle3_dir(path)
+                                   and not (path / "neural.json").is_file()):
+        if path is None or not is_eagle3_dir(path):
+            raise ValueError(
+                f"drafter='eagle3' needs a static EAGLE-3 drafter (a directory with "
+                f"eagle3.json), but static_speculator={cfg.static_speculator!r} gives "
+                f"{path}: distil one with `python -m atlas_rl.speculators.eagle3_distill "
+                f"--model {model_path} --prompts FILE --out DIR`, or use drafter='mlp'")
+        # a distilled decoder layer fine-tunes at a third of the MLP drafter's rate
+        specs["neural"] = Eagle3Speculator.from_dir(path, frozen=static, seed=cfg.seed,
+                                                    lr=cfg.drafter_lr / 3)
+        logger.info("atlas-rl: static EAGLE-3 drafter from %s", path)
+        return specs
+    neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr, frozen=static,
+                              seed=cfg.seed)
+    if path is not None and (path / "neural.json").is_file():
+        neural.load(path)
+        logger.info("atlas-rl: static drafter from %s", path)
+    elif static:
+        logger.warning(
+            "atlas-rl: atlas-static without a static drafter for %r (AtlasConfig."
+            "static_speculator=%r): drafting from the suffix index only. Train one with "
+            "`atlas-rl train-speculator --model %s --prompts FILE --out DIR`.",
+            model_path, cfg.static_speculator, model_path)
+        return specs
+    specs["neural"] = neural
+    return specs
+
+
+def build_controller(config: AtlasConfig, speculators: dict[str, Speculator]) -> AtlasController:
+    return AtlasController(
+        max_lookahead=config.max_lookahead, speculators=list(speculators),
+        explore=config.explore, max_batch_size=config.max_speculation_batch_size,
+        always=config.speculate_always, seed=config.seed)
+
+
+def learn_all(speculators: dict[str, Speculator], sequences: list[list[int]], budget: float,
+              skip: Sequence[str] = ()) -> dict:
+    """Every speculator learns `sequences` (prompt + completion each) within one time
+    budget in seconds: each gets what the ones before it left."""
+    start = time.perf_counter()
+    out = {}
+    for name, spec in speculators.items():
+        if name not in skip:
+            left = max(0.0, budget - (time.perf_counter() - start))
+            out.update(spec.learn(sequences, time_budget=left))
+    seconds = time.perf_counter() - start
+    return {**out, "update_seconds": seconds, "update_budget_seconds": budget}
+
+
+def save_state(directory: str | Path, speculation: str, config: AtlasConfig,
+               speculators: dict[str, Speculator], controller: AtlasController | None,
+               extra: dict | None = None) -> None:
+    """Every speculator's state (safetensors + JSON) and the controller's calibration and
+    cost model. The directory is written beside and renamed into place, so a crash
+    mid-save leaves the previous state loadable."""
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = directory.with_name(f".{directory.name}.saving-{os.getpid()}")
+    if tmp.exists():
+        _rmtree(tmp)
+    tmp.mkdir()
+    state = {"speculation": speculation, "config": config.to_dict(),
+             "speculators": list(speculators), **(extra or {})}
+    if controller is not None:
+        state["controller"] = controller.state_dict()
+    for spec in speculators.values():
+        spec.save(tmp)
+    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks it complete
+    old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+    if directory.exists():
+        os.replace(directory, old)
+    os.replace(tmp, directory)
+    if old.exists():
+        _rmtree(old)
+
+
+def read_state(directory: str | Path) -> dict:
+    path = Path(directory) / STATE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no atlas-rl state in {str(directory)!r} (expected "
+                                f"{STATE_FILE}): save one with engine.save(dir)")
+    return json.loads(path.read_text())
+
+
+def load_state(directory: str | Path, speculators: dict[str, Speculator],
+               controller: AtlasController | None) -> dict:
+    """Restore what `save_state` wrote; returns its JSON."""
+    state = read_state(directory)
+    for name, spec in speculators.items():
+        if name in state.get("speculators", [name]):
+            spec.load(directory)
+    if controller is not None and "controller" in state:
+        controller.load_state_dict(state["controller"])
+    return state
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
