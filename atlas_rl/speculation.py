@@ -10,8 +10,8 @@ import json
 import logging
 import os
 import time
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 
 from atlas_rl.config import AtlasConfig
 from atlas_rl.controller import AtlasController
@@ -76,18 +76,22 @@ def build_controller(config: AtlasConfig, speculators: dict[str, Speculator]) ->
         always=config.speculate_always, seed=config.seed)
 
 
-def learn_all(speculators: dict[str, Speculator], sequences: list[list[int]], budget: float,
-              skip: Sequence[str] = ()) -> dict:
+def learn_all(speculators: dict[str, Speculator], sequences: list[list[int]],
+              budget: float | None, skip: Sequence[str] = ()) -> dict:
     """Every speculator learns `sequences` (prompt + completion each) within one time
-    budget in seconds: each gets what the ones before it left."""
+    budget in seconds: each gets what the ones before it left. None: no clock (each
+    learns one pass; deterministic, as tensor-parallel ranks need)."""
     start = time.perf_counter()
     out = {}
     for name, spec in speculators.items():
         if name not in skip:
-            left = max(0.0, budget - (time.perf_counter() - start))
+            left = None if budget is None else max(0.0, budget - (time.perf_counter() - start))
             out.update(spec.learn(sequences, time_budget=left))
     seconds = time.perf_counter() - start
-    return {**out, "update_seconds": seconds, "update_budget_seconds": budget}
+    out["update_seconds"] = seconds
+    if budget is not None:
+        out["update_budget_seconds"] = budget
+    return out
 
 
 def save_state(directory: str | Path, speculation: str, config: AtlasConfig,

