@@ -121,21 +121,44 @@ def save_state(directory: str | Path, speculation: str, config: AtlasConfig,
         _rmtree(old)
 
 
+class StateError(ValueError):
+    """A state directory that cannot be loaded (corrupted, or not what it claims)."""
+
+
 def read_state(directory: str | Path) -> dict:
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no atlas-rl state in {str(directory)!r} (expected "
                                 f"{STATE_FILE}): save one with engine.save(dir)")
-    return json.loads(path.read_text())
+    try:
+        state = json.loads(path.read_text())
+    except ValueError as e:
+        raise StateError(f"the atlas-rl state in {str(directory)!r} is corrupted ({path.name}: "
+                         f"{e}): restore it from a copy, or point at an empty directory to "
+                         f"start afresh") from e
+    if not isinstance(state, dict):
+        raise StateError(f"the atlas-rl state in {str(directory)!r} is corrupted ({path.name} "
+                         f"is not a JSON object)")
+    return state
 
 
 def load_state(directory: str | Path, speculators: dict[str, Speculator],
                controller: AtlasController | None) -> dict:
-    """Restore what `save_state` wrote; returns its JSON."""
+    """Restore what `save_state` wrote; returns its JSON. A file that does not load
+    raises `StateError` naming it (the speculators may then be half-loaded: callers
+    refuse to start, they do not go on)."""
     state = read_state(directory)
     for name, spec in speculators.items():
         if name in state.get("speculators", [name]):
-            spec.load(directory)
+            try:
+                spec.load(directory)
+            except FileNotFoundError:
+                raise
+            except Exception as e:  # noqa: BLE001 (safetensors' errors are their own type)
+                raise StateError(f"the atlas-rl state in {str(directory)!r} is corrupted: "
+                                 f"speculator {name!r} does not load ({type(e).__name__}: "
+                                 f"{e}): restore it from a copy, or point at an empty "
+                                 f"directory to start afresh") from e
     if controller is not None and "controller" in state:
         controller.load_state_dict(state["controller"])
     return state

@@ -152,7 +152,7 @@ def test_rollout_engine_in_multiprocess_mode_reaches_the_proposer_through_collec
 
     probe = Path(__file__).parent / "probes" / "multiprocess_engine_probe.py"
     proc = subprocess.run([sys.executable, str(probe), real_model_path], capture_output=True,
-                          text=True, env=subprocess_env(), timeout=900)
+                          text=True, env=subprocess_env(), timeout=900, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     seen = json.loads(proc.stdout.strip().splitlines()[-1])
     assert seen["speculation"] == "atlas" and seen["completions"] == 8
@@ -273,3 +273,103 @@ def test_vllm_serve_speculates_with_atlas_exports_metrics_and_resumes_its_state(
         assert samples["atlas_restored"] == 1.0
         assert samples["atlas_published_version"] == saved["published_version"]
     assert "speculators restored from" in (tmp_path / "serve2.log").read_text()
+    # a state directory from another model: the server refuses to start, and says why
+    saved["model"] = "/elsewhere/qwen2.5-0.5b-instruct"
+    (state / "atlas_config.json").write_text(json.dumps(saved))
+    with pytest.raises(AssertionError, match="vllm serve exited") as refused:
+        with _Server(real_model_path, free_port, spec, env, tmp_path / "serve3.log"):
+            pass
+    assert "vllm serve exited (1)" in str(refused.value)
+    assert ("was saved for model '/elsewhere/qwen2.5-0.5b-instruct'"
+            in (tmp_path / "serve3.log").read_text())
+
+
+# --- state that survives; metrics exposition (no server) ------------------------------------
+
+
+def test_a_save_that_dies_midway_leaves_the_previous_state_loadable(tmp_path, monkeypatch):
+    from atlas_rl import AtlasConfig
+    from atlas_rl import speculation as room
+    from atlas_rl.speculators import SuffixSpeculator
+
+    spec = SuffixSpeculator((2, 3), seed=0)
+    spec.learn([[1, 2, 3, 4, 5, 6]])
+    directory = tmp_path / "state"
+    room.save_state(directory, "atlas", AtlasConfig(), {"suffix": spec}, None)
+    first = (directory / "suffix.safetensors").read_bytes()
+    spec.learn([[7, 8, 9, 10, 11, 12]])
+
+    def dies(self, where):
+        (where / "suffix.safetensors").write_bytes(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(SuffixSpeculator, "save", dies)
+    with pytest.raises(OSError, match="disk full"):
+        room.save_state(directory, "atlas", AtlasConfig(), {"suffix": spec}, None)
+    monkeypatch.undo()
+    assert (directory / "suffix.safetensors").read_bytes() == first
+    again = SuffixSpeculator((2, 3), seed=0)
+    room.load_state(directory, {"suffix": again}, None)
+    assert again.propose(["k"], [[1, 2, 3]], [3])[0].tokens == [4, 5, 6]
+
+
+def test_a_state_from_another_model_is_refused_with_the_reason(tmp_path):
+    from atlas_rl.backends.vllm.worker import check_state_for_model
+
+    with pytest.raises(ValueError, match="saved for model '/m/qwen2.5-0.5b'.*not '/m/smollm2"):
+        check_state_for_model({"model": "/m/qwen2.5-0.5b"}, "/m/smollm2-135m-instruct", tmp_path)
+    check_state_for_model({"model": "/other/place/smollm2-135m-instruct"},
+                          "/m/smollm2-135m-instruct", tmp_path)  # same model, moved: fine
+
+
+def test_metrics_snapshot_is_exposed_under_atlas_names(tmp_path):
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from atlas_rl.backends.vllm.server_metrics import AtlasCollector, parse_exposition
+
+    path = tmp_path / "m.json"
+    registry = CollectorRegistry()
+    registry.register(AtlasCollector(str(path)))
+    assert parse_exposition(generate_latest(registry).decode()) == {}  # nothing written yet
+    path.write_text(json.dumps({"drafts": 10, "draft_tokens": 30, "accepted_tokens": 12,
+                                "acceptance_length": 2.2, "published_version": 3,
+                                "draft_tokens_per_position": [10, 10, 10],
+                                "accepted_tokens_per_position": [6, 4, 2], "lookahead": [0, 0, 0, 10]}))
+    samples = parse_exposition(generate_latest(registry).decode())
+    assert samples["atlas_draft_tokens_total"] == 30 and samples["atlas_accepted_tokens_total"] == 12
+    assert samples["atlas_acceptance_length"] == 2.2 and samples["atlas_published_version"] == 3
+    assert samples['atlas_accepted_tokens_per_position_total{position="1"}'] == 4
+    assert samples['atlas_lookahead_total{lookahead="3"}'] == 10
+
+
+def test_outside_the_supported_vllm_range_the_plugin_says_so_and_installs_nothing(
+        monkeypatch, caplog):
+    from atlas_rl.backends.vllm import hooks
+
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(hooks, "tested_version", lambda: False)
+    installed = []
+    monkeypatch.setattr(plugin, "_install_config_hook", installed.append)
+    monkeypatch.setattr(plugin, "_install_worker_hook", installed.append)
+    with caplog.at_level("WARNING", logger="atlas_rl.backends.vllm.plugin"):
+        plugin.register()
+        plugin.register()  # once
+    assert installed == []
+    said = [r.getMessage() for r in caplog.records if "outside the versions" in r.getMessage()]
+    assert len(said) == 1 and "leaves this vLLM untouched" in said[0]
+
+
+def test_a_corrupted_state_directory_is_refused(tmp_path):
+    from atlas_rl import AtlasConfig
+    from atlas_rl import speculation as room
+    from atlas_rl.speculators import SuffixSpeculator
+
+    spec = SuffixSpeculator((2, 3), seed=0)
+    spec.learn([[1, 2, 3, 4, 5, 6]])
+    room.save_state(tmp_path, "atlas", AtlasConfig(), {"suffix": spec}, None)
+    (tmp_path / "suffix.safetensors").write_bytes(b"\x00" * 16)
+    with pytest.raises(room.StateError, match="corrupted: speculator 'suffix' does not load"):
+        room.load_state(tmp_path, {"suffix": SuffixSpeculator((2, 3), seed=0)}, None)
+    (tmp_path / "atlas_config.json").write_text("{not json")
+    with pytest.raises(room.StateError, match="is corrupted .atlas_config.json"):
+        room.read_state(tmp_path)

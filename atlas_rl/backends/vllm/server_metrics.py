@@ -83,7 +83,7 @@ class SnapshotWriter:
             time.sleep(WRITE_INTERVAL)
             try:
                 self.write()
-            except Exception:  # noqa: BLE001 (metrics never disturb serving)
+            except Exception:  # metrics never disturb serving
                 logger.debug("atlas-rl: metrics snapshot not written", exc_info=True)
 
     def write(self) -> None:
