@@ -4,7 +4,8 @@ the ceiling.
 
 A run is a sequence of RL steps. Each step:
 1. draws the step's prompts from the current domain (the domain switches halfway with
-   ``workload="drift"``; with ``workload="epochs"`` the same prompts come back every
+   ``workload="drift"``, from math to JavaScript, a language the bundled static drafters
+   never saw; with ``workload="epochs"`` the same prompts come back every
    ``epoch_steps`` steps);
 2. for each regime, runs every method on the same prompts with the same seeds, in an
    order that rotates from step to step:
@@ -65,7 +66,10 @@ from atlas_rl.metrics import (
 logger = logging.getLogger(__name__)
 
 BENCH_METHODS = ("none", "vllm-ngram", "vllm-suffix", "atlas-static", "atlas")
-WORKLOADS = ("drift", "code", "math", "epochs")
+WORKLOADS = ("drift", "code", "math", "javascript", "epochs")
+#: the default drift: from a domain the bundled static drafters were distilled on (GSM8K-
+#: style arithmetic) to one they never saw (JavaScript)
+DRIFT_DOMAINS = ("math", "javascript")
 REGIMES = ("tail", "large_batch")
 # What the exactness check tolerates, by the engines' dtype. float32 engines against the
 # float32 policy (transformers): logprobs agree to ~5e-5 (measured); greedy outputs are
@@ -116,8 +120,9 @@ class BenchConfig:
     model: str = field(default="smollm2-135m-instruct", metadata={
         "help": "known short name or a local HF folder"})
     workload: str | None = field(default=None, metadata={
-        "help": "drift (default): code prompts, then math prompts from halfway; code or "
-                "math: one domain; epochs: a fixed set of code and math prompts (or one "
+        "help": "drift (default): math prompts, then JavaScript prompts from halfway (a "
+                "language the bundled static drafters never saw); code (Python), math or "
+                "javascript: one domain; epochs: a fixed set of code and math prompts (or one "
                 "--prompts file) revisited every --epoch-steps steps, so earlier "
                 "completions of the same prompt can draft (history drafting)",
         "choices": WORKLOADS})
@@ -323,8 +328,9 @@ def _domain_pools(cfg: BenchConfig) -> list[tuple[str, list]]:
             random.Random(cfg.seed).shuffle(prompts)
             pools.append((prompts[0].domain, prompts))
         return pools
-    makers = {"code": workloads.code_prompts, "math": workloads.math_prompts}
-    names = ("code", "math") if cfg.workload == "drift" else (cfg.workload,)
+    makers = {"code": workloads.code_prompts, "math": workloads.math_prompts,
+              "javascript": workloads.javascript_prompts}
+    names = DRIFT_DOMAINS if cfg.workload == "drift" else (cfg.workload,)
     return [(name, makers[name](per_phase, seed=cfg.seed)) for name in names]
 
 
@@ -756,11 +762,12 @@ class _BenchRun:
 
         cfg = self.cfg
         group = none_batch.completions
-        code = tail_prompt.prompt if tail_prompt.domain == "code" and \
+        code = tail_prompt.prompt if tail_prompt.domain in ("code", "javascript") and \
             isinstance(tail_prompt.prompt, str) else None
+        language = "javascript" if tail_prompt.domain == "javascript" else "python"
         rewards = [rollout_reward(c.text, tail_prompt.answer, len(c.completion_ids),
                                   cfg.max_tokens, c.finish_reason == "stop", code,
-                                  length_weight=cfg.length_reward)
+                                  length_weight=cfg.length_reward, language=language)
                    for c in group]
         t0 = time.perf_counter()
         # the drift so far: the policy that sampled this step's rollouts against pi_0

@@ -5,6 +5,8 @@ beside a TRL config."""
 from __future__ import annotations
 
 import numbers
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields
 
 SPECULATION_METHODS = ("atlas", "atlas-static", "none", "vllm-ngram", "vllm-suffix")
@@ -131,36 +133,46 @@ class AtlasConfig:
         if not isinstance(values, dict):
             raise ValueError(f"{where}: expected a JSON object of AtlasConfig fields, got "
                              f"{type(values).__name__} {values!r}")
-        known = {f.name: f.type for f in fields(cls)}
+        # resolved here, not read from fields(): HfArgumentParser rewrites those in place
+        hints = typing.get_type_hints(cls)
+        known = [f.name for f in fields(cls)]
         unknown = sorted(set(values) - set(known))
         if unknown:
             raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
                              f"valid fields: {', '.join(known)}")
         for name, value in values.items():
-            if not _type_ok(value, known[name]):
-                raise ValueError(f"{where}: field {name!r} must be {known[name]}, got "
-                                 f"{type(value).__name__} {value!r}")
+            if not _type_ok(value, hints[name]):
+                raise ValueError(f"{where}: field {name!r} must be {_type_name(hints[name])}, "
+                                 f"got {type(value).__name__} {value!r}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-def _type_ok(value, annotation: str) -> bool:
-    """Does a JSON value fit a field annotation of AtlasConfig (strings: the module uses
-    postponed annotations)?"""
-    for part in (p.strip() for p in str(annotation).split("|")):
-        if part == "None" and value is None:
-            return True
-        if part == "bool" and isinstance(value, bool):
-            return True
-        if part == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return True
-        if part == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return True
-        if part == "str" and isinstance(value, str):
-            return True
-        if part.startswith("tuple[int") and isinstance(value, (list, tuple)) and all(
-                isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return True
-    return False
+def _type_ok(value, tp) -> bool:
+    """Does a JSON value fit a field type of AtlasConfig?"""
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in args)
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tp is str:
+        return isinstance(value, str)
+    if typing.get_origin(tp) is tuple:
+        return isinstance(value, (list, tuple)) and all(_type_ok(v, args[0]) for v in value)
+    return True
+
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) is tuple:
+        return f"tuple[{_type_name(typing.get_args(tp)[0])}, ...]"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
 def check_history_budget(max_history_tokens) -> None:

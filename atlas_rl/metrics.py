@@ -57,6 +57,10 @@ class SpecCounters:
     history_drafts: int = 0
     history_draft_tokens: int = 0
     history_accepted_tokens: int = 0
+    # engine steps by batch size (bucket b: batches of 2**(b-1) < size <= 2**b), and of
+    # those the steps the controller drafted in: speculation on/off as the batch grows
+    batch_steps: list[int] = field(default_factory=list)
+    batch_drafting_steps: list[int] = field(default_factory=list)
 
     def record_verified(self, num_verified: int, num_accepted: int, arm: str = "",
                         history: bool = False) -> None:
@@ -89,6 +93,15 @@ class SpecCounters:
             for i, v in enumerate(src):
                 dst[i] += v
 
+    def record_batch(self, batch_size: int, drafting: bool) -> None:
+        if batch_size < 1:
+            return
+        b = batch_bucket(batch_size)
+        _grow(self.batch_steps, b + 1)
+        _grow(self.batch_drafting_steps, b + 1)
+        self.batch_steps[b] += 1
+        self.batch_drafting_steps[b] += int(drafting)
+
     def record_lookahead(self, lookahead: int) -> None:
         _grow(self.lookahead_hist, lookahead + 1)
         self.lookahead_hist[lookahead] += 1
@@ -107,6 +120,11 @@ class SpecCounters:
             else:
                 setattr(out, f.name, now - then)
         return out
+
+
+def batch_bucket(batch_size: int) -> int:
+    """0 for 1 request, 1 for 2, 2 for 3-4, 3 for 5-8, ...: ceil(log2(size))."""
+    return max(0, int(batch_size - 1).bit_length())
 
 
 def _grow(xs: list[int], n: int) -> None:

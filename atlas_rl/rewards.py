@@ -78,17 +78,43 @@ def syntax_reward(code_prompt: str, text: str, finished: bool) -> float:
     return 1.0
 
 
+_JS_STRING = re.compile(r"//[^\n]*|/\*.*?\*/|'(?:\\.|[^'\\\n])*'|\"(?:\\.|[^\"\\\n])*\"|`(?:\\.|[^`\\])*`",
+                        re.DOTALL)
+_CLOSING = {")": "(", "]": "[", "}": "{"}
+
+
+def js_function_reward(code_prompt: str, text: str, finished: bool) -> float:
+    """1.0 if the completion closes the JavaScript function `code_prompt` opens, with
+    its brackets matched (comments and string literals aside), else 0.0; nothing
+    written: 0.0. There is no JavaScript parser here: this is the syntax check's
+    stand-in, the part of it a model gets wrong most."""
+    if not text.strip():
+        return 0.0
+    stack = []
+    for ch in _JS_STRING.sub("", code_prompt + text):
+        if ch in "([{":
+            stack.append(ch)
+        elif ch in _CLOSING:
+            if not stack or stack.pop() != _CLOSING[ch]:
+                return 0.0
+            if not stack and ch == "}":
+                return 1.0  # the function's own brace closed
+    return 0.0
+
+
 def rollout_reward(text: str, answer: str | None, num_tokens: int, max_tokens: int,
                    finished: bool, code_prompt: str | None = None,
-                   length_weight: float = 0.2) -> float:
+                   length_weight: float = 0.2, language: str = "python") -> float:
     """The benchmark's reward: correctness + 0.2 format (checkable prompts only)
-    + 0.5 syntax (code prompts only) + `length_weight` (0.2) length + 0.1 plain text.
+    + 0.5 syntax (code prompts only: Python compiles; JavaScript: the function closes
+    with matched brackets) + `length_weight` (0.2) length + 0.1 plain text.
     `length_weight` 0 takes brevity out: with large policy steps, the length term is
     what GRPO learns first, and it drives completions to a few tokens."""
     r = length_weight * length_reward(num_tokens, max_tokens, finished) + \
         0.1 * plain_text_reward(text)
     if code_prompt is not None:
-        r += 0.5 * syntax_reward(code_prompt, text, finished)
+        check = js_function_reward if language == "javascript" else syntax_reward
+        r += 0.5 * check(code_prompt, text, finished)
     if answer is not None:
         r += correctness_reward(text, answer) + 0.2 * format_reward(text)
     return r

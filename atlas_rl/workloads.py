@@ -1,6 +1,6 @@
 """Prompt sets atlas-rl builds itself (no dataset assumed): a code domain from the
-docstrings of the local Python standard library, and a math domain of arithmetic word
-problems from templates, each with a checkable answer."""
+docstrings of the local Python standard library, the same tasks in JavaScript, and a math
+domain of arithmetic word problems from templates, each with a checkable answer."""
 
 from __future__ import annotations
 
@@ -29,8 +29,9 @@ class Prompt:
     meta: dict = field(default_factory=dict)
 
 
-def code_prompts(count: int, seed: int = 0) -> list[Prompt]:
-    """Function-completion prompts: a stdlib function's signature and docstring."""
+def _documented_functions():
+    """(module name, function name, signature, first docstring paragraph) of the
+    documented functions of `_CODE_MODULES`, in a fixed order."""
     found = []
     for mod_name in _CODE_MODULES:
         try:
@@ -47,15 +48,61 @@ def code_prompts(count: int, seed: int = 0) -> list[Prompt]:
                 sig = str(inspect.signature(fn))
             except (TypeError, ValueError):
                 continue
-            first = doc.split("\n\n")[0].strip()
-            body = "\n    ".join(first.splitlines())
-            text = f"def {name}{sig}:\n    \"\"\"{body}\n    \"\"\"\n"
-            found.append(Prompt(text, "code", None, {"module": mod_name, "function": name}))
+            found.append((mod_name, name, fn, sig, doc.split("\n\n")[0].strip()))
     if not found:
         raise RuntimeError("no documented functions found in the standard library")
+    return found
+
+
+def _sample(found: list, count: int, seed: int) -> list:
+    found = list(found)
     rng = random.Random(seed)
     rng.shuffle(found)
     return [found[i % len(found)] for i in range(count)]
+
+
+def code_prompts(count: int, seed: int = 0) -> list[Prompt]:
+    """Function-completion prompts: a stdlib function's signature and docstring."""
+    out = []
+    for mod_name, name, _fn, sig, first in _documented_functions():
+        body = "\n    ".join(first.splitlines())
+        text = f"def {name}{sig}:\n    \"\"\"{body}\n    \"\"\"\n"
+        out.append(Prompt(text, "code", None, {"module": mod_name, "function": name}))
+    return _sample(out, count, seed)
+
+
+def _js_params(fn) -> list[str]:
+    params = []
+    for p in inspect.signature(fn).parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            params.append(f"...{p.name}")
+        elif p.kind is p.VAR_KEYWORD:
+            params.append("options = {}")
+        else:
+            params.append(p.name)
+    return params
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(w[:1].upper() + w[1:] for w in rest)
+
+
+def javascript_prompts(count: int, seed: int = 0) -> list[Prompt]:
+    """The same tasks as `code_prompts`, to be written in JavaScript: a JSDoc comment and
+    the function's header. A language the bundled static drafters were never distilled
+    on (GSM8K and HumanEval: Python and arithmetic prose), so a drift into it shows
+    what a frozen drafter loses on prompts it has not seen."""
+    out = []
+    for mod_name, name, fn, _sig, first in _documented_functions():
+        try:
+            params = _js_params(fn)
+        except (TypeError, ValueError):
+            continue
+        doc = "\n".join(f" * {line}".rstrip() for line in first.splitlines())
+        text = f"/**\n{doc}\n */\nfunction {_camel(name)}({', '.join(params)}) {{\n"
+        out.append(Prompt(text, "javascript", None, {"module": mod_name, "function": name}))
+    return _sample(out, count, seed)
 
 
 _NAMES = ("Ava", "Ben", "Chloe", "Diego", "Emma", "Farah", "Gus", "Hana", "Ivan", "Jade",

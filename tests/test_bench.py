@@ -269,7 +269,7 @@ def test_quick_run_schema(quick_run):
     assert results["machine"]["dtype"] == "float32"
     assert isinstance(results["machine"]["cpu_bf16_units"], bool)
     steps = results["methods"]["none"]["steps"]
-    assert [s["domain"] for s in steps] == ["code", "math"]  # the drift
+    assert [s["domain"] for s in steps] == ["math", "javascript"]  # the drift
     assert results["config"]["drift_step"] == 1
     assert "large_batch" in steps[1]["regimes"] and "large_batch" not in steps[0]["regimes"]
     assert steps[1]["regimes"]["large_batch"]["num_completions"] == 64

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from atlas_rl import AtlasConfig
-from atlas_rl.workloads import code_prompts, extract_answer, math_prompts, mixed_prompts
+from atlas_rl.workloads import (code_prompts, extract_answer, javascript_prompts, math_prompts,
+                                mixed_prompts)
 
 
 def test_config_parses_from_cli_flags_like_a_trl_config():
@@ -36,6 +37,32 @@ def test_code_prompts_come_from_stdlib_docstrings():
     assert len(prompts) == 20 and all(p.domain == "code" for p in prompts)
     assert all(p.prompt.startswith("def ") and '"""' in p.prompt for p in prompts)
     assert code_prompts(5, seed=1)[0].prompt == prompts[0].prompt  # seeded
+
+
+def test_javascript_prompts_are_the_stdlib_tasks_as_jsdoc_and_a_header():
+    prompts = javascript_prompts(20, seed=1)
+    assert len(prompts) == 20 and all(p.domain == "javascript" for p in prompts)
+    assert all(p.prompt.startswith("/**\n * ") and p.prompt.endswith(") {\n")
+               and "\nfunction " in p.prompt and "def " not in p.prompt for p in prompts)
+    assert javascript_prompts(5, seed=1)[0].prompt == prompts[0].prompt  # seeded
+    tasks = {p.meta["function"] for p in javascript_prompts(300, seed=0)}
+    assert tasks == {p.meta["function"] for p in code_prompts(300, seed=0)}  # same tasks
+
+
+@pytest.mark.parametrize("text, finished, want", [
+    ("  return a + '}';\n}\n", True, 1.0),       # a brace in a string does not count
+    ("  // }\n  return [a];\n}", True, 1.0),      # nor one in a comment
+    ("  return [a;\n}\n", True, 0.0),             # mismatched
+    ("  if (a) { return 1; }\n", False, 0.0),      # the function never closes
+    ("", True, 0.0),                               # nothing written
+])
+def test_js_function_reward_checks_the_function_closes(text, finished, want):
+    from atlas_rl.rewards import js_function_reward, rollout_reward
+
+    prompt = "/**\n * Add.\n */\nfunction add(a, ...rest) {\n"
+    assert js_function_reward(prompt, text, finished) == want
+    r = rollout_reward(text, None, 10, 100, finished, prompt, language="javascript")
+    assert r == pytest.approx(0.5 * want + 0.2 * (0.9 if finished else 0.0) + 0.1 * 1.0)
 
 
 def test_math_prompts_have_checkable_answers():

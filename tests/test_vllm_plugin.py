@@ -228,10 +228,16 @@ def _vllm_metric(samples, name):
 def test_vllm_serve_speculates_with_atlas_exports_metrics_and_resumes_its_state(
         real_model_path, make_engine, subprocess_env, free_port, tmp_path):
     """Stock `vllm serve` with `--speculative-config "$(atlas-rl speculative-config ...)"`:
-    greedy completions equal no speculation, sampled ones (n > 1) complete, /metrics has
+    greedy completions equal no speculation, sampled ones (n > 1) complete and are the
+    policy's distribution (PIT/KS, logprobs against transformers), /metrics has
     atlas_ counters equal to vLLM's own spec-decode counters, the server learns and saves
     its state, and a restarted server resumes that state (same published version)."""
+    from types import SimpleNamespace
+
+    import torch
+
     from atlas_rl.backends.vllm.server_metrics import read_metrics
+    from atlas_rl.exactness import load_reference_model, sampling_check, sampling_values
 
     want = make_engine(real_model_path, "none", dtype="float32").generate(
         PROMPTS, temperature=0.0, max_tokens=24)
@@ -243,12 +249,24 @@ def test_vllm_serve_speculates_with_atlas_exports_metrics_and_resumes_its_state(
                                                  "max_tokens": 24, "temperature": 0.0})
         assert [c["text"] for c in sorted(greedy["choices"], key=lambda c: c["index"])] == \
             [c.text for c in want]
-        for seed in (1, 2):
+        completions = []
+        for seed in (1, 2, 3):
             sampled = server.post("/v1/completions", {
                 "model": real_model_path, "prompt": PROMPTS, "max_tokens": 32, "n": 4,
-                "temperature": 1.0, "seed": seed})
+                "temperature": 1.0, "seed": seed, "logprobs": 1, "return_token_ids": True})
             assert len(sampled["choices"]) == 8
             assert all(c["finish_reason"] in ("length", "stop") for c in sampled["choices"])
+            completions += [SimpleNamespace(prompt_ids=c["prompt_token_ids"],
+                                            completion_ids=c["token_ids"],
+                                            logprobs=c["logprobs"]["token_logprobs"])
+                            for c in sampled["choices"]]
+        # lossless through the server: the sampled tokens are distributed as the policy
+        # (PIT values uniform, KS) and their logprobs are the policy's
+        ref = load_reference_model(real_model_path)
+        check = sampling_check(*sampling_values(ref, completions, 1.0,
+                                                torch.Generator().manual_seed(0)))
+        del ref
+        assert check.num_tokens > 500 and check.passed(alpha=1e-3, logprob_tol=1e-3), check
         time.sleep(1.5)  # let the next wave's first step learn the ones before
         server.post("/v1/completions", {"model": real_model_path, "prompt": PROMPTS[:1],
                                         "max_tokens": 4, "temperature": 0.0})
@@ -260,6 +278,13 @@ def test_vllm_serve_speculates_with_atlas_exports_metrics_and_resumes_its_state(
         assert samples["atlas_draft_tokens_total"] == drafted
         assert samples["atlas_accepted_tokens_total"] == accepted
         assert samples["atlas_updates_total"] >= 1 and samples["atlas_restored"] == 0.0
+        # speculation on/off by batch size: every step counted, drafting ones among them
+        steps = {k.split("{")[1]: v for k, v in samples.items()
+                 if k.startswith("atlas_engine_steps_by_batch_total{")}
+        drafting = {k.split("{")[1]: v for k, v in samples.items()
+                    if k.startswith("atlas_drafting_steps_by_batch_total{")}
+        assert sum(steps.values()) > 0 and sum(drafting.values()) > 0
+        assert all(drafting[b] <= steps[b] for b in steps)
         reader = read_metrics(server.base)
         assert reader["num_draft_tokens"] == drafted and reader["acceptance_length"] > 1.0
         assert "acceptance_rate_pos_0" in reader
@@ -334,12 +359,15 @@ def test_metrics_snapshot_is_exposed_under_atlas_names(tmp_path):
     path.write_text(json.dumps({"drafts": 10, "draft_tokens": 30, "accepted_tokens": 12,
                                 "acceptance_length": 2.2, "published_version": 3,
                                 "draft_tokens_per_position": [10, 10, 10],
-                                "accepted_tokens_per_position": [6, 4, 2], "lookahead": [0, 0, 0, 10]}))
+                                "accepted_tokens_per_position": [6, 4, 2], "lookahead": [0, 0, 0, 10],
+                                "engine_steps_by_batch": [5, 0, 7], "drafting_steps_by_batch": [5, 0, 1]}))
     samples = parse_exposition(generate_latest(registry).decode())
     assert samples["atlas_draft_tokens_total"] == 30 and samples["atlas_accepted_tokens_total"] == 12
     assert samples["atlas_acceptance_length"] == 2.2 and samples["atlas_published_version"] == 3
     assert samples['atlas_accepted_tokens_per_position_total{position="1"}'] == 4
     assert samples['atlas_lookahead_total{lookahead="3"}'] == 10
+    assert samples['atlas_engine_steps_by_batch_total{batch="4"}'] == 7
+    assert samples['atlas_drafting_steps_by_batch_total{batch="4"}'] == 1
 
 
 def test_outside_the_supported_vllm_range_the_plugin_says_so_and_installs_nothing(
@@ -373,3 +401,18 @@ def test_a_corrupted_state_directory_is_refused(tmp_path):
     (tmp_path / "atlas_config.json").write_text("{not json")
     with pytest.raises(room.StateError, match="is corrupted .atlas_config.json"):
         room.read_state(tmp_path)
+
+
+def test_atlas_fields_are_checked_after_hfargumentparser_rewrote_the_config_fields():
+    """TRL's and transformers' argument parsers resolve AtlasConfig's field types in place;
+    the check must not depend on whether one ran first (it failed in CI that way)."""
+    from transformers import HfArgumentParser
+
+    from atlas_rl import AtlasConfig
+
+    HfArgumentParser(AtlasConfig)
+    config = AtlasConfig.from_dict({"explore": 0.1, "speculate_always": True,
+                                    "max_speculation_batch_size": None, "ngram_sizes": [2, 3]})
+    assert config.explore == 0.1 and config.ngram_sizes == (2, 3)
+    with pytest.raises(ValueError, match="'max_speculation_batch_size' must be int | None"):
+        AtlasConfig.from_dict({"max_speculation_batch_size": "16"})

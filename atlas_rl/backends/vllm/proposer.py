@@ -278,6 +278,7 @@ class AtlasProposer:
                                            token_ids_cpu)
             self._capture_hidden_states(ctx, live, num_tokens_no_spec)
             plan = self.controller.plan_step(len(live.keys))
+            self.counters.record_batch(len(live.keys), plan.lookahead > 0)
             drafts = self._draft(plan, live)
             return self._hand_over(num_reqs, live, drafts)
         except Exception as e:  # noqa: BLE001 (a failing speculator must not kill a rollout)

@@ -60,7 +60,9 @@ def snapshot(proposer) -> dict:
             "restored": int(work.restored),
             "draft_tokens_per_position": list(c.drafted_per_pos),
             "accepted_tokens_per_position": list(c.accepted_per_pos),
-            "lookahead": list(c.lookahead_hist)}
+            "lookahead": list(c.lookahead_hist),
+            "engine_steps_by_batch": list(c.batch_steps),
+            "drafting_steps_by_batch": list(c.batch_drafting_steps)}
     if "drafter_loss" in work.last_update:
         snap["drafter_loss"] = work.last_update["drafter_loss"]
     return snap
@@ -124,6 +126,14 @@ class AtlasCollector:
             family = CounterMetricFamily(PREFIX + name, doc, labels=[label])
             for i, v in enumerate(snap.get(name, [])):
                 family.add_metric([str(i)], float(v))
+            yield family
+        for name, doc in (
+                ("engine_steps_by_batch", "engine steps by batch size (label: at most that "
+                                          "many requests)"),
+                ("drafting_steps_by_batch", "of those, the steps with speculation on")):
+            family = CounterMetricFamily(PREFIX + name, doc, labels=["batch"])
+            for b, v in enumerate(snap.get(name, [])):
+                family.add_metric([str(2 ** b)], float(v))
             yield family
 
 
