@@ -164,6 +164,22 @@ def load_state(directory: str | Path, speculators: dict[str, Speculator],
     return state
 
 
+def state_digest(speculators: dict[str, Speculator]) -> str:
+    """sha256 of every speculator's state (tensors and metadata, as `save_state` writes
+    them): equal digests mean equal speculators."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, spec in sorted(speculators.items()):
+        tensors, meta = spec.state()
+        h.update(name.encode())
+        h.update(json.dumps(meta, sort_keys=True, default=str).encode())
+        for key in sorted(tensors):
+            h.update(key.encode())
+            h.update(tensors[key].contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def _rmtree(path: Path) -> None:
     import shutil
 

@@ -176,8 +176,9 @@ class _Server:
         self.model, self.timeout = model, timeout
         self.cmd = [sys.executable, "-m", "atlas_rl.cli", "vllm", "serve", model,
                     "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-                    "--enforce-eager", "--max-model-len", "1024", "--seed", "0",
-                    "--speculative-config", json.dumps(spec)]
+                    "--enforce-eager", "--max-model-len", "1024", "--seed", "0"]
+        if spec is not None:
+            self.cmd += ["--speculative-config", json.dumps(spec)]
         self.env, self.log_path = env, log_path
 
     def __enter__(self):
@@ -226,7 +227,7 @@ def _vllm_metric(samples, name):
 
 @pytest.mark.slow
 def test_vllm_serve_speculates_with_atlas_exports_metrics_and_resumes_its_state(
-        real_model_path, make_engine, subprocess_env, free_port, tmp_path):
+        real_model_path, subprocess_env, free_port, tmp_path):
     """Stock `vllm serve` with `--speculative-config "$(atlas-rl speculative-config ...)"`:
     greedy completions equal no speculation, sampled ones (n > 1) complete and are the
     policy's distribution (PIT/KS, logprobs against transformers), /metrics has
@@ -239,16 +240,20 @@ def test_vllm_serve_speculates_with_atlas_exports_metrics_and_resumes_its_state(
     from atlas_rl.backends.vllm.server_metrics import read_metrics
     from atlas_rl.exactness import load_reference_model, sampling_check, sampling_values
 
-    want = make_engine(real_model_path, "none", dtype="float32").generate(
-        PROMPTS, temperature=0.0, max_tokens=24)
     state = tmp_path / "state"
     spec = plugin.speculative_config(state_dir=str(state), learn_every=4)
     env = subprocess_env(VLLM_CPU_KVCACHE_SPACE=1)
+    greedy_request = {"model": real_model_path, "prompt": PROMPTS, "max_tokens": 24,
+                      "temperature": 0.0, "return_token_ids": True}
+
+    def greedy_tokens(server):
+        choices = server.post("/v1/completions", greedy_request)["choices"]
+        return [c["token_ids"] for c in sorted(choices, key=lambda c: c["index"])]
+
+    with _Server(real_model_path, free_port, None, env, tmp_path / "plain.log") as server:
+        want = greedy_tokens(server)  # the same vLLM server without speculation
     with _Server(real_model_path, free_port, spec, env, tmp_path / "serve.log") as server:
-        greedy = server.post("/v1/completions", {"model": real_model_path, "prompt": PROMPTS,
-                                                 "max_tokens": 24, "temperature": 0.0})
-        assert [c["text"] for c in sorted(greedy["choices"], key=lambda c: c["index"])] == \
-            [c.text for c in want]
+        assert greedy_tokens(server) == want
         completions = []
         for seed in (1, 2, 3):
             sampled = server.post("/v1/completions", {
@@ -285,6 +290,7 @@ def test_vllm_serve_speculates_with_atlas_exports_metrics_and_resumes_its_state(
                     if k.startswith("atlas_drafting_steps_by_batch_total{")}
         assert sum(steps.values()) > 0 and sum(drafting.values()) > 0
         assert all(drafting[b] <= steps[b] for b in steps)
+        saved_fingerprint = samples["atlas_state_fingerprint"]  # of the last saved state
         reader = read_metrics(server.base)
         assert reader["num_draft_tokens"] == drafted and reader["acceptance_length"] > 1.0
         assert "acceptance_rate_pos_0" in reader
@@ -297,6 +303,9 @@ def test_vllm_serve_speculates_with_atlas_exports_metrics_and_resumes_its_state(
         samples = server.metrics()
         assert samples["atlas_restored"] == 1.0
         assert samples["atlas_published_version"] == saved["published_version"]
+        # the very speculators it saved (drafter weights, suffix index, history): the
+        # same drafts on any probe
+        assert samples["atlas_state_fingerprint"] == saved_fingerprint
     assert "speculators restored from" in (tmp_path / "serve2.log").read_text()
     # a state directory from another model: the server refuses to start, and says why
     saved["model"] = "/elsewhere/qwen2.5-0.5b-instruct"

@@ -16,7 +16,6 @@ With tensor parallelism every rank answers; the ranks' speculators are identical
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 
 
 class NotAtlasWorker(RuntimeError):
@@ -88,19 +87,12 @@ def load(worker, directory: str) -> int:
 
 
 def digest(worker) -> str:
-    """A hash of every speculator's saved tensors and metadata: equal digests mean equal
-    speculators (ranks kept in step; a restart resumed the same state)."""
-    import json
+    """A hash of every speculator's saved tensors and metadata (`speculation.state_digest`):
+    equal digests mean equal speculators (ranks kept in step; a restart resumed the same
+    state)."""
+    from atlas_rl.speculation import state_digest
 
-    h = hashlib.sha256()
-    for name, spec in sorted(proposer_of(worker).speculators.items()):
-        tensors, meta = spec.state()
-        h.update(name.encode())
-        h.update(json.dumps(meta, sort_keys=True, default=str).encode())
-        for key in sorted(tensors):
-            h.update(key.encode())
-            h.update(tensors[key].contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
+    return state_digest(proposer_of(worker).speculators)
 
 
 class RemoteProposer:

@@ -45,6 +45,8 @@ GAUGES = (
     ("published_version", "the adaptive drafter's published version"),
     ("drafter_loss", "the last update's drafter loss"),
     ("restored", "1 if the speculators were loaded from the state directory at start"),
+    ("state_fingerprint", "the last saved or loaded speculator state's sha256, first 52 "
+                          "bits: equal values, equal speculators"),
 )
 
 
@@ -63,6 +65,8 @@ def snapshot(proposer) -> dict:
             "lookahead": list(c.lookahead_hist),
             "engine_steps_by_batch": list(c.batch_steps),
             "drafting_steps_by_batch": list(c.batch_drafting_steps)}
+    if work.fingerprint is not None:
+        snap["state_fingerprint"] = work.fingerprint
     if "drafter_loss" in work.last_update:
         snap["drafter_loss"] = work.last_update["drafter_loss"]
     return snap

@@ -108,6 +108,8 @@ class WorkerSpeculation:
         self.learns = 0
         self.update_errors = 0
         self.restored = False  # loaded from state_dir at start
+        # the last saved or loaded state's digest, as a 52-bit integer (a /metrics gauge)
+        self.fingerprint: int | None = None
         self.last_update: dict = {}
         self.update_seconds = 0.0
         self._generation_seconds = 0.0
@@ -170,12 +172,18 @@ class WorkerSpeculation:
                                     self.proposer.speculators, self.proposer.controller,
                                     extra={"model": self.model_path,
                                            "published_version": self.published_version()})
+        self.fingerprint = self._fingerprint()
+
+    def _fingerprint(self) -> int:
+        return int(speculation_room.state_digest(self.proposer.speculators)[:13], 16)
 
     def load(self, directory) -> dict:
         state = speculation_room.read_state(directory)
         check_state_for_model(state, self.model_path, directory)
-        return speculation_room.load_state(directory, self.proposer.speculators,
-                                           self.proposer.controller)
+        out = speculation_room.load_state(directory, self.proposer.speculators,
+                                          self.proposer.controller)
+        self.fingerprint = self._fingerprint()
+        return out
 
     def published_version(self) -> int:
         neural = self.proposer.speculators.get("neural")
