@@ -158,7 +158,11 @@ class AtlasRolloutEngine:
         rank learns every rank's rollouts: the sequences, the prompts their requests
         started with (history drafting) and the captured hidden states are gathered,
         rank 0 trains the neural drafter and its published weights are broadcast, so that
-        the speculators of all ranks stay identical."""
+        the speculators of all ranks stay identical.
+
+        With ``multiprocess=True`` the proposer learns in vLLM's worker from what that
+        worker generated since the last update (the same sequences, when this engine is
+        its only client); `sequences` is not sent over."""
         if rollout_seconds is None:
             rollout_seconds = self._last_rollout_seconds
         if self.multiprocess:  # the worker learns what it generated
