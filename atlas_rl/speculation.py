@@ -99,7 +99,9 @@ def save_state(directory: str | Path, speculation: str, config: AtlasConfig,
                extra: dict | None = None) -> None:
     """Every speculator's state (safetensors + JSON) and the controller's calibration and
     cost model. The directory is written beside and renamed into place, so a crash
-    mid-save leaves the previous state loadable."""
+    mid-save leaves the previous state loadable. A directory that also holds files of
+    its own is not swapped (they would go with it): the state's files are moved in one
+    by one, `STATE_FILE` last."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.saving-{os.getpid()}")
@@ -113,6 +115,12 @@ def save_state(directory: str | Path, speculation: str, config: AtlasConfig,
     for spec in speculators.values():
         spec.save(tmp)
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))  # last: marks it complete
+    ours = {p.name for p in tmp.iterdir()}
+    if directory.exists() and any(p.name not in ours for p in directory.iterdir()):
+        for name in sorted(ours - {STATE_FILE}) + [STATE_FILE]:
+            os.replace(tmp / name, directory / name)
+        tmp.rmdir()
+        return
     old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
     if directory.exists():
         os.replace(directory, old)

@@ -425,3 +425,19 @@ def test_atlas_fields_are_checked_after_hfargumentparser_rewrote_the_config_fiel
     assert config.explore == 0.1 and config.ngram_sizes == (2, 3)
     with pytest.raises(ValueError, match="'max_speculation_batch_size' must be int | None"):
         AtlasConfig.from_dict({"max_speculation_batch_size": "16"})
+
+
+def test_saving_into_a_directory_with_files_of_its_own_keeps_them(tmp_path):
+    from atlas_rl import AtlasConfig
+    from atlas_rl import speculation as room
+    from atlas_rl.speculators import SuffixSpeculator
+
+    spec = SuffixSpeculator((2, 3), seed=0)
+    spec.learn([[1, 2, 3, 4, 5, 6]])
+    (tmp_path / "notes.txt").write_text("mine")
+    room.save_state(tmp_path, "atlas", AtlasConfig(), {"suffix": spec}, None)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    again = SuffixSpeculator((2, 3), seed=0)
+    room.load_state(tmp_path, {"suffix": again}, None)
+    assert again.propose(["k"], [[1, 2, 3]], [3])[0].tokens == [4, 5, 6]
+    assert not [p for p in tmp_path.parent.iterdir() if ".saving-" in p.name]

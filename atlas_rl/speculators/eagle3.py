@@ -145,7 +145,8 @@ class Eagle3Speculator(HiddenStateSpeculator):
         self._slots: KVSlots | None = None  # per-request keys/values (made on first use)
         self._streams: dict[object, Eagle3Stream] = {}
         self._done: list[Eagle3Stream] = []
-        self._pending_streams: list[Eagle3Stream] = []
+        # (stream, first row, rows) of this step, filled in by `_stream_tensors`
+        self._pending_streams: list[tuple[Eagle3Stream, int, int]] = []
         self._buffer: deque = deque()   # (aux, final, tokens, start) per rollout
         self._buffer_tokens = 0
         self._optimizer_state = None
@@ -250,17 +251,15 @@ class Eagle3Speculator(HiddenStateSpeculator):
             if stream is not None:
                 self._done.append(stream)
             stream = self._streams[key] = Eagle3Stream(first, next_pos=first)
-        stream.aux.append((off, m))  # resolved into this step's tensors below
         stream.tokens.extend(int(t) for t in sampled)
         stream.next_pos = first + m
-        self._pending_streams.append(stream)
+        self._pending_streams.append((stream, off, m))
 
     def _stream_tensors(self, hidden: torch.Tensor, aux: torch.Tensor) -> None:
         """The learning copies of this step's rows (bfloat16), one conversion per step."""
         aux_b = aux.detach().to(torch.bfloat16)
         final_b = hidden.detach().to(torch.bfloat16)
-        for stream in self._pending_streams:
-            off, m = stream.aux.pop()
+        for stream, off, m in self._pending_streams:
             stream.aux.append(aux_b[off:off + m])
             stream.final.append(final_b[off:off + m])
         self._pending_streams = []

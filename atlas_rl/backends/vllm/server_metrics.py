@@ -50,9 +50,10 @@ GAUGES = (
 )
 
 
-def snapshot(proposer) -> dict:
-    """The numbers the collector exports, from a proposer set up in a worker."""
-    c, work = proposer.counters, proposer.worker
+def snapshot(proposer, work) -> dict:
+    """The numbers the collector exports: the proposer's counters, its worker-side
+    learner's (`worker.WorkerSpeculation`) state."""
+    c = proposer.counters
     snap = {"drafts": c.num_drafts, "draft_tokens": c.num_draft_tokens,
             "accepted_tokens": c.num_accepted_tokens, "request_steps": c.request_steps,
             "speculator_errors": c.speculator_errors, "updates": work.learns,
@@ -77,9 +78,9 @@ class SnapshotWriter:
     from a daemon thread (so the last steps before the engine goes idle are written
     too), and at once on `write`."""
 
-    def __init__(self, path: str, proposer):
+    def __init__(self, path: str, proposer, work):
         self.path = Path(path)
-        self.proposer = proposer
+        self.proposer, self.work = proposer, work
         self._lock = threading.Lock()
         self._last_written = None
         threading.Thread(target=self._loop, name="atlas-rl-metrics", daemon=True).start()
@@ -94,7 +95,7 @@ class SnapshotWriter:
 
     def write(self) -> None:
         with self._lock:
-            snap = snapshot(self.proposer)
+            snap = snapshot(self.proposer, self.work)
             if snap == self._last_written:
                 return
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}")

@@ -98,11 +98,6 @@ class WorkerSpeculation:
         self.state_dir = fields.get("state_dir")
         self.learn_every = int(fields.get("learn_every", 16))
         self.auto_learn = bool(fields.get("auto_learn", True))
-        self.metrics = None
-        if fields.get("metrics_file"):
-            from atlas_rl.backends.vllm.server_metrics import SnapshotWriter
-
-            self.metrics = SnapshotWriter(fields["metrics_file"], proposer)
         self.model_path = model_path
         self.tp_size = tp_size
         self.learns = 0
@@ -114,6 +109,11 @@ class WorkerSpeculation:
         self.update_seconds = 0.0
         self._generation_seconds = 0.0
         self._last_step: float | None = None
+        self.metrics = None  # last: its thread reads the fields above
+        if fields.get("metrics_file"):
+            from atlas_rl.backends.vllm.server_metrics import SnapshotWriter
+
+            self.metrics = SnapshotWriter(fields["metrics_file"], proposer, self)
 
     @property
     def learning(self) -> bool:
