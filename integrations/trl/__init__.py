@@ -1,5 +1,6 @@
-"""atlas-rl inside TRL: `GRPOTrainer` and `RLOOTrainer` (``use_vllm=True``, colocate mode)
-decode speculatively with atlas-rl.
+"""atlas-rl inside TRL: `GRPOTrainer` and `RLOOTrainer` (``use_vllm=True``) decode
+speculatively with atlas-rl, colocated (the engine in the trainer's process) or against a
+rollout server (``vllm_mode="server"``, `atlas-rl serve`).
 
 Two added lines in a stock TRL script::
 
@@ -24,7 +25,17 @@ What changes (TRL 1.16; checked at `enable_atlas` time):
   ``atlas/*`` metrics join the trainer's metrics, so every ``report_to`` backend gets them;
 - checkpoints hold the speculator's state (``checkpoint-N/atlas/``), and
   ``resume_from_checkpoint`` brings it back.
-Server mode (``vllm_mode="server"``) is left untouched, with a warning.
+
+Server mode (``vllm_mode="server"``; the server speculates and learns by itself, so
+generation needs nothing from the client):
+- ``atlas/*`` metrics from the server's ``/metrics`` around each generation (acceptance,
+  lookahead, tokens/s, the server's updates and published drafter version);
+- checkpoints ask the server to save its speculators into ``checkpoint-N/atlas/``
+  (``POST /atlas/save``: a path on the *server's* filesystem), and resuming loads them;
+- TRL's client sends the server's API key (``enable_atlas(api_key=...)`` or
+  ``ATLAS_RL_API_KEY``) and, where the server's weight transfer is atlas-rl's
+  ``atlas_files`` (a CPU server), pushes weights through it instead of NCCL; a GPU
+  server's NCCL path is TRL's own, untouched.
 
 The seam into TRL (every assignment into a TRL object goes through `SEAM`, `atlas_rl.seam`):
 
@@ -85,6 +96,12 @@ _TABLE = (
      "the speculator's state in checkpoint-N/atlas/"),
     ("load_optimizer_and_scheduler", f"{_TRAINERS}._load_optimizer_and_scheduler", "trainers",
      "resume_from_checkpoint restores the speculator's state"),
+    ("client_auth", "VLLMClient.check_server", "server mode",
+     "the session sends the server's API key (TRL's client has no key argument)"),
+    ("client_init_communicator", "VLLMClient.init_communicator", "server mode",
+     "an atlas_files server: handshake through the shared directory, not NCCL"),
+    ("client_update_params", "VLLMClient.update_named_params", "server mode",
+     "an atlas_files server: weights as files; otherwise TRL's NCCL broadcast"),
 )
 SEAM = Seam("TRL", tuple(Hook(key, target, "wiring", scope, why, _WHEN)
                          for key, target, scope, why in _TABLE))
@@ -97,8 +114,12 @@ def _trl_version() -> tuple[int, int]:
     return major, minor
 
 
-def enable_atlas(config: AtlasConfig | None = None, speculation: str = "atlas") -> None:
-    """Make TRL's colocated vLLM engines (built from now on) speculate with atlas-rl.
+def enable_atlas(config: AtlasConfig | None = None, speculation: str = "atlas",
+                 api_key: str | None = None) -> None:
+    """Make TRL's colocated vLLM engines (built from now on) speculate with atlas-rl; in
+    server mode, log the server's atlas metrics and checkpoint its speculators (the
+    server speculates by itself). `api_key`: the rollout server's (default: the
+    ``ATLAS_RL_API_KEY`` environment variable).
 
     Idempotent; a later call changes the config used by engines built after it."""
     from atlas_rl.config import SPECULATION_METHODS
@@ -114,6 +135,7 @@ def enable_atlas(config: AtlasConfig | None = None, speculation: str = "atlas") 
             f"AtlasRolloutEngine yourself (examples/quickstart.py)")
     _STATE["config"] = config or AtlasConfig()
     _STATE["speculation"] = speculation
+    _STATE["api_key"] = api_key
     if not _STATE["installed"]:
         _install()
         _STATE["installed"] = True
@@ -137,6 +159,18 @@ def _install() -> None:
         SEAM.patch(trainer_cls, "_load_optimizer_and_scheduler",
                    _wrap_load_optimizer_and_scheduler(trainer_cls._load_optimizer_and_scheduler),
                    key="load_optimizer_and_scheduler")
+    from trl.generation.vllm_client import VLLMClient
+
+    from atlas_rl.integrations.trl import server as server_mode
+
+    SEAM.patch(VLLMClient, "check_server", server_mode.wrap_check_server(
+        VLLMClient.check_server, lambda: _STATE.get("api_key")), key="client_auth")
+    SEAM.patch(VLLMClient, "init_communicator",
+               server_mode.wrap_init_communicator(VLLMClient.init_communicator),
+               key="client_init_communicator")
+    SEAM.patch(VLLMClient, "update_named_params",
+               server_mode.wrap_update_named_params(VLLMClient.update_named_params),
+               key="client_update_params")
     for key in SEAM.keys:
         SEAM.record(key, "applied")
 
@@ -165,9 +199,13 @@ def _wrap_init_vllm(original, module):
     @functools.wraps(original)
     def _init_vllm(self):
         SEAM.assign(self, {"atlas_engine": None}, key="engine_handle")
+        if self.mode == "server":
+            out = original(self)  # TRL's client (its auth and weight transfer: server.py)
+            logger.info("atlas-rl: server mode: the rollout server speculates; atlas/* "
+                        "metrics come from its /metrics")
+            return out
         if self.mode != "colocate":
-            logger.warning("atlas-rl: vllm_mode=%r is not sped up (atlas-rl runs in colocate "
-                           "mode, where the engine lives in the trainer's process)", self.mode)
+            logger.warning("atlas-rl: vllm_mode=%r is not sped up", self.mode)
             return original(self)
         from atlas_rl.backends.vllm import engine as backend
         from atlas_rl.engine import AtlasRolloutEngine
@@ -219,7 +257,16 @@ def _wrap_generate(original):
     def generate(self, prompts, images, num_generations, profiler=None):
         engine = getattr(self, "atlas_engine", None)
         if engine is None:
-            return original(self, prompts, images, num_generations, profiler)
+            client = getattr(self, "vllm_client", None)
+            if self.mode != "server" or client is None:
+                return original(self, prompts, images, num_generations, profiler)
+            from atlas_rl.integrations.trl import server as server_mode
+
+            out, stats = server_mode.generate_with_stats(
+                client, lambda: original(self, prompts, images, num_generations, profiler))
+            if stats:
+                _PENDING[self] = (stats, None)
+            return out
         from atlas_rl.rollout import Completion
 
         engine.begin_batch()
@@ -250,6 +297,13 @@ def _wrap_generate_single_turn(original):
         vg = getattr(self, "vllm_generation", None)
         engine = getattr(vg, "atlas_engine", None)
         pending = _PENDING.pop(vg, None) if vg is not None else None
+        if pending is not None and pending[1] is None:  # server mode: the server learnt
+            metrics = self._metrics["train" if self.model.training else "eval"]
+            from atlas_rl.integrations.trl.server import server_trainer_metrics
+
+            for name, value in server_trainer_metrics(pending[0]).items():
+                metrics[name].append(value)
+            return out
         if engine is None or pending is None:
             return out
         from trl.extras.profiling import profiling_context
@@ -280,12 +334,21 @@ def _engine_of(trainer):
     return getattr(getattr(trainer, "vllm_generation", None), "atlas_engine", None)
 
 
+def _server_client(trainer):
+    """TRL's client of an atlas rollout server (server mode, main process), else None."""
+    vg = getattr(trainer, "vllm_generation", None)
+    if getattr(vg, "mode", None) != "server":
+        return None
+    return getattr(vg, "vllm_client", None)
+
+
 def _wrap_save_checkpoint(original):
     @functools.wraps(original)
     def _save_checkpoint(self, model, trial):
         original(self, model, trial)
         engine = _engine_of(self)
-        if engine is None or not self.args.should_save:
+        client = _server_client(self)
+        if (engine is None and client is None) or not self.args.should_save:
             return  # every rank's speculator is the same: the main process saves it
         import os
 
@@ -293,7 +356,12 @@ def _wrap_save_checkpoint(original):
 
         folder = os.path.join(self._get_output_dir(trial=trial),
                               f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-        engine.save(os.path.join(folder, CHECKPOINT_SUBDIR))
+        if engine is not None:
+            engine.save(os.path.join(folder, CHECKPOINT_SUBDIR))
+        else:
+            from atlas_rl.integrations.trl.server import save_server_state
+
+            save_server_state(client, os.path.join(os.path.abspath(folder), CHECKPOINT_SUBDIR))
 
     return _save_checkpoint
 
@@ -303,13 +371,19 @@ def _wrap_load_optimizer_and_scheduler(original):
     def _load_optimizer_and_scheduler(self, checkpoint):
         original(self, checkpoint)
         engine = _engine_of(self)
-        if engine is None or checkpoint is None:
+        client = _server_client(self)
+        if (engine is None and client is None) or checkpoint is None:
             return
         import os
 
         state = os.path.join(checkpoint, CHECKPOINT_SUBDIR)
         if os.path.isdir(state):
-            engine.load(state)
+            if engine is not None:
+                engine.load(state)
+            else:
+                from atlas_rl.integrations.trl.server import load_server_state
+
+                load_server_state(client, os.path.abspath(state))
         else:
             logger.warning("atlas-rl: checkpoint %s has no speculator state (%s/): the "
                            "speculator starts empty", checkpoint, CHECKPOINT_SUBDIR)

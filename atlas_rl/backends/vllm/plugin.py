@@ -53,6 +53,9 @@ def register() -> None:
         return
     _install_config_hook(hooks)
     _install_worker_hook(hooks)
+    from atlas_rl.backends.vllm.weight_transfer import register_backend
+
+    register_backend()
 
 
 def speculative_config(speculation: str = "atlas", state_dir: str | None = None,
@@ -124,13 +127,50 @@ def move_atlas_fields(engine_args) -> bool:
     return True
 
 
+def configure_weight_transfer(engine_args, atlas: bool) -> str | None:
+    """Weight transfer where vLLM runs on the CPU: NCCL cannot run there, so a server that
+    speculates with atlas (`atlas`) and was asked for ``nccl`` (what ``trl vllm-serve``
+    passes) gets atlas-rl's ``atlas_files`` backend instead, and ``atlas_files`` gets a
+    transfer directory if none was named. Returns the backend (None: no weight transfer).
+    GPU servers are left as they are."""
+    from atlas_rl.backends.vllm import weight_transfer as wt
+
+    config = engine_args.weight_transfer_config
+    if config is None:
+        return None
+    backend = config.get("backend", "nccl") if isinstance(config, dict) else config.backend
+    if backend == "nccl" and atlas and _on_cpu():
+        logger.warning("atlas-rl: vLLM runs on the CPU, where NCCL cannot: weight transfer "
+                       "uses atlas-rl's %r backend (files in a shared directory) instead",
+                       wt.BACKEND)
+        backend = wt.BACKEND
+        if isinstance(config, dict):
+            engine_args.weight_transfer_config = dict(config, backend=backend)
+        else:
+            config.backend = backend
+    if backend == wt.BACKEND:
+        extra = engine_args.additional_config
+        extra = dict(extra) if isinstance(extra, dict) else {}
+        if not (extra.get(wt.CONFIG_KEY) or {}).get("directory"):
+            extra[wt.CONFIG_KEY] = {"directory": wt.default_directory()}
+            engine_args.additional_config = extra
+    return backend
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 def _install_config_hook(hooks) -> None:
     from vllm.engine.arg_utils import EngineArgs
 
     original = EngineArgs.create_engine_config
 
     def create_engine_config(self, *args, **kwargs):
-        move_atlas_fields(self)
+        atlas = move_atlas_fields(self)
+        configure_weight_transfer(self, atlas)
         return original(self, *args, **kwargs)
 
     if hooks.patch(EngineArgs, "create_engine_config", create_engine_config, key="atlas_config"):

@@ -173,6 +173,7 @@ class AtlasProposer:
         self._step_end: float | None = None
         self._handed: tuple[int, list[tuple[int, Draft]]] | None = None  # distribution step
         self._error_logged = False
+        self.weight_syncs = 0  # policy weight updates seen (a server's weight transfer)
         self.vllm_config = vllm_config
         # set up in a worker that stock vLLM started (`worker.setup_in_worker`): learning
         # there needs the sequences the engine completed
@@ -215,6 +216,18 @@ class AtlasProposer:
         for spec in self._readers():
             if self.target_model is not None:
                 spec.attach_target(*target_embeddings(self.target_model))
+
+    def policy_weights_changed(self, target_model=None) -> None:
+        """New policy weights were loaded (a server's weight transfer): the drafters
+        re-read the policy's embedding and LM head (a reload may have replaced the tensors,
+        not only their values) and drop what they derived from them."""
+        if target_model is not None:
+            self.target_model = target_model
+        self.weight_syncs += 1
+        for spec in self._readers():
+            if self.target_model is not None:
+                spec.attach_target(*target_embeddings(self.target_model))
+            spec.weights_synced()
 
     def load_model(self, target_model) -> None:
         """vLLM hands us the target model: the neural drafter shares its embedding and

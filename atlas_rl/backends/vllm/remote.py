@@ -53,11 +53,28 @@ def stats(worker) -> dict:
            "last_update": dict(work.last_update),
            "published_version": work.published_version(),
            "completed_waiting": len(proposer.completed),
+           "weight_syncs": proposer.weight_syncs,
+           "drafter_reads_policy": _drafter_reads_policy(proposer),
            "speculators": list(proposer.speculators)}
     neural = proposer.speculators.get("neural")
     if neural is not None:
         out["drafter_rollbacks"] = int(getattr(neural, "rollbacks", 0) or 0)
     return out
+
+
+def _drafter_reads_policy(proposer) -> bool | None:
+    """Whether every drafter's frozen embedding and head are the policy's current ones
+    (the same values as the served model's), None without a drafter that reads them."""
+    import torch
+
+    from atlas_rl.backends.vllm.proposer import target_embeddings
+
+    readers = proposer._readers()
+    if not readers or proposer.target_model is None:
+        return None
+    embed, head = target_embeddings(proposer.target_model)
+    return all(getattr(s, "_embed", None) is not None and torch.equal(s._embed, embed)
+               and torch.equal(s._head, head) for s in readers)
 
 
 def learn(worker, budget: float | None = None, batch_done: bool = False) -> dict:

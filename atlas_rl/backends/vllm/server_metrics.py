@@ -189,6 +189,8 @@ def read_metrics(base_url: str, api_key: str | None = None, timeout: float = 10.
            "acceptance_length": 1.0 + accepted / drafts if drafts else 1.0,
            "acceptance_rate": accepted / tokens if tokens else 0.0,
            "update_seconds": get("update_seconds") or 0.0,
+           "updates": get("updates") or 0.0,
+           "speculator_errors": get("speculator_errors") or 0.0,
            "drafter_version": get("published_version") or 0.0}
     i = 0
     while True:
@@ -196,7 +198,34 @@ def read_metrics(base_url: str, api_key: str | None = None, timeout: float = 10.
         a = samples.get(f'{PREFIX}accepted_tokens_per_position_total{{position="{i}"}}')
         if d is None:
             break
+        out[f"draft_tokens_pos_{i}"], out[f"accepted_tokens_pos_{i}"] = d, a or 0.0
         if d:
             out[f"acceptance_rate_pos_{i}"] = (a or 0.0) / d
+        i += 1
+    return out
+
+
+def batch_stats(before: dict, after: dict, seconds: float, completion_tokens: int) -> dict:
+    """One generation's figures from two `read_metrics` readings around it (the server's
+    counters are cumulative; with other clients on the same server they include theirs)."""
+    def delta(key):
+        return float(after.get(key, 0.0)) - float(before.get(key, 0.0))
+
+    drafts, tokens, accepted = (delta(k) for k in ("num_drafts", "num_draft_tokens",
+                                                   "num_accepted_tokens"))
+    out = {"acceptance_length": 1.0 + accepted / drafts if drafts else 1.0,
+           "acceptance_rate": accepted / tokens if tokens else 0.0,
+           "lookahead": tokens / drafts if drafts else 0.0,
+           "rollout_seconds": seconds,
+           "tokens_per_s": completion_tokens / seconds if seconds > 0 else 0.0,
+           "server_update_seconds": delta("update_seconds"),
+           "server_updates": float(after.get("updates", 0.0)),
+           "server_speculator_errors": float(after.get("speculator_errors", 0.0)),
+           "drafter_version": float(after.get("drafter_version", 0.0))}
+    i = 0
+    while f"draft_tokens_pos_{i}" in after:
+        d = delta(f"draft_tokens_pos_{i}")
+        if d:
+            out[f"acceptance_rate_pos_{i}"] = delta(f"accepted_tokens_pos_{i}") / d
         i += 1
     return out

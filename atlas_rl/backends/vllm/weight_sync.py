@@ -108,20 +108,65 @@ def _checkpoint_tensors(model: str, skip: set[str]) -> Iterator[tuple[str, torch
                     yield name, f.get_tensor(name)
 
 
+class LLMTarget:
+    """The model a sync loads into, in an in-process ``vllm.LLM``."""
+
+    def __init__(self, llm):
+        self.llm = llm
+        self.vllm_config = llm.llm_engine.vllm_config
+
+    def model(self):
+        from atlas_rl.backends.vllm.engine import model_runner
+
+        return model_runner(self.llm).get_model()
+
+    def reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from atlas_rl.backends.vllm.engine import model_runner
+
+        model_runner(self.llm).reload_weights(weights_iterator=iter(weights))
+
+    def reset_prefix_cache(self) -> None:
+        self.llm.reset_prefix_cache()
+
+
+class ModelTarget:
+    """The model a sync loads into, inside a vLLM worker (a weight-transfer engine holds
+    the model and the config, not the runner). The prefix cache lives with the
+    scheduler, not here: the caller resets it (TRL's client does after every sync, and
+    `atlas-rl serve` pauses and clears it around the load)."""
+
+    def __init__(self, model, vllm_config):
+        self._model = model
+        self.vllm_config = vllm_config
+
+    def model(self):
+        return self._model
+
+    def reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        from vllm.model_executor.model_loader.reload.inplace import reload_weights
+
+        reload_weights(self.vllm_config, self._model, weights_iterator=iter(weights),
+                       weights_path=None, is_checkpoint_format=True)
+
+    def reset_prefix_cache(self) -> None:
+        pass
+
+
 class WeightSync:
     """One engine's weight sync: `sync(weights)` checks, loads, and rolls back on failure.
 
+    ``target``: an in-process ``vllm.LLM`` or a `ModelTarget` (in a worker).
     ``allow_nonfinite``: load NaN/inf weights instead of refusing them.
     ``keep_previous``: keep a host copy of the synced weights (engine dtype) to roll back
     to; without it a failed load leaves the engine broken."""
 
-    def __init__(self, llm, model: str, *, allow_nonfinite: bool = False,
+    def __init__(self, target, model: str, *, allow_nonfinite: bool = False,
                  keep_previous: bool = True):
-        self.llm = llm
+        self.target = target if isinstance(target, (LLMTarget, ModelTarget)) else LLMTarget(target)
         self.model = model
         self.allow_nonfinite = allow_nonfinite
         self.keep_previous = keep_previous
-        self.dtype: torch.dtype = llm.llm_engine.model_config.dtype
+        self.dtype: torch.dtype = self.target.vllm_config.model_config.dtype
         self.spec = checkpoint_spec(model)
         if self.spec is None:
             logger.warning("atlas-rl: no local safetensors checkpoint for %r: weight syncs "
@@ -229,13 +274,11 @@ class WeightSync:
                 self.previous[name] = tensor if owned else tensor.to("cpu", self.dtype, copy=True)
 
     def _reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from atlas_rl.backends.vllm.engine import model_runner
         from atlas_rl.compat import vllm_cpu
 
-        runner = model_runner(self.llm)
-        runner.reload_weights(weights_iterator=iter(weights))
-        vllm_cpu.refresh_tied_lm_head(runner.get_model())
-        self.llm.reset_prefix_cache()
+        self.target.reload(weights)
+        vllm_cpu.refresh_tied_lm_head(self.target.model())
+        self.target.reset_prefix_cache()
 
     def _roll_back(self, error: Exception, touched: set[str]) -> None:
         logger.error("atlas-rl: loading new weights failed (%s: %s); restoring the previous "
@@ -249,7 +292,7 @@ class WeightSync:
                 raise RuntimeError(f"no previous value of {sorted(uncovered)[:3]} to restore "
                                    f"(AtlasConfig.sync_rollback is off, or the checkpoint is "
                                    f"not local safetensors)")
-            _reset_layerwise_reload(self.llm)
+            _reset_layerwise_reload(self.target)
 
             def weights() -> Iterator[tuple[str, torch.Tensor]]:
                 if on_disk:
@@ -264,19 +307,18 @@ class WeightSync:
             raise EngineBrokenError(self.broken) from e
 
 
-def _reset_layerwise_reload(llm) -> None:
+def _reset_layerwise_reload(target) -> None:
     """Undo a reload that stopped midway (vLLM 0.32's layerwise reload): drop the loads
     buffered for unfinished layers, then let vLLM's own finalisation put those layers'
     kernel tensors back, so that the next ``reload_weights`` starts from a clean state."""
     from vllm.model_executor.model_loader.reload import layerwise
 
     from atlas_rl.backends.vllm import hooks
-    from atlas_rl.backends.vllm.engine import model_runner
 
-    model = model_runner(llm).get_model()
+    model = target.model()
     for layer in model.modules():
         info = layerwise.LAYERWISE_INFO.get(layer)
         if info is not None and info.can_load():
             info.loaded_weights.clear()
             hooks.assign(info, {"load_numel": 0}, key="layerwise_reset")
-    layerwise.finalize_layerwise_reload(model, llm.llm_engine.model_config)
+    layerwise.finalize_layerwise_reload(model, target.vllm_config.model_config)

@@ -190,6 +190,15 @@ class WorkerSpeculation:
         return int(getattr(neural, "version", 0) or 0)
 
 
+_CURRENT: dict = {"proposer": None}
+
+
+def current_proposer():
+    """The atlas proposer set up in this worker process (None outside one): what the
+    weight-transfer engine tells when the policy's weights change."""
+    return _CURRENT["proposer"]
+
+
 def check_state_for_model(state: dict, model_path: str, directory) -> None:
     saved = state.get("model")
     if saved is not None and Path(str(saved)).name != Path(str(model_path)).name:
@@ -217,6 +226,7 @@ def setup_in_worker(runner, proposer) -> bool:
     proposer.attach(speculators, speculation_room.build_controller(work.config, speculators))
     proposer.track_completed()
     proposer.worker = work
+    _CURRENT["proposer"] = proposer
     hooks.install_process_hooks()
     hooks.install_after_build(None)
     hooks.install_atlas(runner, proposer, work.config.verifier)

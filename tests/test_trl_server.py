@@ -1,0 +1,92 @@
+"""TRL's server mode, stock: `GRPOTrainer` / `RLOOTrainer` with ``vllm_mode="server"``
+against `atlas-rl serve` (real vLLM on the CPU, real TRL 1.16; the tiny model). Weights
+go through atlas-rl's CPU weight transfer; the server speculates and learns by itself."""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+pytest.importorskip("trl")
+
+from tests.test_serve import Server  # noqa: E402
+from tests.test_trl import PROMPTS, _args, _length_reward  # noqa: E402
+
+
+@pytest.mark.slow
+def test_stock_trainers_in_server_mode_against_the_atlas_server(
+        tiny_model_path, free_port, tmp_path, subprocess_env, monkeypatch):
+    import torch
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    from atlas_rl.integrations.trl import enable_atlas   # the two added lines
+    enable_atlas()
+
+    env = subprocess_env(VLLM_CPU_KVCACHE_SPACE=1)
+    server = Server(tiny_model_path, free_port, tmp_path, "--set", "learn_every=4",
+                    "--max-model-len", "512", env=env, key=None)
+    dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
+    with server:
+        checks = []
+
+        def checked_sync(trainer):
+            """After each of TRL's syncs: the server's greedy output is the policy's."""
+            vg = trainer.vllm_generation
+            original = vg.sync_weights
+
+            def sync_weights():
+                original()
+                model, tok = trainer.model, trainer.processing_class
+                out = vg.vllm_client.generate(PROMPTS[:2], temperature=0.0, max_tokens=12)
+                for prompt_ids, got in zip(out["prompt_ids"], out["completion_ids"]):
+                    ids = torch.tensor([prompt_ids])
+                    with torch.no_grad():
+                        ref = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                             do_sample=False, max_new_tokens=12,
+                                             pad_token_id=tok.eos_token_id)
+                    checks.append(ref[0, ids.shape[1]:].tolist() == got[: ref.shape[1] - ids.shape[1]])
+
+            vg.sync_weights = sync_weights
+
+        trainer = GRPOTrainer(model=tiny_model_path, reward_funcs=_length_reward,
+                              train_dataset=dataset, args=_args(
+                                  GRPOConfig, tmp_path / "grpo", vllm_mode="server",
+                                  vllm_server_base_url=server.base, save_strategy="steps",
+                                  save_steps=2))
+        checked_sync(trainer)
+        before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        trainer.train()
+        assert any(not torch.equal(before[n], p.detach())
+                   for n, p in trainer.model.named_parameters()), "the policy did not change"
+        assert len(checks) >= 2 * 2 and all(checks), checks  # two syncs x two prompts
+        rows = [row for row in trainer.state.log_history if "loss" in row]
+        assert len(rows) == 2
+        for row in rows:
+            for key in ("atlas/acceptance_length", "atlas/acceptance_rate",
+                        "atlas/tokens_per_s", "atlas/rollout_seconds",
+                        "atlas/drafter_version", "atlas/server_updates"):
+                assert key in row, (key, sorted(row))
+            assert row["atlas/acceptance_length"] >= 1.0 and row["atlas/tokens_per_s"] > 0
+            diff = row["sampling/sampling_logp_difference/max"]
+            assert math.isfinite(diff) and diff < 1e-3, row
+        # the server learnt from the rollouts it served: its drafter moved on
+        status, answer = server.request("/atlas/stats")
+        stats = answer["result"]
+        assert stats["learns"] >= 1 and stats["published_version"] >= 1, stats
+        assert stats["weight_syncs"] >= 2 and stats["drafter_reads_policy"] is True
+        assert rows[-1]["atlas/drafter_version"] >= 1
+        # the checkpoint holds the server's speculators, and resuming loads them back
+        state = tmp_path / "grpo" / "checkpoint-2" / "atlas" / "atlas_config.json"
+        assert state.is_file()
+
+        trainer = RLOOTrainer(model=tiny_model_path, reward_funcs=_length_reward,
+                              train_dataset=dataset, args=_args(
+                                  RLOOConfig, tmp_path / "rloo", vllm_mode="server",
+                                  vllm_server_base_url=server.base, max_steps=1))
+        checks.clear()
+        checked_sync(trainer)
+        trainer.train()
+        assert checks and all(checks)
+        row = [row for row in trainer.state.log_history if "loss" in row][-1]
+        assert "atlas/acceptance_length" in row
