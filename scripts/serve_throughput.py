@@ -1,8 +1,18 @@
 """`vllm serve` with atlas against `vllm serve` without speculation, same prompts, rounds
-interleaved (issue 18), and AtlasRolloutEngine in-process against multiprocess.
+interleaved (issue 18), AtlasRolloutEngine in-process against multiprocess, and the
+rollout server (`atlas-rl serve`, issue 19) under load and over a soak.
 
     python scripts/serve_throughput.py serve  [--rounds 6] [--clients 4] [--out FILE]
     python scripts/serve_throughput.py engine [--rounds 4] [--out FILE]
+    python scripts/serve_throughput.py load   [--rounds 3] [--clients 8] [--requests 6]
+    python scripts/serve_throughput.py soak   [--requests 320] [--clients 4]
+
+load: `atlas-rl serve --speculation none` and `--speculation atlas`, both up, one sent
+requests at a time, order alternating by round; each round = --clients threads x
+--requests requests (one prompt, n completions, temperature 1, --max-tokens); per round:
+errors, incomplete completions, throughput, p50/p99 request latency; medians over rounds.
+soak: one server (--speculation, default atlas), --requests requests from --clients threads, in windows of 40:
+each window's throughput and the server's resident memory (the process tree's RSS).
 
 serve: both servers run on 127.0.0.1 (started by this script through `atlas-rl vllm
 serve`, the model's bundled static drafter, atlas learning online), only one is sent
@@ -156,20 +166,186 @@ def engine(args) -> dict:
                 r["multiprocess"]["tokens_per_s"] / r["in_process"]["tokens_per_s"] for r in rows)}
 
 
+def _start_serve(model, speculation, log):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "atlas_rl.cli", "serve", model, "--port", str(port),
+           "--speculation", speculation, "--dtype", "float32", "--enforce-eager",
+           "--max-model-len", "2048", "--seed", "0"]
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"server exited ({proc.returncode}); see {log.name}")
+        try:
+            with urllib.request.urlopen(base + "/health", timeout=2):
+                return proc, base
+        except OSError:
+            time.sleep(1.0)
+    proc.kill()
+    raise SystemExit(f"server did not start; see {log.name}")
+
+
+def _timed_requests(base, model, prompts, clients, n, max_tokens, seed):
+    """Every prompt once from a pool of `clients` threads: (latencies, errors, incomplete,
+    completion tokens, wall seconds)."""
+    def one(i, prompt):
+        start = time.perf_counter()
+        try:
+            answer = _post(base, {"model": model, "prompt": prompt, "n": n,
+                                  "max_tokens": max_tokens, "temperature": 1.0,
+                                  "seed": seed * 100000 + i})
+        except Exception as e:  # noqa: BLE001 (counted, reported)
+            return None, repr(e)[:200]
+        return time.perf_counter() - start, answer
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda a: one(*a), enumerate(prompts)))
+    wall = time.perf_counter() - start
+    latencies = [lat for lat, _ in results if lat is not None]
+    errors = [a for lat, a in results if lat is None]
+    answers = [a for lat, a in results if lat is not None]
+    incomplete = sum(1 for a in answers for c in a["choices"]
+                     if c["finish_reason"] not in ("length", "stop") or len(a["choices"]) != n)
+    tokens = sum(a["usage"]["completion_tokens"] for a in answers)
+    return latencies, errors, incomplete, tokens, wall
+
+
+def _pct(xs, q):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))] if xs else None
+
+
+def _texts(model, count, seed=0):
+    from atlas_rl import workloads
+
+    prompts = [p.prompt for p in workloads.mixed_prompts(count, seed=seed)]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    return [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+            if not isinstance(p, str) else p for p in prompts]
+
+
+def load(args) -> dict:
+    from atlas_rl.models import resolve_model
+
+    model = resolve_model(args.model)
+    texts = _texts(model, args.clients * args.requests)
+    logs = {m: open(os.path.join(tempfile.gettempdir(), f"serve-load-{m}.log"), "w")
+            for m in ("none", "atlas")}
+    servers = {m: _start_serve(model, m, logs[m]) for m in ("none", "atlas")}
+    rows = []
+    try:
+        for m, (_, base) in servers.items():  # warm-up
+            _timed_requests(base, model, texts[:2], 2, 1, 16, 999)
+        for r in range(args.rounds):
+            order = ("none", "atlas") if r % 2 == 0 else ("atlas", "none")
+            row = {"round": r}
+            for m in order:
+                lat, errors, incomplete, tokens, wall = _timed_requests(
+                    servers[m][1], model, texts, args.clients, args.n, args.max_tokens, r)
+                row[m] = {"requests": len(texts), "errors": len(errors),
+                          "error_samples": errors[:3], "incomplete": incomplete,
+                          "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
+                          "p50_s": _pct(lat, 0.5), "p99_s": _pct(lat, 0.99)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        from atlas_rl.backends.vllm.server_metrics import read_metrics
+
+        metrics = read_metrics(servers["atlas"][1])
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+        for proc, _ in servers.values():
+            proc.wait(timeout=60)
+    summary = {m: {k: statistics.median(r[m][k] for r in rows)
+                   for k in ("tokens_per_s", "p50_s", "p99_s")} for m in ("none", "atlas")}
+    for m in summary:
+        summary[m]["errors"] = sum(r[m]["errors"] for r in rows)
+        summary[m]["incomplete"] = sum(r[m]["incomplete"] for r in rows)
+    return {"part": "load", "rows": rows, "summary": summary,
+            "median_ratio": statistics.median(r["atlas"]["tokens_per_s"] /
+                                              r["none"]["tokens_per_s"] for r in rows),
+            "atlas_metrics": metrics}
+
+
+def _tree_rss(pid) -> int:
+    import psutil
+
+    proc = psutil.Process(pid)
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            pass
+    return total
+
+
+def soak(args) -> dict:
+    from atlas_rl.models import resolve_model
+
+    model = resolve_model(args.model)
+    texts = _texts(model, 64, seed=1)
+    log = open(os.path.join(tempfile.gettempdir(), f"serve-soak-{args.speculation}.log"), "w")
+    proc, base = _start_serve(model, args.speculation, log)
+    windows, window = [], 40
+    try:
+        _timed_requests(base, model, texts[:2], 2, 1, 16, 999)  # warm-up
+        done = 0
+        while done < args.requests:
+            batch = [texts[(done + i) % len(texts)] for i in range(min(window, args.requests - done))]
+            lat, errors, incomplete, tokens, wall = _timed_requests(
+                base, model, batch, args.clients, args.n, args.max_tokens, done)
+            done += len(batch)
+            row = {"requests_done": done, "errors": len(errors), "incomplete": incomplete,
+                   "tokens_per_s": tokens / wall, "p50_s": _pct(lat, 0.5),
+                   "p99_s": _pct(lat, 0.99), "server_rss_mib": _tree_rss(proc.pid) / 2**20}
+            windows.append(row)
+            print(json.dumps(row), flush=True)
+        from atlas_rl.backends.vllm.server_metrics import read_metrics
+
+        metrics = read_metrics(base)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    rss = [w["server_rss_mib"] for w in windows]
+    tps = [w["tokens_per_s"] for w in windows]
+    return {"part": "soak", "speculation": args.speculation, "windows": windows,
+            "requests": args.requests,
+            "errors": sum(w["errors"] for w in windows),
+            "incomplete": sum(w["incomplete"] for w in windows),
+            "rss_mib_first_last_max": [rss[0], rss[-1], max(rss)],
+            "tokens_per_s_first_half_second_half": [
+                statistics.median(tps[: len(tps) // 2]), statistics.median(tps[len(tps) // 2:])],
+            "atlas_metrics": metrics}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("part", choices=("serve", "engine"))
+    ap.add_argument("part", choices=("serve", "engine", "load", "soak"))
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--speculation", default="atlas", choices=("atlas", "atlas-static", "none"),
+                    help="soak: the server's speculation")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="load: requests per client (default 6); soak: in all (default 320)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from atlas_rl.machine import machine_info
 
-    result = (serve if args.part == "serve" else engine)(args)
+    if args.requests is None:
+        args.requests = 6 if args.part == "load" else 320
+    if args.part in ("load", "soak") and args.n == 4 and args.max_tokens == 128:
+        args.n, args.max_tokens = 2, 64  # the defaults of these parts
+    result = {"serve": serve, "engine": engine, "load": load, "soak": soak}[args.part](args)
     result["machine"] = machine_info("float32")
     result["args"] = vars(args)
     text = json.dumps(result, indent=2)

@@ -88,6 +88,11 @@ def test_stock_trainers_in_server_mode_against_the_atlas_server(
         state = tmp_path / "grpo" / "checkpoint-2" / "atlas" / "atlas_config.json"
         assert state.is_file()
 
+        def digest():  # the server's speculators (sha256 of their state)
+            return server.request("/collective_rpc", {"method": "atlas_digest"})[1]["results"][0]
+
+        saved_digest = digest()  # nothing ran on the server since checkpoint-2's save
+
         trainer = RLOOTrainer(model=tiny_model_path, reward_funcs=_length_reward,
                               train_dataset=dataset, args=_args(
                                   RLOOConfig, tmp_path / "rloo", vllm_mode="server",
@@ -98,6 +103,24 @@ def test_stock_trainers_in_server_mode_against_the_atlas_server(
         assert checks and all(c is True for c in checks), checks
         row = [row for row in trainer.state.log_history if "loss" in row][-1]
         assert "atlas/acceptance_length" in row
+
+        # resuming from checkpoint-2 loads the server's speculators saved there
+        assert digest() != saved_digest  # the RLOO run moved the server's speculators on
+        from transformers import TrainerCallback
+
+        seen = []
+
+        class AtResume(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if not seen:
+                    seen.append(digest())
+
+        trainer = GRPOTrainer(model=tiny_model_path, reward_funcs=_length_reward,
+                              train_dataset=dataset, callbacks=[AtResume()], args=_args(
+                                  GRPOConfig, tmp_path / "grpo", vllm_mode="server",
+                                  vllm_server_base_url=server.base, max_steps=3))
+        trainer.train(resume_from_checkpoint=str(state.parent.parent))
+        assert seen == [saved_digest]
 
 
 @pytest.mark.slow

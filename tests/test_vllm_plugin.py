@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -21,6 +22,45 @@ def _engine_args(spec, **kw):
     from vllm.engine.arg_utils import EngineArgs
 
     return EngineArgs(model="m", speculative_config=spec, **kw)
+
+
+def test_an_atlas_server_on_a_cpu_gets_the_cpu_weight_transfer(tmp_path):
+    """NCCL cannot run on a CPU: an atlas config asking for it (what `trl vllm-serve`
+    passes) gets atlas_files with a transfer directory; a config without atlas, or an
+    explicit atlas_files one with its own directory, is left as it was."""
+    from vllm.config.weight_transfer import WeightTransferConfig
+
+    from atlas_rl.backends.vllm import weight_transfer as wt
+
+    args = _engine_args(plugin.speculative_config(),
+                        weight_transfer_config=WeightTransferConfig(backend="nccl"))
+    assert plugin.configure_weight_transfer(args, plugin.move_atlas_fields(args)) == wt.BACKEND
+    assert args.weight_transfer_config.backend == wt.BACKEND
+    directory = Path(args.additional_config[wt.CONFIG_KEY]["directory"])
+    assert directory.is_dir() and oct(directory.stat().st_mode)[-3:] == "700"
+    directory.rmdir()
+    plain = _engine_args(None, weight_transfer_config=WeightTransferConfig(backend="nccl"))
+    assert plugin.configure_weight_transfer(plain, plugin.move_atlas_fields(plain)) == "nccl"
+    assert plain.weight_transfer_config.backend == "nccl" and not plain.additional_config
+    mine = _engine_args(None, weight_transfer_config={"backend": wt.BACKEND},
+                        additional_config={wt.CONFIG_KEY: {"directory": str(tmp_path)}})
+    assert plugin.configure_weight_transfer(mine, False) == wt.BACKEND
+    assert mine.additional_config[wt.CONFIG_KEY]["directory"] == str(tmp_path)
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    assert wt.BACKEND in WeightTransferEngineFactory._registry  # the plugin registered it
+
+
+def test_the_file_transfer_refuses_paths_outside_its_directory(tmp_path):
+    from atlas_rl.backends.vllm import weight_transfer as wt
+
+    for name in ("../etc/passwd", "/etc/passwd", "a/b", ".hidden", "", None):
+        with pytest.raises(wt.WeightUpdateRefused, match="bare file name"):
+            wt._safe_file(tmp_path, name, "update_info.file")
+    files = list(wt.write_chunks(tmp_path, [("a", __import__("torch").ones(4, 4)),
+                                            ("b", __import__("torch").zeros(8))], chunk_bytes=40))
+    assert [info["names"] for _, info in files] == [["a"], ["b"]]  # cut at ~40 bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n, _ in files)  # renamed
 
 
 def test_atlas_fields_move_to_additional_config():

@@ -50,6 +50,9 @@ generate                  VLLMGeneration.generate: the batch's stats and sequenc
 generate_single_turn      {GRPO,RLOO}Trainer._generate_single_turn: learn + atlas/* metrics
 save_checkpoint           {GRPO,RLOO}Trainer._save_checkpoint: + checkpoint-N/atlas/
 load_optimizer_and_sched  {GRPO,RLOO}Trainer._load_optimizer_and_scheduler: resume it
+client_auth               VLLMClient.check_server: the session sends the API key
+client_init_communicator  VLLMClient.init_communicator: atlas_files handshake (CPU server)
+client_update_params      VLLMClient.update_named_params: weights as files (CPU server)
 ========================  =========================================================
 
 What the trainer does with its ranks is the engine's business: `engine.learn` on every

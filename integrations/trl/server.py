@@ -36,8 +36,11 @@ def wrap_check_server(original, key_getter):
     def check_server(self, *args, **kwargs):
         key = api_key(key_getter())
         if key:
-            self.session.headers["Authorization"] = f"Bearer {key}"
-            self.atlas_api_key = key
+            from atlas_rl.integrations.trl import SEAM
+
+            headers = dict(self.session.headers, Authorization=f"Bearer {key}")
+            SEAM.assign(self.session, {"headers": headers}, key="client_auth")
+            SEAM.assign(self, {"atlas_api_key": key}, key="client_auth")
         return original(self, *args, **kwargs)
 
     return check_server
@@ -75,7 +78,9 @@ def wrap_init_communicator(original):
                        json={"init_info": {"probe": probe}})
         finally:
             (Path(directory) / probe).unlink(missing_ok=True)
-        self.atlas_transfer_dir = directory
+        from atlas_rl.integrations.trl import SEAM
+
+        SEAM.assign(self, {"atlas_transfer_dir": directory}, key="client_init_communicator")
         logger.info("atlas-rl: weights go to %s as files in %s (the server runs on the CPU)",
                     self.base_url, directory)
 

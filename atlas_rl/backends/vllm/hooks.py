@@ -24,6 +24,8 @@ atlas_config           EngineArgs.create_engine_config (class)            wiring
                                                                                       process
 atlas_worker           CPUModelRunner / GPUModelRunner.load_model (class) wiring      plugin: every
                                                                                       worker
+weight_transfer        EngineArgs.weight_transfer_config, additional_     wiring      plugin: CPU
+                       config (+ factory.register_engine "atlas_files")               servers
 =====================  =================================================  ==========  ============
 
 The rows of `HOOKS` below say why each exists, for which vLLM versions it was written
@@ -129,6 +131,14 @@ HOOKS: tuple[Hook, ...] = (
          "atlas hooks on that runner, the state directory)",
          "load_model gone or renamed: the proposer is never set up and drafts nothing "
          "(generation stays exact)"),
+    Hook("weight_transfer", "EngineArgs.weight_transfer_config / additional_config "
+         "(+ WeightTransferEngineFactory.register_engine('atlas_files'))",
+         "wiring", "plugin: engine configs with weight transfer",
+         "vLLM's weight-transfer backends (NCCL, CUDA IPC) cannot run on a CPU: atlas-rl "
+         "registers 'atlas_files' (weight_transfer.py); an atlas server asked for NCCL on "
+         "a CPU gets it instead, and 'atlas_files' gets a transfer directory",
+         "factory or config renamed: no CPU backend; TRL's NCCL path fails on a CPU as it "
+         "does without atlas-rl"),
 )
 SEAM = Seam("vLLM", HOOKS)
 record, status, patch, retype, assign, describe = (

@@ -56,6 +56,7 @@ def register() -> None:
     from atlas_rl.backends.vllm.weight_transfer import register_backend
 
     register_backend()
+    hooks.record("weight_transfer", "applied")
 
 
 def speculative_config(speculation: str = "atlas", state_dir: str | None = None,
@@ -115,15 +116,17 @@ def move_atlas_fields(engine_args) -> bool:
         os.unlink(path)
         fields["metrics_file"] = path
         register_collector(path)
+    from atlas_rl.backends.vllm import hooks
+
     extra = engine_args.additional_config
     extra = dict(extra) if isinstance(extra, dict) else {}
     extra[ADDITIONAL_CONFIG_KEY] = fields
-    engine_args.speculative_config = spec
-    engine_args.additional_config = extra
+    values = {"speculative_config": spec, "additional_config": extra}
     if not getattr(engine_args, "worker_extension_cls", ""):  # RPC by name (remote.py)
         from atlas_rl.backends.vllm.remote import EXTENSION_CLASS
 
-        engine_args.worker_extension_cls = EXTENSION_CLASS
+        values["worker_extension_cls"] = EXTENSION_CLASS
+    hooks.assign(engine_args, values, key="atlas_config")
     return True
 
 
@@ -133,6 +136,7 @@ def configure_weight_transfer(engine_args, atlas: bool) -> str | None:
     passes) gets atlas-rl's ``atlas_files`` backend instead, and ``atlas_files`` gets a
     transfer directory if none was named. Returns the backend (None: no weight transfer).
     GPU servers are left as they are."""
+    from atlas_rl.backends.vllm import hooks
     from atlas_rl.backends.vllm import weight_transfer as wt
 
     config = engine_args.weight_transfer_config
@@ -144,16 +148,17 @@ def configure_weight_transfer(engine_args, atlas: bool) -> str | None:
                        "uses atlas-rl's %r backend (files in a shared directory) instead",
                        wt.BACKEND)
         backend = wt.BACKEND
-        if isinstance(config, dict):
-            engine_args.weight_transfer_config = dict(config, backend=backend)
-        else:
-            config.backend = backend
+        import dataclasses
+
+        replaced = dict(config, backend=backend) if isinstance(config, dict) else \
+            dataclasses.replace(config, backend=backend)
+        hooks.assign(engine_args, {"weight_transfer_config": replaced}, key="weight_transfer")
     if backend == wt.BACKEND:
         extra = engine_args.additional_config
         extra = dict(extra) if isinstance(extra, dict) else {}
         if not (extra.get(wt.CONFIG_KEY) or {}).get("directory"):
             extra[wt.CONFIG_KEY] = {"directory": wt.default_directory()}
-            engine_args.additional_config = extra
+            hooks.assign(engine_args, {"additional_config": extra}, key="weight_transfer")
     return backend
 
 

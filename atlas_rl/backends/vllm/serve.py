@@ -54,6 +54,8 @@ GUARD_CLASS = "atlas_rl.backends.vllm.serve.AtlasGuard"
 DEFAULTS = {"max_body_mb": 32.0, "max_tokens_limit": 16384, "max_n": 64}
 OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})
 GENERATION_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
+WEIGHT_PATHS = frozenset({"/init_weight_transfer_engine", "/update_weights",
+                          "/finish_weight_update"})
 STATE_RPC = {"/atlas/stats": "atlas_stats", "/atlas/save": "atlas_save",
              "/atlas/load": "atlas_load", "/atlas/learn": "atlas_learn"}
 
@@ -343,8 +345,7 @@ class AtlasGuard:
             body = await self._read_body(scope, receive)
             if body is None:
                 return  # the client left before sending its request
-            if path in GENERATION_PATHS or path in STATE_RPC or path in (
-                    "/update_weights", "/finish_weight_update"):
+            if path in GENERATION_PATHS or path in STATE_RPC or path in WEIGHT_PATHS:
                 try:
                     payload = json.loads(body or b"{}")
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -370,7 +371,10 @@ class AtlasGuard:
         return await self.app(scope, replay, send)
 
     async def _weights(self, scope, send, path, payload):
-        from vllm.distributed.weight_transfer.base import WeightTransferUpdateRequest
+        from vllm.distributed.weight_transfer.base import (
+            WeightTransferInitRequest,
+            WeightTransferUpdateRequest,
+        )
 
         from atlas_rl.backends.vllm.weight_transfer import REFUSED
 
@@ -378,6 +382,10 @@ class AtlasGuard:
         if not isinstance(payload, dict):
             raise _Reject(400, "the request body must be a JSON object")
         try:
+            if path == "/init_weight_transfer_engine":
+                await engine.init_weight_transfer_engine(
+                    WeightTransferInitRequest(init_info=payload.get("init_info") or {}))
+                return await self._respond(send, 200, {"message": "Weight transfer initialized"})
             if path == "/update_weights":
                 if "update_info" not in payload:
                     raise _Reject(400, "missing 'update_info' (what TRL's client sends)")
