@@ -118,12 +118,14 @@ class Server:
 
     def start(self, timeout=300.0):
         self.log = open(self.log_path, "w")
+        # its own process group: vLLM's engine core and workers are children of the API
+        # server, and outlive it if only it is killed
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                self.log.close()
+                self.stop()  # and what it left of its group
                 raise AssertionError(f"atlas-rl serve exited ({self.proc.returncode}):\n"
                                      + self.log_path.read_text()[-4000:])
             try:
@@ -138,15 +140,26 @@ class Server:
     __enter__ = start
 
     def stop(self, sig=signal.SIGTERM):
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM: vLLM's own shutdown. SIGKILL: the whole process group at once, as a
+        supervisor (systemd, Kubernetes) kills a service: no goodbye anywhere."""
+        if self.proc is None:
             return
-        self.proc.send_signal(sig)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        if self.proc.poll() is None:
+            if sig == signal.SIGKILL:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            else:
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        try:  # whatever of the group is left (SIGTERM: nothing, normally)
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if not self.log.closed:
+            self.log.close()
 
     def __exit__(self, *exc):
         self.stop()

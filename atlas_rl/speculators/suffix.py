@@ -63,39 +63,62 @@ def prompt_key(prompt: Sequence[int]) -> str:
 
 
 class NGramIndex:
-    """n-gram -> the most recent positions where it ended, over a set of sequences."""
+    """n-gram -> the most recent positions where it ended, over a set of sequences.
+
+    Kept compact, since a long-running server or RL run indexes millions of tokens: the
+    table is keyed by the n-gram's hash (an int, not the tuple; a collision, at 64 bits
+    negligible, could only cost a draft its acceptance, never exactness), and an
+    occurrence is one int (sequence number << 32 | end), stored bare while an n-gram has
+    one occurrence and in a list (trimmed to the newest `max_occurrences`) after. About
+    0.5 KB per token with four n-gram sizes, against 3.7 KB with tuple keys and deques of
+    (key, end) pairs."""
 
     def __init__(self, ngram_sizes: Sequence[int], max_occurrences: int):
         self.ngram_sizes = tuple(sorted(set(ngram_sizes)))
         self.max_occurrences = max_occurrences
         self.seqs: dict[object, list[int]] = {}
-        self.table: dict[tuple[int, ...], deque] = {}
+        self.table: dict[int, int | list[int]] = {}
         self.num_tokens = 0
+        self._ids: dict[object, int] = {}  # sequence key -> its number
+        self._keys: list = []               # number -> key
 
     def extend(self, key, new_tokens: Sequence[int]) -> None:
-        seq = self.seqs.setdefault(key, [])
-        table, cap = self.table, self.max_occurrences
+        seq = self.seqs.get(key)
+        if seq is None:
+            seq = self.seqs[key] = []
+        sid = self._ids.get(key)
+        if sid is None:
+            sid = self._ids[key] = len(self._keys)
+            self._keys.append(key)
+        table, cap, base = self.table, self.max_occurrences, sid << 32
         for tok in new_tokens:
             seq.append(tok)
             end = len(seq)
             for n in self.ngram_sizes:
                 if end < n:
                     break
-                gram = tuple(seq[end - n:end])
+                gram = hash(tuple(seq[end - n:end]))
                 occ = table.get(gram)
                 if occ is None:
-                    table[gram] = occ = deque(maxlen=cap)
-                occ.append((key, end))
+                    table[gram] = base | end
+                elif isinstance(occ, int):
+                    table[gram] = [occ, base | end]
+                else:
+                    occ.append(base | end)
+                    if len(occ) > 2 * cap:
+                        del occ[:-cap]
         self.num_tokens += len(new_tokens)
 
     def continuations(self, gram: tuple[int, ...], length: int, exclude=None, skip_key=None):
         """Up to `length` tokens following each occurrence of `gram`, newest first
         (but the occurrence `exclude`, a (key, end) pair, and those in sequence `skip_key`)."""
-        occ = self.table.get(gram)
-        if not occ:
+        occ = self.table.get(hash(tuple(gram)))
+        if occ is None:
             return []
+        codes = (occ,) if isinstance(occ, int) else occ[-self.max_occurrences:]
         out = []
-        for key, end in reversed(occ):
+        for code in reversed(codes):
+            key, end = self._keys[code >> 32], code & 0xFFFFFFFF
             if (key, end) == exclude or key == skip_key:
                 continue
             seq = self.seqs.get(key)
