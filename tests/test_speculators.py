@@ -276,3 +276,25 @@ def test_frozen_suffix_index_does_not_learn():
     spec = SuffixSpeculator(ngram_sizes=(2,), frozen=True)
     assert spec.learn([[1, 2, 3, 4]]) == {}
     assert spec.propose(["r"], [[1, 2]], [2])[0].tokens == []
+
+
+def test_a_server_without_batches_keeps_bounded_live_state():
+    """`vllm serve` never starts a batch: finished requests' contexts are dropped past
+    `max_finished_live` (the oldest half at a time), so live state stays bounded, and a
+    live request still drafts from its siblings and the rest."""
+    spec = SuffixSpeculator(ngram_sizes=(2, 3))
+    spec.max_finished_live = 8
+    prompt = [7, 8, 9]
+    body = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
+    spec.begin_request("live", prompt)
+    for i in range(100):
+        key = f"r{i}"
+        spec.begin_request(key, prompt if i % 2 else [100 + i, 9])
+        spec.propose([key], [prompt + body], [2])
+        spec.finish(key)
+        assert len(spec._finished) <= 8
+        assert len(spec._live.seqs) <= 8 + 1 and len(spec._siblings) <= 8 + 1
+    draft = spec.propose(["live"], [prompt + [1, 2]], [3])[0]
+    assert draft.tokens == [3, 4, 5]
+    spec.begin_batch()  # a batch end still drops everything
+    assert not spec._finished and not spec._live.seqs and not spec._siblings

@@ -128,6 +128,15 @@ class NGramIndex:
         return out
 
 
+def _without(index: NGramIndex, keys: set) -> NGramIndex:
+    """`index` rebuilt without the sequences `keys` (in their original order)."""
+    out = NGramIndex(index.ngram_sizes, index.max_occurrences)
+    for key, seq in index.seqs.items():
+        if key not in keys:
+            out.extend(key, seq)
+    return out
+
+
 class PromptCorpus:
     """One prompt's earlier completions, each stored after the prompt's last few tokens
     (so that n-grams across the prompt's end match), oldest first."""
@@ -238,9 +247,16 @@ class SuffixSpeculator(Speculator):
         self._requests: dict[str, tuple[str, int, int]] = {}  # key -> (prompt key, prompt len, tail len)
         self._siblings: dict[str, NGramIndex] = {}  # prompt key -> its live completions
         self._unlearned: OrderedDict[str, int] = OrderedDict()  # prompt key -> length, since learn
+        # finished requests whose contexts still draft (key -> prompt key or None), oldest first
+        self._finished: OrderedDict = OrderedDict()
 
     #: Most prompts remembered between two `learn` calls (to key the rollouts learned).
     max_unlearned_prompts = 65536
+    #: Most finished requests whose contexts keep drafting for the live ones. A batch's
+    #: finished requests draft for the rest of it (`begin_batch` drops them); a server has
+    #: no batches, so past this bound the oldest half is dropped (their rollouts reach
+    #: the corpus by `learn`), which keeps a long-running server's memory bounded.
+    max_finished_live = 1024
 
     @property
     def max_history_tokens(self) -> int:
@@ -275,8 +291,29 @@ class SuffixSpeculator(Speculator):
                 self._unlearned.popitem(last=False)
 
     def finish(self, key) -> None:
-        # Its completion stays among its siblings' until the batch ends; it grows no more.
-        self._requests.pop(key, None)
+        # Its completion stays among its siblings' until the batch ends (or, in a server,
+        # until `max_finished_live` later requests finished); it grows no more.
+        request = self._requests.pop(key, None)
+        if request is None and key not in self._live.seqs:
+            return
+        self._finished[key] = request[0] if request is not None else None
+        if len(self._finished) > self.max_finished_live:
+            self._drop_finished(len(self._finished) // 2)
+
+    def _drop_finished(self, count: int) -> None:
+        """Forget the `count` oldest finished requests' contexts: the live index and the
+        siblings' indexes are rebuilt without them (amortised: half of them at a time)."""
+        dropped = [self._finished.popitem(last=False) for _ in range(count)]
+        gone = {key for key, _ in dropped}
+        self._live = _without(self._live, gone)
+        for pkey in {pkey for _, pkey in dropped if pkey is not None}:
+            siblings = self._siblings.get(pkey)
+            if siblings is None:
+                continue
+            if all(k in gone for k in siblings.seqs):
+                del self._siblings[pkey]  # no request of that prompt drafts from them
+            else:
+                self._siblings[pkey] = _without(siblings, gone)
 
     # --- drafting ------------------------------------------------------------------
 
@@ -395,6 +432,7 @@ class SuffixSpeculator(Speculator):
         self._live = NGramIndex(self.ngram_sizes, self.max_occurrences)
         self._requests.clear()
         self._siblings.clear()
+        self._finished.clear()
 
     # --- learning ------------------------------------------------------------------
 
