@@ -66,6 +66,10 @@ class AtlasConfig:
                 "speculator keeps keyed by prompt, over all prompts (least recently used "
                 "prompts evicted first); a request of a prompt seen before drafts from "
                 "them, and from its live siblings, first. 0: keep none (siblings still)."})
+    max_finished_live: int = field(default=1024, metadata={
+        "help": "Most finished requests whose contexts keep drafting for the live ones (a "
+                "batch's all do until it ends; a server, which has no batches, drops the "
+                "oldest half past this bound)."})
     max_model_len: int = field(default=2048, metadata={
         "help": "Longest prompt + completion the engine accepts, in tokens."})
     dtype: str | None = field(default=None, metadata={

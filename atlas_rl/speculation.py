@@ -32,7 +32,8 @@ def build_speculators(config: AtlasConfig, model_path: str, static: bool) -> dic
     specs: dict[str, Speculator] = {
         "suffix": SuffixSpeculator(cfg.ngram_sizes, max_corpus_tokens=cfg.max_corpus_tokens,
                                    frozen=static, seed=cfg.seed,
-                                   max_history_tokens=cfg.max_history_tokens)}
+                                   max_history_tokens=cfg.max_history_tokens,
+                                   max_finished_live=cfg.max_finished_live)}
     if not cfg.neural_drafter:
         return specs
     path = static_speculator_dir(cfg.static_speculator, model_path, cfg.drafter)

@@ -166,11 +166,13 @@ def engine(args) -> dict:
                 r["multiprocess"]["tokens_per_s"] / r["in_process"]["tokens_per_s"] for r in rows)}
 
 
-def _start_serve(model, speculation, log):
+def _start_serve(model, speculation, log, sets=()):
     port = _free_port()
     cmd = [sys.executable, "-m", "atlas_rl.cli", "serve", model, "--port", str(port),
            "--speculation", speculation, "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "2048", "--seed", "0"]
+    for item in sets if speculation != "none" else ():
+        cmd += ["--set", item]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -291,7 +293,7 @@ def soak(args) -> dict:
     model = resolve_model(args.model)
     texts = _texts(model, 64, seed=1)
     log = open(os.path.join(tempfile.gettempdir(), f"serve-soak-{args.speculation}.log"), "w")
-    proc, base = _start_serve(model, args.speculation, log)
+    proc, base = _start_serve(model, args.speculation, log, args.set)
     windows, window = [], 40
     try:
         _timed_requests(base, model, texts[:2], 2, 1, 16, 999)  # warm-up
@@ -314,7 +316,8 @@ def soak(args) -> dict:
         proc.wait(timeout=60)
     rss = [w["server_rss_mib"] for w in windows]
     tps = [w["tokens_per_s"] for w in windows]
-    return {"part": "soak", "speculation": args.speculation, "windows": windows,
+    return {"part": "soak", "speculation": args.speculation, "sets": list(args.set),
+            "windows": windows,
             "requests": args.requests,
             "errors": sum(w["errors"] for w in windows),
             "incomplete": sum(w["incomplete"] for w in windows),
@@ -333,6 +336,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                    help="soak: an AtlasConfig field for the server (repeatable), e.g. "
+                         "small memory bounds to see them reached")
     ap.add_argument("--speculation", default="atlas", choices=("atlas", "atlas-static", "none"),
                     help="soak: the server's speculation")
     ap.add_argument("--requests", type=int, default=None,

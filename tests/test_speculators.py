@@ -282,8 +282,7 @@ def test_a_server_without_batches_keeps_bounded_live_state():
     """`vllm serve` never starts a batch: finished requests' contexts are dropped past
     `max_finished_live` (the oldest half at a time), so live state stays bounded, and a
     live request still drafts from its siblings and the rest."""
-    spec = SuffixSpeculator(ngram_sizes=(2, 3))
-    spec.max_finished_live = 8
+    spec = SuffixSpeculator(ngram_sizes=(2, 3), max_finished_live=8)
     prompt = [7, 8, 9]
     body = [1, 2, 3, 4, 5, 1, 2, 3, 4, 5]
     spec.begin_request("live", prompt)

@@ -229,7 +229,7 @@ class SuffixSpeculator(Speculator):
 
     def __init__(self, ngram_sizes: Sequence[int] = (2, 3, 4, 6), max_occurrences: int = 16,
                  max_corpus_tokens: int = 2_000_000, frozen: bool = False, seed: int = 0,
-                 max_history_tokens: int = 1_000_000):
+                 max_history_tokens: int = 1_000_000, max_finished_live: int = 1024):
         if not ngram_sizes or min(ngram_sizes) < 1:
             raise ValueError(f"ngram_sizes must be positive integers, got {ngram_sizes!r}")
         check_history_budget(max_history_tokens)
@@ -249,14 +249,15 @@ class SuffixSpeculator(Speculator):
         self._unlearned: OrderedDict[str, int] = OrderedDict()  # prompt key -> length, since learn
         # finished requests whose contexts still draft (key -> prompt key or None), oldest first
         self._finished: OrderedDict = OrderedDict()
+        self.max_finished_live = max(1, int(max_finished_live))
 
     #: Most prompts remembered between two `learn` calls (to key the rollouts learned).
     max_unlearned_prompts = 65536
-    #: Most finished requests whose contexts keep drafting for the live ones. A batch's
-    #: finished requests draft for the rest of it (`begin_batch` drops them); a server has
-    #: no batches, so past this bound the oldest half is dropped (their rollouts reach
-    #: the corpus by `learn`), which keeps a long-running server's memory bounded.
-    max_finished_live = 1024
+    # max_finished_live: most finished requests whose contexts keep drafting for the live
+    # ones. A batch's finished requests draft for the rest of it (`begin_batch` drops
+    # them); a server has no batches, so past this bound the oldest half is dropped
+    # (their rollouts reach the corpus by `learn`): a long-running server's memory stays
+    # bounded.
 
     @property
     def max_history_tokens(self) -> int:
