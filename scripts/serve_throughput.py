@@ -297,7 +297,10 @@ def soak(args) -> dict:
     windows, window = [], 40
     try:
         _timed_requests(base, model, texts[:2], 2, 1, 16, 999)  # warm-up
+        from atlas_rl.backends.vllm.server_metrics import batch_stats, read_metrics
+
         done = 0
+        before = read_metrics(base)
         while done < args.requests:
             batch = [texts[(done + i) % len(texts)] for i in range(min(window, args.requests - done))]
             lat, errors, incomplete, tokens, wall = _timed_requests(
@@ -306,6 +309,13 @@ def soak(args) -> dict:
             row = {"requests_done": done, "errors": len(errors), "incomplete": incomplete,
                    "tokens_per_s": tokens / wall, "p50_s": _pct(lat, 0.5),
                    "p99_s": _pct(lat, 0.99), "server_rss_mib": _tree_rss(proc.pid) / 2**20}
+            after = read_metrics(base)
+            if after:  # the window's speculation: drafts, acceptance, time spent learning
+                stats = batch_stats(before, after, wall, tokens)
+                row.update({k: stats[k] for k in ("acceptance_length", "lookahead",
+                                                  "server_update_seconds")})
+                row["drafts"] = after["num_drafts"] - before["num_drafts"]
+            before = after
             windows.append(row)
             print(json.dumps(row), flush=True)
         from atlas_rl.backends.vllm.server_metrics import read_metrics
