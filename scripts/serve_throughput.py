@@ -54,12 +54,18 @@ def _post(base, body, timeout=600):
 
 
 def _start(model, spec, log):
+    """`atlas-rl vllm serve` (stock vLLM's server through the plugin) with `spec`."""
     port = _free_port()
     cmd = [sys.executable, "-m", "atlas_rl.cli", "vllm", "serve", model, "--host", "127.0.0.1",
            "--port", str(port), "--dtype", "float32", "--enforce-eager", "--max-model-len",
            "2048", "--seed", "0"]
     if spec is not None:
         cmd += ["--speculative-config", json.dumps(spec)]
+    return _launch(cmd, port, log)
+
+
+def _launch(cmd, port, log):
+    """Start a server command on `port`; (process, base URL) once /health answers."""
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -74,6 +80,14 @@ def _start(model, spec, log):
             time.sleep(1.0)
     proc.kill()
     raise SystemExit(f"server did not start; see {log.name}")
+
+
+def _stop(servers) -> None:
+    servers = list(servers)
+    for proc, _ in servers:
+        proc.terminate()
+    for proc, _ in servers:
+        proc.wait(timeout=60)
 
 
 def _round(base, model, prompts, n, max_tokens, clients, seed):
@@ -127,10 +141,7 @@ def serve(args) -> dict:
 
         metrics = read_metrics(servers["atlas"][1])
     finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-        for proc, _ in servers.values():
-            proc.wait(timeout=60)
+        _stop(servers.values())
     return {"part": "serve", "rows": rows,
             "median_tokens_per_s": {m: statistics.median(r[m]["tokens_per_s"] for r in rows)
                                     for m in ("none", "atlas")},
@@ -167,26 +178,14 @@ def engine(args) -> dict:
 
 
 def _start_serve(model, speculation, log, sets=()):
+    """`atlas-rl serve` (the rollout server) with `speculation` and AtlasConfig `sets`."""
     port = _free_port()
     cmd = [sys.executable, "-m", "atlas_rl.cli", "serve", model, "--port", str(port),
            "--speculation", speculation, "--dtype", "float32", "--enforce-eager",
            "--max-model-len", "2048", "--seed", "0"]
     for item in sets if speculation != "none" else ():
         cmd += ["--set", item]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited ({proc.returncode}); see {log.name}")
-        try:
-            with urllib.request.urlopen(base + "/health", timeout=2):
-                return proc, base
-        except OSError:
-            time.sleep(1.0)
-    proc.kill()
-    raise SystemExit(f"server did not start; see {log.name}")
+    return _launch(cmd, port, log)
 
 
 def _timed_requests(base, model, prompts, clients, n, max_tokens, seed):
@@ -259,10 +258,7 @@ def load(args) -> dict:
 
         metrics = read_metrics(servers["atlas"][1])
     finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-        for proc, _ in servers.values():
-            proc.wait(timeout=60)
+        _stop(servers.values())
     summary = {m: {k: statistics.median(r[m][k] for r in rows)
                    for k in ("tokens_per_s", "p50_s", "p99_s")} for m in ("none", "atlas")}
     for m in summary:

@@ -106,6 +106,8 @@ def test_generation_requests_are_checked_naming_the_field(body, match):
 class Server:
     """`atlas-rl serve` in a child process; stopped on exit (SIGTERM, then SIGKILL)."""
 
+    what = "atlas-rl serve"
+
     def __init__(self, model, port, tmp, *args, env, key=KEY, name="serve"):
         self.base = f"http://127.0.0.1:{port}"
         self.port = port
@@ -126,7 +128,7 @@ class Server:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.stop()  # and what it left of its group
-                raise AssertionError(f"atlas-rl serve exited ({self.proc.returncode}):\n"
+                raise AssertionError(f"{self.what} exited ({self.proc.returncode}):\n"
                                      + self.log_path.read_text()[-4000:])
             try:
                 with urllib.request.urlopen(self.base + "/health", timeout=2):
@@ -134,7 +136,7 @@ class Server:
             except OSError:
                 time.sleep(1.0)
         self.stop()
-        raise AssertionError("atlas-rl serve did not become healthy:\n"
+        raise AssertionError(f"{self.what} did not become healthy:\n"
                              + self.log_path.read_text()[-4000:])
 
     __enter__ = start

@@ -8,12 +8,12 @@ import json
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from atlas_rl.backends.vllm import plugin
+from tests.test_serve import Server
 
 # --- the config: checked and moved where every worker reads it ------------------------
 
@@ -207,58 +207,28 @@ def test_rollout_engine_in_multiprocess_mode_reaches_the_proposer_through_collec
 # --- `vllm serve` with atlas through the plugin ---------------------------------------------
 
 
-class _Server:
-    """`vllm serve` in a child process on 127.0.0.1; stopped (SIGTERM, then SIGKILL) on
-    exit; its log kept for failures."""
+class _Server(Server):
+    """`vllm serve` (through `atlas-rl vllm serve`, stock vLLM's CLI) in a child process on
+    127.0.0.1, with `spec` as its speculative config; stopped on exit."""
+
+    what = "vllm serve"
 
     def __init__(self, model, port, spec, env, log_path, timeout=300.0):
-        self.base = f"http://127.0.0.1:{port}"
-        self.model, self.timeout = model, timeout
+        super().__init__(model, port, log_path.parent, env=env, key=None, name=log_path.stem)
         self.cmd = [sys.executable, "-m", "atlas_rl.cli", "vllm", "serve", model,
                     "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
                     "--enforce-eager", "--max-model-len", "1024", "--seed", "0"]
         if spec is not None:
             self.cmd += ["--speculative-config", json.dumps(spec)]
-        self.env, self.log_path = env, log_path
+        self.timeout = timeout
 
     def __enter__(self):
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(self.cmd, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + self.timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"vllm serve exited ({self.proc.returncode}):\n"
-                                     + self.log_path.read_text()[-4000:])
-            try:
-                with urllib.request.urlopen(self.base + "/health", timeout=2):
-                    return self
-            except OSError:
-                time.sleep(1.0)
-        self.__exit__(None, None, None)
-        raise AssertionError("vllm serve did not become healthy:\n"
-                             + self.log_path.read_text()[-4000:])
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+        return self.start(self.timeout)
 
     def post(self, path, body, timeout=300):
-        request = urllib.request.Request(self.base + path, data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.loads(response.read())
-
-    def metrics(self) -> dict[str, float]:
-        from atlas_rl.backends.vllm.server_metrics import parse_exposition
-
-        with urllib.request.urlopen(self.base + "/metrics", timeout=10) as response:
-            return parse_exposition(response.read().decode())
+        status, answer = self.request(path, body, timeout=timeout)
+        assert status == 200, (path, status, answer)
+        return answer
 
 
 def _vllm_metric(samples, name):
