@@ -174,6 +174,9 @@ class WeightSync:
                            "load rolls back to synced weights only", model)
         self.previous: dict[str, torch.Tensor] = {}
         self.broken: str | None = None
+        # how a user loads non-finite weights anyway, for the refusal's message
+        self.nonfinite_override = (", or AtlasConfig(allow_nonfinite_weights=True) to load "
+                                   "them anyway")
         self.last_timings: dict[str, float] = {}
 
     # --- 1. check ---------------------------------------------------------------------
@@ -232,8 +235,7 @@ class WeightSync:
             bad = t.numel() - int(torch.isfinite(t).sum())
             if bad:
                 return (f"{name!r}: {bad} of {t.numel()} values are NaN or inf (a diverged "
-                        f"update?); fix the update, or AtlasConfig(allow_nonfinite_weights="
-                        f"True) to load them anyway")
+                        f"update?); fix the update{self.nonfinite_override}")
         return None
 
     # --- 2. load, 3. roll back ----------------------------------------------------------

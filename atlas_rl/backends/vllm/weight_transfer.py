@@ -124,6 +124,7 @@ class FileWeightTransferEngine(_Engine):
 
         self.directory = transfer_directory(vllm_config)
         self.sync = WeightSync(ModelTarget(model, vllm_config), str(vllm_config.model_config.model))
+        self.sync.nonfinite_override = " (a server never loads them)"
         self.staged: list[tuple[str, torch.Tensor]] = []
         self.files: list[Path] = []
         self.updates = 0
