@@ -25,7 +25,7 @@ def test_stock_trainers_in_server_mode_against_the_atlas_server(
     enable_atlas()
 
     env = subprocess_env(VLLM_CPU_KVCACHE_SPACE=1)
-    server = Server(tiny_model_path, free_port, tmp_path, "--set", "learn_every=4",
+    server = Server(tiny_model_path, free_port, tmp_path, "--set", "learn_every=2",
                     "--max-model-len", "512", env=env, key=None)
     dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
     with server:
@@ -81,7 +81,9 @@ def test_stock_trainers_in_server_mode_against_the_atlas_server(
         # the server learnt from the rollouts it served: its drafter moved on
         status, answer = server.request("/atlas/stats")
         stats = answer["result"]
-        assert stats["learns"] >= 1 and stats["published_version"] >= 1, stats
+        seen = {k: stats.get(k) for k in ("learns", "published_version", "update_errors",
+                                         "completed_waiting", "last_update", "weight_syncs")}
+        assert stats["learns"] >= 1 and stats["published_version"] >= 1, seen
         assert stats["weight_syncs"] >= 2 and stats["drafter_reads_policy"] is True
         assert rows[-1]["atlas/drafter_version"] >= 1
         # the checkpoint holds the server's speculators, and resuming loads them back
