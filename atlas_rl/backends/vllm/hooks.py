@@ -13,7 +13,8 @@ seeded_chunked_prefill GPUModelRunner.sample_tokens (class)               workar
 tied_lm_head           (no assignment: re-packs the head's CPU GEMM)      workaround  process, CPU
 vllm_cli_version       importlib.metadata.version (for "vllm" only)       workaround  atlas-rl vllm
 atlas_sampler          runner.rejection_sampler.__class__                 atlas       atlas engines
-atlas_proposer_step    runner.propose_draft_token_ids (instance)          atlas       atlas engines
+atlas_proposer_step    runner.propose_draft_token_ids, _update_states     atlas       atlas engines
+                       (instance)
 draft_probs            runner._draft_probs, runner._draft_prob_req_ids    atlas       atlas engines
 aux_hidden_states      runner.use_aux_hidden_state_outputs (+ the model's atlas       atlas engines
                        own set_aux_hidden_state_layers)                               with EAGLE-3
@@ -88,7 +89,8 @@ HOOKS: tuple[Hook, ...] = (
          "atlas", "atlas engines",
          "atlas-rl's verifier (sparse q) and the plain sampler for steps without drafts",
          "forward's signature or the helpers it calls changed: vLLM's sampler stays"),
-    Hook("atlas_proposer_step", "model_runner.propose_draft_token_ids (instance)",
+    Hook("atlas_proposer_step", "model_runner.propose_draft_token_ids, model_runner."
+         "_update_states (instance)",
          "atlas", "atlas engines",
          "vLLM's propose() names requests by row only: the proposer needs request ids, "
          "verified draft counts, finished requests and the sampled hidden states",

@@ -87,7 +87,7 @@ def attach_step_hook(runner, proposer: "AtlasProposer") -> None:
         proposer.begin_step(StepContext(
             req_ids=list(runner.input_batch.req_ids),
             num_verified=None if metadata is None else list(metadata.num_draft_tokens),
-            finished=tuple(getattr(scheduler_output, "finished_req_ids", ()) or ()),
+            finished=proposer.take_finished(getattr(scheduler_output, "finished_req_ids", ())),
             num_scheduled_tokens=getattr(scheduler_output, "total_num_scheduled_tokens", None),
             hidden=bound.get("sample_hidden_states"),
             aux=sampled_aux(runner, bound),
@@ -104,6 +104,18 @@ def attach_step_hook(runner, proposer: "AtlasProposer") -> None:
     hooks.patch(runner, "propose_draft_token_ids", propose_draft_token_ids,
                 key="atlas_proposer_step")
     hooks.record("atlas_proposer_step", "applied")
+    # A step with nothing scheduled (vLLM's flush of the last finished requests, when the
+    # engine has no other work) updates the runner's states and returns before proposing:
+    # its finished requests are noted here, and the next step's context carries them.
+    original_update = getattr(runner, "_update_states", None)
+    if original_update is None:
+        return  # each step's own finished requests still arrive with its context
+
+    def _update_states(scheduler_output, *args, **kwargs):
+        proposer.note_finished(getattr(scheduler_output, "finished_req_ids", ()))
+        return original_update(scheduler_output, *args, **kwargs)
+
+    hooks.patch(runner, "_update_states", _update_states, key="atlas_proposer_step")
 
 
 def sampled_aux(runner, bound) -> torch.Tensor | None:
@@ -174,6 +186,7 @@ class AtlasProposer:
         self._handed: tuple[int, list[tuple[int, Draft]]] | None = None  # distribution step
         self._error_logged = False
         self.weight_syncs = 0  # policy weight updates seen (a server's weight transfer)
+        self._finished_noted: list[str] = []  # finished at steps that did not propose
         self.vllm_config = vllm_config
         # set up in a worker that stock vLLM started (`worker.setup_in_worker`): learning
         # there needs the sequences the engine completed
@@ -216,6 +229,17 @@ class AtlasProposer:
         for spec in self._readers():
             if self.target_model is not None:
                 spec.attach_target(*target_embeddings(self.target_model))
+
+    def note_finished(self, req_ids) -> None:
+        """Requests vLLM reported finished (at any step, proposing or not)."""
+        if req_ids:
+            self._finished_noted.extend(req_ids)
+
+    def take_finished(self, req_ids=()) -> tuple[str, ...]:
+        """The finished requests noted since the last step, and `req_ids`, once each."""
+        out = tuple(dict.fromkeys([*self._finished_noted, *(req_ids or ())]))
+        self._finished_noted.clear()
+        return out
 
     def policy_weights_changed(self, target_model=None) -> None:
         """New policy weights were loaded (a server's weight transfer): the drafters
