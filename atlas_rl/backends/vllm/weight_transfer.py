@@ -127,7 +127,6 @@ class FileWeightTransferEngine(_Engine):
         self.sync.nonfinite_override = " (a server never loads them)"
         self.staged: list[tuple[str, torch.Tensor]] = []
         self.files: list[Path] = []
-        self.updates = 0
 
     def init_transfer_engine(self, init_info: FileInitInfo) -> None:
         if init_info.probe:
@@ -210,7 +209,6 @@ class FileWeightTransferEngine(_Engine):
         try:
             if staged:
                 self.sync.load(staged, owned=True)  # rolled back if the load fails
-                self.updates += 1
                 _drafter_follows(self.model)
         finally:
             self._delete_files()
