@@ -10,7 +10,11 @@ A run is a sequence of RL steps. Each step:
 2. for each regime, runs every method on the same prompts with the same seeds, in an
    order that rotates from step to step:
    - ``tail``: one prompt's group of at most 4 completions (the stretch where an RL
-     step waits on its last running sequences; every step),
+     step waits on its last running sequences; every step), generated to a fixed length
+     (EOS ignored), so that every method does the same work at the same batch size: the
+     figure of record,
+   - ``tail_rl``: the same group sampled as an RL step samples it (each completion stops
+     at its EOS: methods end up with different lengths, so its ratios are noisier),
    - ``large_batch``: ``prompts_per_step x completions`` sequences (64 by default; on
      every other step, ``large_batch_steps``, as it costs 15-50 s per method here);
    adaptive speculators learn each batch they generate (``engine.update``) before the
@@ -26,8 +30,11 @@ A run is a sequence of RL steps. Each step:
    Before it, the drift so far: KL(pi_step || pi_0) per token on that group, next to
    atlas-static's acceptance length at the step (``results["drift"]``).
 
-Speedup is tokens/s over ``none``'s in the same step and regime; summaries are medians
-over steps. Schema of the results: docs/benchmarks.md.
+Speedup is tokens/s over ``none``'s in the same step and regime; a regime's speedup is
+the pooled one (all its steps' tokens over all their seconds, against ``none``'s), with a
+90% interval from a bootstrap over steps (`speedup_interval`); the other summaries are
+medians over steps. Each record also carries the policy's per-token entropy estimated from
+the sampled tokens (mean of -log p). Schema of the results: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -70,7 +77,13 @@ WORKLOADS = ("drift", "code", "math", "javascript", "epochs")
 #: the default drift: from a domain the bundled static drafters were distilled on (GSM8K-
 #: style arithmetic) to one they never saw (JavaScript)
 DRIFT_DOMAINS = ("math", "javascript")
-REGIMES = ("tail", "large_batch")
+#: ``tail``: the figure of record, fixed length (EOS ignored: every method generates the
+#: same tokens at the same batch size); ``tail_rl``: the same group as an RL step samples
+#: it (stops at EOS; what the checks and the policy update use); ``large_batch``.
+REGIMES = ("tail", "tail_rl", "large_batch")
+#: The speedup's interval: a bootstrap over steps, this two-sided level.
+INTERVAL_LEVEL = 0.90
+BOOTSTRAP_SAMPLES = 2000
 # What the exactness check tolerates, by the engines' dtype. float32 engines against the
 # float32 policy (transformers): logprobs agree to ~5e-5 (measured); greedy outputs are
 # identical. bfloat16 (8 mantissa bits) moves a token's logprob by up to ~0.4 (measured
@@ -138,7 +151,9 @@ class BenchConfig:
     prompts_per_step: int = field(default=16, metadata={"help": "prompts in the large batch"})
     completions: int = field(default=4, metadata={
         "help": "completions per prompt, a GRPO group"})
-    max_tokens: int = field(default=128, metadata={"help": "max tokens per tail completion"})
+    max_tokens: int = field(default=128, metadata={
+        "help": "tokens per tail completion (the fixed-length tail: exactly this many; the "
+                "RL tail: at most)"})
     large_batch_max_tokens: int = field(default=48, metadata={
         "help": "max tokens per large-batch completion"})
     tail_sequences: int = field(default=4, metadata={
@@ -485,20 +500,64 @@ def drift_summary(rows: list[dict], final_kl: float | None,
     }
 
 
-def summarize_regime(records: list[dict], exact: bool) -> dict:
-    """Medians over a regime's steps (speedup: the median of per-step ratios)."""
+def summarize_regime(records: list[dict], exact: bool,
+                     base_records: list[dict] | None = None, seed: int = 0) -> dict:
+    """Medians over a regime's steps; with ``base_records`` (``none``'s records of the
+    same steps) the speedup is the pooled one with its bootstrap interval
+    (`speedup_interval`), else the median of per-step ratios."""
     out = {k: median([r.get(k) for r in records]) for k in BENCH_REGIME_KEYS}
+    out["entropy"] = median([r.get("entropy") for r in records])
     out["exact"] = exact
     out["steps"] = len(records)
+    if base_records is not None:
+        out["speedup"], out["speedup_ci"] = speedup_interval(records, base_records, seed=seed)
     if not exact:
-        out["speedup"] = None
+        out["speedup"] = out["speedup_ci"] = None
     return out
+
+
+def speedup_interval(records: list[dict], base_records: list[dict], seed: int = 0,
+                     level: float = INTERVAL_LEVEL,
+                     samples: int = BOOTSTRAP_SAMPLES) -> tuple[float | None, list | None]:
+    """(pooled speedup, [low, high]): the method's tokens/s over all its steps against
+    ``none``'s over the same steps (steps paired by their ``step``), and the `level`
+    percentile interval of that ratio over `samples` bootstrap resamplings of the steps
+    (each resampled step keeps its pair: both methods ran it on the same prompts, seed and
+    weights). A step weighs by its tokens and seconds, so a short one counts for less."""
+    base = {r["step"]: r for r in base_records}
+    pairs = [(r, base[r["step"]]) for r in records if r["step"] in base]
+    pairs = [(m, b) for m, b in pairs if m.get("rollout_seconds") and b.get("rollout_seconds")]
+    if not pairs:
+        return None, None
+
+    def pooled(sample) -> float:
+        tm = sum(m["num_tokens"] for m, _ in sample)
+        sm = sum(m["rollout_seconds"] for m, _ in sample)
+        tb = sum(b["num_tokens"] for _, b in sample)
+        sb = sum(b["rollout_seconds"] for _, b in sample)
+        return (tm / sm) / (tb / sb) if tb and sm else float("nan")
+
+    point = pooled(pairs)
+    rng = random.Random(seed)
+    boots = sorted(pooled([rng.choice(pairs) for _ in pairs]) for _ in range(samples))
+    tail = (1.0 - level) / 2
+    lo = boots[int(tail * (samples - 1))]
+    hi = boots[int(round((1.0 - tail) * (samples - 1)))]
+    return point, [lo, hi]
+
+
+def sampled_entropy(completions) -> float | None:
+    """The policy's per-token entropy in nats, estimated from sampled tokens: the mean of
+    -log p(x) over them (unbiased: E_x[-log p(x)] = H(p); p the distribution sampled,
+    temperature included)."""
+    lps = [lp for c in completions for lp in (c.logprobs or ())]
+    return -sum(lps) / len(lps) if lps else None
 
 
 def _step_rows(records: dict[str, list[dict]], exact: bool) -> list[dict]:
     """A method's rows, one per step: its tail record, with the step's record of every
     regime it ran (no speedup where the method is not exact)."""
-    by_step = {r: {x["step"]: x for x in records[r]} for r in REGIMES}
+    by_step = {r: {x["step"]: x for x in records.get(r, ())} for r in REGIMES}
     rows = []
     for rec in records["tail"]:
         row = {k: rec.get(k) for k in BENCH_STEP_KEYS}
@@ -515,9 +574,10 @@ def _step_rows(records: dict[str, list[dict]], exact: bool) -> list[dict]:
 
 
 def format_table(results: dict) -> str:
-    lines = [("| method | regime | tokens/s | speedup | acceptance length | acceptance rate "
-              "| lookahead | oracle (one-hot ceiling) | exact |"),
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [("| method | regime | tokens/s | speedup (90% interval) | acceptance length "
+              "| acceptance rate | lookahead | oracle (one-hot ceiling) | entropy (nats/token) "
+              "| exact |"),
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in results["methods"].items():
         for regime in REGIMES:
             s = m["regimes"].get(regime)
@@ -526,10 +586,20 @@ def format_table(results: dict) -> str:
             rate = "-" if name == "none" else fmt(s["acceptance_rate"])
             lines.append(
                 f"| {name} | {regime} | {fmt(s['tokens_per_s'], '.1f')} | "
-                f"{fmt(s['speedup'])}{'x' if s['speedup'] is not None else ''} | "
+                f"{format_speedup(s['speedup'], s.get('speedup_ci'))} | "
                 f"{fmt(s['acceptance_length'])} | {rate} | {fmt(s['lookahead'])} | "
-                f"{fmt(s['oracle_acceptance_length'])} | {'yes' if s['exact'] else 'NO'} |")
+                f"{fmt(s['oracle_acceptance_length'])} | {fmt(s.get('entropy'))} | "
+                f"{'yes' if s['exact'] else 'NO'} |")
     return "\n".join(lines)
+
+
+def format_speedup(speedup: float | None, interval: list | None) -> str:
+    """'1.23x (1.18-1.29)': a speedup with its interval, or '-'."""
+    if speedup is None:
+        return "-"
+    if not interval:
+        return f"{speedup:.2f}x"
+    return f"{speedup:.2f}x ({interval[0]:.2f}-{interval[1]:.2f})"
 
 
 def format_time_table(results: dict, regime: str = "tail") -> str:
@@ -685,14 +755,17 @@ class _BenchRun:
         tail_p, large_p, probe_p = drawn[0], drawn[1:-1], drawn[-1]
         k = len(self.methods)
         order = [self.methods[(i + step) % k] for i in range(k)]
-        jobs = [("tail", [tail_p], min(cfg.completions, cfg.tail_sequences), cfg.max_tokens)]
+        n_tail = min(cfg.completions, cfg.tail_sequences)
+        jobs = [("tail_rl", [tail_p], n_tail, cfg.max_tokens, False),
+                ("tail", [tail_p], n_tail, cfg.max_tokens, True)]
         if step in self.lb_steps:
-            jobs.append(("large_batch", large_p, cfg.completions, cfg.large_batch_max_tokens))
+            jobs.append(("large_batch", large_p, cfg.completions, cfg.large_batch_max_tokens,
+                         False))
         step_seed = cfg.seed * 1_000_003 + step * 101
         tail_batches = {}
         for j, job in enumerate(jobs):
             batches = self.rollouts(step, domain, order, job, step_seed + j)
-            if job[0] == "tail":
+            if job[0] == "tail_rl":
                 tail_batches = batches
         self.check_exactness(step, order, tail_batches, probe_p)
         self.update_policy(step, tail_p, tail_batches["none"])
@@ -701,15 +774,17 @@ class _BenchRun:
                  seed: int) -> dict:
         """Every method (in `order`) generates a regime's prompts with the same seed and
         its speculator learns the batch; a record per method; the batches."""
-        regime, prompts, n, max_tokens = job
+        regime, prompts, n, max_tokens, fixed_length = job
         cfg = self.cfg
         batches, recs = {}, {}
         for m in order:
             eng = self.engines[m]
             batch = eng.generate([self.as_prompt(p) for p in prompts], n=n,
-                                 temperature=cfg.temperature, max_tokens=max_tokens, seed=seed)
+                                 temperature=cfg.temperature, max_tokens=max_tokens, seed=seed,
+                                 ignore_eos=fixed_length)
             upd = eng.update(batch)
             rec = _step_record(batch.stats, cfg.max_lookahead)
+            rec["entropy"] = sampled_entropy(batch.completions)
             rec["update_seconds"] = upd.get("update_seconds", 0.0)
             rec.update({key: upd[key] for key in BENCH_UPDATE_KEYS if key in upd})
             recs[m], batches[m] = rec, batch
@@ -816,7 +891,9 @@ class _BenchRun:
         exactness = self.exactness(m)
         exact = exactness["exact"]
         records = self.records[m]
-        regimes = {r: summarize_regime(records[r], exact) for r in REGIMES if records[r]}
+        base = self.records["none"]
+        regimes = {r: summarize_regime(records[r], exact, base[r], seed=self.cfg.seed)
+                   for r in REGIMES if records[r]}
         summary = {k: regimes["tail"][k] for k in BENCH_SUMMARY_KEYS}
         d = self.cfg.drift_step
         if d is not None:
@@ -825,6 +902,8 @@ class _BenchRun:
                 [r["acceptance_length"] for r in tail if r["step"] < d])
             summary["acceptance_length_post_drift"] = median(
                 [r["acceptance_length"] for r in tail if r["step"] >= d])
+        summary["speedup_ci"] = regimes["tail"].get("speedup_ci")
+        summary["entropy"] = regimes["tail"].get("entropy")
         if m == "none":
             summary["speedup"] = 1.0
         return {"summary": summary, "regimes": regimes, "steps": _step_rows(records, exact),
@@ -874,7 +953,7 @@ def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
 
     t_start = time.perf_counter()
     methods = cfg.methods
-    units = (len(methods) + cfg.steps * (len(methods) * 2 + 1)
+    units = (len(methods) + cfg.steps * (len(methods) * 3 + 1)
              + len(cfg.resolved_large_batch_steps()) * len(methods))
     bar = _Progress(units, enabled=progress)
     say = log or bar.log
@@ -922,8 +1001,9 @@ def headline(results: dict) -> str:
             f"({drift}), tail = 1 prompt x {min(c['completions'], c['tail_sequences'])}, "
             f"large batch = {c['prompts_per_step']} x {c['completions']} on steps "
             f"{', '.join(str(s + 1) for s in c['large_batch_steps'])}, "
-            f"{c['max_tokens']}/{c['large_batch_max_tokens']} tokens max (tail/large), "
-            f"medians over steps\n"
+            f"{c['max_tokens']} tokens (tail: fixed length; tail_rl: at most), "
+            f"{c['large_batch_max_tokens']} max (large); speedups pooled over steps with a "
+            f"90% bootstrap interval, the rest medians over steps\n"
             f"machine: {mach['cpu']} ({_bf16_units(mach)}), {mach['cores']} cores, GPU: "
             f"{mach['gpu'] or 'none'}; torch {mach['torch']}, vLLM {mach['vllm']}, dtype "
             f"{mach['dtype']} (exactness judged in it); "

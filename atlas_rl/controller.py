@@ -153,10 +153,13 @@ class _Fit:
 class StepCostModel:
     """Seconds per engine step vs running sequences B and verified draft tokens D."""
 
+    #: No-draft steps per batch-size bucket whose median is the base cost (the most recent).
+    base_window = 32
+
     def __init__(self, decay: float = 0.98, prior_strength: float = 1.0):
         self.decay = decay
         self.prior_strength = prior_strength
-        self.base: dict[int, list[float]] = {}   # bucket -> [weight, weighted sum]
+        self.base: dict[int, deque] = {}         # bucket -> recent no-draft step seconds
         self.spec: dict[int, _Fit] = {}          # bucket -> fit of T on D (D > 0)
         self.observations = 0
 
@@ -185,8 +188,7 @@ class StepCostModel:
         b = self.bucket(num_seqs)
         self.observations += 1
         if num_draft_tokens == 0:
-            w, s = self.base.get(b, [0.0, 0.0])
-            self.base[b] = [self.decay * w + 1, self.decay * s + seconds]
+            self.base.setdefault(b, deque(maxlen=self.base_window)).append(seconds)
         else:
             self.spec.setdefault(b, _Fit(self.decay)).add(float(num_draft_tokens), seconds)
 
@@ -195,9 +197,21 @@ class StepCostModel:
         until one was measured. Never extrapolated from another bucket: decoding is
         memory-bound at small batches and compute-bound at large ones, so a guess from
         the tail's 4 sequences would put a 64-sequence step at 16x its cost, and make
-        speculation there look nearly free."""
-        w, s = self.base.get(self.bucket(num_seqs), (0.0, 0.0))
-        return s / w if w > 0 else None
+        speculation there look nearly free.
+
+        The median of the bucket's recent no-draft steps, not a mean: the first steps at
+        a new batch size are the slow ones (oneDNN creates its kernels for each new
+        shape: 2-3x a step here), and a base inflated by them made verification look
+        free (the fit's overhead and slope clamp at 0 below it) for the whole run. While
+        fewer than 8 were seen, their minimum (a stall only ever adds time)."""
+        steps = self.base.get(self.bucket(num_seqs))
+        if not steps:
+            return None
+        return statistics.median(steps) if len(steps) >= 8 else min(steps)
+
+    def base_count(self, num_seqs: int) -> int:
+        """No-draft steps measured (recently) in this batch size's bucket."""
+        return len(self.base.get(self.bucket(num_seqs), ()))
 
     def spec_cost(self, num_seqs: int) -> tuple[float, float] | None:
         """(overhead, slope): a step with D > 0 draft tokens costs
@@ -215,11 +229,15 @@ class StepCostModel:
         return max(0.0, intercept - base), max(slope, 0.0)
 
     def to_dict(self) -> dict:
-        return {"base": {str(k): v for k, v in self.base.items()},
+        return {"base_steps": {str(k): list(v) for k, v in self.base.items()},
                 "spec": {str(k): [f.w, f.sx, f.sy, f.sxx, f.sxy] for k, f in self.spec.items()}}
 
     def load_dict(self, d: dict) -> None:
-        self.base = {int(k): list(v) for k, v in d.get("base", {}).items()}
+        self.base = {int(k): deque(map(float, v), maxlen=self.base_window)
+                     for k, v in d.get("base_steps", {}).items()}
+        for k, (w, total) in d.get("base", {}).items():  # saved before base_steps: a mean
+            if w > 0:
+                self.base.setdefault(int(k), deque([total / w], maxlen=self.base_window))
         self.spec = {}
         for k, v in d.get("spec", {}).items():
             f = _Fit(self.decay)
@@ -246,6 +264,12 @@ class AtlasController:
     #: After this many consecutive steps of a batch-size bucket in which the goodput cut
     #: dropped every draft, drafting itself is skipped there (but for explore-rate probes).
     cut_patience = 8
+    #: No-draft steps measured at a batch size before drafting there (their median is
+    #: the base every decision compares against), and the drafting steps after which one
+    #: no-draft step re-measures it (~1.5% of the tail's steps: the base moves as the
+    #: sequences grow, and the controller would otherwise never see it again).
+    min_base_steps = 3
+    base_refresh_steps = 64
     #: Share of steps on which one draft position past the useful ones is drafted, so
     #: that the calibration of the next position keeps being measured.
     explore_position = 0.25
@@ -264,11 +288,15 @@ class AtlasController:
         self.max_batch_size = max_batch_size  # a hard cap on top of the cost model (None: off)
         self.always = bool(always)  # no cost model: every proposal in full (tests, debugging)
         self.draft_seconds = {s: 0.0 for s in self.speculators}  # median drafting time per step, recent calls
+        # median drafting time per draft position (a neural drafter runs once per position)
+        self.draft_position_seconds = {s: 0.0 for s in self.speculators}
         self.benched: dict[Arm, int] = {}  # arm -> steps left on the bench
         self.collapses = 0
         self.probes = 0  # steps where one token was drafted only to re-measure the cost
         self._draft_times: dict[str, deque] = {}
+        self._position_times: dict[str, deque] = {}
         self._cut_streak: dict[int, int] = {}  # batch bucket -> steps the cut dropped all drafts
+        self._since_base: dict[int, int] = {}  # batch bucket -> steps planned since a no-draft one
         self.steps = 0
         self._rng = random.Random(seed)
 
@@ -293,12 +321,17 @@ class AtlasController:
         `seconds` (the cost model's data)."""
         self.cost.add_step(num_seqs, num_draft_tokens, seconds)
 
-    def record_draft_time(self, speculator: str, seconds: float) -> None:
-        """Drafting time per step: the median of the last 15 calls (a stalled call does
-        not count)."""
+    def record_draft_time(self, speculator: str, seconds: float, positions: int = 1) -> None:
+        """A speculator drafted `positions` positions (for every request at once) in
+        `seconds`: drafting time per step and per position, each the median of the last 15
+        calls (a stalled call does not count). The per-position cost is what one more
+        lookahead position costs besides its verification (`_position_floor`)."""
         recent = self._draft_times.setdefault(speculator, deque(maxlen=15))
         recent.append(float(seconds))
         self.draft_seconds[speculator] = statistics.median(recent)
+        per = self._position_times.setdefault(speculator, deque(maxlen=15))
+        per.append(float(seconds) / max(1, int(positions)))
+        self.draft_position_seconds[speculator] = statistics.median(per)
 
     # --- planning ---------------------------------------------------------------------
 
@@ -317,10 +350,10 @@ class AtlasController:
         plan = StepPlan(num_seqs, probe=probe)
         if not speculate:
             return plan
-        floor = self._position_floor(num_seqs)
         for spec in self.speculators:
             usable = [a for a in Arm.both(spec) if a not in self.benched]
-            k = self._useful_positions(usable, floor) if usable else 0
+            k = self._useful_positions(usable, self._position_floor(num_seqs, spec)) \
+                if usable else 0
             if k == 0:
                 continue
             best = max(usable, key=self._arm_value)
@@ -351,9 +384,13 @@ class AtlasController:
             return False, False
         if self.always:
             return True, False
-        base = self.cost.base_seconds(num_seqs)
-        if base is None:
+        bucket = self.cost.bucket(num_seqs)
+        since = self._since_base.get(bucket, 0)
+        if self.cost.base_count(num_seqs) < self.min_base_steps or since >= self.base_refresh_steps:
+            self._since_base[bucket] = 0
             return False, False
+        self._since_base[bucket] = since + 1
+        base = self.cost.base_seconds(num_seqs)
         slope = self.cost.spec_cost(num_seqs)[1]
         hopeless = (num_seqs / base * slope >= 1.0
                     or self._cut_streak.get(self.cost.bucket(num_seqs), 0) >= self.cut_patience)
@@ -362,15 +399,18 @@ class AtlasController:
         probe = self._rng.random() < self.explore
         return probe, probe
 
-    def _position_floor(self, num_seqs: int) -> float:
+    def _position_floor(self, num_seqs: int, speculator: str | None = None) -> float:
         """The cumulative acceptance probability below which one more draft position
-        does not pay for its verification (the same rule as the goodput cut, at the
-        batch's no-speculation throughput)."""
+        does not pay for itself, at the batch's no-speculation throughput B / base: the
+        position brings B * a expected tokens and costs B * slope of verification plus
+        one more drafting pass of the speculator (`draft_position_seconds`), so it pays
+        while a >= (B * slope + draft) / base."""
         base = self.cost.base_seconds(num_seqs)
         cost = self.cost.spec_cost(num_seqs)
         if self.always or base is None or cost is None:
             return 0.0
-        return num_seqs / base * cost[1]
+        draft = self.draft_position_seconds.get(speculator, 0.0) if speculator else 0.0
+        return (num_seqs * cost[1] + draft) / base
 
     def _useful_positions(self, arms: list[Arm], floor: float) -> int:
         """How many draft steps are worth asking a speculator for: positions while the
@@ -465,6 +505,7 @@ class AtlasController:
     def state_dict(self) -> dict:
         return {"calibration": {a.label: c.to_dict() for a, c in self.calibration.items()},
                 "cost": self.cost.to_dict(), "draft_seconds": dict(self.draft_seconds),
+                "draft_position_seconds": dict(self.draft_position_seconds),
                 "benched": {a.label: n for a, n in self.benched.items()},
                 "collapses": self.collapses}
 
@@ -475,5 +516,25 @@ class AtlasController:
                 self.calibration[arms[label]].load_dict(saved)
         self.cost.load_dict(d.get("cost", {}))
         self.draft_seconds.update(d.get("draft_seconds", {}))
+        self.draft_position_seconds.update(d.get("draft_position_seconds", {}))
         self.benched = {arms[k]: int(v) for k, v in d.get("benched", {}).items() if k in arms}
         self.collapses = int(d.get("collapses", 0))
+
+
+def lookahead_goodput(acceptance: list[float], num_seqs: int, base: float, overhead: float,
+                      slope: float, draft_position: float = 0.0) -> list[float]:
+    """Expected tokens per second of a step at each lookahead k = 0 .. len(acceptance),
+    every request drafting k tokens: the offline yardstick for the controller's choices.
+
+    ``acceptance[i]``: the probability that draft position i is accepted (cumulative: all
+    positions before it accepted too; ``acceptance_rate_pos_i``); a step of ``num_seqs``
+    requests costs ``base`` seconds without drafts and base + overhead + k * (num_seqs *
+    slope + draft_position) with k-token drafts (`StepCostModel`, and the drafting time
+    per position), and yields num_seqs * (1 + sum_{i<k} acceptance[i]) tokens."""
+    out = [num_seqs / base]
+    tokens, seconds = float(num_seqs), base + overhead
+    for a in acceptance:
+        tokens += num_seqs * a
+        seconds += num_seqs * slope + draft_position
+        out.append(tokens / seconds)
+    return out

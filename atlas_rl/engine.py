@@ -239,8 +239,12 @@ class AtlasRolloutEngine:
 
     def generate(self, prompts: Sequence[Prompt], n: int = 1, temperature: float = 1.0,
                  top_p: float = 1.0, top_k: int = -1, max_tokens: int = 256,
-                 seed: int | None = None, stop: str | Sequence[str] | None = None) -> RolloutBatch:
-        """Sample ``n`` completions per prompt. Completions of prompt i are contiguous."""
+                 seed: int | None = None, stop: str | Sequence[str] | None = None,
+                 ignore_eos: bool = False) -> RolloutBatch:
+        """Sample ``n`` completions per prompt. Completions of prompt i are contiguous.
+        ``ignore_eos``: every completion runs to ``max_tokens`` (the benchmark's
+        fixed-length regime: every method then generates the same tokens at the same
+        batch size)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -272,7 +276,7 @@ class AtlasRolloutEngine:
                 requests.append(TokensPrompt(prompt_token_ids=prompt_ids))
                 params.append(SamplingParams(
                     n=1, temperature=temperature, top_p=top_p, top_k=top_k,
-                    max_tokens=max_tokens, stop=stop, logprobs=1,
+                    max_tokens=max_tokens, stop=stop, logprobs=1, ignore_eos=bool(ignore_eos),
                     seed=None if seed is None else _completion_seed(seed, index)))
 
         self.begin_batch()

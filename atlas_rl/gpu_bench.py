@@ -257,7 +257,7 @@ def stage_drafter(cfg, device, deadline, save=_no_save) -> dict:
             def one_position(r, weights=weights, h=h, tok=tok, head_t=head_t, embed=embed):
                 e = embed.index_select(0, tok).to(dtype)
                 y = DrafterNet.draft_step(weights, h, e, 1e-5)
-                return torch.softmax((y @ head_t).float(), -1).argmax(-1)
+                return torch.softmax(spec.head_logits(y).float(), -1).argmax(-1)
 
             t = time_call(one_position, device, budget_s=0.1)
             row["draft_position_device_ms"] = t["device_s"] * 1e3

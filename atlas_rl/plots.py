@@ -86,7 +86,7 @@ def plot_bench(results: dict, path: str | Path) -> Path:
     ax_sp.set_ylabel("speedup vs none (tail)")
     ax_sp.set_title("Speedup per step, tokens/s over no speculation in the same step")
 
-    regimes = ["tail", "large_batch"]
+    regimes = ["tail", "tail_rl", "large_batch"]
     names = list(methods)
     width = 0.8 / max(len(regimes), 1)
     for i, regime in enumerate(regimes):
@@ -99,8 +99,8 @@ def plot_bench(results: dict, path: str | Path) -> Path:
         del bars
     ax_bar.axhline(1.0, color="k", linewidth=0.8)
     ax_bar.set_xticks(range(len(names)), names)
-    ax_bar.set_ylabel("median speedup")
-    ax_bar.set_title("Median speedup by regime (n/a: not exact, or not measured)")
+    ax_bar.set_ylabel("speedup (pooled over steps)")
+    ax_bar.set_title("Speedup by regime (n/a: not exact, or not measured)")
     ax_bar.legend(fontsize=8)
     mach = results["machine"]
     fig.suptitle(f"atlas-rl bench: {results['config']['model']} on {mach['cpu']} "

@@ -141,7 +141,47 @@ def test_summaries_without_exactness_report_no_speedup():
     rows = _step_rows(records, exact=False)
     assert all(r["speedup"] is None for r in rows) and large[0]["speedup"] is None
     results = {"methods": {"atlas": {"regimes": {"tail": summarize_regime(tail, False)}}}}
-    assert "| atlas | tail | 11.0 | - | 1.50 | 0.25 | - | 2.00 | NO |" in format_table(results)
+    assert "| atlas | tail | 11.0 | - | 1.50 | 0.25 | - | 2.00 | - | NO |" in format_table(results)
+
+
+def test_speedup_is_pooled_over_steps_with_a_bootstrap_interval():
+    """The regime's speedup is all of a method's tokens over all its seconds against
+    none's over the same steps; the 90% interval comes from resampling steps in pairs and
+    narrows as steps are added; a method exactly 1.25x faster on every step has
+    [1.25, 1.25]."""
+    from atlas_rl.bench import format_speedup, speedup_interval, summarize_regime
+
+    def recs(seconds):
+        return [{"step": i, "num_tokens": 512, "rollout_seconds": s, "tokens_per_s": 512 / s}
+                for i, s in enumerate(seconds)]
+
+    base = recs([10.0] * 8)
+    point, ci = speedup_interval(recs([8.0] * 8), base)
+    assert point == pytest.approx(1.25) and ci == pytest.approx([1.25, 1.25])
+    noisy = [8.0, 9.0, 7.0, 8.5, 7.5, 8.0, 9.5, 6.5]
+    point, ci = speedup_interval(recs(noisy), base)
+    assert point == pytest.approx(10.0 * 8 / sum(noisy))
+    assert ci[0] < point < ci[1]
+    _, wide = speedup_interval(recs(noisy[:3]), base[:3])
+    _, narrow = speedup_interval(recs(noisy * 4), recs([10.0] * 32))
+    assert narrow[1] - narrow[0] < wide[1] - wide[0]
+    # steps pair by their index: a step none did not run is left out
+    point, _ = speedup_interval(recs([5.0, 8.0]), base[1:2] + [{**base[0], "step": 7}])
+    assert point == pytest.approx(1.25)
+    s = summarize_regime(recs([8.0] * 8), True, base)
+    assert s["speedup"] == pytest.approx(1.25) and s["speedup_ci"] == pytest.approx([1.25, 1.25])
+    assert format_speedup(1.234, [1.2, 1.27]) == "1.23x (1.20-1.27)"
+    assert format_speedup(None, None) == "-"
+
+
+def test_entropy_is_the_mean_negative_logprob_of_the_sampled_tokens():
+    from types import SimpleNamespace
+
+    from atlas_rl.bench import sampled_entropy
+
+    comps = [SimpleNamespace(logprobs=[-1.0, -2.0]), SimpleNamespace(logprobs=[-3.0])]
+    assert sampled_entropy(comps) == pytest.approx(2.0)
+    assert sampled_entropy([SimpleNamespace(logprobs=[])]) is None
 
 
 # --- prompt files -----------------------------------------------------------------
@@ -257,9 +297,13 @@ def test_quick_run_schema(quick_run):
     assert set(results["methods"]) == set(available_methods())
     for name, m in results["methods"].items():
         assert SUMMARY_KEYS <= set(m["summary"]), name
-        assert set(m["regimes"]) == {"tail", "large_batch"}, name
+        assert set(m["regimes"]) == {"tail", "tail_rl", "large_batch"}, name
         for regime in m["regimes"].values():
             assert SUMMARY_KEYS <= set(regime)
+            lo, hi = regime["speedup_ci"]
+            assert lo <= regime["speedup"] <= hi, (name, regime)
+            assert regime["entropy"] > 0
+        assert m["summary"]["speedup_ci"] == m["regimes"]["tail"]["speedup_ci"]
         assert len(m["steps"]) == 2
         for row in m["steps"]:
             assert STEP_KEYS <= set(row)
@@ -274,10 +318,15 @@ def test_quick_run_schema(quick_run):
     assert "large_batch" in steps[1]["regimes"] and "large_batch" not in steps[0]["regimes"]
     assert steps[1]["regimes"]["large_batch"]["num_completions"] == 64
     assert steps[0]["regimes"]["tail"]["num_completions"] == 4
+    # the fixed-length tail: every method generates the same tokens, max_tokens each
+    for m in results["methods"].values():
+        for row in m["steps"]:
+            assert row["regimes"]["tail"]["num_tokens"] == 4 * results["config"]["max_tokens"]
     assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the table on stdout: a row per method and regime
     for name in results["methods"]:
-        assert f"| {name} | tail |" in stdout and f"| {name} | large_batch |" in stdout
+        for regime in ("tail", "tail_rl", "large_batch"):
+            assert f"| {name} | {regime} |" in stdout
 
 
 def test_quick_run_definitions(quick_run):

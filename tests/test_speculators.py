@@ -297,3 +297,52 @@ def test_a_server_without_batches_keeps_bounded_live_state():
     assert draft.tokens == [3, 4, 5]
     spec.begin_batch()  # a batch end still drops everything
     assert not spec._finished and not spec._live.seqs and not spec._siblings
+
+
+def test_slow_first_steps_do_not_inflate_the_base_cost():
+    """The first steps at a new batch size are slow (kernels created for new shapes): the
+    base is the minimum of the few no-draft steps, then their median, never a mean
+    dragged up by them. A base inflated by them made verification look free (the fit's
+    overhead and slope clamp at 0 below it) and the controller draft far too long."""
+    ctl = AtlasController(max_lookahead=8, speculators=["suffix"], explore=0.0)
+    for seconds in (0.25, 0.2):  # kernel creation
+        ctl.record_step_time(4, 0, seconds)
+    assert ctl.plan_step(4).lookahead == 0  # fewer than min_base_steps measured: measure
+    ctl.record_step_time(4, 0, 0.08)
+    assert ctl.cost.base_seconds(4) == pytest.approx(0.08)
+    for _ in range(20):
+        ctl.record_step_time(4, 0, 0.08)
+    assert ctl.cost.base_seconds(4) == pytest.approx(0.08)
+
+
+def test_the_base_cost_is_measured_again_while_drafting():
+    """A controller that drafts on every step would never see a step without drafts
+    again: one step in `base_refresh_steps` goes without, so the base stays current."""
+    ctl = _fed_controller(base=0.075, overhead=0.008, slope=0.0003, num_seqs=4)
+    _train_arm(ctl, "suffix", 0.9)
+    plans = [ctl.plan_step(4).lookahead for _ in range(3 * ctl.base_refresh_steps)]
+    off = sum(1 for k in plans if k == 0)
+    assert 2 <= off <= 4
+
+
+def test_a_costly_draft_position_shortens_the_lookahead():
+    """One more position costs its verification (B * slope) and one more drafting pass:
+    the controller stops where a position's acceptance no longer pays for both."""
+    ctl = _fed_controller(base=0.08, overhead=0.004, slope=0.0005, num_seqs=4)
+    _train_arm(ctl, "suffix", 0.5)  # cumulative acceptance 0.5, 0.25, 0.125, ...
+    free = ctl.plan_step(4).lookaheads["suffix"]
+    for _ in range(15):
+        ctl.record_draft_time("suffix", 0.012, positions=2)  # 6 ms per position
+    assert ctl.draft_position_seconds["suffix"] == pytest.approx(0.006)
+    costly = min(ctl.plan_step(4).lookaheads["suffix"] for _ in range(20))
+    assert costly < free
+
+
+def test_lookahead_goodput_is_tokens_over_seconds():
+    from atlas_rl.controller import lookahead_goodput
+
+    g = lookahead_goodput([0.5, 0.25], num_seqs=4, base=0.08, overhead=0.004, slope=0.001,
+                          draft_position=0.002)
+    assert g[0] == pytest.approx(4 / 0.08)
+    assert g[1] == pytest.approx(4 * 1.5 / (0.08 + 0.004 + 0.004 + 0.002))
+    assert g[2] == pytest.approx(4 * 1.75 / (0.08 + 0.004 + 2 * (0.004 + 0.002)))

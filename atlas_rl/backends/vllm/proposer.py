@@ -410,7 +410,8 @@ class AtlasProposer:
             except Exception as e:  # noqa: BLE001 (one speculator failing leaves the others)
                 self.speculator_failed(spec, e)
                 continue
-            self.controller.record_draft_time(name, time.perf_counter() - t0)
+            self.controller.record_draft_time(name, time.perf_counter() - t0,
+                                              max(min(m, k) for m in max_lens))
             for cands, d in zip(candidates, drafts):
                 if d.tokens:
                     d.source = d.source or name

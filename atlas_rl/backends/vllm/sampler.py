@@ -220,38 +220,51 @@ class AtlasRejectionSampler(rs.RejectionSampler):
 
 def output_logprobs(k: int, metadata, target_logits, bonus_logits, sampled_token_ids):
     """Logprob, rank and top-k of every output token; zeros at placeholder positions
-    (vLLM filters them out afterwards)."""
+    (vLLM filters them out afterwards).
+
+    Only the rows that hold an output token are read (the accepted drafts, the recovered
+    or bonus token: ~1 + accepted per request), each copied once out of its source
+    (``target_logits`` or ``bonus_logits``) and normalised in place; the rows of draft
+    positions after a rejection are never touched. Same arithmetic as vLLM's
+    ``compute_logprobs`` + ``gather_logprobs`` on those rows (log_softmax by subtracting
+    the logsumexp, rank = #{logprob >= the token's}, ``topk``)."""
     from vllm.v1.outputs import LogprobsTensors
 
-    rows = torch.cat([target_logits.to(torch.float32), bonus_logits.to(torch.float32)])
-    # final logits row (vLLM's layout) -> row of `rows`
-    source = torch.empty(rows.shape[0], dtype=torch.long, device=rows.device)
+    device = target_logits.device
     n_target = target_logits.shape[0]
-    source[metadata.target_logits_indices] = torch.arange(n_target, device=rows.device)
-    source[metadata.bonus_logits_indices] = torch.arange(n_target, rows.shape[0], device=rows.device)
+    n_rows = n_target + bonus_logits.shape[0]
+    # final logits row (vLLM's layout) -> row of target_logits, or n_target + bonus row
+    source = torch.empty(n_rows, dtype=torch.long, device=device)
+    source[metadata.target_logits_indices] = torch.arange(n_target, device=device)
+    source[metadata.bonus_logits_indices] = torch.arange(n_target, n_rows, device=device)
     starts = torch.zeros_like(metadata.cu_num_sampled_tokens)
     starts[1:] = metadata.cu_num_sampled_tokens[:-1]
     width = sampled_token_ids.shape[-1]
-    final = (starts[:, None] + torch.arange(width, device=rows.device)).flatten()
-    final.clamp_(max=rows.shape[0] - 1)
+    final = (starts[:, None] + torch.arange(width, device=device)).flatten()
+    final.clamp_(max=n_rows - 1)
     flat = sampled_token_ids.flatten()
     tokens = flat.to(torch.int64)
     tokens[tokens == rs.PLACEHOLDER_TOKEN_ID] = 0
-    valid = (flat != rs.PLACEHOLDER_TOKEN_ID).nonzero().squeeze(1)
-    ids = torch.zeros(tokens.shape[0], k + 1, dtype=torch.int64, device=rows.device)
+    ids = torch.zeros(tokens.shape[0], k + 1, dtype=torch.int64, device=device)
     ids[:, 0] = tokens
-    logprobs = torch.zeros(tokens.shape[0], k + 1, dtype=torch.float32, device=rows.device)
-    ranks = torch.zeros(tokens.shape[0], dtype=torch.int64, device=rows.device)
-    if valid.numel():
-        picked = rows[source[final[valid]]]
-        lp = picked - torch.logsumexp(picked, dim=-1, keepdim=True)
-        token_lp = lp.gather(1, tokens[valid, None])
-        logprobs[valid, :1] = token_lp
-        ranks[valid] = (lp >= token_lp).sum(-1)
+    logprobs = torch.zeros(tokens.shape[0], k + 1, dtype=torch.float32, device=device)
+    ranks = torch.zeros(tokens.shape[0], dtype=torch.int64, device=device)
+    valid = (flat != rs.PLACEHOLDER_TOKEN_ID).nonzero().squeeze(1)
+    src = source[final[valid]]
+    for out_pos, rows, logits in ((valid[src < n_target], src[src < n_target], target_logits),
+                                  (valid[src >= n_target], src[src >= n_target] - n_target,
+                                   bonus_logits)):
+        if not out_pos.numel():
+            continue
+        lp = logits.index_select(0, rows).to(torch.float32)  # a copy: normalised in place
+        lp.sub_(torch.logsumexp(lp, dim=-1, keepdim=True))
+        token_lp = lp.gather(1, tokens[out_pos, None])
+        logprobs[out_pos, :1] = token_lp
+        ranks[out_pos] = (lp >= token_lp).sum(-1)
         if k:
             top_lp, top_ids = torch.topk(lp, k, dim=-1)
-            logprobs[valid, 1:] = top_lp
-            ids[valid, 1:] = top_ids
+            logprobs[out_pos, 1:] = top_lp
+            ids[out_pos, 1:] = top_ids
     return LogprobsTensors(ids.to(torch.int32), logprobs, ranks)
 
 
