@@ -47,6 +47,12 @@ class AtlasConfig:
     train_budget_fraction: float = field(default=0.1, metadata={
         "help": "The adaptive drafter trains after each rollout batch for at most this "
                 "share of the batch's rollout time (measured and reported)."})
+    learn_min_drafted_fraction: float = field(default=0.05, metadata={
+        "help": "The neural drafter trains after a batch only if the controller drafted on "
+                "at least this share of the request-steps since the last update: a drafter "
+                "that is not drafting (e.g. batches too large for speculation to pay) costs "
+                "its training budget for nothing. What it captured meanwhile waits in its "
+                "replay buffer; the suffix index always learns (it is cheap). 0: always train."})
     speculate_always: bool = field(default=False, metadata={
         "help": "Bypass the controller's cost model and draft every proposal in full (for "
                 "tests and debugging: exercises verification, usually slower)."})
@@ -107,6 +113,9 @@ class AtlasConfig:
                              f"time), got {self.train_budget_fraction}")
         if self.verifier not in VERIFIERS:
             raise ValueError(f"verifier must be one of {VERIFIERS}, got {self.verifier!r}")
+        if not 0.0 <= self.learn_min_drafted_fraction <= 1.0:
+            raise ValueError("learn_min_drafted_fraction must be in [0, 1] (a share of request-"
+                             f"steps), got {self.learn_min_drafted_fraction}")
         if not 0.0 <= self.explore < 1.0:
             raise ValueError(f"explore must be in [0, 1), got {self.explore}")
         if self.draft_vocab_size < 2:

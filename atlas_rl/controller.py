@@ -9,7 +9,9 @@ Three parts, all learned online on the machine it runs on:
 - `StepCostModel`: the wall time of an engine step as a function of the running
   sequences (a bucket per power of two) and the draft tokens verified:
   T(B, D) = base_B + [D > 0] overhead_B + slope_B D, fitted from the measured steps
-  with exponential forgetting. `base` is what a step costs without speculation;
+  with exponential forgetting. `base` is what a step costs without speculation (the
+  median of the bucket's recent steps without drafts; one step in 64 goes without drafts
+  to keep measuring it);
   `overhead` what verification costs at all (vLLM's rejection sampler path); `slope`
   the price of one more verified token (near zero while the forward is memory-bound,
   about base/B once it is compute-bound).
@@ -25,7 +27,10 @@ Three parts, all learned online on the machine it runs on:
   adaptive speculator has become better; an arm whose measured acceptance collapses is
   benched for a while and then probed again. Feedback arrives through
   `record_acceptance` (what the verifier accepted), `record_step_time` (an engine step's
-  wall time) and `record_draft_time` (a speculator's drafting time).
+  wall time) and `record_draft_time` (a speculator's drafting time, per step and per
+  draft position: a position must pay for its verification and its drafting pass).
+  `lookahead_goodput` is the offline yardstick of the lookahead: expected tokens/s at
+  each lookahead from measured acceptance and costs (scripts/profile_step.py).
 """
 
 from __future__ import annotations

@@ -197,9 +197,31 @@ class AtlasRolloutEngine:
 
     def _learn(self, sequences: list[list[int]], rollout_seconds: float, skip=()) -> dict:
         budget = self.config.train_budget_fraction * rollout_seconds
+        drafted = self._drafted_fraction_since_learn()
+        waits = drafted is not None and drafted < self.config.learn_min_drafted_fraction
+        if waits:  # not drafting: training would cost its budget for nothing
+            skip = tuple(skip) + ("neural",)
         out = speculation_room.learn_all(self.speculators, sequences, budget, skip)
+        if drafted is not None:
+            out["drafted_fraction"] = drafted
+        if waits and "neural" in self.speculators:
+            out["drafter_update_waits"] = 1.0
         self._totals["update_seconds"] += out["update_seconds"]
         return out
+
+    def _drafted_fraction_since_learn(self) -> float | None:
+        """Share of the proposer's request-steps that drafted since the last `learn` (None
+        without a proposer, or before any request-step)."""
+        if self.proposer is None or not hasattr(self.proposer, "counters"):
+            return None
+        now = self.proposer.counters.copy()
+        last, self._learn_counters = getattr(self, "_learn_counters", None), now
+        if last is not None:
+            now = now.since(last)
+        if now.request_steps <= 0:
+            return None
+        undrafted = now.lookahead_hist[0] if now.lookahead_hist else now.request_steps
+        return 1.0 - undrafted / now.request_steps
 
     # --- generation ----------------------------------------------------------------
 

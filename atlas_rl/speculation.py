@@ -88,11 +88,24 @@ def learn_all(speculators: dict[str, Speculator], sequences: list[list[int]],
         if name not in skip:
             left = None if budget is None else max(0.0, budget - (time.perf_counter() - start))
             out.update(spec.learn(sequences, time_budget=left))
+        else:
+            keep_captured(spec)
     seconds = time.perf_counter() - start
     out["update_seconds"] = seconds
     if budget is not None:
         out["update_budget_seconds"] = budget
     return out
+
+
+def keep_captured(spec: Speculator) -> None:
+    """A learning drafter that skips an update keeps what it captured since the last one
+    in its bounded training buffer (learnt at its next update), instead of holding it per
+    request or losing it."""
+    if getattr(spec, "frozen", True) or not hasattr(spec, "take_captured"):
+        return
+    rows = spec.take_captured()
+    if rows:
+        spec.add_captured(rows)
 
 
 def save_state(directory: str | Path, speculation: str, config: AtlasConfig,

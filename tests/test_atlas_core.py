@@ -146,3 +146,24 @@ def test_soak_index_and_buffers_stay_bounded_and_throughput_holds(make_engine, t
     assert len(suffix._past.seqs) < 500  # evicted, not kept
     # A decay guard (not a speed claim): late throughput within 2x of early.
     assert statistics.median(tps[-50:]) > 0.5 * statistics.median(tps[50:100])
+
+
+def test_a_drafter_that_does_not_draft_waits_to_learn(make_engine, tiny_model_path, static_dir):
+    """Under `learn_min_drafted_fraction` of drafting request-steps (here: speculation
+    capped off), the update trains nothing and says so, and what the drafter captured
+    waits in its buffer; the suffix index still learns. Drafting again, it trains."""
+    engine = make_engine(tiny_model_path, "atlas", dtype="float32", max_speculation_batch_size=0,
+                         static_speculator=str(static_dir))
+    neural = engine.speculators["neural"]
+    batch = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=16, seed=0)
+    assert batch.stats["num_draft_tokens"] == 0
+    info = engine.update(batch)
+    assert info["drafter_update_waits"] == 1.0 and info["drafted_fraction"] == 0.0
+    assert "drafter_version" not in info and neural.version == 0
+    assert neural.distiller.buffer.num_rows > 0  # the captured rows wait there
+    assert info["index_sequences"] == len(batch)
+    engine.controller.max_batch_size, engine.controller.always = None, True  # drafting now
+    batch = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=16, seed=1)
+    info = engine.update(batch)
+    assert info["drafted_fraction"] > 0.5 and "drafter_update_waits" not in info
+    assert info["drafter_version"] == 1
