@@ -126,7 +126,9 @@ def format_optimum(ctl, cumulative: dict, stats: list[dict], num_seqs: int) -> s
     at = goodput[lo] + (goodput[hi] - goodput[lo]) * (look - lo)  # at the mean lookahead
     return (f"cost model at {num_seqs} sequences: base {base * 1e3:.1f} ms, speculation "
             f"overhead {cost[0] * 1e3:.1f} ms + {cost[1] * 1e3:.2f} ms per verified token, "
-            f"drafting {draft * 1e3:.2f} ms per position\n"
+            f"drafting {draft * 1e3:.2f} ms per position ("
+            + ", ".join(f"{k} {v * 1e3:.2f}" for k, v in ctl.draft_position_seconds.items())
+            + ")\n"
             f"acceptance per position (cumulative): {', '.join(f'{a:.3f}' for a in acc)}\n"
             f"expected tokens/s by lookahead: "
             f"{', '.join(f'{k}: {g:.1f}' for k, g in enumerate(goodput))}\n"
