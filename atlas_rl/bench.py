@@ -726,8 +726,14 @@ class _BenchRun:
         cfg = self.cfg
         path = resolve_model(cfg.model)
         self.pools = _domain_pools(cfg)
+        # Five engines, the policy, its optimizer and its initial copy in 24 GiB: each
+        # engine's KV cache at 1 GiB (~46k tokens, the large batch needs ~13k) and no host
+        # copy of the weights for a rollback (a failed sync ends the run anyway). At the
+        # defaults (2 GiB, rollback copies) the run of 2026-12-02 left 1 GiB free and its
+        # last steps ran at half speed.
         self.engine_config = AtlasConfig(max_lookahead=cfg.max_lookahead, dtype=cfg.dtype,
-                                         seed=cfg.seed, drafter=cfg.drafter)
+                                         seed=cfg.seed, drafter=cfg.drafter,
+                                         cpu_kv_cache_gib=1, sync_rollback=False)
         self.engines = {}
         for m in self.methods:
             self.bar.advance(f"building engine {m}")
