@@ -173,7 +173,7 @@ class BenchConfig:
         "help": "policy learning rate of the GRPO updates (1e-4: KL from the initial "
                 "policy ~0.01-0.1 nats/token per step, the range of a GRPO run with a KL "
                 "penalty; 3e-4 drifts ~10x further, shortens completions and costs the "
-                "frozen drafter a fifth of its acceptance length; BENCHMARKS.md)"})
+                "frozen drafter a fifth of its acceptance length; docs/bench/history.md)"})
     length_reward: float = field(default=0.2, metadata={
         "help": "weight of the reward's brevity term (atlas_rl.rewards.length_reward) in "
                 "the GRPO updates; 0 takes it out"})

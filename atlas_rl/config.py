@@ -35,7 +35,7 @@ class AtlasConfig:
                 "`atlas-rl train-speculator`), 'mlp' (one residual MLP block over the last "
                 "hidden state), or 'auto': mlp where the static drafter directory holds "
                 "one (the bundled directory holds both: on a CPU the EAGLE-3 drafter "
-                "accepts more but its drafting costs more, BENCHMARKS.md), else eagle3."})
+                "accepts more but its drafting costs more, docs/bench/history.md), else eagle3."})
     neural_drafter: bool = field(default=True, metadata={
         "help": "Use the neural drafter beside the suffix index (off: suffix only)."})
     draft_vocab_size: int = field(default=4096, metadata={

@@ -38,7 +38,7 @@ def build_speculators(config: AtlasConfig, model_path: str, static: bool) -> dic
         return specs
     path = static_speculator_dir(cfg.static_speculator, model_path, cfg.drafter)
     # auto: the MLP drafter where the directory has one (the bundled directory has
-    # both: on this CPU the EAGLE-3 one accepts more but costs more, BENCHMARKS.md),
+    # both: on this CPU the EAGLE-3 one accepts more but costs more, docs/bench/history.md),
     # else an EAGLE-3 one
     if cfg.drafter == "eagle3" or (cfg.drafter == "auto" and path is not None
                                    and is_eagle3_dir(path)

@@ -10,7 +10,7 @@ peers included, keep vLLM's stock sampler. Three choices per step, in this order
    the rejection sampler, drafts or not: a bonus-sampler pass, a [batch, vocab] zero-fill,
    scatter, gather and a second log_softmax (logprobs ~1e-6 off no-speculation's), and the
    random-sample kernel for zero tokens; at batch 64 that was ~15 ms of a ~200 ms step
-   (BENCHMARKS.md, "Steps without drafts"). The plain path draws the same random numbers
+   (docs/bench/history.md, "Steps without drafts"). The plain path draws the same random numbers
    (per-request generators and the global one), so the same tokens, and logprobs
    bit-identical to an engine without speculation. Self-check: on the first such step per
    logprobs mode, a synthetic batch (greedy, random, seeded and unseeded rows) is sampled
