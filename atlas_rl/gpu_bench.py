@@ -251,11 +251,12 @@ def stage_drafter(cfg, device, deadline, save=_no_save) -> dict:
                 row[f"propose_k{k}_ms"] = t["wall_s"] * 1e3
             # the device work of one draft position, without the Python around it
             head_t = spec._head_sub_t
-            weights = spec.net.inference_weights(head_t.dtype)
-            h, tok = hidden.to(dtype), torch.zeros(batch, dtype=torch.long, device=device)
+            ddt = head_t.dtype  # the drafting dtype (bf16 on a CPU with bf16 units too)
+            weights = spec.net.inference_weights(ddt)
+            h, tok = hidden.to(ddt), torch.zeros(batch, dtype=torch.long, device=device)
 
             def one_position(r, weights=weights, h=h, tok=tok, head_t=head_t, embed=embed):
-                e = embed.index_select(0, tok).to(dtype)
+                e = embed.index_select(0, tok).to(ddt)
                 y = DrafterNet.draft_step(weights, h, e, 1e-5)
                 return torch.softmax(spec.head_logits(y).float(), -1).argmax(-1)
 

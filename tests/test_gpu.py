@@ -209,6 +209,8 @@ def _drafter_pair(vocab, d, seed=0):
 def test_drafter_drafts_on_cuda_in_bf16_like_float32_on_cpu():
     vocab, d, n = 2048, 256, 64
     cpu, gpu = _drafter_pair(vocab, d)
+    cpu.draft_dtype = torch.float32  # the reference: float32 (a CPU with bf16 units drafts in bf16)
+    cpu.weights_synced()  # its head rows are laid out again for that dtype
     assert next(gpu.net.parameters()).is_cuda
     hidden = torch.randn(n, d, generator=torch.Generator().manual_seed(1))
     keys = [f"r{i}" for i in range(n)]

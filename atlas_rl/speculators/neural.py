@@ -161,7 +161,7 @@ class NeuralSpeculator(HiddenStateSpeculator):
         (AVX512-BF16, AMX) bf16 whatever the policy's dtype (a draft position reads half
         the bytes: 2.0 -> 1.4 ms at 4 requests with cold caches on 2 cores, and drafting
         runs between forwards that evict every cache); float32 otherwise, or with
-        ``draft_dtype="float32"``. Verification is exact whatever q's precision: the q
+        ``draft_dtype = torch.float32``. Verification is exact whatever q's precision: the q
         handed over is the one the drafts were sampled from."""
         if self.draft_dtype is not None:
             return self.draft_dtype
