@@ -14,6 +14,7 @@ from atlas_rl import speculation as speculation_room
 from atlas_rl.config import SPECULATION_METHODS, AtlasConfig
 from atlas_rl.metrics import (
     SpecCounters,
+    drafted_fraction,
     oracle_acceptance_length,
     summarize,
     summarize_arms,
@@ -80,6 +81,7 @@ class AtlasRolloutEngine:
         self.speculators: dict[str, Speculator] = {}
         self.proposer = None
         self._last_rollout_seconds = 0.0
+        self._learn_counters = None  # the proposer's counters at the last learn
         self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
                         "generate_calls": 0, "update_seconds": 0.0}
         if self.multiprocess:
@@ -215,13 +217,12 @@ class AtlasRolloutEngine:
         if self.proposer is None or not hasattr(self.proposer, "counters"):
             return None
         now = self.proposer.counters.copy()
-        last, self._learn_counters = getattr(self, "_learn_counters", None), now
+        last, self._learn_counters = self._learn_counters, now
         if last is not None:
             now = now.since(last)
         if now.request_steps <= 0:
             return None
-        undrafted = now.lookahead_hist[0] if now.lookahead_hist else now.request_steps
-        return 1.0 - undrafted / now.request_steps
+        return drafted_fraction(now.lookahead_hist, now.request_steps)
 
     # --- generation ----------------------------------------------------------------
 

@@ -4,10 +4,12 @@ float32 is faster), its GPU if any, the versions and the engine's dtype."""
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 
 
+@functools.cache  # read once: the drafter asks again after every weight sync
 def cpu_has_native_bf16() -> bool:
     """AVX512-BF16 or AMX-BF16 units: bf16 matmuls run natively, not emulated."""
     try:

@@ -374,9 +374,13 @@ def trainer_metrics(stats: dict, update: dict, drafter_rollbacks: float) -> dict
         # Without a baseline run: tokens per request-step, 1 + accepted / request-steps.
         # It ignores what verifying drafts costs, so it bounds the speedup from above.
         out[atlas_name("speedup_estimate")] = float(1.0 + stats["num_accepted_tokens"] / steps)
-        hist = stats.get("lookahead_hist") or [steps]
-        out[atlas_name("drafted_fraction")] = float(1.0 - hist[0] / steps)
+        out[atlas_name("drafted_fraction")] = drafted_fraction(stats.get("lookahead_hist"), steps)
     return out
+
+
+def drafted_fraction(lookahead_hist: Sequence[int] | None, request_steps: int) -> float:
+    """Share of request-steps that drafted: 1 - (request-steps with lookahead 0) / all."""
+    return float(1.0 - (lookahead_hist or [request_steps])[0] / request_steps)
 
 
 # --- summaries and formatting -----------------------------------------------------
