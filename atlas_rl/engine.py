@@ -7,7 +7,7 @@ import logging
 import numbers
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from atlas_rl import ranks
 from atlas_rl import speculation as speculation_room
@@ -23,7 +23,7 @@ from atlas_rl.metrics import (
 from atlas_rl.models import resolve_model
 from atlas_rl.rollout import Completion, RolloutBatch
 from atlas_rl.speculators import NeuralSpeculator
-from atlas_rl.speculators.base import HiddenStateSpeculator, Speculator
+from atlas_rl.speculators.base import Speculator
 from atlas_rl.speculators.eagle3 import Eagle3Speculator
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,8 @@ class AtlasRolloutEngine:
     ``multiprocess=True``: vLLM runs its engine core (and the proposer) in its own
     process, as ``vllm serve`` does; the proposer sets itself up there through the
     atlas-rl vLLM plugin, and stats, learning, save and load reach it through
-    ``collective_rpc`` (`backends.vllm.remote`). Weight sync is in-process only so far.
+    ``collective_rpc`` (`backends.vllm.remote`); so do weight syncs, as files in a private
+    ``/dev/shm`` directory with the same checks and rollback (`remote.RemoteWeightSync`).
     """
 
     def __init__(self, model: str, speculation: str = "atlas", config: AtlasConfig | None = None,
@@ -85,10 +86,10 @@ class AtlasRolloutEngine:
         self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
                         "generate_calls": 0, "update_seconds": 0.0}
         if self.multiprocess:
-            from atlas_rl.backends.vllm.remote import RemoteProposer
+            from atlas_rl.backends.vllm.remote import RemoteProposer, RemoteWeightSync
 
             self._step_times = backend.NoStepTimes()
-            self._weight_sync = None
+            self._weight_sync = RemoteWeightSync(self.llm, backend.transfer_directory(self.llm))
             if speculation in ("atlas", "atlas-static"):
                 self.proposer = RemoteProposer(self.llm)
             return
@@ -116,6 +117,11 @@ class AtlasRolloutEngine:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+        directory = getattr(self._weight_sync, "directory", None)
+        if directory:  # a multiprocess engine's transfer directory
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
 
     @property
     def speculator(self):
@@ -403,23 +409,15 @@ class AtlasRolloutEngine:
         midway, the previous weights are restored and the error re-raised. ``copy=True``:
         copy each tensor as it is read (for iterators whose tensors change once iteration
         ends, e.g. merged PEFT adapters or gathered ZeRO-3 shards)."""
-        import torch
+        from atlas_rl.backends.vllm.weight_sync import named_weights
 
-        if self._weight_sync is None:
-            raise NotImplementedError(
-                "sync_weights needs the in-process engine (multiprocess=False) for now; "
-                "with vLLM in its own processes, push weights through vLLM's weight "
-                "transfer (TRL's server mode)")
-        if isinstance(model_or_state_dict, torch.nn.Module):
-            weights: Iterable = model_or_state_dict.state_dict().items()
-        elif isinstance(model_or_state_dict, Mapping):
-            weights = model_or_state_dict.items()
-        else:
-            weights = model_or_state_dict
+        weights = named_weights(model_or_state_dict)
+        if self.multiprocess:  # the worker checks, loads and re-points its drafter
+            self._weight_sync.sync(weights)
+            return
         self._weight_sync.sync(weights, copy=copy)
-        for spec in self.speculators.values():  # e.g. the drafter's copy of the head rows
-            if isinstance(spec, HiddenStateSpeculator):
-                spec.weights_synced()
+        if self.proposer is not None:  # the drafter re-reads the policy's embedding and head
+            self.proposer.policy_weights_changed(self._backend.model_runner(self.llm).get_model())
 
     def save(self, directory: str | Path) -> None:
         """Every speculator's state (safetensors + JSON) and the controller's

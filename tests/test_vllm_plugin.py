@@ -186,7 +186,8 @@ def test_rollout_engine_in_multiprocess_mode_reaches_the_proposer_through_collec
         real_model_path, subprocess_env):
     """`AtlasRolloutEngine(..., multiprocess=True)`: vLLM's engine core (and the proposer)
     in its own process, set up there by the plugin; batch stats, learning, save and load
-    go through `collective_rpc` (`backends.vllm.remote`), with the same API as in-process.
+    go through `collective_rpc` (`backends.vllm.remote`), with the same API as in-process;
+    so do weight syncs (`remote.RemoteWeightSync`), checked and all or nothing.
     (In a fresh process: vLLM freezes its environment once an in-process engine ran.)"""
     from pathlib import Path
 
@@ -201,7 +202,17 @@ def test_rollout_engine_in_multiprocess_mode_reaches_the_proposer_through_collec
     assert seen["proposer_num_draft_tokens"] == seen["num_draft_tokens"]
     assert seen["update_seconds"] > 0 and seen["learns"] == 1
     assert seen["digest_changed_after_learning"] and seen["digest_restored"]
-    assert "in-process engine" in seen["sync_weights_error"]
+    # sync_weights through the worker (atlas_files + collective_rpc): it lands, the drafter
+    # follows, and refusals keep the weights, with the in-process engine's messages
+    assert seen["sync_changed_greedy"] and seen["sync_matches_transformers"]
+    assert seen["weight_syncs"] == 1 and seen["drafter_reads_policy"] is True
+    assert "sync_weights refused 1 of" in seen["shape_error"]
+    assert "(10, 576)" in seen["shape_error"] and "(1536, 576)" in seen["shape_error"]
+    assert "5 of" in seen["nonfinite_error"] and "allow_nonfinite_weights" in seen["nonfinite_error"]
+    assert "gather failed midway" in seen["iterator_error"]
+    assert seen["shape_kept_weights"] and seen["nonfinite_kept_weights"]
+    assert seen["iterator_kept_weights"]
+    assert seen["sync_after_refusals_lands"] and seen["weight_syncs_at_end"] == 2
 
 
 # --- `vllm serve` with atlas through the plugin ---------------------------------------------

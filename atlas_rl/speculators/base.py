@@ -160,6 +160,27 @@ class Speculator(ABC):
         self.load_state(tensors, meta)
 
 
+def drafter_reads_policy(speculators, embed: torch.Tensor, head: torch.Tensor) -> bool | None:
+    """Whether every hidden-state drafter among `speculators` reads the policy's current
+    token embedding and LM head (`embed`, `head`: the served model's tensors now): its
+    references hold the same values, and the head rows it drafts through are those rows
+    of `head` (no stale or zeroed copy survives a sync). None without such a drafter."""
+    readers = [s for s in speculators if isinstance(s, HiddenStateSpeculator)]
+    if not readers:
+        return None
+    for spec in readers:
+        own_embed, own_head = getattr(spec, "_embed", None), getattr(spec, "_head", None)
+        if own_embed is None or own_head is None or not torch.equal(own_embed, embed) \
+                or not torch.equal(own_head, head):
+            return False
+        rows = spec.draft_head_rows()
+        if rows is not None:
+            ids, drafted = rows
+            if not torch.equal(drafted, head.detach().index_select(0, ids.to(head.device)).float()):
+                return False
+    return True
+
+
 class HiddenStateSpeculator(Speculator):
     """A speculator that drafts from the policy's own hidden states (a neural drafter)."""
 
@@ -186,6 +207,13 @@ class HiddenStateSpeculator(Speculator):
         for key, toks, first, off in zip(keys, tokens, first_positions, offsets):
             if len(toks):
                 self.capture(key, hidden[off:off + len(toks)], toks, first)
+
+    def draft_head_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(draft vocabulary ids [S], the LM-head rows [S, d] the drafter drafts through
+        now, float32), refreshed from the policy's head if a sync made them stale; None
+        where the drafter holds no head rows of its own. What `drafter_reads_policy`
+        checks against the policy after a weight sync."""
+        return None
 
     def weights_synced(self) -> None:
         """The policy's weights changed (after `attach_target`'s tensors were updated):

@@ -186,6 +186,12 @@ class Eagle3Speculator(HiddenStateSpeculator):
             self._head_sub_t = self._head.detach().index_select(0, self._vocab_dev).float().t().contiguous()
         return self._head_sub_t
 
+    def draft_head_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._head is None:
+            return None
+        rows = self._sub_head_t().t()
+        return self._vocab_dev, rows
+
     def _emb(self, tokens) -> torch.Tensor:
         idx = tokens if torch.is_tensor(tokens) else torch.tensor(tokens, dtype=torch.long)
         return self._embed.index_select(0, idx.to(self._embed.device)).float()

@@ -185,6 +185,12 @@ class NeuralSpeculator(HiddenStateSpeculator):
             self._head_stale = False
         return self._head_sub
 
+    def draft_head_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._head is None:
+            return None
+        rows = self._sub_head()
+        return self._vocab_dev, rows
+
     def head_logits(self, y: torch.Tensor) -> torch.Tensor:
         """The draft vocabulary's logits of drafter outputs ``y`` [rows, d] (in the
         drafting dtype; `_sub_head` must have run)."""

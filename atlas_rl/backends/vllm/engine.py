@@ -76,6 +76,15 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: b
         logprobs_mode=config.logprobs_mode,
         speculative_config=spec,
     )
+    if multiprocess:  # weight syncs go through atlas_files (remote.RemoteWeightSync)
+        from atlas_rl.backends.vllm import weight_transfer as wt
+
+        kwargs["weight_transfer_config"] = {"backend": wt.BACKEND}
+        extra = dict(kwargs.get("additional_config") or {})
+        extra[wt.CONFIG_KEY] = {"directory": wt.default_directory(), "engine": True,
+                                "allow_nonfinite": config.allow_nonfinite_weights,
+                                "keep_previous": config.sync_rollback}
+        kwargs["additional_config"] = extra
     kwargs.update(engine_kwargs)
     if multiprocess:
         import vllm.envs as envs
@@ -89,6 +98,13 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: b
     if not multiprocess:  # else the worker applies them where its kernels live
         hooks.install_after_build(llm)
     return llm
+
+
+def transfer_directory(llm) -> str:
+    """The weight-transfer directory `build_llm` gave a multiprocess engine."""
+    from atlas_rl.backends.vllm import weight_transfer as wt
+
+    return str(wt.transfer_directory(llm.llm_engine.vllm_config))
 
 
 def model_runner(llm):

@@ -44,7 +44,13 @@ from atlas_rl.backends.vllm import hooks
 from atlas_rl.controller import AtlasController, StepPlan
 from atlas_rl.kernels.rejection import pack_sparse_q
 from atlas_rl.metrics import SpecCounters
-from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, HiddenStateSpeculator, Speculator
+from atlas_rl.speculators.base import (
+    EMPTY_DRAFT,
+    Draft,
+    HiddenStateSpeculator,
+    Speculator,
+    drafter_reads_policy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -252,6 +258,13 @@ class AtlasProposer:
             if self.target_model is not None:
                 spec.attach_target(*target_embeddings(self.target_model))
             spec.weights_synced()
+
+    def drafter_reads_policy(self) -> bool | None:
+        """Whether every drafter reads the served policy's current embedding and LM head
+        (`speculators.base.drafter_reads_policy`); None without a drafter that reads them."""
+        if self.target_model is None:
+            return None
+        return drafter_reads_policy(self._readers(), *target_embeddings(self.target_model))
 
     def load_model(self, target_model) -> None:
         """vLLM hands us the target model: the neural drafter shares its embedding and

@@ -54,27 +54,12 @@ def stats(worker) -> dict:
            "published_version": work.published_version(),
            "completed_waiting": len(proposer.completed),
            "weight_syncs": proposer.weight_syncs,
-           "drafter_reads_policy": _drafter_reads_policy(proposer),
+           "drafter_reads_policy": proposer.drafter_reads_policy(),
            "speculators": list(proposer.speculators)}
     neural = proposer.speculators.get("neural")
     if neural is not None:
         out["drafter_rollbacks"] = int(getattr(neural, "rollbacks", 0) or 0)
     return out
-
-
-def _drafter_reads_policy(proposer) -> bool | None:
-    """Whether every drafter's frozen embedding and head are the policy's current ones
-    (the same values as the served model's), None without a drafter that reads them."""
-    import torch
-
-    from atlas_rl.backends.vllm.proposer import target_embeddings
-
-    readers = proposer._readers()
-    if not readers or proposer.target_model is None:
-        return None
-    embed, head = target_embeddings(proposer.target_model)
-    return all(getattr(s, "_embed", None) is not None and torch.equal(s._embed, embed)
-               and torch.equal(s._head, head) for s in readers)
 
 
 def learn(worker, budget: float | None = None, batch_done: bool = False) -> dict:
@@ -157,6 +142,96 @@ class RemoteProposer:
 
     def digest(self) -> str:
         return self._call("atlas_digest")
+
+
+def worker_message(text: str) -> str:
+    """The worker's own message out of vLLM's relay ("Call to collective_rpc method failed:
+    Worker failed with error '...', please check the stack trace above ...")."""
+    head = "Worker failed with error '"
+    if head in text:
+        text = text.split(head, 1)[1]
+        text = text.rsplit("', please check", 1)[0]
+    return text
+
+
+class RemoteWeightSync:
+    """``AtlasRolloutEngine(multiprocess=True).sync_weights``: the checked, all-or-nothing
+    path of `atlas-rl serve` (`weight_transfer`, backend ``atlas_files``) driven through
+    ``collective_rpc`` instead of HTTP. The tensors are written as safetensors files into
+    the engine's private transfer directory (``/dev/shm``); every worker checks them all
+    (the checks of the in-process sync: names, shapes, floating dtypes, finite values)
+    and stages them; the load happens at ``finish_weight_update``, in one go, rolled back
+    to the previous weights if it fails; the drafter then re-reads the policy's embedding
+    and head, and the prefix cache is reset. A refused sync raises `WeightSyncError` with
+    the in-process engine's message; the engine keeps serving its previous weights."""
+
+    def __init__(self, llm, directory: str, chunk_bytes: int | None = None):
+        from atlas_rl.backends.vllm import weight_transfer as wt
+
+        self.llm = llm
+        self.directory = directory
+        self.chunk_bytes = chunk_bytes or wt.DEFAULT_CHUNK_BYTES
+        self.broken: str | None = None
+        self._initialised = False
+        self.last_timings: dict[str, float] = {}
+
+    def _rpc(self, method: str, *args):
+        from atlas_rl.backends.vllm.weight_sync import EngineBrokenError, WeightSyncError
+        from atlas_rl.backends.vllm.weight_transfer import REFUSED
+
+        try:
+            return self.llm.collective_rpc(method, args=args)
+        except Exception as e:  # noqa: BLE001 (vLLM relays the worker's error as text)
+            message = worker_message(str(e))
+            if REFUSED in message:
+                raise WeightSyncError(message.replace(REFUSED + ":", "sync_weights refused",
+                                                      1)) from None
+            if "could not restore its weights" in message:
+                self.broken = message
+                raise EngineBrokenError(message) from None
+            raise
+
+    def _post(self, path: str, payload: dict) -> None:
+        if path == "/update_weights":
+            self._rpc("update_weights", payload["update_info"])
+        else:  # /start_weight_update, /finish_weight_update
+            self._rpc(path.lstrip("/"))
+
+    def _end_session(self) -> None:
+        """After a failure on this side (the caller's iterator raised) or a failed load,
+        the workers' update session is still open and the next ``start_weight_update``
+        would be refused: vLLM's worker closes a session whose update fails, so an empty
+        announcement (refused: it names no file) closes it, dropping whatever was staged."""
+        try:
+            self.llm.collective_rpc("update_weights", args=({"file": ""},))
+        except Exception:  # noqa: BLE001 (refused, as intended, or no session was open)
+            pass
+
+    def sync(self, weights) -> None:
+        import time
+        from pathlib import Path
+
+        from atlas_rl.backends.vllm import weight_transfer as wt
+        from atlas_rl.backends.vllm.weight_sync import EngineBrokenError, named_tensor
+
+        if self.broken:
+            raise EngineBrokenError(self.broken)
+        start = time.perf_counter()
+        if not self._initialised:  # the worker must see the directory this process writes
+            probe = wt.write_probe(self.directory)
+            try:
+                self._rpc("init_weight_transfer_engine", {"probe": probe})
+            finally:
+                (Path(self.directory) / probe).unlink(missing_ok=True)
+            self._initialised = True
+        pairs = (named_tensor(item) for item in weights)
+        try:
+            wt.send_weights(self._post, self.directory, pairs, self.chunk_bytes)
+        except BaseException:
+            self._end_session()
+            raise
+        self.llm.reset_prefix_cache()  # its KV was computed with the previous weights
+        self.last_timings = {"sync_seconds": time.perf_counter() - start}
 
 
 EXTENSION_CLASS = "atlas_rl.backends.vllm.remote.AtlasWorkerExtension"

@@ -54,6 +54,28 @@ class EngineBrokenError(RuntimeError):
     """A failed load could not be rolled back: the engine must be rebuilt."""
 
 
+def named_tensor(item) -> tuple[str, torch.Tensor]:
+    """One (name, tensor) pair of a sync, or `WeightSyncError` saying what to pass."""
+    if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
+            and isinstance(item[1], torch.Tensor)):
+        raise WeightSyncError(
+            f"sync_weights: expected (name, tensor) pairs, got {type(item).__name__} "
+            f"{str(item)[:60]!r}: pass a model, a state dict or (name, tensor) pairs")
+    return item
+
+
+def named_weights(model_or_state_dict) -> Iterable:
+    """(name, tensor) pairs of what `AtlasRolloutEngine.sync_weights` takes: an nn.Module
+    (its state dict), a mapping, or an iterable of pairs (left as it is)."""
+    from collections.abc import Mapping
+
+    if isinstance(model_or_state_dict, torch.nn.Module):
+        return model_or_state_dict.state_dict().items()
+    if isinstance(model_or_state_dict, Mapping):
+        return model_or_state_dict.items()
+    return model_or_state_dict
+
+
 @dataclass(frozen=True)
 class ParamSpec:
     shape: tuple[int, ...]
@@ -188,12 +210,7 @@ class WeightSync:
         gathered ZeRO-3 shards: TRL's ``_iter_named_params``)."""
         staged, problems, seen = [], [], set()
         for item in weights:
-            if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str)
-                    and isinstance(item[1], torch.Tensor)):
-                raise WeightSyncError(
-                    f"sync_weights: expected (name, tensor) pairs, got {type(item).__name__} "
-                    f"{str(item)[:60]!r}: pass a model, a state dict or (name, tensor) pairs")
-            name, tensor = item
+            name, tensor = named_tensor(item)
             tensor = tensor.detach()
             if copy:
                 tensor = tensor.to("cpu", self.dtype, copy=True) if tensor.is_floating_point() \

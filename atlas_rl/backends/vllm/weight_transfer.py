@@ -62,9 +62,17 @@ def default_directory() -> str:
     return tempfile.mkdtemp(prefix="atlas-rl-weights-", dir=root)
 
 
-def transfer_directory(vllm_config) -> Path:
+def transfer_options(vllm_config) -> dict:
+    """``additional_config[CONFIG_KEY]``: ``directory``; and, where an `AtlasRolloutEngine`
+    (multiprocess) made the config, ``engine`` plus its ``allow_nonfinite`` and
+    ``keep_previous`` settings."""
     extra = getattr(vllm_config, "additional_config", None) or {}
-    directory = (extra.get(CONFIG_KEY) or {}).get("directory") if isinstance(extra, dict) else None
+    options = extra.get(CONFIG_KEY) if isinstance(extra, dict) else None
+    return options if isinstance(options, dict) else {}
+
+
+def transfer_directory(vllm_config) -> Path:
+    directory = transfer_options(vllm_config).get("directory")
     if not directory:
         raise ValueError(
             f"weight-transfer backend {BACKEND!r} needs a directory that trainer and server "
@@ -123,8 +131,12 @@ class FileWeightTransferEngine(_Engine):
         from atlas_rl.backends.vllm.weight_sync import ModelTarget, WeightSync
 
         self.directory = transfer_directory(vllm_config)
-        self.sync = WeightSync(ModelTarget(model, vllm_config), str(vllm_config.model_config.model))
-        self.sync.nonfinite_override = " (a server never loads them)"
+        options = transfer_options(vllm_config)
+        self.sync = WeightSync(ModelTarget(model, vllm_config), str(vllm_config.model_config.model),
+                               allow_nonfinite=bool(options.get("allow_nonfinite", False)),
+                               keep_previous=bool(options.get("keep_previous", True)))
+        if not options.get("engine"):  # a server: the engine's own hint does not apply
+            self.sync.nonfinite_override = " (a server never loads them)"
         self.staged: list[tuple[str, torch.Tensor]] = []
         self.files: list[Path] = []
 
