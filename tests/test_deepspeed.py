@@ -73,6 +73,9 @@ def _check_run(ranks, out: Path, stage: int, first_step: int, steps: int) -> Non
         assert [c["step"] for c in r["checks"]] == list(range(first_step, first_step + steps + 1))
         for check in r["checks"]:
             assert check["equal"], check
+            # the drafter follows every sync of the gathered (ZeRO-3) policy
+            assert check["drafter_reads_policy"] is True, check
+            assert check["drafter_head_is_policys"] is True, check
             assert check["max_logp_diff"] < LOGP_TOLERANCE, check
         # before that last sync, the last update had not reached the engine: seen
         assert r["final"]["max_logp_diff"] > 1e-3, r["final"]

@@ -102,7 +102,16 @@ def greedy_check() -> dict:
                 result["max_logp_diff"] = max(result["max_logp_diff"], diff)
                 result["min_top2_margin"] = min(result["min_top2_margin"],
                                                 (top2[:, 0] - top2[:, 1]).min().item())
+            # the drafter reads the policy just synced: its head rows are the gathered
+            # policy's (in the engine's dtype), not a stale or zeroed copy
+            neural = engine.speculators.get("neural")
+            if neural is not None:
+                ids, rows = neural.draft_head_rows()
+                embed = model.get_input_embeddings().weight.detach()
+                result["drafter_head_is_policys"] = torch.equal(
+                    rows, embed.to(neural._head.dtype).index_select(0, ids).float())
         model.train(training)
+    result["drafter_reads_policy"] = engine.proposer.drafter_reads_policy()
     result["equal"] = result["engine"] == result["policy"]
     return result
 
