@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import numbers
 import time
 from pathlib import Path
@@ -29,6 +30,25 @@ from atlas_rl.speculators.eagle3 import Eagle3Speculator
 logger = logging.getLogger(__name__)
 
 Prompt = str | Sequence[Mapping[str, str]] | Sequence[int]
+
+
+class NonFiniteLogitsError(RuntimeError):
+    """The policy computed NaN or inf logits for tokens of this rollout: they are not
+    samples of the policy, and the generate call returns none of its completions."""
+
+
+def _nonfinite_message(completions: list[Completion]) -> str:
+    bad = [(i, next(j for j, lp in enumerate(c.logprobs) if not math.isfinite(lp)))
+           for i, c in enumerate(completions) if not all(map(math.isfinite, c.logprobs))]
+    first, position = bad[0]
+    return (f"the policy computed NaN or inf logits: {len(bad)} of {len(completions)} "
+            f"completions hold tokens drawn from them (first: completion {first}, token "
+            f"{position}), which are not samples of the policy, so this generate call "
+            f"returns nothing. Its weights or activations diverged (e.g. a bf16 overflow "
+            f"after an update: sync_weights checks the weights, not what they compute); check "
+            f"the last update (learning rate, gradient clipping, loss scale) or run the engine "
+            f"in float32 (AtlasConfig(dtype='float32')). The engine itself is unharmed: sync "
+            f"sound weights and generate again")
 
 
 def _completion_seed(seed: int, index: int) -> int:
@@ -84,7 +104,8 @@ class AtlasRolloutEngine:
         self._last_rollout_seconds = 0.0
         self._learn_counters = None  # the proposer's counters at the last learn
         self._totals = {"rollout_seconds": 0.0, "num_tokens": 0, "num_completions": 0,
-                        "generate_calls": 0, "update_seconds": 0.0}
+                        "generate_calls": 0, "update_seconds": 0.0,
+                        "nonfinite_generate_calls": 0}
         if self.multiprocess:
             from atlas_rl.backends.vllm.remote import RemoteProposer, RemoteWeightSync
 
@@ -326,6 +347,9 @@ class AtlasRolloutEngine:
                 prompt_index=index // n, prompt_ids=list(out.prompt_token_ids),
                 completion_ids=token_ids, logprobs=logprobs, top1_logprobs=top1,
                 finish_reason=o.finish_reason or "length", text=o.text))
+        if not all(math.isfinite(lp) for c in completions for lp in c.logprobs):
+            self._totals["nonfinite_generate_calls"] += 1
+            raise NonFiniteLogitsError(_nonfinite_message(completions))
         self._totals["rollout_seconds"] += seconds
         self._last_rollout_seconds = seconds
         self._totals["num_tokens"] += sum(len(c.completion_ids) for c in completions)
@@ -385,6 +409,9 @@ class AtlasRolloutEngine:
         stats["num_tokens"] = self._totals["num_tokens"]
         stats["num_completions"] = self._totals["num_completions"]
         stats["generate_calls"] = self._totals["generate_calls"]
+        # generate calls refused for NaN/inf logits, and the logits rows the sampler saw so
+        stats["nonfinite_generate_calls"] = self._totals["nonfinite_generate_calls"]
+        stats["nonfinite_logit_rows"] = self._backend.nonfinite_logit_rows(self.llm)
         stats["update_seconds"] = self._totals["update_seconds"]
         stats["vllm_hooks"] = self._backend.hooks.status()  # what the seam installed
         secs = self._totals["rollout_seconds"]

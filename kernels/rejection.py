@@ -85,6 +85,7 @@ def rejection_sample(
     bonus_logits: torch.Tensor | None = None,  # [B, V] rows the bonus tokens came from
     return_logprobs: bool = False,
     recovery_dtype: torch.dtype | None = None,
+    report: dict | None = None,
 ):
     """Verify a batch of drafts; returns [B, max_spec_len + 1] int32 output tokens,
     ``PLACEHOLDER_TOKEN_ID`` after each request's last token (vLLM's layout).
@@ -105,7 +106,12 @@ def rejection_sample(
     land on its tokens (summed in float32 in two orders, the draws disagreed on 0.36% of
     rows at vocabulary 151,936; in float64 on none of 128,000); float32 elsewhere, where
     it is the CPU verifier's hot path (float64 cost ~0.3 ms more per rejected row at
-    vocabulary 49,152 on 2 cores). Both are exact in distribution."""
+    vocabulary 49,152 on 2 cores). Both are exact in distribution.
+
+    ``report``: a dict that receives ``nonfinite_rows``, the number of target rows whose
+    log-sum-exp is NaN or inf (NaN or inf logits: nothing drawn from them is a sample of
+    the policy). Free on the torch path (the log-sum-exp is computed anyway); the Triton
+    path does not count (None)."""
     _check_inputs(draft_token_ids, num_draft_tokens, target_logits, draft_probs, draft_ids,
                   backend)
     num_reqs = len(num_draft_tokens)
@@ -117,12 +123,17 @@ def rejection_sample(
                          f"{None if bonus_logits is None else tuple(bonus_logits.shape)}")
     device = target_logits.device
     bonus = bonus_token_ids.reshape(-1).to(torch.int32)
+    if report is not None:
+        report["nonfinite_rows"] = 0
     if draft_token_ids.shape[0] == 0:
         return _bonus_only(bonus, max_spec_len, bonus_logits if return_logprobs else None)
     if backend == "auto":
         backend = "triton" if target_logits.is_cuda and triton_available() else "torch"
     if backend == "triton":
         from atlas_rl.kernels.rejection_triton import rejection_sample_triton
+
+        if report is not None:
+            report["nonfinite_rows"] = None
 
         return rejection_sample_triton(draft_token_ids, num_draft_tokens, target_logits,
                                        bonus_token_ids, uniform, recovery_uniform, max_spec_len,
@@ -135,6 +146,8 @@ def rejection_sample(
     x = draft_token_ids.long()
     logits = target_logits.float()
     lse = torch.logsumexp(logits, dim=-1)
+    if report is not None:
+        report["nonfinite_rows"] = int((~torch.isfinite(lse)).sum())
     first = accept_drafts_torch(out, x, counts, starts, logits, lse, bonus, uniform,
                                 draft_probs, draft_ids)
 

@@ -235,3 +235,28 @@ def test_sync_weights_reaches_every_weight_tied_lm_head_included(tiny_model_path
         err = check_sampling(policy, batch).logprob_max_abs_err
         assert err < 1e-4, (group, err)
     del engine
+
+
+def test_nan_logits_fail_the_generate_call_and_the_engine_recovers(make_engine, tiny_model_path):
+    """A policy whose logits are NaN (weights the sync was told to let through, standing
+    for a bf16 overflow the weight checks cannot see) fails the generate call with a
+    message that says so, instead of returning tokens drawn from NaN; sound weights
+    synced afterwards generate as before."""
+    from transformers import AutoModelForCausalLM
+
+    from atlas_rl.engine import NonFiniteLogitsError
+
+    engine = make_engine(tiny_model_path, "atlas", **SPEC, allow_nonfinite_weights=True)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32)
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    want = engine.generate(PROMPTS[:2], temperature=0.0, max_tokens=12).completion_ids
+    bad = dict(good, **{"model.norm.weight": torch.full_like(good["model.norm.weight"],
+                                                             float("nan"))})
+    engine.sync_weights(bad)
+    with pytest.raises(NonFiniteLogitsError, match="NaN or inf logits: 8 of 8 completions"):
+        engine.generate(PROMPTS[:2], n=4, max_tokens=12, seed=0)
+    with pytest.raises(NonFiniteLogitsError, match="completion 0, token 0"):
+        engine.generate(PROMPTS[:2], temperature=0.0, max_tokens=12)
+    assert engine.stats()["nonfinite_generate_calls"] == 2
+    engine.sync_weights(good)
+    assert engine.generate(PROMPTS[:2], temperature=0.0, max_tokens=12).completion_ids == want

@@ -105,6 +105,21 @@ def test_padding_and_requests_without_drafts():
                          torch.zeros(2), torch.zeros(1), 2)
 
 
+def test_nonfinite_logits_rows_are_reported():
+    """A NaN or inf target row (a diverged policy) is counted where the verifier already
+    has its log-sum-exp; finite rows report 0."""
+    logits = torch.randn(4, V)
+    args = (torch.tensor([0, 1, 2, 3]), [2, 2])
+    rest = (torch.tensor([1, 1]), torch.full((4,), 0.5, dtype=torch.float64), torch.rand(2), 2)
+    report = {}
+    rejection_sample(*args, logits, *rest, report=report)
+    assert report == {"nonfinite_rows": 0}
+    logits[1] = float("nan")
+    logits[3, 2] = float("inf")
+    rejection_sample(*args, logits, *rest, report=report)
+    assert report == {"nonfinite_rows": 2}
+
+
 def test_target_logits_are_not_modified():
     logits = torch.randn(4, V)
     before = logits.clone()

@@ -107,6 +107,16 @@ def transfer_directory(llm) -> str:
     return str(wt.transfer_directory(llm.llm_engine.vllm_config))
 
 
+def nonfinite_logit_rows(llm) -> int | None:
+    """Logits rows atlas-rl's sampler saw NaN or inf (`sampler.AtlasRejectionSampler`);
+    None where it is out of reach (multiprocess) or not installed."""
+    try:
+        sampler = model_runner(llm).rejection_sampler
+    except (RuntimeError, AttributeError):
+        return None
+    return getattr(sampler, "atlas_nonfinite_rows", None)
+
+
 def model_runner(llm):
     try:
         return llm.llm_engine.model_executor.driver_worker.worker.model_runner

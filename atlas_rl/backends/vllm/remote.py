@@ -55,6 +55,10 @@ def stats(worker) -> dict:
            "completed_waiting": len(proposer.completed),
            "weight_syncs": proposer.weight_syncs,
            "drafter_reads_policy": proposer.drafter_reads_policy(),
+           # logits rows atlas-rl's sampler saw NaN or inf (a diverged policy)
+           "nonfinite_logit_rows": getattr(getattr(getattr(worker, "model_runner", None),
+                                                   "rejection_sampler", None),
+                                           "atlas_nonfinite_rows", None),
            "speculators": list(proposer.speculators)}
     neural = proposer.speculators.get("neural")
     if neural is not None:

@@ -89,7 +89,8 @@ def attach(runner, atlas_verifies: bool) -> bool:
             logger.warning("atlas-rl: %s", hooks.status()["atlas_sampler"])
             return False
         hooks.retype(sampler, AtlasRejectionSampler, key="atlas_sampler")
-        hooks.assign(sampler, {"atlas_calls": {"atlas": 0, "vllm": 0}}, key="atlas_sampler")
+        hooks.assign(sampler, {"atlas_calls": {"atlas": 0, "vllm": 0},
+                               "atlas_nonfinite_rows": 0}, key="atlas_sampler")
     hooks.assign(sampler, {"atlas_verifies": bool(atlas_verifies)}, key="atlas_sampler")
     _record_status(atlas_verifies)
     return True
@@ -114,6 +115,7 @@ class AtlasRejectionSampler(rs.RejectionSampler):
 
     atlas_verifies: bool = True
     atlas_calls: dict[str, int]
+    atlas_nonfinite_rows: int = 0  # logits rows seen NaN or inf (verification, logprobs)
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         if self._plain_step(metadata, draft_probs, logits, sampling_metadata):
@@ -189,8 +191,7 @@ class AtlasRejectionSampler(rs.RejectionSampler):
 
         return SamplerOutput(sampled_token_ids=output, logprobs_tensors=logprobs)
 
-    @staticmethod
-    def _verify(metadata, draft_probs, target_logits, bonus_ids, sampling_metadata):
+    def _verify(self, metadata, draft_probs, target_logits, bonus_ids, sampling_metadata):
         num_draft_tokens = metadata.num_draft_tokens
         device = target_logits.device
         generators = sampling_metadata.generators
@@ -203,9 +204,23 @@ class AtlasRejectionSampler(rs.RejectionSampler):
         ids = q = None
         if draft_probs is not None:
             ids, q = unpack_sparse_q(draft_probs)
-        return rejection_sample(metadata.draft_token_ids, num_draft_tokens, target_logits,
-                                bonus_ids, uniform, recovery, metadata.max_spec_len,
-                                draft_probs=q, draft_ids=ids)
+        report: dict = {}
+        out = rejection_sample(metadata.draft_token_ids, num_draft_tokens, target_logits,
+                               bonus_ids, uniform, recovery, metadata.max_spec_len,
+                               draft_probs=q, draft_ids=ids, report=report)
+        self._note_nonfinite(report.get("nonfinite_rows"), "draft positions")
+        return out
+
+    def _note_nonfinite(self, rows: int | None, where: str) -> None:
+        """Count logits rows that are NaN or inf (`atlas_nonfinite_rows`, in the engine's
+        stats); the engine fails the generate call whose completions hold their tokens."""
+        if not rows:
+            return
+        if not self.atlas_nonfinite_rows:
+            logger.error("atlas-rl: the policy's logits are NaN or inf in %d row(s) at %s: "
+                         "tokens drawn there are not samples of the policy (diverged weights "
+                         "or activations, e.g. a bf16 overflow)", rows, where)
+        self.atlas_nonfinite_rows += int(rows)
 
     # --- logprobs of the output tokens -------------------------------------------------
 
@@ -214,11 +229,15 @@ class AtlasRejectionSampler(rs.RejectionSampler):
         if max_num_logprobs is None or max_num_logprobs < 0 or self.is_logits_logprobs_mode:
             return super()._get_logprobs_tensors(max_num_logprobs, metadata, logits,
                                                  target_logits, bonus_logits, sampled_token_ids)
-        return output_logprobs(int(max_num_logprobs), metadata, target_logits, bonus_logits,
-                               sampled_token_ids)
+        report: dict = {}
+        out = output_logprobs(int(max_num_logprobs), metadata, target_logits, bonus_logits,
+                              sampled_token_ids, report)
+        self._note_nonfinite(report.get("nonfinite_rows"), "output tokens")
+        return out
 
 
-def output_logprobs(k: int, metadata, target_logits, bonus_logits, sampled_token_ids):
+def output_logprobs(k: int, metadata, target_logits, bonus_logits, sampled_token_ids,
+                    report: dict | None = None):
     """Logprob, rank and top-k of every output token; zeros at placeholder positions
     (vLLM filters them out afterwards).
 
@@ -227,7 +246,8 @@ def output_logprobs(k: int, metadata, target_logits, bonus_logits, sampled_token
     (``target_logits`` or ``bonus_logits``) and normalised in place; the rows of draft
     positions after a rejection are never touched. Same arithmetic as vLLM's
     ``compute_logprobs`` + ``gather_logprobs`` on those rows (log_softmax by subtracting
-    the logsumexp, rank = #{logprob >= the token's}, ``topk``)."""
+    the logsumexp, rank = #{logprob >= the token's}, ``topk``). ``report`` receives
+    ``nonfinite_rows``: rows whose log-sum-exp is NaN or inf."""
     from vllm.v1.outputs import LogprobsTensors
 
     device = target_logits.device
@@ -251,13 +271,16 @@ def output_logprobs(k: int, metadata, target_logits, bonus_logits, sampled_token
     ranks = torch.zeros(tokens.shape[0], dtype=torch.int64, device=device)
     valid = (flat != rs.PLACEHOLDER_TOKEN_ID).nonzero().squeeze(1)
     src = source[final[valid]]
+    nonfinite = 0
     for out_pos, rows, logits in ((valid[src < n_target], src[src < n_target], target_logits),
                                   (valid[src >= n_target], src[src >= n_target] - n_target,
                                    bonus_logits)):
         if not out_pos.numel():
             continue
         lp = logits.index_select(0, rows).to(torch.float32)  # a copy: normalised in place
-        lp.sub_(torch.logsumexp(lp, dim=-1, keepdim=True))
+        lse = torch.logsumexp(lp, dim=-1, keepdim=True)
+        nonfinite += int((~torch.isfinite(lse)).sum())
+        lp.sub_(lse)
         token_lp = lp.gather(1, tokens[out_pos, None])
         logprobs[out_pos, :1] = token_lp
         ranks[out_pos] = (lp >= token_lp).sum(-1)
@@ -265,6 +288,8 @@ def output_logprobs(k: int, metadata, target_logits, bonus_logits, sampled_token
             top_lp, top_ids = torch.topk(lp, k, dim=-1)
             logprobs[out_pos, 1:] = top_lp
             ids[out_pos, 1:] = top_ids
+    if report is not None:
+        report["nonfinite_rows"] = nonfinite
     return LogprobsTensors(ids.to(torch.int32), logprobs, ranks)
 
 
