@@ -260,3 +260,35 @@ def test_nan_logits_fail_the_generate_call_and_the_engine_recovers(make_engine, 
     assert engine.stats()["nonfinite_generate_calls"] == 2
     engine.sync_weights(good)
     assert engine.generate(PROMPTS[:2], temperature=0.0, max_tokens=12).completion_ids == want
+
+
+def test_the_drafters_survive_sleep_and_wake_up(atlas):
+    """TRL's sleep mode (level 2 between generations) discards on a GPU the device memory
+    allocated while the model loaded, the drafter's weights included. The CPU backend's
+    worker cannot sleep (it ignores the call), so the discard is done here by hand,
+    between vLLM's real sleep and wake-up calls: the drafter comes back as it was, reads
+    the policy again, and drafts."""
+    from atlas_rl.backends.vllm import hooks
+    from atlas_rl.speculation import state_digest
+
+    atlas.generate(PROMPTS, max_tokens=8, seed=0)
+    neural = atlas.speculators["neural"]
+    before = state_digest(atlas.speculators)
+    atlas.llm.sleep(level=2)
+    with torch.no_grad():  # what a level-2 sleep leaves in that memory on a GPU
+        for p in neural.net.parameters():
+            p.zero_()
+    assert state_digest(atlas.speculators) != before
+    atlas.llm.wake_up()
+    assert hooks.status()["sleep_mode"] == "applied"
+    assert state_digest(atlas.speculators) == before
+    assert atlas.proposer.drafter_reads_policy() is True
+    assert atlas.generate(PROMPTS, max_tokens=16, seed=1).stats["num_draft_tokens"] > 0
+
+
+def test_sleep_mode_is_refused_on_a_cpu_with_the_reason(tiny_model_path):
+    from atlas_rl import AtlasConfig, AtlasRolloutEngine
+
+    with pytest.raises(ValueError, match="vllm_enable_sleep_mode.*cannot sleep"):
+        AtlasRolloutEngine(tiny_model_path, "atlas", AtlasConfig(dtype="float32"),
+                           enable_sleep_mode=True)

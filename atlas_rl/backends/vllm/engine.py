@@ -65,6 +65,12 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: b
         fields = {k: v for k, v in config.to_dict().items()}
         spec = plugin.speculative_config(method, auto_learn=False, **fields)
     on_cpu = current_platform.is_cpu()
+    if on_cpu and engine_kwargs.get("enable_sleep_mode"):
+        raise ValueError(
+            "enable_sleep_mode=True (TRL: GRPOConfig(vllm_enable_sleep_mode=True)): sleep "
+            "mode frees GPU memory between generations, and vLLM's CPU backend has no "
+            "device memory to free and cannot sleep (vLLM refuses it there). Leave it off "
+            "on a CPU; on a GPU atlas-rl keeps its drafters across sleep and wake-up")
     kwargs = dict(
         model=model_path,
         dtype=config.dtype or default_dtype(on_cpu),

@@ -25,6 +25,8 @@ atlas_config           EngineArgs.create_engine_config (class)            wiring
                                                                                       process
 atlas_worker           CPUModelRunner / GPUModelRunner.load_model (class) wiring      plugin: every
                                                                                       worker
+sleep_mode             Worker.sleep / wake_up (class; CPUWorker's too)    wiring      plugin: every
+                                                                                      worker
 weight_transfer        EngineArgs.weight_transfer_config, additional_     wiring      plugin: CPU
                        config (+ factory.register_engine "atlas_files")               servers
 =====================  =================================================  ==========  ============
@@ -133,6 +135,13 @@ HOOKS: tuple[Hook, ...] = (
          "atlas hooks on that runner, the state directory)",
          "load_model gone or renamed: the proposer is never set up and drafts nothing "
          "(generation stays exact)"),
+    Hook("sleep_mode", "Worker.sleep / wake_up, CPUWorker.sleep / wake_up (class)",
+         "wiring", "plugin: every worker",
+         "sleep level 2 discards the device memory allocated while the model loaded, the "
+         "drafters' weights with it (other RL stacks lose all acceptance there): an atlas "
+         "proposer keeps them on the host across the sleep and restores them at wake-up",
+         "sleep/wake_up renamed: drafters are not kept (a GPU sleep at level 2 then loses "
+         "them; the CPU backend cannot sleep at all)"),
     Hook("weight_transfer", "EngineArgs.weight_transfer_config / additional_config "
          "(+ WeightTransferEngineFactory.register_engine('atlas_files'))",
          "wiring", "plugin: engine configs with weight transfer",

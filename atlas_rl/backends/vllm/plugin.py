@@ -53,6 +53,7 @@ def register() -> None:
         return
     _install_config_hook(hooks)
     _install_worker_hook(hooks)
+    _install_sleep_hook(hooks)
     from atlas_rl.backends.vllm.weight_transfer import register_backend
 
     register_backend()
@@ -204,6 +205,49 @@ def _install_worker_hook(hooks) -> None:
 
         hooks.patch(cls, "load_model", load_model, key="atlas_worker")
     hooks.record("atlas_worker", "applied")
+
+
+def _install_sleep_hook(hooks) -> None:
+    """Sleep mode (GPUs: vLLM refuses it on a CPU, `engine.build_llm` says why): level 2
+    discards the device memory of everything allocated while the model loaded, the
+    drafters' weights included; an atlas proposer keeps its drafters on the host across
+    the sleep and puts them back at wake-up (`AtlasProposer.before_sleep`, `after_wake`)."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    classes = [Worker]
+    try:
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        classes.append(CPUWorker)
+    except ImportError:
+        pass
+    for cls in classes:
+        if "sleep" not in vars(cls) or "wake_up" not in vars(cls):
+            continue
+
+        def sleep(self, level: int = 1, _original=vars(cls)["sleep"]):
+            proposer = _atlas_proposer(self)
+            if proposer is not None:
+                proposer.before_sleep(level)
+            return _original(self, level)
+
+        def wake_up(self, tags=None, _original=vars(cls)["wake_up"]):
+            out = _original(self, tags)
+            proposer = _atlas_proposer(self)
+            if proposer is not None:
+                proposer.after_wake(tags)
+            return out
+
+        hooks.patch(cls, "sleep", sleep, key="sleep_mode")
+        hooks.patch(cls, "wake_up", wake_up, key="sleep_mode")
+    hooks.record("sleep_mode", "applied")
+
+
+def _atlas_proposer(worker):
+    from atlas_rl.backends.vllm.proposer import AtlasProposer
+
+    drafter = getattr(getattr(worker, "model_runner", None), "drafter", None)
+    return drafter if isinstance(drafter, AtlasProposer) else None
 
 
 def _setup_proposer(runner) -> None:

@@ -192,6 +192,7 @@ class AtlasProposer:
         self._handed: tuple[int, list[tuple[int, Draft]]] | None = None  # distribution step
         self._error_logged = False
         self.weight_syncs = 0  # policy weight updates seen (a server's weight transfer)
+        self._asleep: dict[str, tuple] = {}  # drafter states kept over a level-2 sleep
         self._finished_noted: list[str] = []  # finished at steps that did not propose
         self.vllm_config = vllm_config
         # set up in a worker that stock vLLM started (`worker.setup_in_worker`): learning
@@ -254,10 +255,34 @@ class AtlasProposer:
         if target_model is not None:
             self.target_model = target_model
         self.weight_syncs += 1
+        self._reread_policy()
+
+    def _reread_policy(self) -> None:
         for spec in self._readers():
             if self.target_model is not None:
                 spec.attach_target(*target_embeddings(self.target_model))
             spec.weights_synced()
+
+    def before_sleep(self, level: int) -> None:
+        """vLLM is going to sleep (hook ``sleep_mode``). Level 2 discards the device memory
+        allocated while the model loaded, the drafters' weights included: their state goes
+        to the host first (`state()` copies to the CPU). Level 1 keeps a host copy of that
+        memory itself, so there is nothing to do."""
+        if level >= 2:
+            self._asleep = {name: spec.state() for name, spec in self.speculators.items()
+                            if isinstance(spec, HiddenStateSpeculator)}
+
+    def after_wake(self, tags) -> None:
+        """vLLM woke up (``tags``: what it re-allocated; None: everything): once the
+        weights are back, the drafters get their state again and re-read the policy's
+        embedding and head (whose values a sync restores after a level-2 sleep: TRL
+        syncs before generating, and the drafters re-read them again then)."""
+        if tags is not None and "weights" not in tags:
+            return
+        saved, self._asleep = self._asleep, {}
+        for name, (tensors, meta) in saved.items():
+            self.speculators[name].load_state(tensors, meta)
+        self._reread_policy()
 
     def drafter_reads_policy(self) -> bool | None:
         """Whether every drafter reads the served policy's current embedding and LM head
