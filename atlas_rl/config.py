@@ -84,9 +84,9 @@ class AtlasConfig:
     enforce_eager: bool | None = field(default=None, metadata={
         "help": "Skip torch.compile in vLLM. Default: eager on the CPU, where compiling "
                 "costs over a minute per engine; compiled on GPUs."})
-    cpu_kv_cache_gib: int = field(default=2, metadata={
-        "help": "KV cache size in GiB on the CPU backend (VLLM_CPU_KVCACHE_SPACE), unless "
-                "that variable is set."})
+    cpu_kv_cache_gib: float = field(default=2, metadata={
+        "help": "KV cache size in GiB on the CPU backend (vLLM's kv_cache_memory_bytes; "
+                "fractions allowed, e.g. 0.5), unless VLLM_CPU_KVCACHE_SPACE is set."})
     allow_nonfinite_weights: bool = field(default=False, metadata={
         "help": "Let sync_weights load weights with NaN or inf values. Off by default: a "
                 "diverged policy update would otherwise yield garbage rollouts (e.g. one "
@@ -127,9 +127,9 @@ class AtlasConfig:
         if self.logprobs_mode not in LOGPROBS_MODES:
             raise ValueError(f"logprobs_mode must be one of {LOGPROBS_MODES}, got "
                              f"{self.logprobs_mode!r}")
-        if self.cpu_kv_cache_gib < 1 or int(self.cpu_kv_cache_gib) != self.cpu_kv_cache_gib:
-            raise ValueError("cpu_kv_cache_gib must be a whole number of GiB >= 1, got "
-                             f"{self.cpu_kv_cache_gib}")
+        if not self.cpu_kv_cache_gib >= 1 / 16:
+            raise ValueError("cpu_kv_cache_gib must be a number of GiB >= 0.0625 (64 MiB), "
+                             f"got {self.cpu_kv_cache_gib}")
         check_history_budget(self.max_history_tokens)
         self.ngram_sizes = tuple(int(n) for n in self.ngram_sizes)
 

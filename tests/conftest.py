@@ -56,26 +56,53 @@ def perturbed_policy(model_path: str, seed: int = 0, scale: float = 0.2):
     return model
 
 
+# Engines a module's `make_engine` keeps alive at once (~1.4 GB each with the real model
+# in float32: 0.5 GiB of KV cache, the weights, vLLM's buffers). The least recently used one
+# is dropped when another is built; a test or fixture that still holds it keeps it.
+MAX_CACHED_ENGINES = int(os.environ.get("ATLAS_RL_TEST_MAX_ENGINES", "2"))
+
+
+def release_memory() -> None:
+    """Collect what was dropped and hand the freed heap back to the OS (glibc keeps it
+    otherwise, and the process's RSS never falls)."""
+    import ctypes
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
 @pytest.fixture(scope="module")
 def make_engine():
-    """Build engines once per (model, method, config) within a test module; they are
-    dropped at the module's end, so that a long session does not run out of memory."""
+    """Build engines once per (model, method, config) within a test module, at most
+    `MAX_CACHED_ENGINES` kept at once (the least recently used is dropped); the rest are
+    dropped at the module's end, so that the suite's memory stays bounded (peak RSS under
+    6 GB; ~13 GB when every engine of a module lived to its end)."""
+    from collections import OrderedDict
+
     from atlas_rl import AtlasConfig, AtlasRolloutEngine
 
-    cache = {}
+    cache: OrderedDict = OrderedDict()
 
     def make(model, speculation="atlas", **config_kwargs):
-        config_kwargs.setdefault("cpu_kv_cache_gib", 1)
+        config_kwargs.setdefault("cpu_kv_cache_gib", 0.5)
         config_kwargs.setdefault("max_model_len", 1024)
         key = (model, speculation, tuple(sorted(config_kwargs.items())))
-        if key not in cache:
-            cache[key] = AtlasRolloutEngine(model, speculation=speculation,
-                                            config=AtlasConfig(**config_kwargs))
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        while len(cache) >= max(1, MAX_CACHED_ENGINES):
+            cache.popitem(last=False)
+            release_memory()
+        cache[key] = AtlasRolloutEngine(model, speculation=speculation,
+                                        config=AtlasConfig(**config_kwargs))
         return cache[key]
 
     yield make
     cache.clear()
-    gc.collect()
+    release_memory()
 
 
 # What torch.distributed launchers and TRL's colocated vLLM leave in os.environ: a child
@@ -104,3 +131,14 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The pytest process's peak resident memory (VmHWM; engines in child processes, the
+    servers and multiprocess engines, are not in it): the suite must leave room beside it."""
+    try:
+        with open("/proc/self/status") as f:
+            peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+    except (OSError, StopIteration):
+        return
+    terminalreporter.write_line(f"atlas-rl: peak RSS of this pytest process: {peak / 2**20:.2f} GiB")

@@ -47,7 +47,14 @@ def greedy_baseline(make_engine, real_model_path, prompts):
     return make_engine(real_model_path, "none", **CFG).generate(prompts, temperature=0.0, max_tokens=96)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.fixture(scope="module")
+def method(request):
+    """The speculation method under test: a module-scoped parameter, so that pytest runs
+    each method's tests together and its engine is built once (make_engine keeps two)."""
+    return request.param
+
+
+@pytest.mark.parametrize("method", METHODS, indirect=True)
 def test_greedy_identical_to_no_speculation(method, make_engine, real_model_path, prompts,
                                             greedy_baseline):
     batch = make_engine(real_model_path, method, **CFG).generate(prompts, temperature=0.0,
@@ -58,7 +65,7 @@ def test_greedy_identical_to_no_speculation(method, make_engine, real_model_path
     assert greedy_mismatches(greedy_baseline.completion_ids, batch.completion_ids) == []
 
 
-@pytest.mark.parametrize("method", ["none"] + METHODS)
+@pytest.mark.parametrize("method", ["none"] + METHODS, indirect=True)
 def test_sampling_follows_the_model_distribution(method, make_engine, real_model_path, prompts,
                                                  reference):
     engine = make_engine(real_model_path, method, **CFG)

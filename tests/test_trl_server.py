@@ -26,7 +26,7 @@ def test_stock_trainers_in_server_mode_against_the_atlas_server(
 
     env = subprocess_env(VLLM_CPU_KVCACHE_SPACE=1)
     server = Server(tiny_model_path, free_port, tmp_path, "--set", "learn_every=4",
-                    "--max-model-len", "512", env=env, key=None)
+                    "--max-model-len", "512", "--state-root", str(tmp_path), env=env, key=None)
     dataset = Dataset.from_dict({"prompt": PROMPTS * 4})
     with server:
         checks = []

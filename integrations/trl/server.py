@@ -141,9 +141,15 @@ def server_trainer_metrics(stats: dict) -> dict[str, float]:
     return {atlas_name(k): float(v) for k, v in stats.items()}
 
 
-def _state_call(client, path: str, directory: str):
+def _state_call(client, path: str, directory: str, refused_ok: bool = False):
     response = client.session.post(f"{client.base_url}{path}", json={"directory": directory},
                                    timeout=600)
+    if response.status_code == 400 and refused_ok:  # e.g. outside the server's --state-root
+        logger.warning("atlas-rl: the server at %s refused to save its speculators to %r (%s); "
+                       "this checkpoint holds no server state. Start `atlas-rl serve` with "
+                       "--state-root at a directory that holds the trainer's output_dir",
+                       client.base_url, directory, response.text[:300])
+        return None
     if response.status_code == 404:
         if path not in _WARNED:
             _WARNED.add(path)
@@ -157,8 +163,10 @@ def _state_call(client, path: str, directory: str):
 
 
 def save_server_state(client, directory: str) -> None:
-    """The server saves its speculators into `directory` (a path on its filesystem)."""
-    _state_call(client, "/atlas/save", directory)
+    """The server saves its speculators into `directory` (a path on its filesystem, under
+    the root it was started with: ``atlas-rl serve --state-root``). A refused path costs
+    the checkpoint its server state, with a warning, never the training run."""
+    _state_call(client, "/atlas/save", directory, refused_ok=True)
 
 
 def load_server_state(client, directory: str) -> None:

@@ -45,6 +45,29 @@ def default_dtype(on_cpu: bool) -> str:
     return "bfloat16" if not on_cpu or cpu_has_native_bf16() else "float32"
 
 
+def vllm_llm_class():
+    """``vllm.LLM``, imported the first time on a thread of its own. The first import of
+    vLLM's engine modules pins every frame on the importing stack for the life of the
+    process (measured: the frame of a function that first runs ``from vllm import LLM``
+    is never freed; its holder is not a Python object we could find), and with those
+    frames their locals: the first engine a process built (the caller's ``self``, the
+    engine ``build_llm`` returns; ~2 GB with SmolLM2-135M) was never released. A thread's
+    stack holds nothing of ours."""
+    import sys
+
+    if "vllm.entrypoints.llm" not in sys.modules:
+        import importlib
+        import threading
+
+        thread = threading.Thread(target=importlib.import_module, args=("vllm.entrypoints.llm",),
+                                  name="atlas-rl-import-vllm")
+        thread.start()
+        thread.join()
+    from vllm import LLM  # raises here, with vLLM's own message, if the import failed
+
+    return LLM
+
+
 def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: bool = False,
               **engine_kwargs):
     """A vLLM engine. In-process by default (the worker lives in this process, so the
@@ -52,8 +75,11 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: b
     the engine core in its own process, where the proposer sets itself up from the atlas
     fields of its speculative config (the vLLM plugin)."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if multiprocess else "0"
-    os.environ["VLLM_CPU_KVCACHE_SPACE"] = _USER_KV_SPACE or str(int(config.cpu_kv_cache_gib))
-    from vllm import LLM
+    if _USER_KV_SPACE:  # vLLM's legacy variable (whole GiB), set by the user: it wins
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = _USER_KV_SPACE
+    else:
+        os.environ.pop("VLLM_CPU_KVCACHE_SPACE", None)
+    LLM = vllm_llm_class()
     from vllm.platforms import current_platform
 
     hooks.install_process_hooks()
@@ -82,6 +108,8 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: b
         logprobs_mode=config.logprobs_mode,
         speculative_config=spec,
     )
+    if on_cpu and not _USER_KV_SPACE:
+        kwargs["kv_cache_memory_bytes"] = int(config.cpu_kv_cache_gib * (1 << 30))
     if multiprocess:  # weight syncs go through atlas_files (remote.RemoteWeightSync)
         from atlas_rl.backends.vllm import weight_transfer as wt
 

@@ -158,6 +158,9 @@ def configure_weight_transfer(engine_args, atlas: bool) -> str | None:
         extra = engine_args.additional_config
         extra = dict(extra) if isinstance(extra, dict) else {}
         if not (extra.get(wt.CONFIG_KEY) or {}).get("directory"):
+            # made here, in the process that builds the engine config (`vllm serve`'s API
+            # server; `LLM`'s caller), which owns it: removed when that process exits, or
+            # by the next server's start if it was killed (`wt.default_directory`)
             extra[wt.CONFIG_KEY] = {"directory": wt.default_directory()}
             hooks.assign(engine_args, {"additional_config": extra}, key="weight_transfer")
     return backend

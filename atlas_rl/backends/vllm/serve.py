@@ -7,7 +7,13 @@ endpoints, which TRL's client needs) plus:
 - atlas's speculative config (``--speculation atlas|atlas-static|none``, ``--state-dir``,
   ``--learn-every``, ``--set FIELD=VALUE``);
 - weight transfer that works where vLLM runs: NCCL on GPUs (TRL's client unchanged),
-  atlas-rl's ``atlas_files`` backend on a CPU (`weight_transfer`);
+  atlas-rl's ``atlas_files`` backend on a CPU (`weight_transfer`), in a directory the
+  server owns and removes at exit, or that the next server's start removes if it was
+  killed (``--weight-transfer-dir``: the user's, never removed);
+- on a CPU, a KV cache sized for the model, ``--max-model-len`` and ``--max-num-seqs``,
+  at most a quarter of the memory available at start (`choose_kv_cache_bytes`; the
+  launcher says what it chose), where vLLM would reserve 92% of the machine whatever
+  else runs and refuse to start beside a trainer; the user's own sizing wins;
 - `AtlasGuard`, an ASGI middleware vLLM loads (``--middleware``), which
   * binds nothing itself, but the launcher refuses a non-loopback ``--host`` without an
     API key (``--api-key`` or ``ATLAS_RL_API_KEY``): TRL's launcher binds 0.0.0.0 with
@@ -28,7 +34,11 @@ endpoints, which TRL's client needs) plus:
     cleared with the pause;
   * serves the speculator's state: ``GET /atlas/stats``, ``POST /atlas/save``,
     ``/atlas/load``, ``/atlas/learn`` (``{"directory": ...}``), key-guarded like the
-    rest: what `enable_atlas` uses to checkpoint the server's speculators.
+    rest: what `enable_atlas` uses to checkpoint the server's speculators. Save and load
+    take directories under the state root only (``--state-root``, default ``--state-
+    dir``; relative paths resolve under it; ``..`` and symlinks out are refused with a
+    400 naming the root, `confine`), on ``/collective_rpc`` too; with no root they are
+    refused.
 
 The middleware reads its settings from ``ATLAS_RL_SERVE`` (JSON; the key only as its
 SHA-256), which the launcher sets.
@@ -58,6 +68,8 @@ WEIGHT_PATHS = frozenset({"/init_weight_transfer_engine", "/update_weights",
                           "/finish_weight_update"})
 STATE_RPC = {"/atlas/stats": "atlas_stats", "/atlas/save": "atlas_save",
              "/atlas/load": "atlas_load", "/atlas/learn": "atlas_learn"}
+PATH_METHODS = frozenset({"atlas_save", "atlas_load"})  # take a directory: confined
+RPC_PATH = "/collective_rpc"
 
 
 # --- the launcher -----------------------------------------------------------------------
@@ -94,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speculation", choices=("atlas", "atlas-static", "none"), default="atlas")
     p.add_argument("--state-dir", default=None,
                    help="load the speculators from here at start, save them after updates")
+    p.add_argument("--state-root", default=None,
+                   help="POST /atlas/save and /atlas/load take directories under this one "
+                        "only (relative ones resolve under it; default: --state-dir; with "
+                        "neither they are refused)")
     p.add_argument("--learn-every", type=int, default=None)
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", default=[],
                    help="any AtlasConfig field (repeatable), e.g. --set max_lookahead=4")
@@ -101,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default="auto", help="auto: nccl on GPUs, atlas_files on a CPU")
     p.add_argument("--weight-transfer-dir", default=None,
                    help="atlas_files: the directory trainer and server share (default: a "
-                        "fresh one in /dev/shm)")
+                        "fresh one in /dev/shm, removed when the server exits; this one is "
+                        "never removed)")
     p.add_argument("--max-body-mb", type=float, default=DEFAULTS["max_body_mb"])
     p.add_argument("--max-tokens-limit", type=int, default=DEFAULTS["max_tokens_limit"])
     p.add_argument("--max-n", type=int, default=DEFAULTS["max_n"])
@@ -157,6 +174,7 @@ def plan(argv: list[str], environ=None) -> tuple[list[str], dict[str, str]]:
         for name in ("state_dir", "learn_every", "auto_learn"):
             if name in fields and serving.get(name) is None:
                 serving[name] = fields.pop(name)
+        args.state_dir = serving["state_dir"]
         try:
             spec = speculative_config(args.speculation, **serving, **fields)
         except (ValueError, TypeError) as e:
@@ -171,22 +189,25 @@ def plan(argv: list[str], environ=None) -> tuple[list[str], dict[str, str]]:
             from atlas_rl.backends.vllm import weight_transfer as wt
 
             directory = args.weight_transfer_dir
-            if directory is None:  # ours: gone when the server exits
-                import atexit
-                import shutil
-
+            if directory is None:  # owned by this process, the API server to be
                 directory = wt.default_directory()
-                atexit.register(shutil.rmtree, directory, True)
-            os.makedirs(directory, mode=0o700, exist_ok=True)
+            else:  # the user's: never removed; what killed servers left is, all the same
+                wt.sweep_stale_directories()
+                os.makedirs(directory, mode=0o700, exist_ok=True)
             if not any(a.startswith("--additional-config") for a in extra):
                 vllm_argv += ["--additional-config",
                               json.dumps({wt.CONFIG_KEY: {"directory": directory}})]
     guard = {"api_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key else None,
              "max_body_bytes": int(args.max_body_mb * (1 << 20)),
              "max_tokens_limit": args.max_tokens_limit, "max_n": args.max_n,
-             "weight_transfer": backend}
+             "weight_transfer": backend,
+             "state_root": _realpath(args.state_root or args.state_dir)}
     env = {"VLLM_SERVER_DEV_MODE": "1", ENV: json.dumps(guard)}
     return vllm_argv + extra, env
+
+
+def _realpath(path) -> str | None:
+    return os.path.realpath(os.path.expanduser(str(path))) if path else None
 
 
 def _cpu_only() -> bool:
@@ -195,9 +216,127 @@ def _cpu_only() -> bool:
     return bool(current_platform.is_cpu())
 
 
+# --- the KV cache on a CPU ----------------------------------------------------------------
+#
+# vLLM's CPU worker reserves --gpu-memory-utilization (default 0.92) of the machine's
+# memory, whatever else runs, and refuses to start when less is free; an explicit KV
+# cache size (--kv-cache-memory-bytes, or VLLM_CPU_KVCACHE_SPACE in GiB, which vLLM's CPU
+# platform turns into it) skips that check and reserves just the cache. On one machine
+# TRL's server mode always has a trainer beside the server, so the launcher sizes the
+# cache itself unless the user did.
+
+KV_SHARE_OF_AVAILABLE = 0.25  # of the memory available at start: the rest is the trainer's
+CPU_BLOCK_SIZE = 128  # vLLM's CPU default (platforms/cpu.py)
+_KV_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f}"
+
+
+def choose_kv_cache_bytes(per_token: int, max_model_len: int, max_num_seqs: int,
+                          available: int, block_size: int = CPU_BLOCK_SIZE,
+                          share: float = KV_SHARE_OF_AVAILABLE) -> tuple[int, str]:
+    """(bytes, why) for a CPU server's KV cache: what `max_num_seqs` sequences of
+    `max_model_len` tokens need, at most `share` of the memory `available` now, at least
+    one full sequence (vLLM refuses to start with less). Raises `ServeError` when even
+    that does not fit in what is available."""
+    least = per_token * block_size * (-(-max_model_len // block_size) + 1)  # + a block
+    want = max(per_token * max_model_len * max_num_seqs, least)
+    cap = int(share * available)
+    if want <= cap:
+        return want, (f"what {max_num_seqs} sequences (--max-num-seqs) of {max_model_len} "
+                      f"tokens (--max-model-len) need")
+    if least <= cap:
+        return cap, (f"{share:.0%} of the {_gib(available)} GiB available now (the rest for "
+                     f"a trainer beside it); {max_num_seqs} sequences of {max_model_len} "
+                     f"tokens would need {_gib(want)} GiB")
+    if least <= available:
+        return least, (f"one sequence of {max_model_len} tokens (--max-model-len), the "
+                       f"least vLLM starts with: more than {share:.0%} of the "
+                       f"{_gib(available)} GiB available now")
+    raise ServeError(
+        f"the KV cache for one sequence of {max_model_len} tokens needs {_gib(least)} GiB "
+        f"and {_gib(available)} GiB is available: lower --max-model-len, or free memory")
+
+
+def size_kv_cache(vllm_argv: list[str], environ=None) -> tuple[list[str], str | None]:
+    """On a CPU: the vLLM flags that size the KV cache (`choose_kv_cache_bytes`) and the
+    line that says what was chosen and why; ([], None) where the user sized it
+    (VLLM_CPU_KVCACHE_SPACE, --kv-cache-memory-bytes, --gpu-memory-utilization)."""
+    environ = os.environ if environ is None else environ
+    if environ.get("VLLM_CPU_KVCACHE_SPACE") or any(
+            a.split("=", 1)[0].replace("_", "-") in _KV_FLAGS for a in vllm_argv):
+        return [], None
+    from atlas_rl.compat import vllm_cpu
+
+    vllm_cpu.fix_cli_version()
+    import torch
+    from vllm.config import CacheConfig, ParallelConfig
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.usage.usage_lib import UsageContext
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    parser = FlexibleArgumentParser()
+    ServeSubcommand().subparser_init(parser.add_subparsers())
+    args = parser.parse_args(vllm_argv)  # as vLLM will (a --config file included)
+    args.model = args.model_tag or args.model
+    engine = AsyncEngineArgs.from_cli_args(args)
+    if engine.kv_cache_memory_bytes is not None or \
+            engine.gpu_memory_utilization != CacheConfig.gpu_memory_utilization:
+        return [], None
+    available = _available_memory()
+    try:
+        model = engine.create_model_config()
+        parallel = ParallelConfig(tensor_parallel_size=engine.tensor_parallel_size,
+                                  pipeline_parallel_size=engine.pipeline_parallel_size)
+        layers = model.get_num_layers_by_block_type(parallel, "attention")
+        heads, head_size = model.get_num_kv_heads(parallel), model.get_head_size()
+        dtype = model.dtype if engine.kv_cache_dtype == "auto" else \
+            STR_DTYPE_TO_TORCH_DTYPE.get(engine.kv_cache_dtype, model.dtype)
+        per_token = 2 * layers * heads * head_size * torch.empty((), dtype=dtype).element_size()
+        world = engine.tensor_parallel_size * engine.pipeline_parallel_size
+        seqs = engine.max_num_seqs or \
+            AsyncEngineArgs.get_batch_defaults(world)[1][UsageContext.OPENAI_API_SERVER]
+    except Exception as e:  # noqa: BLE001 (a model vLLM will explain itself)
+        size = int(KV_SHARE_OF_AVAILABLE * available)
+        return ["--kv-cache-memory-bytes", str(size)], (
+            f"KV cache {_gib(size)} GiB, {KV_SHARE_OF_AVAILABLE:.0%} of the "
+            f"{_gib(available)} GiB available now (the model's size per token is unknown: "
+            f"{type(e).__name__}: {e}); choose with --kv-cache-memory-bytes")
+    size, why = choose_kv_cache_bytes(per_token, model.max_model_len, seqs, available,
+                                      engine.block_size or CPU_BLOCK_SIZE)
+    dtype_name = str(dtype).removeprefix("torch.")
+    return ["--kv-cache-memory-bytes", str(size)], (
+        f"KV cache {_gib(size)} GiB: {why}, at {per_token / 1024:.1f} KiB per token "
+        f"({layers} layers x {heads} KV heads x {head_size} x {dtype_name}, keys and "
+        f"values); vLLM's default reserves {CacheConfig.gpu_memory_utilization:.0%} of "
+        f"the machine's memory whatever else runs. Choose with --kv-cache-memory-bytes, "
+        f"VLLM_CPU_KVCACHE_SPACE (GiB) or --gpu-memory-utilization")
+
+
+def _available_memory() -> int:
+    """What vLLM's CPU worker will find available: its memory node's."""
+    try:
+        from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+        return int(get_memory_node_info(get_allowed_cpu_list()[0].numa_node).available_memory)
+    except Exception:  # noqa: BLE001
+        import psutil
+
+        return int(psutil.virtual_memory().available)
+
+
 def main(argv: list[str]) -> int:
     try:
         vllm_argv, env = plan(argv)
+        if _cpu_only():
+            flags, line = size_kv_cache(vllm_argv)
+            vllm_argv += flags
+            if line:
+                print(f"atlas-rl serve: {line}", file=sys.stderr, flush=True)
     except ServeError as e:
         print(f"atlas-rl serve: {e}", file=sys.stderr)
         return 2
@@ -258,6 +397,25 @@ def check_generation(path: str, body: dict, settings: dict) -> None:
                            f"{temperature!r}")
 
 
+def confine(directory, root: str | None) -> str:
+    """The directory a state request names, resolved under `root` (the server's state
+    root, resolved at start): a relative path resolves under it; after symlinks are
+    resolved the path must be `root` or inside it. Raises `_Reject` (400) naming the root."""
+    if root is None:
+        raise _Reject(400, "this server saves and loads speculator state only under a "
+                           "directory named at its start, and none was: start it with "
+                           "--state-root DIR (or --state-dir DIR, the default root)")
+    if not isinstance(directory, str) or not directory or "\0" in directory:
+        raise _Reject(400, f"'directory' must be a path under this server's state root "
+                           f"{root!r} (relative paths resolve under it), got {directory!r}")
+    resolved = os.path.realpath(os.path.join(root, directory))  # absolute: root is dropped
+    if os.path.commonpath([root, resolved]) != root:
+        raise _Reject(400, f"directory {directory!r} resolves to {resolved!r}, outside this "
+                           f"server's state root {root!r}: name a path under it (relative "
+                           f"paths resolve under it; atlas-rl serve --state-root)")
+    return resolved
+
+
 def _worker_message(text: str) -> str:
     """The worker's own message out of vLLM's relay ("Call to collective_rpc method failed:
     Worker failed with error '...', please check the stack trace above ...")."""
@@ -275,9 +433,10 @@ class AtlasGuard:
         self.app = app
         raw = os.environ.get(ENV)
         self.settings = dict(DEFAULTS, max_body_bytes=int(DEFAULTS["max_body_mb"] * (1 << 20)),
-                             api_key_sha256=None, weight_transfer=None)
+                             api_key_sha256=None, weight_transfer=None, state_root=None)
         if raw:
             self.settings.update(json.loads(raw))
+        self.state_root = _realpath(self.settings["state_root"])
         digest = self.settings.get("api_key_sha256")
         self.key_digest = bytes.fromhex(digest) if digest else None
 
@@ -345,7 +504,8 @@ class AtlasGuard:
             body = await self._read_body(scope, receive)
             if body is None:
                 return  # the client left before sending its request
-            if path in GENERATION_PATHS or path in STATE_RPC or path in WEIGHT_PATHS:
+            if path in GENERATION_PATHS or path in STATE_RPC or path in WEIGHT_PATHS \
+                    or path == RPC_PATH:
                 try:
                     payload = json.loads(body or b"{}")
                 except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -355,6 +515,14 @@ class AtlasGuard:
                     check_generation(path, payload, self.settings)
                 elif path in STATE_RPC:
                     return await self._state(scope, send, path, payload)
+                elif path == RPC_PATH:
+                    confined = self._confine_rpc(payload, body)
+                    if confined is not body:
+                        body = confined
+                        headers = [(k, v) for k, v in scope.get("headers") or ()
+                                   if k != b"content-length"]
+                        scope = dict(scope, headers=[*headers, (b"content-length",
+                                                                str(len(body)).encode())])
                 elif self.settings.get("weight_transfer") == "atlas_files":
                     return await self._weights(scope, send, path, payload)
         except _Reject as e:
@@ -412,16 +580,32 @@ class AtlasGuard:
                 logger.exception("atlas-rl: %s failed", path)
             return await self._respond(send, status, {"error": message})
 
+    def _confine_rpc(self, payload, body: bytes) -> bytes:
+        """vLLM's ``/collective_rpc`` reaches the same worker methods: their directory
+        is confined the same way, and the worker gets the resolved one."""
+        if not isinstance(payload, dict) or payload.get("method") not in PATH_METHODS:
+            return body
+        args, kwargs = payload.get("args") or [], payload.get("kwargs") or {}
+        if isinstance(args, list) and args:
+            payload["args"] = [confine(args[0], self.state_root), *args[1:]]
+        elif isinstance(kwargs, dict) and "directory" in kwargs:
+            payload["kwargs"] = dict(kwargs, directory=confine(kwargs["directory"],
+                                                               self.state_root))
+        else:
+            raise _Reject(400, f"{payload['method']} needs a directory under the server's "
+                               f"state root {self.state_root!r}")
+        return json.dumps(payload).encode()
+
     async def _state(self, scope, send, path, payload):
         engine = scope["app"].state.engine_client
         method = STATE_RPC[path]
         args: tuple = ()
-        if method in ("atlas_save", "atlas_load"):
+        if method in PATH_METHODS:
             directory = payload.get("directory") if isinstance(payload, dict) else None
             if not isinstance(directory, str) or not directory:
-                raise _Reject(400, f"{path} needs {{\"directory\": PATH}} (a directory on the "
-                                   f"server's filesystem)")
-            args = (directory,)
+                raise _Reject(400, f"{path} needs {{\"directory\": PATH}} (a directory under "
+                                   f"the server's state root {self.state_root!r})")
+            args = (confine(directory, self.state_root),)
         elif method == "atlas_learn":
             args = (None, True)
         try:

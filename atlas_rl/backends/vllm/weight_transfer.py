@@ -20,6 +20,9 @@ share (``/dev/shm`` on one machine: memory speed; a shared filesystem across mac
   parameters. ``finish_weight_update`` loads the staged weights in one go (rolled back to
   the previous ones if the load itself fails), re-points the drafter at the policy's new
   embedding and head, and deletes the files.
+- the directory (`default_directory`, where none is named): owned by the process that
+  made it, removed when it exits (normally or by SIGTERM); one left by a process killed
+  with SIGKILL is removed when the next one is made (`sweep_stale_directories`).
 
 Why files rather than gloo: a gloo group is a rendezvous on a port the trainer opens
 (another port to secure, and both sides block in a collective when one dies mid-update),
@@ -32,9 +35,16 @@ where vLLM runs on the CPU.
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import logging
 import os
+import re
+import shutil
+import signal
+import stat
 import tempfile
+import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +65,151 @@ class WeightUpdateRefused(ValueError):
     serving its previous weights. The message names each bad parameter."""
 
 
-def default_directory() -> str:
-    """A fresh private directory for one server's transfers: in ``/dev/shm`` where it
-    exists (memory, not disk), else the temp directory."""
-    root = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
-    return tempfile.mkdtemp(prefix="atlas-rl-weights-", dir=root)
+# --- transfer directories: made, owned, removed ------------------------------------------
+#
+# `default_directory` names each directory after its owner, the process that made it:
+# ``atlas-rl-weights-<pid>-<start>-<random>``, <start> being the process's start time
+# (/proc/<pid>/stat field 22, clock ticks after boot), so that a pid the kernel reused
+# is not taken for the owner. The owner also holds an flock on the directory for its
+# whole life (the kernel drops it when the process dies, SIGKILL included): an owner in
+# another pid namespace that shares /dev/shm (two containers of one pod) is still seen
+# alive. The owner removes its directory when it exits normally or by SIGTERM; what a
+# SIGKILL leaves is removed by the next `default_directory` call on the machine (a server
+# starting), which sweeps the directories whose owner is gone. A directory the user named
+# (``--weight-transfer-dir``) is never touched: it has no owner name and is not under the
+# sweep's root unless the user put it there under our pattern.
+
+PREFIX = "atlas-rl-weights-"
+_OWNED_NAME = re.compile(r"atlas-rl-weights-(\d+)-(\d+)-[a-z0-9_]+")
+_owned: dict[str, int] = {}  # directory -> fd holding its flock, in the owner process
+_owner_pid: int | None = None  # the process that registered the cleanup (not its forks)
+
+
+def default_root() -> str:
+    """``/dev/shm`` where it exists and is writable (memory, not disk), else the temp
+    directory."""
+    if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK):
+        return "/dev/shm"
+    return tempfile.gettempdir()
+
+
+def default_directory(root: str | None = None) -> str:
+    """A fresh private directory (0700) for one server's transfers, under `root` (default
+    `default_root`), owned by this process: removed when it exits normally or by SIGTERM.
+    First removes what dead owners left there (`sweep_stale_directories`)."""
+    root = root or default_root()
+    sweep_stale_directories(root)
+    pid = os.getpid()
+    directory = tempfile.mkdtemp(prefix=f"{PREFIX}{pid}-{_start_time(pid) or 0}-", dir=root)
+    _claim(directory)
+    return directory
+
+
+def sweep_stale_directories(root: str | None = None) -> list[str]:
+    """Remove the transfer directories under `root` (default `default_root`) whose owner
+    is gone (a server killed with SIGKILL: the directory keeps its partial update). Only
+    directories named by `default_directory`, this user's, not symlinks, whose owner
+    process no longer runs (pid and start time) and whose flock nobody holds; never a
+    live one, never anything else. Returns the directories removed."""
+    root = root or default_root()
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return []
+    removed = []
+    for name in names:
+        match = _OWNED_NAME.fullmatch(name)
+        if match is None:
+            continue
+        path = os.path.join(root, name)
+        try:
+            info = os.lstat(path)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() \
+                or _owner_alive(int(match[1]), int(match[2])):
+            continue
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue  # held: its owner lives, in another pid namespace
+        try:
+            shutil.rmtree(path, ignore_errors=True)
+        finally:
+            os.close(fd)
+        if not os.path.lexists(path):
+            removed.append(path)
+    if removed:
+        logger.info("atlas-rl: removed %d weight-transfer directories whose server is gone: "
+                    "%s", len(removed), ", ".join(removed))
+    return removed
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks after boot); None if there is no such
+    process, or no /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return None
+    # "pid (comm) state ppid ...": comm may hold spaces and parentheses; starttime is
+    # field 22, the 20th after the last ')'
+    return int(stat_line.rsplit(b")", 1)[1].split()[19])
+
+
+def _owner_alive(pid: int, start: int) -> bool:
+    if os.path.isdir("/proc/self"):
+        return _start_time(pid) == start
+    try:  # no /proc: the pid alone, taken as alive when it exists
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(directory: str) -> None:
+    global _owner_pid
+    if _owner_pid != os.getpid():  # first here, or a fork: what it inherited is the parent's
+        _owned.clear()
+        _owner_pid = os.getpid()
+        atexit.register(_remove_owned)
+        _remove_on_sigterm()
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    _owned[directory] = fd
+
+
+def _remove_owned() -> None:
+    if os.getpid() != _owner_pid:
+        return  # a forked child that inherited the handlers: the directories are not its
+    for directory, fd in list(_owned.items()):
+        shutil.rmtree(directory, ignore_errors=True)
+        os.close(fd)
+        _owned.pop(directory, None)
+
+
+def _remove_on_sigterm() -> None:
+    """A process that leaves SIGTERM to the default (death, no atexit) removes its
+    directories first and then dies of it as before. A process with its own handler
+    keeps it: vLLM's API server turns SIGTERM into a normal exit, where atexit runs."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+
+    def on_sigterm(signum, frame):
+        _remove_owned()
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 def transfer_options(vllm_config) -> dict:
