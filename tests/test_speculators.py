@@ -280,7 +280,7 @@ def test_frozen_suffix_index_does_not_learn():
 
 def test_a_server_without_batches_keeps_bounded_live_state():
     """`vllm serve` never starts a batch: finished requests' contexts are dropped past
-    `max_finished_live` (the oldest half at a time), so live state stays bounded, and a
+    `max_finished_live` (the oldest one as each finishes), so live state stays bounded, and a
     live request still drafts from its siblings and the rest."""
     spec = SuffixSpeculator(ngram_sizes=(2, 3), max_finished_live=8)
     prompt = [7, 8, 9]

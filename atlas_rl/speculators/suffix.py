@@ -32,7 +32,8 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import Counter, OrderedDict, deque
+from collections import ChainMap, Counter, OrderedDict, deque
+from collections.abc import Mapping
 from typing import Sequence
 
 import torch
@@ -62,25 +63,48 @@ def prompt_key(prompt: Sequence[int]) -> str:
     return _digest(_token_bytes(_as_list(prompt)))
 
 
+_CODE = 8  # bytes per packed occurrence code (unsigned 64-bit, little-endian)
+_SLICE_GRAMS = 256  # n-gram occurrences removed per step of `NGramIndex.removal`
+
+
 class NGramIndex:
     """n-gram -> the most recent positions where it ended, over a set of sequences.
 
     Kept compact, since a long-running server or RL run indexes millions of tokens: the
     table is keyed by the n-gram's hash (an int, not the tuple; a collision, at 64 bits
     negligible, could only cost a draft its acceptance, never exactness), and an
-    occurrence is one int (sequence number << 32 | end), stored bare while an n-gram has
-    one occurrence and in a list (trimmed to the newest `max_occurrences`) after. About
-    0.5 KB per token with four n-gram sizes, against 3.7 KB with tuple keys and deques of
-    (key, end) pairs."""
+    occurrence is one code, sequence number << 32 | end: stored as a bare int while an
+    n-gram has one occurrence, packed in `bytes` after (8 per code, oldest first, trimmed
+    to the newest `max_occurrences` once past twice that). Neither is an object the
+    garbage collector tracks, so the table is not one either: a full collection walks
+    only the sequences (lists of token ids), not a container per n-gram (lists of codes
+    made it walk millions of objects, a pause of seconds at millions of tokens).
 
-    def __init__(self, ngram_sizes: Sequence[int], max_occurrences: int):
+    Sequences are removed (`remove`, `remove_oldest`) at the cost of adding them. With
+    FIFO use (each sequence added whole, removed oldest first: the speculator's corpus, a
+    prompt's history) `continuations` then answers exactly as an index built afresh over
+    the sequences left (`remove_oldest`)."""
+
+    def __init__(self, ngram_sizes: Sequence[int], max_occurrences: int, shards: int = 1):
+        if shards < 1 or shards & (shards - 1):
+            raise ValueError(f"shards must be a power of two, got {shards!r}")
         self.ngram_sizes = tuple(sorted(set(ngram_sizes)))
         self.max_occurrences = max_occurrences
         self.seqs: dict[object, list[int]] = {}
-        self.table: dict[int, int | list[int]] = {}
+        # n-gram hash -> codes, in `shards` dicts by the hash's low bits: a dict that
+        # grows, or is compacted after deletions, rehashes all it holds in one go (~0.1 s
+        # per million entries); a shard holds 1/shards of them
+        self._shards: list[dict[int, int | bytes]] = [{} for _ in range(shards)]
+        self._mask = shards - 1
         self.num_tokens = 0
         self._ids: dict[object, int] = {}  # sequence key -> its number
-        self._keys: list = []               # number -> key
+        self._keys: dict[int, object] = {}  # number -> key
+        self._next_id = 0
+
+    @property
+    def table(self) -> Mapping[int, int | bytes]:
+        """n-gram hash -> its codes (a bare code, or packed), over all shards (read-only)."""
+        return self._shards[0] if len(self._shards) == 1 else ChainMap(*self._shards)
 
     def extend(self, key, new_tokens: Sequence[int]) -> None:
         seq = self.seqs.get(key)
@@ -88,9 +112,13 @@ class NGramIndex:
             seq = self.seqs[key] = []
         sid = self._ids.get(key)
         if sid is None:
-            sid = self._ids[key] = len(self._keys)
-            self._keys.append(key)
-        table, cap, base = self.table, self.max_occurrences, sid << 32
+            sid = self._ids[key] = self._next_id
+            self._keys[sid] = key
+            self._next_id += 1
+        shards, mask, base = self._shards, self._mask, sid << 32
+        full = 2 * _CODE * self.max_occurrences  # bytes of 2 x max_occurrences codes
+        # from where the newest max_occurrences - 1 codes start (none: past the end)
+        keep = -_CODE * (self.max_occurrences - 1) if self.max_occurrences > 1 else full
         for tok in new_tokens:
             seq.append(tok)
             end = len(seq)
@@ -98,26 +126,121 @@ class NGramIndex:
                 if end < n:
                     break
                 gram = hash(tuple(seq[end - n:end]))
+                table = shards[gram & mask]
                 occ = table.get(gram)
                 if occ is None:
                     table[gram] = base | end
-                elif isinstance(occ, int):
-                    table[gram] = [occ, base | end]
-                else:
-                    occ.append(base | end)
-                    if len(occ) > 2 * cap:
-                        del occ[:-cap]
+                elif type(occ) is int:
+                    table[gram] = occ.to_bytes(_CODE, "little") + (base | end).to_bytes(_CODE, "little")
+                elif len(occ) < full:
+                    table[gram] = occ + (base | end).to_bytes(_CODE, "little")
+                else:  # past 2 x max_occurrences: the newest max_occurrences stay
+                    table[gram] = occ[keep:] + (base | end).to_bytes(_CODE, "little")
         self.num_tokens += len(new_tokens)
+
+    def remove(self, key) -> list[int]:
+        """Remove sequence `key` and return its tokens; the cost is that of adding it.
+
+        Each of its occurrences goes from its n-gram's codes (where still held: the
+        trimmed ones are gone already). With FIFO use this is exact (`remove_oldest`);
+        otherwise an n-gram that occurred more than 2 x `max_occurrences` times may then
+        hold fewer of the others' occurrences than an index built afresh would (older
+        ones were trimmed): fewer continuations, never a wrong one."""
+        seq = self.seqs[key]
+        for _ in self.removal(key):
+            pass
+        return seq
+
+    def removal(self, key, slice_grams: int = _SLICE_GRAMS):
+        """`remove`, a slice at a time: a generator that removes up to `slice_grams` of
+        the sequence's n-gram occurrences at each `next` (and the sequence with the last
+        one), so that a long sequence's removal can be spread over engine steps. Until it
+        is done what is left of the sequence still drafts; it must not grow meanwhile."""
+        seq, sid = self.seqs[key], self._ids[key]
+        shards, mask, base = self._shards, self._mask, sid << 32
+        done = 0
+        for n in self.ngram_sizes:
+            if len(seq) < n:
+                break
+            # the hashes of its n-grams, ends n, n + 1, ...: hash(tuple(seq[end - n:end]))
+            grams = map(hash, zip(*[seq[i:] for i in range(n)]))
+            for end, gram in enumerate(grams, n):
+                done += 1
+                if done == slice_grams:
+                    done = 0
+                    yield
+                code = base | end
+                table = shards[gram & mask]
+                occ = table.get(gram)
+                if occ is None:
+                    continue
+                if type(occ) is int:
+                    if occ == code:
+                        del table[gram]
+                    continue
+                packed = code.to_bytes(_CODE, "little")
+                if occ.startswith(packed):  # the oldest: FIFO use
+                    rest = occ[_CODE:]
+                else:
+                    codes = memoryview(occ).cast("Q").tolist()
+                    if code not in codes:
+                        continue
+                    codes.remove(code)
+                    rest = array("Q", codes).tobytes()
+                # as an index built afresh holds it: bare while one occurrence, or gone
+                if len(rest) > _CODE:
+                    table[gram] = rest
+                elif rest:
+                    table[gram] = int.from_bytes(rest, "little")
+                else:
+                    del table[gram]
+        if self._ids.get(key) == sid:  # (not removed meanwhile by another removal)
+            del self.seqs[key], self._ids[key], self._keys[sid]
+            self.num_tokens -= len(seq)
+
+    def remove_oldest(self, key) -> list[int]:
+        """Remove sequence `key`, the oldest in the index (FIFO use: each sequence added
+        whole by one `extend`, removed in the order added), and return its tokens.
+
+        Exact: afterwards `continuations` answers as an index built afresh from the
+        sequences left would. It reads each n-gram's newest `max_occurrences`
+        occurrences; the table holds a gram's occurrences in the order added, the newest
+        at least `max_occurrences` of them (or all). This sequence's occurrences are the
+        oldest of all, so those still held lead their codes (removed from the front, in
+        the order added), and any trimmed before them were older still: this sequence's
+        or an already removed one's. E.g., oldest sequence s, cap 2, a gram's codes
+        [s:3, s:9, t:4, u:2] -> [t:4, u:2]; [s:9, t:4] -> the bare t:4; a bare s:3 -> the
+        gram leaves the table."""
+        oldest = next(iter(self.seqs), None)
+        if oldest != key:
+            raise ValueError(f"remove_oldest({key!r}): the oldest sequence in the index is "
+                             f"{oldest!r}; remove sequences in the order they were added")
+        return self.remove(key)
+
+    def occurrences(self, gram_hash: int) -> Sequence[int]:
+        """The codes of an n-gram (by hash) that drafting reads: its newest
+        `max_occurrences`, oldest first."""
+        occ = self._shards[gram_hash & self._mask].get(gram_hash)
+        if occ is None:
+            return ()
+        if type(occ) is int:
+            return (occ,)
+        return memoryview(occ[-_CODE * self.max_occurrences:]).cast("Q").tolist()
 
     def continuations(self, gram: tuple[int, ...], length: int, exclude=None, skip_key=None):
         """Up to `length` tokens following each occurrence of `gram`, newest first
         (but the occurrence `exclude`, a (key, end) pair, and those in sequence `skip_key`)."""
-        occ = self.table.get(hash(tuple(gram)))
+        gram_hash = hash(tuple(gram))  # as `occurrences`, inline: the hot path
+        occ = self._shards[gram_hash & self._mask].get(gram_hash)
         if occ is None:
             return []
-        codes = (occ,) if isinstance(occ, int) else occ[-self.max_occurrences:]
+        if type(occ) is int:
+            codes = (occ,)
+        else:
+            codes = memoryview(occ[-_CODE * self.max_occurrences:]).cast("Q").tolist()
+            codes.reverse()
         out = []
-        for code in reversed(codes):
+        for code in codes:
             key, end = self._keys[code >> 32], code & 0xFFFFFFFF
             if (key, end) == exclude or key == skip_key:
                 continue
@@ -126,15 +249,6 @@ class NGramIndex:
                 continue
             out.append(seq[end:end + length])
         return out
-
-
-def _without(index: NGramIndex, keys: set) -> NGramIndex:
-    """`index` rebuilt without the sequences `keys` (in their original order)."""
-    out = NGramIndex(index.ngram_sizes, index.max_occurrences)
-    for key, seq in index.seqs.items():
-        if key not in keys:
-            out.extend(key, seq)
-    return out
 
 
 class PromptCorpus:
@@ -159,15 +273,10 @@ class PromptCorpus:
         return [self.index.seqs[k] for k in self.order]
 
     def keep_newest(self, max_tokens: int) -> None:
-        """Drop the oldest completions until at most `max_tokens` tokens are left."""
-        seqs = self.sequences()
-        total = self.num_tokens
-        while seqs and total > max_tokens:
-            total -= len(seqs.pop(0))
-        self.index = NGramIndex(self.index.ngram_sizes, self.index.max_occurrences)
-        self.order.clear()
-        for seq in seqs:
-            self.add(seq)
+        """Drop the oldest completions until at most `max_tokens` tokens are left (each
+        at the cost of adding it: `NGramIndex.remove_oldest`)."""
+        while self.order and self.num_tokens > max_tokens:
+            self.index.remove_oldest(self.order.popleft())
 
 
 class PromptHistory:
@@ -221,6 +330,11 @@ class PromptHistory:
         return len(self.prompts)
 
 
+# The corpus' and the live requests' tables (millions of entries) in shards; a prompt's
+# history and its siblings' (thousands) in one dict each.
+_SHARDS = 64
+
+
 class SuffixSpeculator(Speculator):
     """n-gram matching over the prompt, sibling completions and past rollouts; a
     request's own prompt's completions (earlier and sibling) first (history drafting)."""
@@ -236,8 +350,8 @@ class SuffixSpeculator(Speculator):
         self.ngram_sizes = tuple(sorted(set(int(n) for n in ngram_sizes)))
         self.max_occurrences = int(max_occurrences)
         self.max_corpus_tokens = int(max_corpus_tokens)
-        self._live = NGramIndex(self.ngram_sizes, self.max_occurrences)
-        self._past = NGramIndex(self.ngram_sizes, self.max_occurrences)
+        self._live = NGramIndex(self.ngram_sizes, self.max_occurrences, _SHARDS)
+        self._past = NGramIndex(self.ngram_sizes, self.max_occurrences, _SHARDS)
         self._past_order: deque = deque()  # FIFO of corpus keys, for eviction
         self._next_past_key = 0
         self.frozen = bool(frozen)  # atlas-static: no learning from past rollouts
@@ -249,15 +363,21 @@ class SuffixSpeculator(Speculator):
         self._unlearned: OrderedDict[str, int] = OrderedDict()  # prompt key -> length, since learn
         # finished requests whose contexts still draft (key -> prompt key or None), oldest first
         self._finished: OrderedDict = OrderedDict()
+        self._retiring: deque = deque()  # removals of dropped contexts under way
+        self._retiring_slices = 0  # their slices left, about
         self.max_finished_live = max(1, int(max_finished_live))
 
     #: Most prompts remembered between two `learn` calls (to key the rollouts learned).
     max_unlearned_prompts = 65536
+    #: Slices of `_SLICE_GRAMS` n-gram occurrences of dropped contexts removed per
+    #: `propose` or `finish` call at least (~1.5 ms on a 2-core Xeon).
+    retire_slices = 4
     # max_finished_live: most finished requests whose contexts keep drafting for the live
     # ones. A batch's finished requests draft for the rest of it (`begin_batch` drops
-    # them); a server has no batches, so past this bound the oldest half is dropped
-    # (their rollouts reach the corpus by `learn`): a long-running server's memory stays
-    # bounded.
+    # them); a server has no batches, so past this bound the oldest is dropped as each
+    # new one finishes (their rollouts reach the corpus by `learn`): a long-running
+    # server's memory stays bounded, and its removal is spread over the next calls
+    # (`_retire`): no step pays for a whole context, however long.
 
     @property
     def max_history_tokens(self) -> int:
@@ -298,27 +418,51 @@ class SuffixSpeculator(Speculator):
         if request is None and key not in self._live.seqs:
             return
         self._finished[key] = request[0] if request is not None else None
-        if len(self._finished) > self.max_finished_live:
-            self._drop_finished(len(self._finished) // 2)
+        while len(self._finished) > self.max_finished_live:
+            self._drop_finished()
+        self._retire()
 
-    def _drop_finished(self, count: int) -> None:
-        """Forget the `count` oldest finished requests' contexts: the live index and the
-        siblings' indexes are rebuilt without them (amortised: half of them at a time)."""
-        dropped = [self._finished.popitem(last=False) for _ in range(count)]
-        gone = {key for key, _ in dropped}
-        self._live = _without(self._live, gone)
-        for pkey in {pkey for _, pkey in dropped if pkey is not None}:
-            siblings = self._siblings.get(pkey)
-            if siblings is None:
-                continue
-            if all(k in gone for k in siblings.seqs):
-                del self._siblings[pkey]  # no request of that prompt drafts from them
+    def _drop_finished(self) -> None:
+        """Forget the oldest finished request's context: its removal from the live index
+        and its siblings' (`NGramIndex.removal`: no index is rebuilt) is queued, and done
+        a bounded amount per call (`_retire`)."""
+        key, pkey = self._finished.popitem(last=False)
+        if key in self._live.seqs:
+            self._queue_removal(self._live.removal(key), len(self._live.seqs[key]))
+        siblings = self._siblings.get(pkey) if pkey is not None else None
+        if siblings is not None and key in siblings.seqs:
+            self._queue_removal(self._sibling_removal(pkey, siblings, key),
+                                len(siblings.seqs[key]))
+
+    def _sibling_removal(self, pkey: str, siblings: NGramIndex, key):
+        yield from siblings.removal(key)
+        if not siblings.seqs and self._siblings.get(pkey) is siblings:
+            del self._siblings[pkey]  # no request of that prompt drafts from them
+
+    def _queue_removal(self, removal, num_tokens: int) -> None:
+        self._retiring.append(removal)
+        self._retiring_slices += -(-num_tokens * len(self.ngram_sizes) // _SLICE_GRAMS)
+
+    def _retire(self, slices: float | None = None) -> None:
+        """Advance the queued removals of dropped contexts by `slices` slices of
+        `_SLICE_GRAMS` n-gram occurrences: by default `retire_slices`, or an eighth of the
+        backlog if more (so that it drains within a few calls however fast requests
+        finish); the cost per call is bounded whatever a context's length."""
+        if slices is None:
+            slices = max(self.retire_slices, self._retiring_slices // 8)
+        while self._retiring and slices > 0:
+            if next(self._retiring[0], StopIteration) is StopIteration:
+                self._retiring.popleft()
             else:
-                self._siblings[pkey] = _without(siblings, gone)
+                slices -= 1
+                self._retiring_slices -= 1
+        if not self._retiring:
+            self._retiring_slices = 0
 
     # --- drafting ------------------------------------------------------------------
 
     def propose(self, keys, contexts, max_lengths, sample=None) -> list[Draft]:
+        self._retire()
         # Every request's context first, so that siblings see each other's latest tokens.
         seqs = [self._sync_live(key, context) for key, context in zip(keys, contexts)]
         drafts = []
@@ -430,7 +574,9 @@ class SuffixSpeculator(Speculator):
         return Draft(tokens, confidence, q_ids, q, source="suffix")
 
     def begin_batch(self) -> None:
-        self._live = NGramIndex(self.ngram_sizes, self.max_occurrences)
+        self._retiring.clear()
+        self._retiring_slices = 0
+        self._live = NGramIndex(self.ngram_sizes, self.max_occurrences, _SHARDS)
         self._requests.clear()
         self._siblings.clear()
         self._finished.clear()
@@ -490,26 +636,31 @@ class SuffixSpeculator(Speculator):
                 "history_prompts": float(len(self._history))}
 
     def _add(self, sequences) -> dict[str, float]:
-        for seq in sequences:
+        """The corpus keeps the newest sequences within `max_corpus_tokens`: the longest
+        run of the newest whose tokens fit, FIFO. Eviction is incremental: the oldest go
+        one at a time (`NGramIndex.remove_oldest`), so a call costs what it adds and
+        removes, never a rebuild of the corpus. New sequences that would not survive the
+        call are never indexed."""
+        sequences = [_as_list(s) for s in sequences]
+        keep, total = len(sequences), 0
+        while keep and total + len(sequences[keep - 1]) <= self.max_corpus_tokens:
+            keep -= 1
+            total += len(sequences[keep])
+        # first, so that memory never holds more than the bound; where a new sequence
+        # does not fit, no older one stays either
+        self._evict(self.max_corpus_tokens - total if keep == 0 else -1)
+        for seq in sequences[keep:]:
             key = self._next_past_key
             self._next_past_key += 1
-            self._past.extend(key, _as_list(seq))
+            self._past.extend(key, seq)
             self._past_order.append(key)
-        if self._past.num_tokens > self.max_corpus_tokens:
-            self._evict()
         return {"index_tokens": float(self._past.num_tokens),
                 "index_sequences": float(len(self._past.seqs))}
 
-    def _evict(self) -> None:
-        # Drop the oldest sequences down to 3/4 of the bound, then rebuild the table
-        # once (cheaper than removing occurrences one by one).
-        keep = dict(self._past.seqs)
-        total = self._past.num_tokens
-        while self._past_order and total > 0.75 * self.max_corpus_tokens:
-            total -= len(keep.pop(self._past_order.popleft()))
-        self._past = NGramIndex(self.ngram_sizes, self.max_occurrences)
-        for key in self._past_order:
-            self._past.extend(key, keep[key])
+    def _evict(self, max_tokens: int) -> None:
+        """Drop the oldest sequences until at most `max_tokens` tokens are left (-1: all)."""
+        while self._past_order and self._past.num_tokens > max_tokens:
+            self._past.remove_oldest(self._past_order.popleft())
 
     # --- state ---------------------------------------------------------------------
 
@@ -538,7 +689,7 @@ class SuffixSpeculator(Speculator):
         self.ngram_sizes = tuple(meta["ngram_sizes"])
         self.max_occurrences = int(meta["max_occurrences"])
         self.max_corpus_tokens = int(meta["max_corpus_tokens"])
-        self._past = NGramIndex(self.ngram_sizes, self.max_occurrences)
+        self._past = NGramIndex(self.ngram_sizes, self.max_occurrences, _SHARDS)
         self._past_order.clear()
         self._next_past_key = 0
         self.begin_batch()
