@@ -56,6 +56,8 @@ import secrets
 import socket
 import sys
 
+from atlas_rl.backends.vllm.remote import worker_message
+
 logger = logging.getLogger(__name__)
 
 ENV = "ATLAS_RL_SERVE"
@@ -416,16 +418,6 @@ def confine(directory, root: str | None) -> str:
     return resolved
 
 
-def _worker_message(text: str) -> str:
-    """The worker's own message out of vLLM's relay ("Call to collective_rpc method failed:
-    Worker failed with error '...', please check the stack trace above ...")."""
-    head = "Worker failed with error '"
-    if head in text:
-        text = text.split(head, 1)[1]
-        text = text.rsplit("', please check", 1)[0]
-    return text
-
-
 class AtlasGuard:
     """Pure ASGI middleware (module docstring); vLLM loads it with ``--middleware``."""
 
@@ -573,7 +565,7 @@ class AtlasGuard:
         except _Reject:
             raise
         except Exception as e:  # noqa: BLE001 (vLLM relays the worker's error as text)
-            message = _worker_message(str(e))
+            message = worker_message(str(e))
             status = 422 if REFUSED in message else 409 if "start_weight_update" in message \
                 else 500
             if status == 500:
@@ -611,7 +603,7 @@ class AtlasGuard:
         try:
             out = await engine.collective_rpc(method, args=args)
         except Exception as e:  # noqa: BLE001
-            message = _worker_message(str(e))
+            message = worker_message(str(e))
             status = 404 if "does not speculate with atlas" in message else \
                 400 if method == "atlas_load" else 500
             return await self._respond(send, status, {"error": message})
