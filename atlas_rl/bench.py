@@ -186,10 +186,11 @@ class BenchConfig:
     drafter: str = field(default="auto", metadata={
         "help": "the atlas methods' neural drafter (AtlasConfig.drafter): auto (the bundled "
                 "MLP one), eagle3 (the bundled EAGLE-3 one) or mlp"})
-    dtype: str = field(default="float32", metadata={
-        "help": "every engine's dtype (default float32 on every CPU: exactness is judged "
-                "there; bfloat16: logprobs within 0.5 of the float32 "
-                "policy, greedy identity up to near-ties)", "choices": tuple(LOGPROB_TOLERANCE)})
+    dtype: str = field(default="auto", metadata={
+        "help": "every engine's dtype: auto (what AtlasRolloutEngine runs by default: "
+                "bfloat16, float32 on CPUs without bf16 units), float32 (exactness judged "
+                "to 1e-3 in logprobs) or bfloat16 (logprobs within 0.5 of the float32 policy, "
+                "greedy identity up to near-ties)", "choices": ("auto", *LOGPROB_TOLERANCE)})
     quick: bool = field(default=False, metadata={
         "help": "2 steps, short completions, one large batch (~3 min here)"})
 
@@ -252,9 +253,10 @@ class BenchConfig:
                              f"{self.epoch_steps}: lower --epoch-steps or raise --steps")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.dtype not in LOGPROB_TOLERANCE:
+        if self.dtype != "auto" and self.dtype not in LOGPROB_TOLERANCE:
             raise ValueError(f"dtype {self.dtype!r} is not one the benchmark can judge "
-                             f"exactness in: choose one of {', '.join(LOGPROB_TOLERANCE)}")
+                             f"exactness in: choose auto or one of "
+                             f"{', '.join(LOGPROB_TOLERANCE)}")
         self.methods = list(dict.fromkeys(self.methods))
         for m in self.methods:
             if m not in BENCH_METHODS:
@@ -731,7 +733,8 @@ class _BenchRun:
         # copy of the weights for a rollback (a failed sync ends the run anyway). At the
         # defaults (2 GiB, rollback copies) the run of 2026-12-02 left 1 GiB free and its
         # last steps ran at half speed.
-        self.engine_config = AtlasConfig(max_lookahead=cfg.max_lookahead, dtype=cfg.dtype,
+        self.engine_config = AtlasConfig(max_lookahead=cfg.max_lookahead,
+                                         dtype=None if cfg.dtype == "auto" else cfg.dtype,
                                          seed=cfg.seed, drafter=cfg.drafter,
                                          cpu_kv_cache_gib=1, sync_rollback=False)
         self.engines = {}

@@ -75,7 +75,7 @@ def rejection_sample(
     draft_token_ids: torch.Tensor,          # [N] int; < 0 = padding, always rejected
     num_draft_tokens: Sequence[int],        # [B]
     target_logits: torch.Tensor,            # [N, V] processed logits (temperature applied)
-    bonus_token_ids: torch.Tensor,          # [B] or [B, 1]
+    bonus_token_ids: torch.Tensor | None,   # [B] or [B, 1]; None: drawn here
     uniform: torch.Tensor,                  # [N] in [0, 1)
     recovery_uniform: torch.Tensor,         # [B] in [0, 1)
     max_spec_len: int,
@@ -96,6 +96,14 @@ def rejection_sample(
     whole verification as Triton kernels, `rejection_triton`) or "auto" (Triton for CUDA
     tensors when Triton is installed). Both give the same tokens on the same uniforms.
 
+    ``bonus_token_ids`` None: the bonus token is drawn here from ``bonus_logits`` (the
+    processed rows of the position after each request's drafts), only for the requests
+    whose drafts were all accepted (or that have none), with their ``recovery_uniform``:
+    a request needs either a recovered token or a bonus token, never both, so one uniform
+    per request serves both draws. Drawing a whole batch of bonus tokens ahead (vLLM's
+    sampler) costs a pass over every bonus row with noise per token; here a request that
+    rejects a draft (most of them, at acceptance ~0.45 per position) costs nothing.
+
     ``return_logprobs``: also return [B, max_spec_len + 1] float32 log p(token) of every
     output token under the target distribution it was verified against or drawn from
     (log_softmax of its ``target_logits`` row; of ``bonus_logits`` for the bonus token,
@@ -108,10 +116,19 @@ def rejection_sample(
     it is the CPU verifier's hot path (float64 cost ~0.3 ms more per rejected row at
     vocabulary 49,152 on 2 cores). Both are exact in distribution.
 
-    ``report``: a dict that receives ``nonfinite_rows``, the number of target rows whose
-    log-sum-exp is NaN or inf (NaN or inf logits: nothing drawn from them is a sample of
-    the policy). Free on the torch path (the log-sum-exp is computed anyway); the Triton
-    path does not count (None)."""
+    On CPU tensors the acceptance chain runs position by position
+    (`accept_drafts_lazy`): a target row past its request's first rejection is never
+    read. On CUDA tensors every row is normalised at once (`accept_drafts_torch`, the
+    Triton path's reference). The same tokens either way.
+
+    ``report``: a dict that receives ``nonfinite_rows``, the number of target (and drawn
+    bonus) rows read
+    whose log-sum-exp is NaN or inf (NaN or inf logits: nothing drawn from them is a
+    sample of the policy; on the CPU, rows past a rejection are not read, and produce no
+    token), ``target_lse``, each target row's log-sum-exp (0 where not read), and
+    ``bonus_lse`` (drawn bonus tokens: each bonus row's, 0 where not read), which the
+    output tokens' logprobs reuse. Free on the torch path (the log-sum-exp is computed
+    anyway); the Triton path does not count (None)."""
     _check_inputs(draft_token_ids, num_draft_tokens, target_logits, draft_probs, draft_ids,
                   backend)
     num_reqs = len(num_draft_tokens)
@@ -121,14 +138,24 @@ def rejection_sample(
                          f"({num_reqs}, {target_logits.shape[-1]}), the rows the bonus tokens "
                          f"were sampled from; got "
                          f"{None if bonus_logits is None else tuple(bonus_logits.shape)}")
+    if bonus_token_ids is None and (bonus_logits is None or bonus_logits.shape[0] != num_reqs):
+        raise ValueError("rejection_sample: without bonus_token_ids the bonus tokens are drawn "
+                         f"from bonus_logits, which must have {num_reqs} rows; got "
+                         f"{None if bonus_logits is None else tuple(bonus_logits.shape)}")
     device = target_logits.device
-    bonus = bonus_token_ids.reshape(-1).to(torch.int32)
     if report is not None:
         report["nonfinite_rows"] = 0
-    if draft_token_ids.shape[0] == 0:
-        return _bonus_only(bonus, max_spec_len, bonus_logits if return_logprobs else None)
     if backend == "auto":
         backend = "triton" if target_logits.is_cuda and triton_available() else "torch"
+    if bonus_token_ids is None and (draft_token_ids.shape[0] == 0 or backend == "triton"):
+        everyone = torch.arange(num_reqs, device=device)  # every request may need its bonus
+        bonus_token_ids, bonus_lse, bad = draw_from_logits(bonus_logits, everyone,
+                                                           recovery_uniform)
+        if report is not None:
+            report["bonus_lse"], report["nonfinite_rows"] = bonus_lse, bad
+    if draft_token_ids.shape[0] == 0:
+        bonus = bonus_token_ids.reshape(-1).to(torch.int32)
+        return _bonus_only(bonus, max_spec_len, bonus_logits if return_logprobs else None)
     if backend == "triton":
         from atlas_rl.kernels.rejection_triton import rejection_sample_triton
 
@@ -145,11 +172,27 @@ def rejection_sample(
     starts = torch.cumsum(counts, 0) - counts
     x = draft_token_ids.long()
     logits = target_logits.float()
-    lse = torch.logsumexp(logits, dim=-1)
+    if logits.is_cuda:  # every row at once: the reference of the Triton path
+        lse = torch.logsumexp(logits, dim=-1)
+        nonfinite = int((~torch.isfinite(lse)).sum())
+        first = accept_drafts_torch(out, x, counts, starts, logits, lse, uniform,
+                                    draft_probs, draft_ids)
+    else:
+        first, lse, nonfinite = accept_drafts_lazy(out, x, counts, starts, logits, uniform,
+                                                   draft_probs, draft_ids)
+    done = (first == counts).nonzero().squeeze(1)
+    if bonus_token_ids is None:  # drawn for the requests that reach their bonus position
+        bonus_done, bonus_lse, bad = draw_from_logits(bonus_logits, done, recovery_uniform[done])
+        nonfinite += bad
+        if report is not None:
+            report["bonus_lse"] = torch.zeros(num_reqs, dtype=bonus_lse.dtype, device=device)
+            report["bonus_lse"][done] = bonus_lse
+    else:
+        bonus_done = bonus_token_ids.reshape(-1)[done]
+    out[done, counts[done]] = bonus_done.to(torch.int32)
     if report is not None:
-        report["nonfinite_rows"] = int((~torch.isfinite(lse)).sum())
-    first = accept_drafts_torch(out, x, counts, starts, logits, lse, bonus, uniform,
-                                draft_probs, draft_ids)
+        report["nonfinite_rows"] = nonfinite
+        report["target_lse"] = lse
 
     recover = (first != counts).nonzero().squeeze(1)
     if recover.numel():
@@ -157,8 +200,8 @@ def rejection_sample(
             recovery_dtype = torch.float64 if logits.is_cuda else torch.float32
         rows = starts[recover] + first[recover]
         out[recover, first[recover]] = _recovered_tokens(
-            logits[rows].to(recovery_dtype), x[rows], rows, draft_probs, draft_ids,
-            recovery_uniform[recover])
+            logits, rows, x[rows], draft_probs, draft_ids, recovery_uniform[recover],
+            recovery_dtype, lse[rows] if recovery_dtype == logits.dtype else None)
     if not return_logprobs:
         return out
     return out, _output_logprobs(out, counts, starts, logits, lse, bonus_logits)
@@ -191,22 +234,35 @@ def _bonus_only(bonus, max_spec_len, bonus_logits):
     return out, logprobs
 
 
-def _recovered_tokens(row_logits, x, rows, draft_probs, draft_ids, u) -> torch.Tensor:
-    """At each first rejected position: one draw from the residual max(p - q, 0) (its
-    target row `row_logits`, in the recovery precision), or from p where the residual
-    is 0 everywhere (p = q up to rounding)."""
-    dtype = row_logits.dtype
-    p = torch.exp(row_logits - torch.logsumexp(row_logits, dim=-1, keepdim=True))
-    residual = p.clone()
+def _recovered_tokens(logits, rows, x, draft_probs, draft_ids, u, dtype,
+                      lse: torch.Tensor | None = None) -> torch.Tensor:
+    """At each first rejected position (target rows ``rows`` of ``logits``, drafts ``x``
+    there): one draw from the residual max(p - q, 0), in ``dtype``, or from p where the
+    residual is 0 everywhere (p = q up to rounding). ``lse``: the rows' log-sum-exp
+    where the acceptance step computed it in ``dtype``.
+
+    The residual is built in place on a copy of the rows, touching only q's support:
+    p(i) - min(p(i), q(i)) there (= max(p(i) - q(i), 0) bitwise, and never negative: no
+    pass over the row to clamp it); p is recomputed only for a row whose residual is
+    empty."""
+    row_logits = logits[rows].to(dtype)
+    if lse is None:
+        lse = torch.logsumexp(row_logits, dim=-1)
+    residual = row_logits.sub_(lse[:, None]).exp_()  # p, then the residual in place
     if draft_probs is None:  # q = delta_x (a padded draft token, x < 0: q = 0)
         hit = (x >= 0).nonzero().squeeze(1)
         residual[hit, x[hit]] = 0.0
     elif draft_ids is not None:
-        residual.scatter_add_(1, draft_ids[rows].clamp(min=0), -draft_probs[rows].to(dtype))
-        residual.clamp_(min=0.0)
+        ids = draft_ids[rows].clamp(min=0)  # padding (q = 0) removes nothing
+        q = draft_probs[rows].to(dtype)
+        residual.scatter_add_(1, ids, -torch.minimum(residual.gather(1, ids), q))
     else:
-        residual.sub_(draft_probs[rows].to(dtype)).clamp_(min=0.0)
-    return _inverse_cdf(residual, p, u)
+        residual.sub_(torch.minimum(residual, draft_probs[rows].to(dtype)))
+
+    def p_of(empty: torch.Tensor) -> torch.Tensor:  # rows whose residual is empty
+        return torch.exp(logits[rows[empty]].to(dtype) - lse[empty, None])
+
+    return _inverse_cdf(residual, p_of, u)
 
 
 def _output_logprobs(out, counts, starts, logits, lse, bonus_logits) -> torch.Tensor:
@@ -223,11 +279,11 @@ def _output_logprobs(out, counts, starts, logits, lse, bonus_logits) -> torch.Te
     return torch.where(out != PLACEHOLDER_TOKEN_ID, lp, torch.zeros_like(lp))
 
 
-def accept_drafts_torch(out, x, counts, starts, logits, lse, bonus, uniform, draft_probs,
+def accept_drafts_torch(out, x, counts, starts, logits, lse, uniform, draft_probs,
                         draft_ids) -> torch.Tensor:
-    """The acceptance chain: writes each request's accepted draft tokens (and the bonus
-    token after a fully accepted draft) into ``out``; returns the first rejected position
-    per request (= its draft count when none was rejected)."""
+    """The acceptance chain: writes each request's accepted draft tokens into ``out``;
+    returns the first rejected position per request (= its draft count when none was
+    rejected: the bonus token goes there)."""
     num_reqs, n = counts.shape[0], x.shape[0]
     device = x.device
     req = torch.repeat_interleave(torch.arange(num_reqs, device=device), counts)
@@ -251,9 +307,61 @@ def accept_drafts_torch(out, x, counts, starts, logits, lse, bonus, uniform, dra
         first.scatter_reduce_(0, req[rejected], pos[rejected], reduce="amin")
     keep = pos < first[req]
     out[req[keep], pos[keep]] = x[keep].to(torch.int32)
-    done = (first == counts).nonzero().squeeze(1)
-    out[done, counts[done]] = bonus[done]
     return first
+
+
+def accept_drafts_lazy(out, x, counts, starts, logits, uniform, draft_probs,
+                       draft_ids) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`accept_drafts_torch`'s chain, one draft position at a time: the rows of position j
+    are normalised (one log-sum-exp, a pass over the vocabulary per row) only for the
+    requests whose drafts up to j were all accepted; rows past a request's first
+    rejection are never read (at per-position acceptance ~0.45 and lookahead 3, about
+    half the rows). The same decisions on the same uniforms. Returns the first rejected
+    position per request, the log-sum-exp of each target row (0 where not read) and the
+    number of rows read whose log-sum-exp is NaN or inf."""
+    lse = torch.zeros(x.shape[0], dtype=logits.dtype, device=logits.device)
+    first = counts.clone()
+    nonfinite = 0
+    live = (counts > 0).nonzero().squeeze(1)
+    j = 0
+    while live.numel():
+        rows = starts[live] + j
+        row_lse = torch.logsumexp(logits.index_select(0, rows), dim=-1)
+        lse[rows] = row_lse
+        nonfinite += int((~torch.isfinite(row_lse)).sum())
+        xs = x[rows]
+        xc = xs.clamp(min=0)
+        p_x = torch.exp(logits[rows, xc] - row_lse)
+        if draft_probs is None:
+            q_x = torch.ones_like(p_x)
+        elif draft_ids is not None:
+            q_x = (draft_probs[rows].float() * (draft_ids[rows] == xc[:, None])).sum(1)
+        else:
+            q_x = draft_probs[rows, xc].float()
+        # as in accept_drafts_torch: u < p(x) / q(x) without the division
+        accept = (xs >= 0) & (q_x > 0) & (uniform[rows].to(p_x.dtype) * q_x < p_x)
+        taken = live[accept]
+        out[taken, j] = xs[accept].to(torch.int32)
+        first[live[~accept]] = j
+        j += 1
+        live = taken[counts[taken] > j]
+    return first, lse, nonfinite
+
+
+def draw_from_logits(logits: torch.Tensor, rows: torch.Tensor,
+                     u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """One token per row in ``rows`` of ``logits`` [B, V] (processed: temperature and
+    processors applied), drawn from softmax(row) by inverse CDF with uniforms ``u``
+    [len(rows)]: (int32 tokens, the rows' float32 log-sum-exp, how many of them are NaN or
+    inf)."""
+    if not rows.numel():
+        empty = torch.zeros(0, dtype=torch.float32, device=logits.device)
+        return torch.zeros(0, dtype=torch.int32, device=logits.device), empty, 0
+    picked = logits.index_select(0, rows).float()
+    lse = torch.logsumexp(picked, dim=-1)
+    p = picked.sub_(lse[:, None]).exp_()
+    # a row with no mass is NaN or -inf everywhere (counted): any token stands for it
+    return _inverse_cdf(p, lambda empty: p[empty], u), lse, int((~torch.isfinite(lse)).sum())
 
 
 def triton_available() -> bool:
@@ -264,8 +372,8 @@ def triton_available() -> bool:
     return True
 
 
-def _inverse_cdf(weights: torch.Tensor, fallback: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """One draw per row from ``weights`` (unnormalised, >= 0) with uniforms ``u``, in
-    float64; a row whose weights are all 0 (p = q up to rounding: rejection had
-    probability ~0) draws from ``fallback``."""
-    return inverse_cdf(weights, u, torch.float64, fallback).to(torch.int32)
+def _inverse_cdf(weights: torch.Tensor, p_of, u: torch.Tensor) -> torch.Tensor:
+    """One draw per row from ``weights`` (unnormalised, >= 0) with uniforms ``u``, the
+    cumulative sums in float64; a row whose weights are all 0 (p = q up to rounding:
+    rejection had probability ~0) draws from ``p_of(those rows' indices)`` instead."""
+    return inverse_cdf(weights, u, torch.float64, p_of).to(torch.int32)

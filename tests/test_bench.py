@@ -71,6 +71,7 @@ def test_quick_preset_keeps_explicit_flags():
 
 def test_workload_defaults_to_drift_and_follows_the_prompt_files():
     assert BenchConfig().workload == "drift" and BenchConfig().drift_step == 4
+    assert BenchConfig().dtype == "auto"  # the engines' own default dtype
     assert BenchConfig(prompt_files=["a"]).workload == "file"
     assert BenchConfig(prompt_files=["a"]).drift_step is None
     assert BenchConfig(prompt_files=["a", "b"]).workload == "drift"
@@ -104,7 +105,7 @@ def test_cli_flags_are_the_config_fields_with_their_help():
             "--large-batch-max-tokens", "--large-batch-steps", "--temperature", "--seed",
             "--lr", "--max-lookahead", "--no-progress"} <= options
     assert "(default 8; quick 2)" in flags["steps"].help
-    assert flags["dtype"].choices == ("float32", "bfloat16")
+    assert flags["dtype"].choices == ("auto", "float32", "bfloat16")
 
 
 @pytest.mark.parametrize("argv, expect", [
@@ -285,8 +286,8 @@ def quick_run(tiny_model_path, tmp_path_factory):
     env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="ERROR")
     proc = subprocess.run(
         [sys.executable, "-m", "atlas_rl.cli", "bench", "--model", tiny_model_path, "--quick",
-         "--out", str(out / "results.json"), "--plot", str(out / "results.png"),
-         "--no-progress"], check=False, capture_output=True, text=True, env=env, timeout=900)
+         "--dtype", "float32", "--out", str(out / "results.json"), "--plot",
+         str(out / "results.png"), "--no-progress"], check=False, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "results.json").read_text()), proc.stdout, out
 
@@ -308,7 +309,7 @@ def test_quick_run_schema(quick_run):
         for row in m["steps"]:
             assert STEP_KEYS <= set(row)
         assert m["exactness"]["exact"] is True, (name, m["exactness"])
-        # float32 by default on every CPU, bf16 units or not: exactness is judged there
+        # asked for float32: exactness is judged there (auto would be bf16 on bf16 units)
         assert m["exactness"]["judged_in"] == "float32"
     assert results["machine"]["dtype"] == "float32"
     assert isinstance(results["machine"]["cpu_bf16_units"], bool)

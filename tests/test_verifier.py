@@ -107,17 +107,89 @@ def test_padding_and_requests_without_drafts():
 
 def test_nonfinite_logits_rows_are_reported():
     """A NaN or inf target row (a diverged policy) is counted where the verifier already
-    has its log-sum-exp; finite rows report 0."""
+    has its log-sum-exp; finite rows report 0. (Uniforms 0: every finite position is
+    accepted, so the verifier reads every row; past a rejection it reads none.)"""
     logits = torch.randn(4, V)
     args = (torch.tensor([0, 1, 2, 3]), [2, 2])
-    rest = (torch.tensor([1, 1]), torch.full((4,), 0.5, dtype=torch.float64), torch.rand(2), 2)
+    rest = (torch.tensor([1, 1]), torch.zeros(4, dtype=torch.float64), torch.rand(2), 2)
     report = {}
     rejection_sample(*args, logits, *rest, report=report)
-    assert report == {"nonfinite_rows": 0}
+    assert report["nonfinite_rows"] == 0
+    assert torch.allclose(report["target_lse"], torch.logsumexp(logits, -1))
     logits[1] = float("nan")
     logits[3, 2] = float("inf")
     rejection_sample(*args, logits, *rest, report=report)
-    assert report == {"nonfinite_rows": 2}
+    assert report["nonfinite_rows"] == 2
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse", "one-hot"])
+def test_the_lazy_chain_decides_as_the_whole_batch_does(kind):
+    """On CPU tensors the acceptance chain reads a position's rows only for requests
+    still accepting (`accept_drafts_lazy`); it accepts and rejects exactly what the
+    chain over every row (`accept_drafts_torch`, the Triton path's reference) does on the
+    same uniforms, and its log-sum-exp agrees on every row it read."""
+    from atlas_rl.kernels.rejection import accept_drafts_lazy, accept_drafts_torch
+
+    g = torch.Generator().manual_seed(11)
+    vocab, counts_list = 50, [3, 0, 1, 3, 2, 3, 1, 0, 3]
+    counts = torch.tensor(counts_list)
+    starts = torch.cumsum(counts, 0) - counts
+    n = int(counts.sum())
+    logits = torch.randn(n, vocab, generator=g) * 1.5
+    p = torch.softmax(logits, -1)
+    x = torch.multinomial(p, 1, generator=g).squeeze(1)  # often accepted
+    x[::4] = torch.randint(0, vocab, (len(x[::4]),), generator=g)
+    x[5] = -1  # a padded draft token: always rejected
+    q_rows = [torch.softmax(torch.randn(vocab, generator=g), 0) for _ in range(n)]
+    kwargs = draft_q_kwargs(kind, q_rows, 1)
+    q = kwargs.get("draft_probs")
+    if q is not None and q.shape[0] != n:
+        q = q.reshape(n, -1)
+    ids = kwargs.get("draft_ids")
+    if ids is not None and ids.shape[0] != n:
+        ids = ids.reshape(n, -1)
+    for trial in range(20):
+        uniform = torch.rand(n, generator=g, dtype=torch.float64)
+        out_all = torch.full((len(counts_list), 4), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)
+        out_lazy = out_all.clone()
+        lse = torch.logsumexp(logits, -1)
+        first_all = accept_drafts_torch(out_all, x, counts, starts, logits, lse, uniform, q, ids)
+        first_lazy, lse_lazy, bad = accept_drafts_lazy(out_lazy, x, counts, starts, logits,
+                                                       uniform, q, ids)
+        assert torch.equal(first_all, first_lazy) and torch.equal(out_all, out_lazy)
+        read = torch.cat([torch.arange(s, s + min(f + 1, c)) for s, f, c in
+                          zip(starts.tolist(), first_lazy.tolist(), counts_list)])
+        assert torch.allclose(lse_lazy[read], lse[read]) and bad == 0
+
+
+def test_bonus_tokens_drawn_by_the_verifier_follow_the_bonus_row():
+    """Without bonus_token_ids the verifier draws the bonus token from bonus_logits, only
+    for requests whose drafts were all accepted (and those without drafts): it follows
+    softmax(bonus row); requests that rejected a draft get their recovered token only."""
+    g = torch.Generator().manual_seed(21)
+    p_rows = [_dist(g), _dist(g), _dist(g, zero=[2])]  # two draft positions, the bonus row
+    logits = torch.log(torch.stack(p_rows).clamp_min(1e-30))
+    n_req = B
+    drafts = torch.stack([torch.multinomial(p, n_req, replacement=True, generator=g)
+                          for p in p_rows[:2]], 1)  # drafted from p itself: always accepted
+    half = n_req // 2  # the second half: no drafts at all
+    counts = [2] * half + [0] * (n_req - half)
+    target = logits[:2].repeat(half, 1)
+    bonus_logits = logits[2].expand(n_req, V).contiguous()
+    report = {}
+    out = rejection_sample(drafts[:half].reshape(-1), counts, target, None,
+                           torch.rand(2 * half, generator=g, dtype=torch.float64),
+                           torch.rand(n_req, generator=g, dtype=torch.float64), 2,
+                           draft_probs=torch.stack(p_rows[:2]).repeat(half, 1),
+                           bonus_logits=bonus_logits, report=report)
+    assert torch.equal(out[:half, :2], drafts[:half].int())  # q = p: all accepted
+    assert _chi2_p(out[:half, 2], p_rows[2]) > ALPHA
+    assert _chi2_p(out[half:, 0], p_rows[2]) > ALPHA  # no drafts: the bonus is the token
+    assert (out[half:, 1:] == PLACEHOLDER_TOKEN_ID).all()
+    assert torch.allclose(report["bonus_lse"], torch.logsumexp(bonus_logits, -1))
+    with pytest.raises(ValueError, match="bonus_logits"):
+        rejection_sample(drafts[:2].reshape(-1), [2, 2], logits[:2].repeat(2, 1), None,
+                         torch.rand(4, dtype=torch.float64), torch.rand(2), 2)
 
 
 def test_target_logits_are_not_modified():
@@ -221,3 +293,24 @@ def test_triton_acceptance_kernel_matches_torch_reference_interpreted():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_triton_acceptance_kernel_matches_torch_reference_on_gpu():
     _check_triton_matches_torch(_triton_probe("cuda", interpret=False))
+
+
+@pytest.mark.parametrize("kind", ["dense", "sparse"])
+def test_an_empty_residual_draws_from_p(kind):
+    """Where q covers p everywhere (q = p: rejection had probability ~0, reachable only
+    by rounding), the residual max(p - q, 0) is empty and the recovered token is drawn
+    from p itself."""
+    from atlas_rl.kernels.rejection import _recovered_tokens
+
+    g = torch.Generator().manual_seed(31)
+    p = _dist(g, zero=[3])
+    logits = torch.log(p.clamp_min(1e-30))[None].repeat(B, 1)
+    lse = torch.logsumexp(logits, -1)
+    q = torch.exp(logits - lse[:, None])  # p, as the verifier computes it: bitwise
+    kwargs = ({"draft_probs": q} if kind == "dense" else
+              {"draft_probs": q, "draft_ids": torch.arange(V).expand(B, V)})
+    rows = torch.arange(B)
+    out = _recovered_tokens(logits, rows, torch.zeros(B, dtype=torch.long),
+                            kwargs["draft_probs"], kwargs.get("draft_ids"),
+                            torch.rand(B, generator=g, dtype=torch.float64), torch.float32, lse)
+    assert _chi2_p(out, p) > ALPHA

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from atlas_rl.kernels.gemm import PackedLinear
+
 
 class DrafterNet(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-5):
@@ -34,41 +36,31 @@ class DrafterNet(nn.Module):
         return z * self.norm
 
     def inference_weights(self, dtype: torch.dtype = torch.float32) -> tuple:
-        """The weights laid out for drafting, in ``dtype``. float32: transposed copies (on
-        2 CPU cores a [4, 1152] x [1152, 576] product is ~8x faster against a contiguous
-        [in, out] matrix than against nn.Linear's [out, in] one); bf16/fp16: nn.Linear's
-        own [out, in] layout, which oneDNN's bf16 kernels take directly (F.linear 1.3x
-        faster than against an [in, out] copy, cold caches, 2 cores). The last element
-        says which (``draft_step`` reads it). Cached until a parameter is modified (tensor
-        version counters: optimizer steps, load_state_dict, publish) or another dtype is
-        asked for."""
+        """The weights laid out for drafting, in ``dtype``: each matrix a
+        `kernels.gemm.PackedLinear` (packed once for the CPU's GEMM library where vLLM's
+        CPU extension offers it; float32 against a transposed copy), and the norm's
+        gain. Cached until a parameter is modified (tensor version counters: optimizer
+        steps, load_state_dict, publish) or another dtype is asked for."""
         params = (self.w_in.weight, self.w_in.bias, self.w_out.weight, self.w_out.bias,
                   self.norm)
         key = (dtype, *((id(t), t._version) for t in params))
         cached = getattr(self, "_inference_cache", None)
         if cached is None or cached[0] != key:
-            transposed = dtype == torch.float32
-            lay = (lambda w: w.t()) if transposed else (lambda w: w)
             with torch.no_grad():
-                weights = (lay(self.w_in.weight.detach()).to(dtype).contiguous(),
-                           self.w_in.bias.detach().to(dtype).clone(),
-                           lay(self.w_out.weight.detach()).to(dtype).contiguous(),
-                           self.w_out.bias.detach().to(dtype).clone(),
-                           self.norm.detach().to(dtype).clone(), transposed)
+                def packed(layer):
+                    return PackedLinear(layer.weight.detach().to(dtype).contiguous(),
+                                        layer.bias.detach().to(dtype).clone())
+
+                weights = (packed(self.w_in), packed(self.w_out),
+                           self.norm.detach().to(dtype).clone())
             cached = self._inference_cache = (key, weights)
         return cached[1]
 
     @staticmethod
     def draft_step(weights, h: torch.Tensor, e: torch.Tensor, eps: float) -> torch.Tensor:
         """`forward` with `inference_weights` (no autograd; the same function)."""
-        w_in, b_in, w_out, b_out, g, transposed = weights
-        x = torch.cat([h, e], dim=-1)
-        if transposed:
-            a = F.silu(torch.addmm(b_in, x, w_in))
-            z = h + torch.addmm(b_out, a, w_out)
-        else:
-            a = F.silu(F.linear(x, w_in, b_in))
-            z = h + F.linear(a, w_out, b_out)
+        w_in, w_out, g = weights
+        z = h + w_out(F.silu(w_in(torch.cat([h, e], dim=-1))))
         z = z * torch.rsqrt(z.pow(2).mean(-1, keepdim=True) + eps)
         return z * g
 

@@ -42,6 +42,7 @@ from typing import Sequence
 
 import torch
 
+from atlas_rl.kernels.gemm import PackedLinear
 from atlas_rl.kernels.sampling import inverse_cdf
 from atlas_rl.kernels.staging import to_device
 from atlas_rl.machine import cpu_has_native_bf16
@@ -104,6 +105,7 @@ class NeuralSpeculator(HiddenStateSpeculator):
         self.net: DrafterNet | None = None
         self.vocab: torch.Tensor | None = None  # draft vocabulary (token ids), sorted
         self._embed = self._head = self._head_sub = None
+        self._head_linear: PackedLinear | None = None  # the head rows, packed for drafting
         self._head_stale = True  # the draft vocabulary's head rows need a refresh
         self.draft_dtype: torch.dtype | None = None  # None: `_draft_dtype` decides
         self.seed = int(seed)
@@ -177,11 +179,9 @@ class NeuralSpeculator(HiddenStateSpeculator):
             # self.vocab stays on the CPU (saved state, set_vocab_from_counts)
             self._vocab_dev = to_device(self.vocab, None, self._head.device)
             self._head_sub = self._head.detach().index_select(0, self._vocab_dev).float()
-            # for drafting: [d, |S|] in float32 (x @ W), nn.Linear's [|S|, d] in bf16/fp16
-            # (F.linear; `DrafterNet.inference_weights` says why)
-            dtype = self._draft_dtype()
-            self._head_sub_t = (self._head_sub.t() if dtype == torch.float32
-                                else self._head_sub).to(dtype).contiguous()
+            # for drafting: the rows in the drafting dtype, packed once (kernels.gemm)
+            self._head_sub_t = self._head_sub.to(self._draft_dtype()).contiguous()
+            self._head_linear = PackedLinear(self._head_sub_t)
             self._head_stale = False
         return self._head_sub
 
@@ -194,9 +194,7 @@ class NeuralSpeculator(HiddenStateSpeculator):
     def head_logits(self, y: torch.Tensor) -> torch.Tensor:
         """The draft vocabulary's logits of drafter outputs ``y`` [rows, d] (in the
         drafting dtype; `_sub_head` must have run)."""
-        head = self._head_sub_t
-        # float32: [d, |S|] (x @ W); bf16/fp16: [|S|, d] (F.linear), as `_sub_head` lays it
-        return y @ head if head.dtype == torch.float32 else torch.nn.functional.linear(y, head)
+        return self._head_linear(y)
 
     def set_vocab_from_counts(self, counts: torch.Tensor) -> None:
         """Draft vocabulary = the `draft_vocab_size` most frequent tokens of `counts` [V]."""

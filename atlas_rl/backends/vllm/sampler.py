@@ -27,6 +27,15 @@ peers included, keep vLLM's stock sampler. Three choices per step, in this order
    with drafts from its generator, of the others from the global one. Seeded runs are
    reproducible, not bit-identical to vLLM's rejection sampler (other draws); the
    distribution is exactly p either way (tests/test_exactness.py, tests/test_verifier.py).
+   Where nothing but vLLM's logits processors and the temperature shapes the bonus rows
+   (every request random, no top-k/top-p, on the CPU: `draws_bonus_itself`), vLLM's
+   sampler does not draw every request's bonus token ahead (Gumbel noise over each bonus
+   row: ~1.5-1.9 ms at 4 requests of 49,152 logits on 2 cores, for tokens that most
+   requests, rejecting a draft, never use): the rows are processed as it would
+   (`_processed_bonus_logits`) and the verifier draws a bonus token only for requests
+   that accepted every draft (or had none), from the same per-request uniform that
+   would otherwise draw its recovered token (a seeded request's from its generator).
+   At temperature 1 without top-k/top-p the temperature division is skipped (exact).
    A step with no draft token at all (and choice 1 not taken: e.g. penalties with
    leftover spec tokens, a thinking budget, logprobs of chosen token ids), greedy, random
    or mixed, skips the rejection step: its output is the bonus tokens (nothing to accept
@@ -36,8 +45,9 @@ peers included, keep vLLM's stock sampler. Three choices per step, in this order
    rows it expects first.
 
 The logprobs of the output tokens (`_get_logprobs_tensors`) are computed at the
-positions that hold an output token only (one logsumexp per logits row), not over every
-draft position as vLLM 0.32 does; same values to rounding, ranks and top-k.
+positions that hold an output token only, not over every draft position as vLLM 0.32
+does, with the verifier's log-sum-exps where it has them (processed logprobs); same
+values to rounding, ranks and top-k (`output_logprobs`).
 
 ``ATLAS_RL_COMPAT=off`` turns choice 1 and the no-draft shortcut of choice 2 off (steps
 without drafts go through vLLM's rejection sampler). Version-gated: `attach` checks the signatures it relies on (vLLM 0.32) and
@@ -61,6 +71,9 @@ logger = logging.getLogger(__name__)
 _FORWARD_PARAMS = ("self", "metadata", "draft_probs", "logits", "sampling_metadata")
 _LOGPROBS_PARAMS = ("self", "max_num_logprobs", "metadata", "logits", "target_logits",
                     "bonus_logits", "sampled_token_ids")
+# the bonus rows processed as vLLM's sampler does before its draw (atlas draws them)
+_BONUS_PARAMS = ("self", "logits", "sampling_metadata", "predict_bonus_token")
+_TEMPERATURE_PARAMS = ("logits", "temp", "all_random")
 _NEEDED = ("apply_sampling_constraints", "generate_uniform_probs", "PLACEHOLDER_TOKEN_ID")
 _plain_verdict: dict[str | None, bool] = {}  # logprobs mode -> the self-check's verdict
 
@@ -72,6 +85,12 @@ def _unsupported() -> str | None:
         return "RejectionSampler.forward's signature changed"
     if tuple(inspect.signature(cls._get_logprobs_tensors).parameters) != _LOGPROBS_PARAMS:
         return "RejectionSampler._get_logprobs_tensors's signature changed"
+    from vllm.v1.sample.sampler import Sampler
+
+    if tuple(inspect.signature(Sampler.apply_logits_processors).parameters) != _BONUS_PARAMS:
+        return "Sampler.apply_logits_processors's signature changed"
+    if tuple(inspect.signature(Sampler.apply_temperature).parameters) != _TEMPERATURE_PARAMS:
+        return "Sampler.apply_temperature's signature changed"
     missing = [name for name in _NEEDED if not hasattr(rs, name)]
     return f"vllm.v1.sample.rejection_sampler lacks {missing}" if missing else None
 
@@ -161,45 +180,78 @@ class AtlasRejectionSampler(rs.RejectionSampler):
     # --- 2. atlas-rl verifies ----------------------------------------------------------
 
     def _sample(self, metadata, draft_probs, logits, sampling_metadata):
-        """The bonus tokens, the processed target logits, atlas-rl's rejection step and
-        the logprobs of the output tokens (the parts of vLLM's forward, in its order)."""
-        bonus = self.sampler(
-            logits=logits[metadata.bonus_logits_indices],
-            sampling_metadata=replace(sampling_metadata, max_num_logprobs=-1),
-            predict_bonus_token=True,
-            # the bonus rows' logits are needed below for their tokens' logprobs
-            logprobs_mode_override="processed_logits" if self.is_processed_logprobs_mode
-            else "raw_logits")
+        """The processed target logits, atlas-rl's rejection step, the bonus tokens and
+        the logprobs of the output tokens (the parts of vLLM's forward).
+
+        Where the bonus rows need nothing but vLLM's logits processors and temperature
+        (`draws_bonus_itself`), the bonus token is drawn by the rejection step, only
+        for the requests that reach it (`kernels.rejection.rejection_sample`); otherwise
+        vLLM's sampler draws every request's bonus token first, as vLLM does."""
+        sm = sampling_metadata
+        own_bonus = metadata.max_spec_len > 0 and draws_bonus_itself(sm, logits)
+        if own_bonus:
+            bonus_ids, bonus_logits = None, self._processed_bonus_logits(logits, metadata, sm)
+        else:
+            bonus = self.sampler(
+                logits=logits[metadata.bonus_logits_indices],
+                sampling_metadata=replace(sm, max_num_logprobs=-1), predict_bonus_token=True,
+                # the bonus rows' logits are needed below for their tokens' logprobs
+                logprobs_mode_override="processed_logits" if self.is_processed_logprobs_mode
+                else "raw_logits")
+            bonus_ids, bonus_logits = bonus.sampled_token_ids, bonus.logprobs_tensors.logprobs
         raw_target = logits[metadata.target_logits_indices].to(torch.float32)
         # logits processors work in place: keep the raw rows for raw-logprobs modes
         target = raw_target if self.is_processed_logprobs_mode else raw_target.clone()
-        target = self.apply_logits_processors(target, sampling_metadata, metadata)
-        target = rs.apply_sampling_constraints(target, metadata.cu_num_draft_tokens,
-                                               sampling_metadata)
-        bonus_ids = bonus.sampled_token_ids
+        target = self.apply_logits_processors(target, sm, metadata)
+        if not constraints_are_identity(sm):  # temperature 1, no top-k/top-p: nothing to do
+            target = rs.apply_sampling_constraints(target, metadata.cu_num_draft_tokens, sm)
+        known: dict = {}  # the verifier's log-sum-exp of the rows it read
         if metadata.max_spec_len == 0:  # nothing drafted: nothing to accept or recover
             output = bonus_ids.reshape(-1, 1).to(torch.int32)
         else:
-            output = self._verify(metadata, draft_probs, target, bonus_ids, sampling_metadata)
+            output, known = self._verify(metadata, draft_probs, target, bonus_ids, bonus_logits,
+                                         sm, own_bonus)
         logprobs = None
-        if sampling_metadata.max_num_logprobs is not None:
-            logprobs = self._get_logprobs_tensors(
-                sampling_metadata.max_num_logprobs, metadata, logits,
-                target if self.is_processed_logprobs_mode else raw_target,
-                bonus.logprobs_tensors.logprobs, output)
+        if sm.max_num_logprobs is not None:
+            if self.is_processed_logprobs_mode:
+                # the rows the verifier normalised: its log-sum-exp serves them
+                logprobs = self._logprobs(sm.max_num_logprobs, metadata, logits, target,
+                                          bonus_logits, output, known.get("target_lse"),
+                                          known.get("bonus_lse"))
+            else:  # raw logprobs: the unprocessed rows
+                raw_bonus = (logits[metadata.bonus_logits_indices].to(torch.float32)
+                             if own_bonus else bonus_logits)
+                logprobs = self._logprobs(sm.max_num_logprobs, metadata, logits, raw_target,
+                                          raw_bonus, output)
         from vllm.v1.outputs import SamplerOutput
 
         return SamplerOutput(sampled_token_ids=output, logprobs_tensors=logprobs)
 
-    def _verify(self, metadata, draft_probs, target_logits, bonus_ids, sampling_metadata):
+    def _processed_bonus_logits(self, logits, metadata, sm) -> torch.Tensor:
+        """The bonus rows as vLLM's sampler processes them before its draw (a float32
+        copy): its logits processors (bonus-token variant), the temperature, the
+        argmax-invariant processors (`Sampler.forward` and `Sampler.sample`, every request
+        random, no top-k/top-p)."""
+        rows = logits[metadata.bonus_logits_indices].to(torch.float32)
+        rows = self.sampler.apply_logits_processors(rows, sm, True)
+        if not constraints_are_identity(sm):
+            rows = self.sampler.apply_temperature(rows, sm.temperature, True)
+        for processor in sm.logitsprocs.argmax_invariant:
+            rows = processor.apply(rows)
+        return rows
+
+    def _verify(self, metadata, draft_probs, target_logits, bonus_ids, bonus_logits,
+                sampling_metadata, own_bonus: bool):
         num_draft_tokens = metadata.num_draft_tokens
         device = target_logits.device
         generators = sampling_metadata.generators
         uniform = rs.generate_uniform_probs(metadata.draft_token_ids.shape[0], num_draft_tokens,
                                             generators, device)
+        # one per request: its recovered token, or (own_bonus) its bonus token
         recovery = torch.rand(len(num_draft_tokens), dtype=torch.float64, device=device)
         for i, gen in generators.items():
-            if num_draft_tokens[i] > 0:  # like vLLM: no draws for requests without drafts
+            # like vLLM: no draws for requests without drafts, unless the bonus is ours
+            if own_bonus or num_draft_tokens[i] > 0:
                 recovery[i:i + 1].uniform_(generator=gen)
         ids = q = None
         if draft_probs is not None:
@@ -207,9 +259,10 @@ class AtlasRejectionSampler(rs.RejectionSampler):
         report: dict = {}
         out = rejection_sample(metadata.draft_token_ids, num_draft_tokens, target_logits,
                                bonus_ids, uniform, recovery, metadata.max_spec_len,
-                               draft_probs=q, draft_ids=ids, report=report)
+                               draft_probs=q, draft_ids=ids, report=report,
+                               bonus_logits=bonus_logits if own_bonus else None)
         self._note_nonfinite(report.get("nonfinite_rows"), "draft positions")
-        return out
+        return out, report
 
     def _note_nonfinite(self, rows: int | None, where: str) -> None:
         """Count logits rows that are NaN or inf (`atlas_nonfinite_rows`, in the engine's
@@ -226,28 +279,38 @@ class AtlasRejectionSampler(rs.RejectionSampler):
 
     def _get_logprobs_tensors(self, max_num_logprobs, metadata, logits, target_logits,
                               bonus_logits, sampled_token_ids):
+        return self._logprobs(max_num_logprobs, metadata, logits, target_logits, bonus_logits,
+                              sampled_token_ids)
+
+    def _logprobs(self, max_num_logprobs, metadata, logits, target_logits, bonus_logits,
+                  sampled_token_ids, target_lse=None, bonus_lse=None):
         if max_num_logprobs is None or max_num_logprobs < 0 or self.is_logits_logprobs_mode:
             return super()._get_logprobs_tensors(max_num_logprobs, metadata, logits,
                                                  target_logits, bonus_logits, sampled_token_ids)
         report: dict = {}
         out = output_logprobs(int(max_num_logprobs), metadata, target_logits, bonus_logits,
-                              sampled_token_ids, report)
+                              sampled_token_ids, report, target_lse, bonus_lse)
         self._note_nonfinite(report.get("nonfinite_rows"), "output tokens")
         return out
 
 
 def output_logprobs(k: int, metadata, target_logits, bonus_logits, sampled_token_ids,
-                    report: dict | None = None):
+                    report: dict | None = None, target_lse: torch.Tensor | None = None,
+                    bonus_lse: torch.Tensor | None = None):
     """Logprob, rank and top-k of every output token; zeros at placeholder positions
     (vLLM filters them out afterwards).
 
     Only the rows that hold an output token are read (the accepted drafts, the recovered
     or bonus token: ~1 + accepted per request), each copied once out of its source
-    (``target_logits`` or ``bonus_logits``) and normalised in place; the rows of draft
-    positions after a rejection are never touched. Same arithmetic as vLLM's
-    ``compute_logprobs`` + ``gather_logprobs`` on those rows (log_softmax by subtracting
-    the logsumexp, rank = #{logprob >= the token's}, ``topk``). ``report`` receives
-    ``nonfinite_rows``: rows whose log-sum-exp is NaN or inf."""
+    (``target_logits`` or ``bonus_logits``); the rows of draft positions after a
+    rejection are never touched, and no row is normalised whole: the token's logprob is
+    its logit minus the row's log-sum-exp (``target_lse`` [target rows] and
+    ``bonus_lse`` [requests], the verifier's, where given; else computed here), its rank the number of logits at or above its own
+    (vLLM counts normalised values at or above the token's: the same but where two logits
+    one rounding step apart tie after the subtraction), the top-k the k largest logits
+    minus the log-sum-exp (the same values as vLLM's ``topk`` of the normalised row).
+    ``report`` receives ``nonfinite_rows``: rows whose log-sum-exp is NaN or inf, among
+    those this function normalised itself (the verifier counts its own)."""
     from vllm.v1.outputs import LogprobsTensors
 
     device = target_logits.device
@@ -272,25 +335,50 @@ def output_logprobs(k: int, metadata, target_logits, bonus_logits, sampled_token
     valid = (flat != rs.PLACEHOLDER_TOKEN_ID).nonzero().squeeze(1)
     src = source[final[valid]]
     nonfinite = 0
-    for out_pos, rows, logits in ((valid[src < n_target], src[src < n_target], target_logits),
-                                  (valid[src >= n_target], src[src >= n_target] - n_target,
-                                   bonus_logits)):
+    from_target = src < n_target
+    for out_pos, rows, logits, known_lse in (
+            (valid[from_target], src[from_target], target_logits, target_lse),
+            (valid[~from_target], src[~from_target] - n_target, bonus_logits, bonus_lse)):
         if not out_pos.numel():
             continue
-        lp = logits.index_select(0, rows).to(torch.float32)  # a copy: normalised in place
-        lse = torch.logsumexp(lp, dim=-1, keepdim=True)
-        nonfinite += int((~torch.isfinite(lse)).sum())
-        lp.sub_(lse)
-        token_lp = lp.gather(1, tokens[out_pos, None])
-        logprobs[out_pos, :1] = token_lp
-        ranks[out_pos] = (lp >= token_lp).sum(-1)
+        rows_logits = logits.index_select(0, rows).to(torch.float32)
+        if known_lse is None:
+            lse = torch.logsumexp(rows_logits, dim=-1, keepdim=True)
+            nonfinite += int((~torch.isfinite(lse)).sum())
+        else:
+            lse = known_lse.index_select(0, rows)[:, None]
+        token_logit = rows_logits.gather(1, tokens[out_pos, None])
+        logprobs[out_pos, :1] = token_logit - lse
+        ranks[out_pos] = (rows_logits >= token_logit).sum(-1)
         if k:
-            top_lp, top_ids = torch.topk(lp, k, dim=-1)
-            logprobs[out_pos, 1:] = top_lp
+            top, top_ids = torch.topk(rows_logits, k, dim=-1)
+            logprobs[out_pos, 1:] = top - lse
             ids[out_pos, 1:] = top_ids
     if report is not None:
         report["nonfinite_rows"] = nonfinite
     return LogprobsTensors(ids.to(torch.int32), logprobs, ranks)
+
+
+# --- when atlas-rl draws the bonus token itself --------------------------------------
+
+def constraints_are_identity(sm) -> bool:
+    """Every request random at temperature 1, no top-k or top-p: vLLM's temperature
+    division and top-k/top-p leave the logits as they are (division by 1.0 is exact), so
+    they can be skipped."""
+    temperature = sm.temperature
+    return (sm.all_random and sm.top_k is None and sm.top_p is None and temperature is not None
+            and bool((temperature == 1.0).all()))
+
+
+def draws_bonus_itself(sm, logits) -> bool:
+    """Whether atlas-rl's rejection step draws the bonus tokens (from softmax of the rows
+    vLLM's sampler would process: `AtlasRejectionSampler._processed_bonus_logits`): every
+    request random, no top-k or top-p (vLLM's top-k/top-p sampler does more than
+    renormalise), no logprobs of chosen token ids, on the CPU (on CUDA vLLM's sampler is
+    one kernel)."""
+    return (logits is not None and logits.device.type == "cpu" and sm.all_random
+            and sm.top_k is None and sm.top_p is None
+            and not getattr(sm, "logprob_token_ids", None))
 
 
 # --- the plain path's guard and self-check ------------------------------------------
