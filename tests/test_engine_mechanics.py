@@ -283,7 +283,11 @@ def test_the_drafters_survive_sleep_and_wake_up(atlas):
     assert hooks.status()["sleep_mode"] == "applied"
     assert state_digest(atlas.speculators) == before
     assert atlas.proposer.drafter_reads_policy() is True
-    assert atlas.generate(PROMPTS, max_tokens=16, seed=1).stats["num_draft_tokens"] > 0
+    # the controller may have benched the drafter's arms for acceptance collapses on this
+    # random tiny model in earlier tests of the module: not what is under test here
+    atlas.controller.benched.clear()
+    stats = atlas.generate(PROMPTS, max_tokens=16, seed=1).stats
+    assert stats["drafts_neural"] + stats["drafts_neural-dist"] > 0
 
 
 def test_sleep_mode_is_refused_on_a_cpu_with_the_reason(tiny_model_path):
