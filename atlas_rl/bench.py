@@ -186,11 +186,12 @@ class BenchConfig:
     drafter: str = field(default="auto", metadata={
         "help": "the atlas methods' neural drafter (AtlasConfig.drafter): auto (the bundled "
                 "MLP one), eagle3 (the bundled EAGLE-3 one) or mlp"})
-    dtype: str = field(default="auto", metadata={
-        "help": "every engine's dtype: auto (what AtlasRolloutEngine runs by default: "
-                "bfloat16, float32 on CPUs without bf16 units), float32 (exactness judged "
-                "to 1e-3 in logprobs) or bfloat16 (logprobs within 0.5 of the float32 policy, "
-                "greedy identity up to near-ties)", "choices": ("auto", *LOGPROB_TOLERANCE)})
+    dtype: str = field(default="float32", metadata={
+        "help": "every engine's dtype: float32 (the default on every CPU: exactness is "
+                "judged to 1e-3 in logprobs), bfloat16 (logprobs within 0.5 of the float32 "
+                "policy, greedy identity up to near-ties) or auto (what AtlasRolloutEngine "
+                "runs by default: bfloat16, float32 on CPUs without bf16 units)",
+        "choices": ("auto", *LOGPROB_TOLERANCE)})
     quick: bool = field(default=False, metadata={
         "help": "2 steps, short completions, one large batch (~3 min here)"})
 

@@ -71,7 +71,7 @@ def test_quick_preset_keeps_explicit_flags():
 
 def test_workload_defaults_to_drift_and_follows_the_prompt_files():
     assert BenchConfig().workload == "drift" and BenchConfig().drift_step == 4
-    assert BenchConfig().dtype == "auto"  # the engines' own default dtype
+    assert BenchConfig().dtype == "float32"  # exactness judged strictly by default
     assert BenchConfig(prompt_files=["a"]).workload == "file"
     assert BenchConfig(prompt_files=["a"]).drift_step is None
     assert BenchConfig(prompt_files=["a", "b"]).workload == "drift"
