@@ -122,10 +122,9 @@ def rejection_sample(
     Triton path's reference). The same tokens either way.
 
     ``report``: a dict that receives ``nonfinite_rows``, the number of target (and drawn
-    bonus) rows read
-    whose log-sum-exp is NaN or inf (NaN or inf logits: nothing drawn from them is a
-    sample of the policy; on the CPU, rows past a rejection are not read, and produce no
-    token), ``target_lse``, each target row's log-sum-exp (0 where not read), and
+    bonus) rows read whose log-sum-exp is NaN or inf (NaN or inf logits: nothing drawn
+    from them is a sample of the policy; on the CPU, rows past a rejection are not read,
+    and produce no token), ``target_lse``, each target row's log-sum-exp (0 where not read), and
     ``bonus_lse`` (drawn bonus tokens: each bonus row's, 0 where not read), which the
     output tokens' logprobs reuse. Free on the torch path (the log-sum-exp is computed
     anyway); the Triton path does not count (None)."""

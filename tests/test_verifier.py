@@ -141,13 +141,9 @@ def test_the_lazy_chain_decides_as_the_whole_batch_does(kind):
     x[::4] = torch.randint(0, vocab, (len(x[::4]),), generator=g)
     x[5] = -1  # a padded draft token: always rejected
     q_rows = [torch.softmax(torch.randn(vocab, generator=g), 0) for _ in range(n)]
-    kwargs = draft_q_kwargs(kind, q_rows, 1)
-    q = kwargs.get("draft_probs")
-    if q is not None and q.shape[0] != n:
-        q = q.reshape(n, -1)
-    ids = kwargs.get("draft_ids")
-    if ids is not None and ids.shape[0] != n:
-        ids = ids.reshape(n, -1)
+    kwargs = draft_q_kwargs(kind, q_rows, 1)  # row i: the q that draft token i came from
+    q, ids = kwargs.get("draft_probs"), kwargs.get("draft_ids")
+    assert q is None or q.shape[0] == n
     for trial in range(20):
         uniform = torch.rand(n, generator=g, dtype=torch.float64)
         out_all = torch.full((len(counts_list), 4), PLACEHOLDER_TOKEN_ID, dtype=torch.int32)

@@ -304,10 +304,11 @@ def output_logprobs(k: int, metadata, target_logits, bonus_logits, sampled_token
     or bonus token: ~1 + accepted per request), each copied once out of its source
     (``target_logits`` or ``bonus_logits``); the rows of draft positions after a
     rejection are never touched, and no row is normalised whole: the token's logprob is
-    its logit minus the row's log-sum-exp (``target_lse`` [target rows] and
-    ``bonus_lse`` [requests], the verifier's, where given; else computed here), its rank the number of logits at or above its own
-    (vLLM counts normalised values at or above the token's: the same but where two logits
-    one rounding step apart tie after the subtraction), the top-k the k largest logits
+    its logit minus the row's log-sum-exp (``target_lse`` [target rows] and ``bonus_lse``
+    [requests], the verifier's, where given; else computed here), its rank the number of
+    logits at or above its own (vLLM counts normalised values at or above the token's:
+    the same but where two logits one rounding step apart tie after the subtraction), the
+    top-k the k largest logits
     minus the log-sum-exp (the same values as vLLM's ``topk`` of the normalised row).
     ``report`` receives ``nonfinite_rows``: rows whose log-sum-exp is NaN or inf, among
     those this function normalised itself (the verifier counts its own)."""
