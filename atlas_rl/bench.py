@@ -382,6 +382,17 @@ def release_freed_memory() -> None:
 
 # --- the policy that drifts --------------------------------------------------------
 
+def completion_logits(model, ids, n: int):
+    """The logits that sampled the last ``n`` tokens of ``ids`` [1, L]: [n, vocab], computed
+    for those positions only (transformers' ``logits_to_keep``), so that a long prompt
+    over a large vocabulary (262,144 tokens) costs no [L, vocab] float32 tensor."""
+    try:
+        logits = model(input_ids=ids, logits_to_keep=n + 1).logits[0]
+    except TypeError:  # a model class without logits_to_keep
+        logits = model(input_ids=ids).logits[0, -(n + 1):]
+    return logits[:-1]
+
+
 class PolicyUpdater:
     """The policy as the trainer holds it (transformers, float32, CPU) and one
     on-policy GRPO step per benchmark step. On-policy the clipped ratio is 1, so the
@@ -417,7 +428,8 @@ class PolicyUpdater:
             if abs(a) <= 1e-6 or not c.completion_ids:
                 continue
             ids = torch.tensor([list(c.prompt_ids) + list(c.completion_ids)])
-            logits = self.model(ids).logits[0, len(c.prompt_ids) - 1: -1]
+            # the completion's logits only: [len(c), vocab] in the graph, not the prompt's
+            logits = completion_logits(self.model, ids, len(c.completion_ids))
             if temperature > 0:
                 logits = logits / temperature
             logp = torch.log_softmax(logits.float(), dim=-1)
@@ -454,12 +466,11 @@ class PolicyUpdater:
         with torch.no_grad():  # one sequence at a time: [len, vocab] logits, not [n, width, vocab]
             for p, c in seqs:
                 ids = torch.tensor([p + c])
-                now = self.model(input_ids=ids).logits[0]
-                ref = functional_call(self.model, self._initial_by_name, (),
-                                      {"input_ids": ids}).logits[0]
-                at = slice(len(p) - 1, len(p) + len(c) - 1)  # the logits that sampled c
-                logp = torch.log_softmax(now[at].float() / temp, dim=-1)
-                logq = torch.log_softmax(ref[at].float() / temp, dim=-1)
+                now = completion_logits(self.model, ids, len(c))  # the logits that sampled c
+                ref = completion_logits(lambda **kw: functional_call(
+                    self.model, self._initial_by_name, (), kw), ids, len(c))
+                logp = torch.log_softmax(now.float() / temp, dim=-1)
+                logq = torch.log_softmax(ref.float() / temp, dim=-1)
                 total += float((logp.exp() * (logp - logq)).sum())
                 count += len(c)
         release_freed_memory()

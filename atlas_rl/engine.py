@@ -21,7 +21,7 @@ from atlas_rl.metrics import (
     summarize_arms,
     summarize_history,
 )
-from atlas_rl.models import resolve_model
+from atlas_rl.models import check_tokenizer, resolve_model
 from atlas_rl.rollout import Completion, RolloutBatch
 from atlas_rl.speculators import NeuralSpeculator
 from atlas_rl.speculators.base import Speculator
@@ -96,6 +96,12 @@ class AtlasRolloutEngine:
             self.model_path = model
             self.llm = llm
         self.tokenizer = self.llm.get_tokenizer()
+        # problems that would ruin rollouts (a BOS the tokenizer forgets, an end-of-turn
+        # token that is no EOS): fixed here for prompts atlas-rl tokenizes, said once
+        self.tokenizer_check = check_tokenizer(self.tokenizer, self.model_path)
+        for problem in self.tokenizer_check.problems:
+            (logger.info if "no chat template" in problem else logger.warning)(
+                "atlas-rl: %s", problem)
         self.max_model_len = self.llm.llm_engine.model_config.max_model_len
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
         self._vllm_counters = backend.VllmSpecCounters(self.llm)
@@ -227,7 +233,13 @@ class AtlasRolloutEngine:
     def _learn(self, sequences: list[list[int]], rollout_seconds: float, skip=()) -> dict:
         budget = self.config.train_budget_fraction * rollout_seconds
         drafted = self._drafted_fraction_since_learn()
-        waits = drafted is not None and drafted < self.config.learn_min_drafted_fraction
+        neural = self.speculators.get("neural")
+        # a drafter that has never drafted (no static drafter, no draft vocabulary yet)
+        # learns from the first batches whatever the controller did: else it never starts
+        starting = isinstance(neural, NeuralSpeculator) and (
+            neural.vocab is None or (neural.version == 0 and neural.vocab_source != "static"))
+        waits = (drafted is not None and drafted < self.config.learn_min_drafted_fraction
+                 and not starting)
         if waits:  # not drafting: training would cost its budget for nothing
             skip = tuple(skip) + ("neural",)
         out = speculation_room.learn_all(self.speculators, sequences, budget, skip)
@@ -256,6 +268,9 @@ class AtlasRolloutEngine:
     def _prompt_ids(self, i: int, prompt: Prompt) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt)
+            bos = self.tokenizer_check.bos_token_id
+            if self.tokenizer_check.prepend_bos and (not ids or ids[0] != bos):
+                ids = [bos, *ids]
         elif isinstance(prompt, Sequence) and prompt and all(isinstance(m, Mapping) for m in prompt):
             if not getattr(self.tokenizer, "chat_template", None):
                 raise ValueError(
@@ -327,6 +342,8 @@ class AtlasRolloutEngine:
                 params.append(SamplingParams(
                     n=1, temperature=temperature, top_p=top_p, top_k=top_k,
                     max_tokens=max_tokens, stop=stop, logprobs=1, ignore_eos=bool(ignore_eos),
+                    stop_token_ids=None if ignore_eos else
+                    list(self.tokenizer_check.extra_stop_token_ids) or None,
                     seed=None if seed is None else _completion_seed(seed, index)))
 
         self.begin_batch()

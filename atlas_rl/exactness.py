@@ -48,8 +48,10 @@ def next_token_logprobs(model, prompt_ids: Sequence[int], completion_ids: Sequen
                         temperature: float = 1.0) -> torch.Tensor:
     """[len(completion), vocab] log-probabilities of each completion position's next
     token given the prefix, at `temperature`, in float64."""
+    from atlas_rl.bench import completion_logits
+
     ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
-    logits = model(ids).logits[0, len(prompt_ids) - 1: ids.shape[1] - 1].double()
+    logits = completion_logits(model, ids, len(completion_ids)).double()
     if temperature > 0:
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1)

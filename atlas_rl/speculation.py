@@ -59,7 +59,16 @@ def build_speculators(config: AtlasConfig, model_path: str, static: bool) -> dic
     if path is not None and (path / "neural.json").is_file():
         neural.load(path)
         logger.info("atlas-rl: static drafter from %s", path)
-    elif static:
+    elif not static:  # said once per engine; quieter where the user asked for none
+        (logger.warning if cfg.static_speculator == "auto" else logger.info)(
+            "atlas-rl: no static drafter for %r (AtlasConfig.static_speculator=%r): atlas "
+            "drafts from the suffix index and its history first, and learns its neural "
+            "drafter online from the first batch of rollouts (its draft vocabulary: the "
+            "%d tokens sampled most). Expect little speedup in the first steps; make a "
+            "static drafter with `atlas-rl train-speculator --model %s --prompts FILE "
+            "--out DIR` and pass AtlasConfig(static_speculator=DIR).",
+            model_path, cfg.static_speculator, cfg.draft_vocab_size, model_path)
+    else:
         logger.warning(
             "atlas-rl: atlas-static without a static drafter for %r (AtlasConfig."
             "static_speculator=%r): drafting from the suffix index only. Train one with "

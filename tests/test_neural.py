@@ -172,3 +172,93 @@ def test_save_load_roundtrip(tmp_path):
     assert other.propose(["x"], [[0] * 7], [5])[0].tokens == spec.propose(["x"], [[0] * 7], [5])[0].tokens
     with pytest.raises(ValueError, match="hidden size 32"):
         other.attach_target(torch.zeros(V, 16), torch.zeros(V, 16))  # another model
+
+
+# --- the draft vocabulary follows the rollouts (no static drafter: any tokenizer) --------
+
+class SkewedPolicy(SyntheticPolicy):
+    """The synthetic policy with its logits pushed towards a block of token ids: which
+    tokens it samples most is set by `favour` (a slice of the vocabulary)."""
+
+    def __init__(self, favour: slice, seed=0):
+        super().__init__(seed)
+        self.bias = torch.full((V,), -4.0)
+        self.bias[favour] = 2.0
+
+    def rollout(self, length):
+        h = self.norm(torch.randn(D, generator=self.g))
+        hs, toks = [], []
+        for _ in range(length):
+            p = torch.softmax(self.embed @ h + self.bias, -1)
+            x = int(torch.multinomial(p, 1, generator=self.g))
+            hs.append(h)
+            toks.append(x)
+            h = self.norm(self.A @ h + self.embed[x])
+        return torch.stack(hs), toks
+
+
+def test_draft_vocabulary_is_chosen_from_the_rollouts_and_follows_them():
+    """With fewer draft tokens than the vocabulary and no static drafter, the drafter has
+    no vocabulary (and drafts nothing) until a batch shows which tokens the policy
+    samples; it then takes the most frequent ones, reports their coverage, and re-chooses
+    them when the prompts move the policy elsewhere in the vocabulary."""
+    first = SkewedPolicy(slice(48, 72))
+    spec = NeuralSpeculator(draft_vocab_size=24, lr=3e-3)
+    spec.attach_target(first.embed, first.embed)
+    assert spec.vocab is None and not spec.ready
+    hs, toks = first.rollout(8)
+    spec.capture("live", hs, toks, 0)
+    assert spec.propose(["live"], [[0] * 9], [3])[0].tokens == []  # nothing to draft from
+    spec.finish("live")
+
+    _feed(spec, first)
+    stats = spec.learn(time_budget=None)
+    assert stats["draft_vocab_refreshed"] == 1.0 and spec.vocab_source == "rollouts"
+    assert stats["draft_vocab_coverage"] == 0.0  # no vocabulary was in force while sampling
+    assert len(spec.vocab) == 24 and torch.equal(spec.vocab, torch.sort(spec.vocab).values)
+    favoured = set(range(48, 72))
+    assert len(favoured & set(spec.vocab.tolist())) >= 20, spec.vocab.tolist()
+    assert stats["drafter_version"] == 1 and spec.ready  # it trained on the same batch
+
+    _feed(spec, first)
+    stats = spec.learn(time_budget=None)
+    assert stats["draft_vocab_coverage"] > 0.8 and stats["draft_vocab_refreshed"] == 0.0
+
+    moved = SkewedPolicy(slice(0, 24), seed=1)  # the prompts moved: other tokens now
+    moved.embed, moved.A = first.embed, first.A  # the same policy weights
+    refreshed = []
+    for _ in range(3):
+        _feed(spec, moved)
+        stats = spec.learn(time_budget=None)
+        refreshed.append(stats["draft_vocab_refreshed"])
+    assert refreshed[0] == 1.0, refreshed
+    assert stats["draft_vocab_coverage"] > 0.8  # of the moved policy's tokens
+    hs, toks = moved.rollout(8)
+    spec.begin_batch()
+    spec.capture("again", hs, toks, 0)
+    draft = spec.propose(["again"], [[0] * 9], [3])[0]
+    assert len(draft.tokens) == 3 and set(draft.tokens) <= set(spec.vocab.tolist())
+
+
+def test_a_frozen_drafter_keeps_its_vocabulary_and_the_vocabulary_saves():
+    policy = SkewedPolicy(slice(48, 72))
+    spec = NeuralSpeculator(draft_vocab_size=24, lr=3e-3)
+    spec.attach_target(policy.embed, policy.embed)
+    _feed(spec, policy)
+    spec.learn(time_budget=None)
+    vocab = spec.vocab.clone()
+    frozen = NeuralSpeculator(draft_vocab_size=24, frozen=True)
+    frozen.load_state(*spec.state())
+    frozen.attach_target(policy.embed, policy.embed)
+    assert torch.equal(frozen.vocab, vocab) and torch.equal(frozen.token_counts, spec.token_counts)
+    assert frozen.vocab_source == "rollouts"
+    elsewhere = SkewedPolicy(slice(0, 24), seed=2)
+    stats = frozen.observe_tokens(torch.tensor(elsewhere.rollout(64)[1]))
+    assert stats["draft_vocab_coverage"] < 0.5 and "draft_vocab_refreshed" not in stats
+    assert torch.equal(frozen.vocab, vocab)
+    # another rank takes rank 0's published drafter, its vocabulary included
+    other = NeuralSpeculator(draft_vocab_size=24)
+    other.attach_target(policy.embed, policy.embed)
+    assert other.vocab is None
+    other.load_published(spec.published())
+    assert torch.equal(other.vocab, vocab) and other.ready

@@ -114,6 +114,13 @@ class NeuralSpeculator(HiddenStateSpeculator):
         self._last: dict[object, tuple[torch.Tensor, int]] = {}  # key -> (h, last token)
         self._streams: dict[object, CapturedStream] = {}
         self._done: list[CapturedStream] = []  # finished streams waiting for learn()
+        # How often each token was sampled in the rollouts (decayed per batch): the
+        # draft vocabulary is re-chosen from it as the policy and the prompts move.
+        self.token_counts: torch.Tensor | None = None
+        self.vocab_source = "none"  # "all" | "rollouts" | "static" (a loaded drafter)
+        self._foreign_tokens: list[torch.Tensor] = []  # other ranks' sampled tokens
+        self._sampled_tokens: list[torch.Tensor] = []  # this one's, since `collect`
+        self._vocab_stats: dict[str, float] = {}
 
     @property
     def version(self) -> int:
@@ -143,9 +150,16 @@ class NeuralSpeculator(HiddenStateSpeculator):
                 f"the drafter was trained for hidden size {self.net.hidden_size}, but the "
                 f"policy's is {d}: train one for this model with `atlas-rl train-speculator`")
         self.net.to(embed.device)  # float32 weights beside the policy's tensors
-        if self.vocab is None:
-            self.vocab = torch.arange(min(self.draft_vocab_size, int(head.shape[0])))
-        if int(self.vocab.max()) >= int(head.shape[0]):
+        V = int(head.shape[0])
+        if self.vocab is None and self.draft_vocab_size >= V:
+            self.vocab, self.vocab_source = torch.arange(V), "all"
+        # else: no draft vocabulary until the first batch of rollouts chooses one
+        # (`learn`): token ids 0..k-1 are no guess for an unknown tokenizer (byte and
+        # special tokens lead many vocabularies), and an untrained drafter drafts nothing
+        # worth verifying anyway
+        if self.token_counts is None or self.token_counts.numel() != V:
+            self.token_counts = torch.zeros(V)
+        if self.vocab is not None and int(self.vocab.max()) >= V:
             raise ValueError(f"the drafter's vocabulary has token ids up to "
                              f"{int(self.vocab.max())}, beyond the policy's {int(head.shape[0])}")
         self._head_stale = True
@@ -155,7 +169,7 @@ class NeuralSpeculator(HiddenStateSpeculator):
 
     @property
     def ready(self) -> bool:
-        return self._embed is not None and self.net is not None
+        return self._embed is not None and self.net is not None and self.vocab is not None
 
     def _draft_dtype(self) -> torch.dtype:
         """Matmul dtype for drafting (the softmax and the sampling stay float32): a
@@ -201,6 +215,47 @@ class NeuralSpeculator(HiddenStateSpeculator):
         k = min(self.draft_vocab_size, counts.numel())
         self.vocab = torch.sort(torch.topk(counts.float(), k).indices).values
         self._head_stale = True
+
+    # The draft vocabulary follows the rollouts: token counts decay by this factor per
+    # batch (a half-life of ~2 batches), and the vocabulary is re-chosen when the most
+    # frequent tokens would cover this much more of the counted mass than it does.
+    COUNT_DECAY = 0.7
+    REFRESH_MARGIN = 0.01
+
+    def observe_tokens(self, tokens: torch.Tensor) -> dict[str, float]:
+        """Count a batch's sampled tokens and re-choose the draft vocabulary where the
+        counts say it no longer covers them (not for a frozen drafter). Returns the
+        coverage: the share of these tokens inside the draft vocabulary in force while
+        they were drafted, and whether it was re-chosen."""
+        if self.token_counts is None or not tokens.numel():
+            return {}
+        V = self.token_counts.numel()
+        tokens = tokens[(tokens >= 0) & (tokens < V)]
+        in_vocab = None
+        if self.vocab is not None:
+            member = torch.zeros(V, dtype=torch.bool)
+            member[self.vocab] = True
+            in_vocab = member
+        stats = {"draft_vocab_coverage": float(in_vocab[tokens].float().mean())
+                 if in_vocab is not None else 0.0}
+        if self.frozen or self.vocab_source == "all":
+            return stats
+        if self.vocab is not None and not bool(self.token_counts.any()):
+            # a prior for the vocabulary in force (a static drafter's, chosen on broad
+            # data): one count per token, so that one batch does not replace it whole
+            self.token_counts[self.vocab] = 1.0
+        self.token_counts.mul_(self.COUNT_DECAY).add_(torch.bincount(tokens, minlength=V).float())
+        total = float(self.token_counts.sum())
+        k = min(self.draft_vocab_size, V)
+        best = float(torch.topk(self.token_counts, k).values.sum()) / total
+        have = float(self.token_counts[in_vocab].sum()) / total if in_vocab is not None else 0.0
+        refreshed = best - have > self.REFRESH_MARGIN
+        if refreshed:
+            self.set_vocab_from_counts(self.token_counts)
+            self.vocab_source = "rollouts"
+            have = best
+        stats.update(draft_vocab_refreshed=float(refreshed), draft_vocab_counted_coverage=have)
+        return stats
 
     # --- hidden states seen during generation -------------------------------------------
 
@@ -294,12 +349,17 @@ class NeuralSpeculator(HiddenStateSpeculator):
             gen = self._device_generator = torch.Generator(device).manual_seed(self.seed)
         return gen
 
-    def take_captured(self) -> Rows | None:
+    def take_captured(self, count_tokens: bool = False) -> Rows | None:
         """The training rows (h_t, x_{t+1}, h_{t+1}) captured since the last call, or
-        None; the capture is emptied."""
+        None; the capture is emptied (``count_tokens``: its sampled tokens are kept for
+        the draft vocabulary's counts, `collect`)."""
         streams = self._done + list(self._streams.values())
         self._done, self._streams = [], {}
         xs, ts, ys = [], [], []
+        # every sampled token counts towards the draft vocabulary (`collect`), the last
+        # of a stream too, which makes no training row
+        if count_tokens:
+            self._sampled_tokens.extend(torch.tensor(s.tokens) for s in streams if s.tokens)
         for stream in streams:
             if len(stream.tokens) < 2:
                 continue
@@ -310,38 +370,53 @@ class NeuralSpeculator(HiddenStateSpeculator):
         return (torch.cat(xs), torch.cat(ts), torch.cat(ys)) if xs else None
 
     def collect(self) -> int:
-        """Move the hidden states captured since the last call into the training buffer;
+        """Move the hidden states captured since the last call into the training buffer
+        (their sampled tokens into the draft vocabulary's counts, `observe_tokens`);
         returns the number of new training rows."""
-        got = self.take_captured()
-        if got is None:
-            return 0
-        self.distiller.buffer.add(*got)
-        return len(got[1])
+        got = self.take_captured(count_tokens=True)
+        tokens, self._foreign_tokens = self._foreign_tokens + self._sampled_tokens, []
+        self._sampled_tokens = []
+        if got is not None:
+            self.distiller.buffer.add(*got)
+        if tokens:
+            self._vocab_stats = self.observe_tokens(torch.cat(tokens))
+        return len(got[1]) if got is not None else 0
 
     def add_captured(self, rows: Rows) -> None:
-        """Rows captured elsewhere (another rank's `take_captured`) into the buffer."""
+        """Rows captured elsewhere (another rank's `take_captured`) into the buffer;
+        their tokens are counted at the next `collect`."""
         self.distiller.buffer.add(*rows)
+        self._foreign_tokens.append(rows[1])
 
     def published(self) -> dict:
-        """The published drafter (weights and counters), e.g. to broadcast to other ranks."""
-        return self.distiller.published(self.net)
+        """The published drafter (weights, draft vocabulary and counters), e.g. to
+        broadcast to other ranks."""
+        return {**self.distiller.published(self.net),
+                "vocab": None if self.vocab is None else self.vocab.clone(),
+                "vocab_source": self.vocab_source}
 
     def load_published(self, state: dict) -> None:
         self.distiller.load_published(self.net, state)
+        if state.get("vocab") is not None and not torch.equal(
+                state["vocab"], self.vocab if self.vocab is not None else state["vocab"][:0]):
+            self.vocab, self._head_stale = state["vocab"].clone(), True
+        self.vocab_source = state.get("vocab_source", self.vocab_source)
 
     def learn(self, sequences=(), time_budget: float | None = None) -> dict[str, float]:
         """Train on the hidden states captured since the last call (the batch's rollouts;
         `sequences` themselves are not needed), for at most `time_budget` seconds."""
-        if self.frozen or not self.ready:
+        if self.frozen or self._embed is None or self.net is None:
             self._done, self._streams = [], {}
             return {}
         start = time.perf_counter()
+        self._vocab_stats = {}
         self.collect()
-        if not self.distiller.buffer:
-            return {}
+        if not self.distiller.buffer or self.vocab is None:
+            return dict(self._vocab_stats)
         if time_budget is not None:  # collecting the capture came out of the budget
             time_budget = max(0.0, time_budget - (time.perf_counter() - start))
-        return self.train(time_budget=time_budget, max_epochs=self.distiller.max_epochs)
+        stats = self.train(time_budget=time_budget, max_epochs=self.distiller.max_epochs)
+        return {**stats, **self._vocab_stats}
 
     def train(self, time_budget: float | None = None, max_epochs: int = 1,
               progress=None) -> dict[str, float]:
@@ -362,9 +437,13 @@ class NeuralSpeculator(HiddenStateSpeculator):
             return {}, {"empty": True}
         tensors = {f"net.{k}": v.detach().cpu().clone()
                    for k, v in self.net.state_dict().items()}
-        tensors["vocab"] = self.vocab.clone()
+        if self.vocab is not None:
+            tensors["vocab"] = self.vocab.clone()
+        if self.token_counts is not None and bool(self.token_counts.any()):
+            tensors["token_counts"] = self.token_counts.clone()
         d = self.distiller
         meta = {"hidden_size": self.net.hidden_size, "draft_vocab_size": self.draft_vocab_size,
+                "vocab_source": self.vocab_source,
                 "lr": d.lr, "version": d.version, "rollbacks": d.rollbacks, "loss_ema": d.loss_ema}
         return tensors, meta
 
@@ -374,7 +453,10 @@ class NeuralSpeculator(HiddenStateSpeculator):
         net = DrafterNet(int(meta["hidden_size"]))
         net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("net.")})
         self.net = net
-        self.vocab = tensors["vocab"].long()
+        self.vocab = tensors["vocab"].long() if "vocab" in tensors else None
+        self.vocab_source = meta.get("vocab_source", "static")
+        if "token_counts" in tensors:
+            self.token_counts = tensors["token_counts"].float().clone()
         self.draft_vocab_size = int(meta.get("draft_vocab_size", len(self.vocab)))
         d = self.distiller
         d.version = int(meta.get("version", 0))
