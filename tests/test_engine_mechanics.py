@@ -26,7 +26,12 @@ SPEC = dict(dtype="float32", speculate_always=True)
 
 @pytest.fixture(scope="module")
 def atlas(make_engine, tiny_model_path):
-    return make_engine(tiny_model_path, "atlas", **SPEC)
+    engine = make_engine(tiny_model_path, "atlas", **SPEC)
+    if engine.speculators["neural"].vocab is None:
+        # no static drafter for this model: the neural drafter takes its draft vocabulary
+        # from a first batch of rollouts (before it, it drafts nothing)
+        engine.update(engine.generate(PROMPTS, n=2, max_tokens=32, seed=0))
+    return engine
 
 
 @pytest.fixture(scope="module")
@@ -110,14 +115,21 @@ def test_batch_fields_and_logprobs(atlas):
     assert batch.stats["tokens_per_s"] == pytest.approx(batch.num_tokens / batch.stats["rollout_seconds"])
 
 
-def test_seeds_reproduce_and_group_completions_differ(atlas):
-    a = atlas.generate(PROMPTS[:2], n=4, temperature=1.0, max_tokens=24, seed=7)
-    b = atlas.generate(PROMPTS[:2], n=4, temperature=1.0, max_tokens=24, seed=7)
-    c = atlas.generate(PROMPTS[:2], n=4, temperature=1.0, max_tokens=24, seed=8)
+def test_seeds_reproduce_and_group_completions_differ(atlas, baseline):
+    """A seed reproduces the call where what is drafted is the same: without speculation
+    always. With speculation the tokens drawn depend on the drafts (rejection sampling
+    is exact in distribution, not per draw), and an adaptive drafter and controller
+    draft differently from one call to the next: the distribution is what holds (the
+    sampling tests of test_exactness)."""
+    a = baseline.generate(PROMPTS[:2], n=4, temperature=1.0, max_tokens=24, seed=7)
+    b = baseline.generate(PROMPTS[:2], n=4, temperature=1.0, max_tokens=24, seed=7)
     assert a.completion_ids == b.completion_ids
-    assert a.completion_ids != c.completion_ids
-    group = [tuple(x) for x in a.completion_ids[:4]]
-    assert len(set(group)) > 1, "the n completions of one prompt must differ"
+    for engine in (baseline, atlas):
+        a = engine.generate(PROMPTS[:2], n=4, temperature=1.0, max_tokens=24, seed=7)
+        c = engine.generate(PROMPTS[:2], n=4, temperature=1.0, max_tokens=24, seed=8)
+        assert a.completion_ids != c.completion_ids
+        group = [tuple(x) for x in a.completion_ids[:4]]
+        assert len(set(group)) > 1, "the n completions of one prompt must differ"
 
 
 def test_prompt_forms(atlas):
