@@ -184,3 +184,61 @@ def test_engine_fixes_bos_and_stops_at_the_end_of_turn(real_model_path, tmp_path
     # token-id prompts are the caller's own: left as given
     (c,) = engine.generate([[5, 6, 7]], n=1, temperature=0.0, max_tokens=2).completions
     assert c.prompt_ids == [5, 6, 7]
+
+
+def test_no_static_drafter_is_said_once_at_start(tmp_path, caplog):
+    """atlas on a model with no drafter says so (and what to expect, and how to make
+    one) when its speculators are built; atlas-static says it drafts from the suffix
+    index only; a user who asked for no static drafter is told at info level."""
+    import logging
+
+    from atlas_rl import AtlasConfig
+    from atlas_rl.speculation import build_speculators
+
+    model = str(tmp_path / "my-model")
+    with caplog.at_level(logging.INFO, logger="atlas_rl.speculation"):
+        specs = build_speculators(AtlasConfig(), model, static=False)
+    warned = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "no static drafter for" in warned[0].getMessage()
+    assert "atlas-rl train-speculator --model " + model in warned[0].getMessage()
+    assert specs["neural"].vocab is None
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="atlas_rl.speculation"):
+        build_speculators(AtlasConfig(static_speculator="none"), model, static=False)
+    assert [r.levelno for r in caplog.records if "no static drafter" in r.getMessage()] == [
+        logging.INFO]
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="atlas_rl.speculation"):
+        specs = build_speculators(AtlasConfig(), model, static=True)
+    assert "neural" not in specs
+    assert any("suffix index only" in r.getMessage() for r in caplog.records)
+
+
+def test_policy_logits_for_the_completion_only(tmp_path):
+    """The benchmark's GRPO step, its KL and the exactness checks ask the policy for the
+    logits of the completion positions only (transformers' logits_to_keep): the same
+    values as the full forward's slice, without a [prompt + completion, vocab] tensor."""
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from atlas_rl.bench import completion_logits
+
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(
+        vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids = torch.randint(0, 4096, (1, 40))
+    kept = []
+    forward = model.forward
+
+    def spy(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        kept.append(out.logits.shape[1])
+        return out
+
+    model.forward = spy
+    with torch.no_grad():
+        got = completion_logits(model, ids, 6)
+        full = forward(input_ids=ids).logits[0, 40 - 6 - 1: -1]
+    assert got.shape == (6, 4096) and kept == [7]  # 7 positions computed, not 40
+    torch.testing.assert_close(got, full)
