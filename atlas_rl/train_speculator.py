@@ -72,6 +72,10 @@ def train_static(cfg: TrainSpeculatorConfig, progress: bool = True) -> dict:
     neural.distiller.buffer.max_rows = 10**9
     neural.distiller.lr = cfg.lr
     counts = torch.zeros(engine.vocab_size)
+    say(f"budget: {len(prompts)} prompts x {cfg.completions} completions x <= {cfg.max_tokens} "
+        f"tokens = up to {len(prompts) * cfg.completions * cfg.max_tokens:,} token-positions of "
+        f"{cfg.model}'s own temperature-1 rollouts, then {cfg.epochs} epochs of distillation "
+        f"(draft vocabulary: the {cfg.draft_vocab_size} most frequent tokens)", flush=True)
     start = time.perf_counter()
     rows = 0
     for i in range(0, len(prompts), cfg.batch_prompts):
@@ -86,6 +90,7 @@ def train_static(cfg: TrainSpeculatorConfig, progress: bool = True) -> dict:
             f"{rows} training rows, {time.perf_counter() - start:.0f} s", flush=True)
     generate_seconds = time.perf_counter() - start
     neural.set_vocab_from_counts(counts)
+    neural.vocab_source = "static"  # chosen on the broad prompts, for this model
 
     # Hold out the newest rows for evaluation.
     h, tok, target = neural.distiller.buffer.rows()

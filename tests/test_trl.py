@@ -308,6 +308,10 @@ def test_recipe_parses_into_trl_and_atlas_configs():
     dataset = build_dataset(script)
     assert len(dataset) == script.num_prompts
     assert all(a is not None for a in dataset["answer"]) and dataset[0]["prompt"][-1]["role"] == "user"
+    # a base model without a chat template gets the same prompts as plain text
+    plain = build_dataset(script, chat_template=False)
+    assert isinstance(plain[0]["prompt"], str) and plain["answer"] == dataset["answer"]
+    assert plain[0]["prompt"].endswith(dataset[0]["prompt"][-1]["content"] + "\n")
 
 
 def test_reward_functions_trl_signature():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import random
 import time
@@ -34,9 +35,12 @@ from pathlib import Path
 
 import torch
 
+from atlas_rl.models import check_tokenizer
 from atlas_rl.speculators.distill import (expected_length, unrolled_acceptance, unrolled_loss,
                                           vocab_targets)
 from atlas_rl.speculators.drafter_net import Eagle3Net
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -90,9 +94,12 @@ def default_aux_layers(num_layers: int) -> list[int]:
                    max(num_layers - 3, 0)})
 
 
-def _prompt_ids(tokenizer, prompt) -> list[int]:
+def _prompt_ids(tokenizer, prompt, bos: int | None = None) -> list[int]:
+    """``bos``: prepend it to plain text (a tokenizer that forgets the BOS its model
+    expects: `models.check_tokenizer`)."""
     if isinstance(prompt, str):
-        return tokenizer.encode(prompt)
+        ids = tokenizer.encode(prompt)
+        return [bos, *ids] if bos is not None and (not ids or ids[0] != bos) else ids
     ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
@@ -241,7 +248,11 @@ def distil(cfg: Eagle3DistillConfig, say=print) -> dict:
     rng = random.Random(cfg.seed)
     rng.shuffle(prompts)
     n_held = max(1, int(round(cfg.holdout * len(prompts))))
-    ids = [_prompt_ids(tokenizer, p.prompt) for p in prompts]
+    check = check_tokenizer(tokenizer, cfg.model)
+    for problem in check.problems:
+        logger.warning("atlas-rl: %s", problem)
+    bos = check.bos_token_id if check.prepend_bos else None
+    ids = [_prompt_ids(tokenizer, p.prompt, bos) for p in prompts]
     t0 = time.perf_counter()
     cache = Path(cfg.rollouts_cache) if cfg.rollouts_cache else None
     if cache is not None and cache.is_file():

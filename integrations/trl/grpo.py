@@ -11,12 +11,15 @@ Works under ``accelerate launch`` / ``torchrun``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 import typing
 from dataclasses import dataclass, field
 
 from atlas_rl.config import AtlasConfig
+
+logger = logging.getLogger(__name__)
 
 ATLAS_PREFIX = "atlas_"
 
@@ -74,7 +77,10 @@ def build_parser():
                      prog="atlas-rl grpo")
 
 
-def build_dataset(script_args):
+def build_dataset(script_args, chat_template: bool = True):
+    """The prompts as a datasets.Dataset, in one form (TRL wants one per dataset): chat
+    messages where the model's tokenizer has a chat template, plain text where it has
+    none (a base model: message contents joined)."""
     from datasets import Dataset
 
     from atlas_rl import workloads
@@ -94,7 +100,13 @@ def build_dataset(script_args):
     else:
         prompts = workloads.load_prompt_file(name)
     kinds = {isinstance(p.prompt, str) for p in prompts}
-    if len(kinds) > 1:
+    if not chat_template and False in kinds:
+        logger.warning("atlas-rl grpo: the model's tokenizer has no chat template: chat "
+                       "prompts are given as plain text (message contents joined)")
+        prompts = [p if isinstance(p.prompt, str) else workloads.Prompt(
+            "\n\n".join(m["content"] for m in p.prompt) + "\n", p.domain, p.answer)
+            for p in prompts]
+    elif len(kinds) > 1:
         # TRL wants one prompt form per dataset: chat-format the plain ones.
         prompts = [workloads.Prompt([{"role": "user", "content": p.prompt}], p.domain, p.answer)
                    if isinstance(p.prompt, str) else p for p in prompts]
@@ -139,8 +151,11 @@ def main(argv=None) -> int:
     from atlas_rl.rewards import get_reward_funcs
 
     script_args, training_args, model_args, atlas_config = parse(argv)
+    from transformers import AutoTokenizer
+
     model = resolve_model(model_args.model_name_or_path or script_args.model)
-    dataset = build_dataset(script_args)
+    dataset = build_dataset(script_args, chat_template=bool(
+        getattr(AutoTokenizer.from_pretrained(model), "chat_template", None)))
     trainer = AtlasGRPOTrainer(
         model=model, reward_funcs=get_reward_funcs(script_args.reward_funcs),
         args=training_args, train_dataset=dataset, peft_config=get_peft_config(model_args),
