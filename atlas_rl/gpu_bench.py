@@ -233,6 +233,8 @@ def stage_drafter(cfg, device, deadline, save=_no_save) -> dict:
         embed = (torch.randn(vocab, d, generator=gen, device=device) * d ** -0.5).to(dtype)
         spec = NeuralSpeculator(draft_vocab_size=cfg["draft_vocab"], frozen=True)
         spec.attach_target(embed, embed)
+        if spec.vocab is None:  # a vocabulary as the rollouts would choose one
+            spec.set_vocab_from_counts(torch.rand(vocab, generator=torch.Generator().manual_seed(0)))
         rows = []
         result["models"][name] = {"hidden_size": d, "rows": rows}
         for batch in cfg["draft_batches"]:

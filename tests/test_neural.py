@@ -206,6 +206,7 @@ def test_draft_vocabulary_is_chosen_from_the_rollouts_and_follows_them():
     spec = NeuralSpeculator(draft_vocab_size=24, lr=3e-3)
     spec.attach_target(first.embed, first.embed)
     assert spec.vocab is None and not spec.ready
+    assert spec.draft_head_rows() is None  # no head rows to check after a sync yet
     hs, toks = first.rollout(8)
     spec.capture("live", hs, toks, 0)
     assert spec.propose(["live"], [[0] * 9], [3])[0].tokens == []  # nothing to draft from
@@ -262,3 +263,15 @@ def test_a_frozen_drafter_keeps_its_vocabulary_and_the_vocabulary_saves():
     assert other.vocab is None
     other.load_published(spec.published())
     assert torch.equal(other.vocab, vocab) and other.ready
+
+
+def test_a_drafter_without_a_vocabulary_yet_saves_and_loads(tmp_path):
+    """A server saves its state before the first batch chose a draft vocabulary."""
+    policy = SyntheticPolicy()
+    spec = NeuralSpeculator(draft_vocab_size=24)
+    spec.attach_target(policy.embed, policy.embed)
+    spec.save(tmp_path)
+    other = NeuralSpeculator(draft_vocab_size=24)
+    other.load(tmp_path)
+    other.attach_target(policy.embed, policy.embed)
+    assert other.vocab is None and not other.ready and other.draft_vocab_size == 24

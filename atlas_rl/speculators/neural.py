@@ -200,7 +200,7 @@ class NeuralSpeculator(HiddenStateSpeculator):
         return self._head_sub
 
     def draft_head_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self._head is None:
+        if self._head is None or self.vocab is None:  # no draft vocabulary chosen yet
             return None
         rows = self._sub_head()
         return self._vocab_dev, rows
@@ -393,7 +393,8 @@ class NeuralSpeculator(HiddenStateSpeculator):
         broadcast to other ranks."""
         return {**self.distiller.published(self.net),
                 "vocab": None if self.vocab is None else self.vocab.clone(),
-                "vocab_source": self.vocab_source}
+                "vocab_source": self.vocab_source,
+                "token_counts": None if self.token_counts is None else self.token_counts.clone()}
 
     def load_published(self, state: dict) -> None:
         self.distiller.load_published(self.net, state)
@@ -401,6 +402,8 @@ class NeuralSpeculator(HiddenStateSpeculator):
                 state["vocab"], self.vocab if self.vocab is not None else state["vocab"][:0]):
             self.vocab, self._head_stale = state["vocab"].clone(), True
         self.vocab_source = state.get("vocab_source", self.vocab_source)
+        if state.get("token_counts") is not None:  # every rank saves the same state
+            self.token_counts = state["token_counts"].clone()
 
     def learn(self, sequences=(), time_budget: float | None = None) -> dict[str, float]:
         """Train on the hidden states captured since the last call (the batch's rollouts;
@@ -457,7 +460,8 @@ class NeuralSpeculator(HiddenStateSpeculator):
         self.vocab_source = meta.get("vocab_source", "static")
         if "token_counts" in tensors:
             self.token_counts = tensors["token_counts"].float().clone()
-        self.draft_vocab_size = int(meta.get("draft_vocab_size", len(self.vocab)))
+        self.draft_vocab_size = int(meta.get("draft_vocab_size", len(self.vocab)
+                                             if self.vocab is not None else self.draft_vocab_size))
         d = self.distiller
         d.version = int(meta.get("version", 0))
         d.rollbacks = int(meta.get("rollbacks", 0))

@@ -105,8 +105,13 @@ def greedy_check() -> dict:
             # the drafter reads the policy just synced: its head rows are the gathered
             # policy's (in the engine's dtype), not a stale or zeroed copy
             neural = engine.speculators.get("neural")
-            if neural is not None:
-                ids, rows = neural.draft_head_rows()
+            head_rows = neural.draft_head_rows() if neural is not None else None
+            if neural is not None and head_rows is None and neural.vocab is None:
+                # no static drafter for this model: no draft vocabulary, so no head rows,
+                # until the first batch of rollouts chooses one
+                result["drafter_head_is_policys"] = "no draft vocabulary yet"
+            elif head_rows is not None:
+                ids, rows = head_rows
                 embed = model.get_input_embeddings().weight.detach()
                 result["drafter_head_is_policys"] = torch.equal(
                     rows, embed.to(neural._head.dtype).index_select(0, ids).float())
