@@ -133,6 +133,48 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class _MemoryLog:
+    """With ATLAS_RL_TEST_MEMORY_LOG=FILE: one line per test, the pytest process's RSS at
+    its end and the machine's least available memory while it ran (child processes, the
+    servers and multiprocess engines, included), to find the test that brings the suite
+    near the OOM killer."""
+
+    def __init__(self, path: str):
+        import threading
+
+        self.path, self.low = path, float("inf")
+        threading.Thread(target=self._watch, daemon=True).start()
+
+    @staticmethod
+    def available_gib() -> float:
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemAvailable"))
+        return kib / 2**20
+
+    def _watch(self) -> None:
+        import time
+
+        while True:
+            self.low = min(self.low, self.available_gib())
+            time.sleep(0.25)
+
+    def write(self, nodeid: str) -> None:
+        with open("/proc/self/status") as f:
+            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
+        with open(self.path, "a") as f:
+            f.write(f"{rss:6.2f} GiB rss  {self.low:6.2f} GiB least available  {nodeid}\n")
+        self.low = self.available_gib()
+
+
+_memory_log = (_MemoryLog(os.environ["ATLAS_RL_TEST_MEMORY_LOG"])
+               if os.environ.get("ATLAS_RL_TEST_MEMORY_LOG") else None)
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    if _memory_log is not None:
+        _memory_log.write(nodeid)
+
+
 def pytest_terminal_summary(terminalreporter):
     """The pytest process's peak resident memory (VmHWM; engines in child processes, the
     servers and multiprocess engines, are not in it): the suite must leave room beside it."""
