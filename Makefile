@@ -38,7 +38,7 @@ bench: setup
 		--out $(BENCH_OUT)/results.json --plot $(BENCH_OUT)/results.png $(BENCH_ARGS)
 
 test: setup
-	$(PY) -m pytest -q -ra $(PYTEST_ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
 
 # Mechanics only (tiny random models, no real-model exactness runs).
 test-fast: setup

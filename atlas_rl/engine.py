@@ -37,9 +37,17 @@ class NonFiniteLogitsError(RuntimeError):
     samples of the policy, and the generate call returns none of its completions."""
 
 
+def _nonfinite_position(c: Completion) -> int | None:
+    """Where a completion's first token drawn from NaN or inf logits is (its logprob is
+    not finite, or vLLM failed the request there: finish_reason "error"); None if nowhere."""
+    position = next((j for j, lp in enumerate(c.logprobs) if not math.isfinite(lp)), None)
+    if position is None and c.finish_reason == "error":
+        position = max(0, len(c.completion_ids) - 1)
+    return position
+
+
 def _nonfinite_message(completions: list[Completion]) -> str:
-    bad = [(i, next(j for j, lp in enumerate(c.logprobs) if not math.isfinite(lp)))
-           for i, c in enumerate(completions) if not all(map(math.isfinite, c.logprobs))]
+    bad = [(i, j) for i, j in enumerate(map(_nonfinite_position, completions)) if j is not None]
     first, position = bad[0]
     return (f"the policy computed NaN or inf logits: {len(bad)} of {len(completions)} "
             f"completions hold tokens drawn from them (first: completion {first}, token "
@@ -364,7 +372,7 @@ class AtlasRolloutEngine:
                 prompt_index=index // n, prompt_ids=list(out.prompt_token_ids),
                 completion_ids=token_ids, logprobs=logprobs, top1_logprobs=top1,
                 finish_reason=o.finish_reason or "length", text=o.text))
-        if not all(math.isfinite(lp) for c in completions for lp in c.logprobs):
+        if any(_nonfinite_position(c) is not None for c in completions):
             self._totals["nonfinite_generate_calls"] += 1
             raise NonFiniteLogitsError(_nonfinite_message(completions))
         self._totals["rollout_seconds"] += seconds

@@ -58,9 +58,10 @@ SOAK = {"bound": 20_000, "max_history_tokens": 10_000, "max_finished_live": 64, 
         "fill": 0.0, "requests": 960, "window": 80}
 
 
-def head_suffix_module():
-    """atlas_rl/speculators/suffix.py as committed (HEAD), imported as its own module."""
-    source = subprocess.run(["git", "show", "HEAD:atlas_rl/speculators/suffix.py"], cwd=ROOT,
+def head_suffix_module(ref: str = "HEAD"):
+    """atlas_rl/speculators/suffix.py as committed at `ref` (HEAD), imported as its own
+    module."""
+    source = subprocess.run(["git", "show", f"{ref}:atlas_rl/speculators/suffix.py"], cwd=ROOT,
                             check=True, capture_output=True, text=True).stdout
     path = Path(tempfile.mkdtemp()) / "suffix_head.py"
     path.write_text(source)
@@ -393,6 +394,9 @@ def main() -> None:
     ap.add_argument("--lookahead", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1, help="runs of each, alternating")
     ap.add_argument("--impl", choices=("both", "head", "working"), default="both")
+    ap.add_argument("--base", default="HEAD",
+                    help="the git commit 'head' is taken from (38375d5~1: the last whole-"
+                         "corpus rebuild)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--progress", type=int, default=0, help="a line every this many steps")
     ap.add_argument("--out", default="suffix-eviction.json")
@@ -404,7 +408,7 @@ def main() -> None:
     from atlas_rl.machine import machine_info
     from atlas_rl.speculators import suffix as working
 
-    impls = {"head": head_suffix_module, "working": lambda: working}
+    impls = {"head": lambda: head_suffix_module(args.base), "working": lambda: working}
     names = list(impls) if args.impl == "both" else [args.impl]
     machine = machine_info("-")
     print(f"CPU: {machine['cpu']} ({machine['cores']} cores); load average "

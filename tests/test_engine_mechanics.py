@@ -270,6 +270,23 @@ def test_nan_logits_fail_the_generate_call_and_the_engine_recovers(make_engine, 
     with pytest.raises(NonFiniteLogitsError, match="completion 0, token 0"):
         engine.generate(PROMPTS[:2], temperature=0.0, max_tokens=12)
     assert engine.stats()["nonfinite_generate_calls"] == 2
+    # Below the engine: vLLM itself failed each request at its first token (the scheduler
+    # finished it with an error), on steps with drafts and without, logprobs asked or not.
+    from vllm import SamplingParams
+
+    assert engine.stats()["vllm_hooks"]["failed_requests"] == "applied"
+    for params in (SamplingParams(temperature=1.0, max_tokens=12, seed=1),
+                   SamplingParams(temperature=0.0, max_tokens=12, logprobs=1)):
+        for out in engine.llm.generate(PROMPTS[:2], params, use_tqdm=False):
+            assert out.outputs[0].finish_reason == "error", out.outputs[0]
+            assert len(out.outputs[0].token_ids) <= 1, out.outputs[0].token_ids
+    # Finite weights whose activations overflow (what the sync's checks cannot see): the
+    # same failure.
+    overflow = dict(good, **{"model.norm.weight": torch.full_like(good["model.norm.weight"],
+                                                                  3e38)})
+    engine.sync_weights(overflow)
+    with pytest.raises(NonFiniteLogitsError, match="8 of 8 completions"):
+        engine.generate(PROMPTS[:2], n=4, max_tokens=12, seed=0)
     engine.sync_weights(good)
     assert engine.generate(PROMPTS[:2], temperature=0.0, max_tokens=12).completion_ids == want
 

@@ -437,6 +437,24 @@ def test_the_server_holds_under_load_faults_and_bad_input(real_model_path, serve
         assert not list(Path(client_.atlas_transfer_dir).iterdir())  # no file left behind
         del new_policy
 
+        # finite weights whose activations overflow (the sync's checks cannot see it): the
+        # logits are NaN, each request fails (500, counted) instead of returning tokens
+        # drawn from them, and the server serves on once sound weights are back
+        norm = "model.norm.weight"
+        meta = [(norm, "float32", [576])]
+        client_.update_named_params(meta, iter([(norm, torch.full((576,), 3e38))]))
+        for temperature in (1.0, 0.0):
+            status, answer = server.request("/v1/completions", {
+                "model": model, "prompt": PROMPT, "max_tokens": 8, "temperature": temperature})
+            assert status == 500, (temperature, answer)
+        client_.update_named_params(meta, iter([(norm, policy.model.norm.weight.detach())]))
+        assert server_greedy() == synced
+        time.sleep(1.0)
+        samples = server.metrics()
+        assert samples["atlas_failed_requests_total"] == 2, samples.get("atlas_failed_requests_total")
+        assert samples["atlas_nonfinite_logit_rows_total"] >= 2
+        assert "logits were NaN or inf" in server.log_path.read_text()
+
         # state: the server learnt from what it served, and saves on request
         status, answer = server.request("/atlas/learn", {})
         assert status == 200

@@ -18,6 +18,8 @@ atlas_proposer_step    runner.propose_draft_token_ids, _update_states     atlas 
 draft_probs            runner._draft_probs, runner._draft_prob_req_ids    atlas       atlas engines
 aux_hidden_states      runner.use_aux_hidden_state_outputs (+ the model's atlas       atlas engines
                        own set_aux_hidden_state_layers)                               with EAGLE-3
+failed_requests        runner.sample_tokens (instance); Scheduler.        atlas       atlas engines
+                       update_from_output (class)
 step_times             runner.execute_model, runner.sample_tokens (inst.) measurement every engine
 spec_counters          engine.logger_manager.record (instance)            measurement every engine
 layerwise_reset        LAYERWISE_INFO[layer].load_numel (state reset)     rollback    failed syncs
@@ -109,6 +111,15 @@ HOOKS: tuple[Hook, ...] = (
          "captures them only for its own eagle3 method, so the custom_class runner is told to",
          "no EAGLE-3 interface on the model or no such flag: the drafter gets no features "
          "and drafts nothing (the other speculators go on)"),
+    Hook("failed_requests", "model_runner.sample_tokens (instance): ModelRunnerOutput."
+         "num_nans_in_logits; vllm.v1.core.sched.scheduler.Scheduler.update_from_output (class)",
+         "atlas", "atlas engines (the scheduler: every process; it acts on atlas engines only)",
+         "a token drawn from NaN or inf logits is not a sample of the policy: the request "
+         "fails (vLLM's FINISHED_ERROR: finish_reason 'error', a 500 on a server) instead "
+         "of returning it; the sampler finds the rows, vLLM's own per-request NaN field "
+         "carries them to the scheduler",
+         "signature changed: such requests are counted (atlas_nonfinite_rows) and the "
+         "engine's generate call still fails on their NaN logprobs; a server returns them"),
     Hook("step_times", "model_runner.execute_model / sample_tokens (instance)",
          "measurement", "every engine",
          "where an engine step's time goes (forward vs sampling+drafting)",

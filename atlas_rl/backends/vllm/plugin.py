@@ -54,6 +54,9 @@ def register() -> None:
     _install_config_hook(hooks)
     _install_worker_hook(hooks)
     _install_sleep_hook(hooks)
+    from atlas_rl.backends.vllm.sampler import fail_nonfinite_requests
+
+    fail_nonfinite_requests()  # the scheduler, wherever vLLM runs it
     from atlas_rl.backends.vllm.weight_transfer import register_backend
 
     register_backend()

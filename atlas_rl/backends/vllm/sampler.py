@@ -109,10 +109,111 @@ def attach(runner, atlas_verifies: bool) -> bool:
             return False
         hooks.retype(sampler, AtlasRejectionSampler, key="atlas_sampler")
         hooks.assign(sampler, {"atlas_calls": {"atlas": 0, "vllm": 0},
-                               "atlas_nonfinite_rows": 0}, key="atlas_sampler")
+                               "atlas_nonfinite_rows": 0, "atlas_failed": []},
+                     key="atlas_sampler")
     hooks.assign(sampler, {"atlas_verifies": bool(atlas_verifies)}, key="atlas_sampler")
     _record_status(atlas_verifies)
+    _hand_failed_requests_over(runner, sampler)
     return True
+
+
+# --- requests whose tokens came from NaN or inf logits ---------------------------------
+
+def _hand_failed_requests_over(runner, sampler) -> None:
+    """After each sampling step, name the requests whose tokens were drawn from NaN or inf
+    logits (`AtlasRejectionSampler.atlas_failed`) in vLLM's own per-request field,
+    ``ModelRunnerOutput.num_nans_in_logits``, which reaches the scheduler in whatever
+    process it runs; `fail_nonfinite_requests` finishes them there with an error."""
+    original = runner.sample_tokens
+
+    def sample_tokens(*args, **kwargs):
+        sampler.atlas_failed = []
+        output = original(*args, **kwargs)
+        failed, sampler.atlas_failed = sampler.atlas_failed, []
+        req_ids = getattr(output, "req_ids", None)
+        if failed and req_ids is not None and hasattr(output, "num_nans_in_logits"):
+            nans = dict(output.num_nans_in_logits or {})
+            for index in failed:
+                nans[req_ids[index]] = max(1, nans.get(req_ids[index], 0))
+            output.num_nans_in_logits = nans
+        return output
+
+    if hooks.patch(runner, "sample_tokens", sample_tokens, key="failed_requests"):
+        fail_nonfinite_requests()  # the scheduler of an in-process engine
+        if "failed_requests" not in hooks.status():
+            hooks.record("failed_requests", "applied")
+
+
+_SCHEDULER_PARAMS = ("self", "scheduler_output", "model_runner_output")
+
+
+def fail_nonfinite_requests() -> None:
+    """Make the scheduler finish a request of an atlas engine whose ``ModelRunnerOutput``
+    reports NaN or inf logits with vLLM's ``FINISHED_ERROR`` (finish_reason "error"; the
+    OpenAI server answers 500, ``LLM.generate`` returns it, `AtlasRolloutEngine.generate`
+    raises), and say so in the log. The tokens of that step are delivered with the error
+    finish, none after it. Engines without atlas-rl's speculative config are left as
+    vLLM has them (vLLM fills the field itself only with VLLM_COMPUTE_NANS_IN_LOGITS=1, for
+    its statistics). Installed in every process (the plugin; the in-process engine's
+    `attach`); idempotent."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    original = Scheduler.update_from_output
+    if hooks.hook_of(original) == "failed_requests":
+        return
+    if tuple(inspect.signature(original).parameters) != _SCHEDULER_PARAMS:
+        hooks.record("failed_requests", "not applied: Scheduler.update_from_output's "
+                     "signature changed; requests with NaN or inf logits are counted, not failed")
+        return
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        failed = _reported_failed(self, model_runner_output)
+        outputs = original(self, scheduler_output, model_runner_output)
+        if failed:
+            _finish_with_error(self, outputs, failed)
+        return outputs
+
+    hooks.patch(Scheduler, "update_from_output", update_from_output, key="failed_requests")
+    hooks.record("failed_requests", "applied")
+
+
+def _reported_failed(scheduler, model_runner_output) -> list[str]:
+    nans = getattr(model_runner_output, "num_nans_in_logits", None)
+    if not nans or not _is_atlas_engine(scheduler):
+        return []
+    return [req_id for req_id, count in nans.items() if count]
+
+
+def _is_atlas_engine(scheduler) -> bool:
+    from atlas_rl.backends.vllm.plugin import PROPOSER_CLASS
+
+    spec = getattr(getattr(scheduler, "vllm_config", None), "speculative_config", None)
+    return getattr(spec, "method", None) == "custom_class" and \
+        getattr(spec, "model", None) == PROPOSER_CLASS
+
+
+def _finish_with_error(scheduler, outputs, failed: list[str]) -> None:
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, FinishReason
+    from vllm.v1.request import RequestStatus
+
+    failed_set, carried = set(failed), set()
+    for batch in outputs.values():
+        for out in batch.outputs:
+            if out.request_id in failed_set:
+                out.finish_reason = FinishReason.ERROR
+                carried.add(out.request_id)
+    for request in scheduler.finish_requests(failed, RequestStatus.FINISHED_ERROR):
+        if request.request_id not in carried:
+            error = EngineCoreOutput(request_id=request.request_id, new_token_ids=[],
+                                     finish_reason=FinishReason.ERROR)
+            if request.client_index in outputs:
+                outputs[request.client_index].outputs.append(error)
+            else:
+                outputs[request.client_index] = EngineCoreOutputs(outputs=[error])
+    logger.error("atlas-rl: request(s) %s failed: the policy's logits were NaN or inf where "
+                 "their next token was drawn, so that token is not a sample of the policy "
+                 "(diverged weights or activations, e.g. a bf16 overflow after an update); "
+                 "the engine goes on serving the others", ", ".join(sorted(failed_set)))
 
 
 def _record_status(atlas_verifies: bool) -> None:
@@ -135,9 +236,42 @@ class AtlasRejectionSampler(rs.RejectionSampler):
     atlas_verifies: bool = True
     atlas_calls: dict[str, int]
     atlas_nonfinite_rows: int = 0  # logits rows seen NaN or inf (verification, logprobs)
+    atlas_failed: list[int]  # this step's requests (batch rows) whose tokens they drew
+    atlas_failed_requests: int = 0  # requests failed for it (cumulative)
+    _unchecked: str | None = None
+    _counted: int = 0
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
+        # Which logits rows drew tokens without a log-sum-exp of ours to show whether
+        # they are finite: "all", "bonus" (vLLM's sampler drew the bonus tokens) or None.
+        self._unchecked, self._counted = "all", 0
+        out = self._forward(metadata, draft_probs, logits, sampling_metadata)
+        if logits is not None and (self._counted or self._unchecked):
+            self._find_failed(metadata, logits)
+        return out
+
+    def _find_failed(self, metadata, logits) -> None:
+        """`atlas_failed`: the requests with a NaN or +inf logit in a row their tokens came
+        from (a row sum is NaN or +inf; -inf alone is a masked token). One pass over the
+        unchecked rows (the batch's rows on a step without drafts); all rows once the
+        verifier has counted one."""
+        counts = torch.as_tensor([int(c) for c in metadata.num_draft_tokens], dtype=torch.long)
+        whole = self._counted or self._unchecked == "all"
+        rows = logits if whole else logits[metadata.bonus_logits_indices]
+        total = rows.sum(-1, dtype=torch.float32)
+        bad = torch.isnan(total) | (total == float("inf"))
+        if not bool(bad.any()):
+            return
+        if not self._counted:
+            self._note_nonfinite(int(bad.sum()), "sampled rows")
+        owner = (torch.repeat_interleave(torch.arange(len(counts)), counts + 1)
+                 if whole and rows.shape[0] != len(counts) else torch.arange(len(counts)))
+        self.atlas_failed = sorted(set(owner[bad.cpu()].tolist()))
+        self.atlas_failed_requests += len(self.atlas_failed)
+
+    def _forward(self, metadata, draft_probs, logits, sampling_metadata):
         if self._plain_step(metadata, draft_probs, logits, sampling_metadata):
+            self._unchecked = "all"  # (after the self-check, which samples a batch of its own)
             return self.sampler(logits=logits, sampling_metadata=sampling_metadata)
         if (metadata.max_spec_len == 0 and draft_probs is None and not self.synthetic_mode
                 and hooks.enabled()):  # no draft anywhere: nothing to accept or recover
@@ -149,6 +283,7 @@ class AtlasRejectionSampler(rs.RejectionSampler):
             self.atlas_calls["atlas"] += 1
             return self._sample(metadata, draft_probs, logits, sampling_metadata)
         self.atlas_calls["vllm"] += 1
+        self._unchecked = "all"
         if packed:  # e.g. greedy and random requests in one batch: vLLM verifies, densely
             ids, q = unpack_sparse_q(draft_probs)
             draft_probs = torch.zeros(ids.shape[0], vocab_size, dtype=torch.float32,
@@ -189,6 +324,8 @@ class AtlasRejectionSampler(rs.RejectionSampler):
         vLLM's sampler draws every request's bonus token first, as vLLM does."""
         sm = sampling_metadata
         own_bonus = metadata.max_spec_len > 0 and draws_bonus_itself(sm, logits)
+        # the verifier normalises every row it draws from; vLLM's sampler the bonus rows
+        self._unchecked = None if own_bonus else "bonus"
         if own_bonus:
             bonus_ids, bonus_logits = None, self._processed_bonus_logits(logits, metadata, sm)
         else:
@@ -269,6 +406,7 @@ class AtlasRejectionSampler(rs.RejectionSampler):
         stats); the engine fails the generate call whose completions hold their tokens."""
         if not rows:
             return
+        self._counted += int(rows)
         if not self.atlas_nonfinite_rows:
             logger.error("atlas-rl: the policy's logits are NaN or inf in %d row(s) at %s: "
                          "tokens drawn there are not samples of the policy (diverged weights "

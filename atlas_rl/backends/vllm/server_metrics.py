@@ -39,6 +39,10 @@ COUNTERS = (
     ("updates", "online updates of the speculators"),
     ("update_seconds", "seconds spent in online updates"),
     ("propose_seconds", "seconds spent in the proposer"),
+    ("nonfinite_logit_rows", "logits rows found NaN or inf where tokens were drawn (a "
+                             "diverged policy)"),
+    ("failed_requests", "requests failed because a token of theirs was drawn from NaN or "
+                        "inf logits (finish_reason 'error')"),
 )
 GAUGES = (
     ("acceptance_length", "tokens per verified draft, 1 + accepted / drafts (cumulative)"),
@@ -58,6 +62,8 @@ def snapshot(proposer, work) -> dict:
             "accepted_tokens": c.num_accepted_tokens, "request_steps": c.request_steps,
             "speculator_errors": c.speculator_errors, "updates": work.learns,
             "update_seconds": work.update_seconds, "propose_seconds": c.propose_seconds,
+            "nonfinite_logit_rows": int(getattr(work.sampler, "atlas_nonfinite_rows", 0)),
+            "failed_requests": int(getattr(work.sampler, "atlas_failed_requests", 0)),
             "acceptance_length": 1.0 + c.num_accepted_tokens / c.num_drafts if c.num_drafts else 1.0,
             "published_version": work.published_version(),
             "restored": int(work.restored),

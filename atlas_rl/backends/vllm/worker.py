@@ -107,6 +107,7 @@ class WorkerSpeculation:
         self.fingerprint: int | None = None
         self.last_update: dict = {}
         self.update_seconds = 0.0
+        self.sampler = None  # the runner's AtlasRejectionSampler (its NaN counters)
         self._generation_seconds = 0.0
         self._last_step: float | None = None
         self.metrics = None  # last: its thread reads the fields above
@@ -230,6 +231,7 @@ def setup_in_worker(runner, proposer) -> bool:
     hooks.install_process_hooks()
     hooks.install_after_build(None)
     hooks.install_atlas(runner, proposer, work.config.verifier)
+    work.sampler = getattr(runner, "rejection_sampler", None)
     _log_where_vllm_logs()
     if work.state_dir and (Path(work.state_dir) / speculation_room.STATE_FILE).is_file():
         work.load(work.state_dir)  # raises on another model's or a broken state
