@@ -124,7 +124,9 @@ def _hand_failed_requests_over(runner, sampler) -> None:
     logits (`AtlasRejectionSampler.atlas_failed`) in vLLM's own per-request field,
     ``ModelRunnerOutput.num_nans_in_logits``, which reaches the scheduler in whatever
     process it runs; `fail_nonfinite_requests` finishes them there with an error."""
-    original = runner.sample_tokens
+    original = getattr(runner, "sample_tokens", None)
+    if original is None:  # a runner of another shape: the requests are counted, not failed
+        return
 
     def sample_tokens(*args, **kwargs):
         sampler.atlas_failed = []
@@ -243,35 +245,42 @@ class AtlasRejectionSampler(rs.RejectionSampler):
 
     def forward(self, metadata, draft_probs, logits, sampling_metadata):
         # Which logits rows drew tokens without a log-sum-exp of ours to show whether
-        # they are finite: "all", "bonus" (vLLM's sampler drew the bonus tokens) or None.
+        # they are finite: "plain" (the plain sampler: one row per request), "all",
+        # "bonus" (vLLM's sampler drew the bonus tokens) or None.
         self._unchecked, self._counted = "all", 0
         out = self._forward(metadata, draft_probs, logits, sampling_metadata)
         if logits is not None and (self._counted or self._unchecked):
-            self._find_failed(metadata, logits)
+            self._find_failed(metadata, logits, out)
         return out
 
-    def _find_failed(self, metadata, logits) -> None:
+    def _find_failed(self, metadata, logits, out) -> None:
         """`atlas_failed`: the requests with a NaN or +inf logit in a row their tokens came
-        from (a row sum is NaN or +inf; -inf alone is a masked token). One pass over the
-        unchecked rows (the batch's rows on a step without drafts); all rows once the
+        from. On a plain step that returned logprobs, the sampled tokens' own (NaN or inf
+        exactly where their row holds a NaN or +inf: free); otherwise a row sum (NaN or
+        +inf; -inf alone is a masked token) over the unchecked rows, all of them once the
         verifier has counted one."""
         counts = torch.as_tensor([int(c) for c in metadata.num_draft_tokens], dtype=torch.long)
-        whole = self._counted or self._unchecked == "all"
-        rows = logits if whole else logits[metadata.bonus_logits_indices]
-        total = rows.sum(-1, dtype=torch.float32)
-        bad = torch.isnan(total) | (total == float("inf"))
+        whole = self._counted or self._unchecked != "bonus"
+        lp = getattr(out, "logprobs_tensors", None)
+        mode = str(getattr(self.sampler, "logprobs_mode", ""))
+        if self._unchecked == "plain" and lp is not None and mode.endswith("logprobs"):
+            bad = ~torch.isfinite(lp.logprobs[:, 0])
+        else:
+            rows = logits if whole else logits[metadata.bonus_logits_indices]
+            total = rows.sum(-1, dtype=torch.float32)
+            bad = torch.isnan(total) | (total == float("inf"))
         if not bool(bad.any()):
             return
         if not self._counted:
             self._note_nonfinite(int(bad.sum()), "sampled rows")
         owner = (torch.repeat_interleave(torch.arange(len(counts)), counts + 1)
-                 if whole and rows.shape[0] != len(counts) else torch.arange(len(counts)))
+                 if bad.shape[0] != len(counts) else torch.arange(len(counts)))
         self.atlas_failed = sorted(set(owner[bad.cpu()].tolist()))
         self.atlas_failed_requests += len(self.atlas_failed)
 
     def _forward(self, metadata, draft_probs, logits, sampling_metadata):
         if self._plain_step(metadata, draft_probs, logits, sampling_metadata):
-            self._unchecked = "all"  # (after the self-check, which samples a batch of its own)
+            self._unchecked = "plain"  # (after the self-check, which samples batches too)
             return self.sampler(logits=logits, sampling_metadata=sampling_metadata)
         if (metadata.max_spec_len == 0 and draft_probs is None and not self.synthetic_mode
                 and hooks.enabled()):  # no draft anywhere: nothing to accept or recover
