@@ -86,11 +86,15 @@ INTERVAL_LEVEL = 0.90
 BOOTSTRAP_SAMPLES = 2000
 # What the exactness check tolerates, by the engines' dtype. float32 engines against the
 # float32 policy (transformers): logprobs agree to ~5e-5 (measured); greedy outputs are
-# identical. bfloat16 (8 mantissa bits) moves a token's logprob by up to ~0.4 (measured
-# 0.30-0.42 on SmolLM2-135M), and greedy near-ties flip between batch shapes for every
-# method, vLLM's own included: a greedy difference counts only where the float32 policy
-# separates the two tokens by more than that tolerance.
+# identical. bfloat16 (8 mantissa bits) moves a token's logprob by ~0.06 on average and up
+# to ~0.4 for 99 tokens in 100 (measured 0.30-0.42 on SmolLM2-135M), but the odd token
+# deep in the tail of its distribution by nats, in every method alike, vLLM's own included
+# (one token 3.0 nats off in all five methods of one run: docs/bench/tail-fixed-bf16-*):
+# in bfloat16 the 99th percentile of the errors is judged, not the largest. Greedy
+# near-ties flip between batch shapes for every method in bfloat16: a greedy difference
+# counts only where the float32 policy separates the two tokens by more than the tolerance.
 LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5}
+LOGPROB_STATISTIC = {"float32": "max", "bfloat16": "p99"}
 # What --quick changes: two steps (one per domain; with epochs, the second revisits the
 # first's prompts), short completions (and one large batch, on the last step:
 # `BenchConfig.quick_preset`).
@@ -188,8 +192,8 @@ class BenchConfig:
                 "MLP one), eagle3 (the bundled EAGLE-3 one) or mlp"})
     dtype: str = field(default="float32", metadata={
         "help": "every engine's dtype: float32 (the default on every CPU: exactness is "
-                "judged to 1e-3 in logprobs), bfloat16 (logprobs within 0.5 of the float32 "
-                "policy, greedy identity up to near-ties) or auto (what AtlasRolloutEngine "
+                "judged to 1e-3 in logprobs), bfloat16 (99 logprobs in 100 within 0.5 of the "
+                "float32 policy, greedy identity up to near-ties) or auto (what AtlasRolloutEngine "
                 "runs by default: bfloat16, float32 on CPUs without bf16 units)",
         "choices": ("auto", *LOGPROB_TOLERANCE)})
     quick: bool = field(default=False, metadata={
@@ -901,8 +905,10 @@ class _BenchRun:
                "greedy_near_ties": self.greedy_ties[m], "judged_in": self.dtype}
         if self.cfg.temperature > 0:
             check = sampling_check(torch.cat(self.pit[m][0]), torch.cat(self.pit[m][1]))
+            statistic = LOGPROB_STATISTIC[self.dtype]
             out.update(check.as_dict(), logprob_tolerance=self.tol,
-                       distribution_ok=check.passed(1e-3, self.tol))
+                       logprob_judged_on=statistic,
+                       distribution_ok=check.passed(1e-3, self.tol, statistic))
         else:
             out["distribution_ok"] = True  # greedy: identity is the whole check
         out["exact"] = not self.greedy_fail[m] and out["distribution_ok"]

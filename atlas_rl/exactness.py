@@ -25,14 +25,21 @@ class SamplingCheck:
     ks_pvalue: float
     logprob_max_abs_err: float
     logprob_mean_abs_err: float
+    logprob_p99_abs_err: float = float("nan")
 
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def passed(self, alpha: float = 1e-3, logprob_tol: float = 1e-3) -> bool:
-        """Uniform PIT values (KS p above alpha) and logprobs within tolerance. NaN
-        logprobs (what vLLM's CPU sampling bug produces) fail."""
-        return self.ks_pvalue > alpha and self.logprob_max_abs_err < logprob_tol
+    def passed(self, alpha: float = 1e-3, logprob_tol: float = 1e-3,
+               statistic: str = "max") -> bool:
+        """Uniform PIT values (KS p above alpha) and logprobs within tolerance: every one
+        (``statistic="max"``, float32), or 99 in 100 (``"p99"``: bfloat16, where a token
+        deep in the tail of its distribution can be nats off in every engine, vLLM's own
+        included). NaN logprobs (what vLLM's CPU sampling bug produces) fail."""
+        if statistic not in ("max", "p99"):
+            raise ValueError(f"statistic must be 'max' or 'p99', got {statistic!r}")
+        err = self.logprob_max_abs_err if statistic == "max" else self.logprob_p99_abs_err
+        return self.ks_pvalue > alpha and err < logprob_tol
 
 
 def load_reference_model(model_path: str, dtype: torch.dtype = torch.float32):
@@ -94,7 +101,10 @@ def sampling_check(u: torch.Tensor, err: torch.Tensor) -> SamplingCheck:
     return SamplingCheck(num_tokens=len(u), ks_statistic=float(ks.statistic),
                          ks_pvalue=float(ks.pvalue),
                          logprob_max_abs_err=float(err.max()),
-                         logprob_mean_abs_err=float(err.mean()))
+                         logprob_mean_abs_err=float(err.mean()),
+                         # (NaN anywhere makes it NaN: it fails, as the max does)
+                         logprob_p99_abs_err=float(err.quantile(0.99)) if not
+                         bool(err.isnan().any()) else float("nan"))
 
 
 def check_sampling(model, batch, temperature: float = 1.0, seed: int = 0) -> SamplingCheck:
