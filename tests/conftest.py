@@ -76,10 +76,9 @@ def release_memory() -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def _release_memory_after_each_module():
-    """What a module dropped (trainers with colocated engines, their optimizers: ~10 GB
-    after tests/test_trl.py, freed only in reference cycles) is collected and handed back
-    at the module's end, not whenever the next engine fixture happens to: the suite's
-    peak stays bounded wherever the modules it runs sit."""
+    """What a module dropped is collected and handed back to the OS at the module's end,
+    not whenever the next module's engine fixture happens to (glibc keeps freed heap
+    otherwise): the suite's peak stays bounded wherever the modules it runs sit."""
     yield
     release_memory()
 

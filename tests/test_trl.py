@@ -263,8 +263,7 @@ def _isolated():
     yield
     os.environ.clear()
     os.environ.update(saved)
-    gc.collect()
-    _free_leftover_engines(before)
+    _free_leftover_engines(before)  # (collects first)
 
 
 def _free_leftover_engines(before: set[int]) -> None:
@@ -279,6 +278,7 @@ def _free_leftover_engines(before: set[int]) -> None:
     from atlas_rl.engine import AtlasRolloutEngine
     from tests.conftest import release_memory
 
+    gc.collect()
     left = [o for o in gc.get_objects()
             if isinstance(o, AtlasRolloutEngine) and id(o) not in before]
     for engine in left:

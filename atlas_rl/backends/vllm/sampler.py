@@ -142,8 +142,6 @@ def _hand_failed_requests_over(runner, sampler) -> None:
 
     if hooks.patch(runner, "sample_tokens", sample_tokens, key="failed_requests"):
         fail_nonfinite_requests()  # the scheduler of an in-process engine
-        if "failed_requests" not in hooks.status():
-            hooks.record("failed_requests", "applied")
 
 
 _SCHEDULER_PARAMS = ("self", "scheduler_output", "model_runner_output")
@@ -259,7 +257,6 @@ class AtlasRejectionSampler(rs.RejectionSampler):
         exactly where their row holds a NaN or +inf: free); otherwise a row sum (NaN or
         +inf; -inf alone is a masked token) over the unchecked rows, all of them once the
         verifier has counted one."""
-        counts = torch.as_tensor([int(c) for c in metadata.num_draft_tokens], dtype=torch.long)
         whole = self._counted or self._unchecked != "bonus"
         lp = getattr(out, "logprobs_tensors", None)
         mode = str(getattr(self.sampler, "logprobs_mode", ""))
@@ -273,6 +270,7 @@ class AtlasRejectionSampler(rs.RejectionSampler):
             return
         if not self._counted:
             self._note_nonfinite(int(bad.sum()), "sampled rows")
+        counts = torch.as_tensor([int(c) for c in metadata.num_draft_tokens], dtype=torch.long)
         owner = (torch.repeat_interleave(torch.arange(len(counts)), counts + 1)
                  if bad.shape[0] != len(counts) else torch.arange(len(counts)))
         self.atlas_failed = sorted(set(owner[bad.cpu()].tolist()))
