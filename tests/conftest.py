@@ -75,12 +75,14 @@ def release_memory() -> None:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _release_memory_after_each_module():
+def _release_memory_after_each_module(request):
     """What a module dropped is collected and handed back to the OS at the module's end,
     not whenever the next module's engine fixture happens to (glibc keeps freed heap
     otherwise): the suite's peak stays bounded wherever the modules it runs sit."""
     yield
     release_memory()
+    if _memory_log is not None:
+        _memory_log.module_end(request.node.nodeid)
 
 
 @pytest.fixture(scope="module")
@@ -169,11 +171,23 @@ class _MemoryLog:
             time.sleep(0.25)
 
     def write(self, nodeid: str) -> None:
-        with open("/proc/self/status") as f:
-            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
         with open(self.path, "a") as f:
-            f.write(f"{rss:6.2f} GiB rss  {self.low:6.2f} GiB least available  {nodeid}\n")
+            f.write(f"{_rss_gib():6.2f} GiB rss  {self.low:6.2f} GiB least available  {nodeid}\n")
         self.low = self.available_gib()
+
+    def module_end(self, nodeid: str) -> None:
+        """After the module's release: what it left behind, and the engines still alive
+        (a module that raises the floor names its leftovers here)."""
+        alive = [type(o).__name__ for o in gc.get_objects()
+                 if type(o).__name__ in ("AtlasRolloutEngine", "LLM", "EngineCore")]
+        with open(self.path, "a") as f:
+            f.write(f"{_rss_gib():6.2f} GiB rss after the module's release, engines alive: "
+                    f"{alive or 'none'}  {nodeid}\n")
+
+
+def _rss_gib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 2**20
 
 
 _memory_log = (_MemoryLog(os.environ["ATLAS_RL_TEST_MEMORY_LOG"])

@@ -5,6 +5,8 @@ and state round-trips."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -313,3 +315,78 @@ def test_eagle3_in_vllm_reads_the_policys_layers_and_stays_exact(make_engine, re
 
     stats = engine.learn([c.prompt_ids + c.completion_ids for c in got], rollout_seconds=30.0)
     assert "drafter_published" in stats and stats["drafter_version"] >= 0
+
+
+# --- resumable distillation (tiny model, transformers generator) ---------------------------
+
+RESUME_PROMPTS = ["def add(a, b):", "The capital of France is", "Once upon a time",
+                  "Question: 2 + 3 = ?", "import os\n", "Dear Sir,", "SELECT * FROM",
+                  "The best way to learn is", "for i in range(10):", "x = [1, 2, 3]\n"]
+
+
+def _resumable(tiny_model_path, tmp_path, work, out, **overrides):
+    from atlas_rl.speculators.eagle3_distill import Eagle3DistillConfig
+
+    prompts = tmp_path / "prompts.jsonl"
+    if not prompts.exists():
+        prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in RESUME_PROMPTS))
+    kwargs = dict(model=tiny_model_path, prompts=[str(prompts)], out=str(out),
+                  work_dir=str(work), completions=2, max_tokens=12, gen_batch=4, train_batch=4,
+                  draft_vocab_size=128, holdout=0.2, round_prompts=2, vocab_prompts=4,
+                  time_budget=1e6, max_rounds=1, generator="transformers")
+    kwargs.update(overrides)
+    return Eagle3DistillConfig(**kwargs)
+
+
+def test_resumable_distillation_continues_where_the_last_run_stopped(tiny_model_path, tmp_path):
+    """Two runs of one round each reach exactly the drafter, optimizer and held-out curve
+    of one run of two rounds: the work directory carries everything (rollouts, held-out
+    set, draft vocabulary, drafter, optimizer, prompt cursor); each round draws new
+    prompts; the drafter in `out` is rewritten in float16 after every round and loads."""
+    from safetensors.torch import load_file
+
+    from atlas_rl.speculators.eagle3 import Eagle3Speculator
+    from atlas_rl.speculators.eagle3_distill import distil_resumable
+
+    quiet = lambda *a: None  # noqa: E731
+    once = distil_resumable(_resumable(tiny_model_path, tmp_path, tmp_path / "a", tmp_path / "oa",
+                                       max_rounds=2), say=quiet)
+    first = distil_resumable(_resumable(tiny_model_path, tmp_path, tmp_path / "b",
+                                        tmp_path / "ob"), say=quiet)
+    assert first["rounds"] == 1 and first["train_steps"] >= 1
+    second = distil_resumable(_resumable(tiny_model_path, tmp_path, tmp_path / "b",
+                                         tmp_path / "ob", save_dtype="float16"), say=quiet)
+    assert second["rounds"] == once["rounds"] == 2
+    assert second["train_steps"] == once["train_steps"] > first["train_steps"]
+    assert second["train_tokens"] == once["train_tokens"]
+    assert [c["tokens"] for c in second["curve"]] == [c["tokens"] for c in once["curve"]]
+    assert second["curve"][-1]["distribution"] == once["curve"][-1]["distribution"]
+    assert len(second["runs"]) == 2 and len(once["runs"]) == 1
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
+    for name, value in a["trainer"]["net"].items():
+        assert torch.equal(value, b["trainer"]["net"][name]), name
+    assert a["trainer"]["opt"]["state"][0]["step"] == b["trainer"]["opt"]["state"][0]["step"]
+    assert b["state"]["next_prompt"] == 4 + 2  # round 1 took the vocabulary's 4, round 2 two more
+    shards = sorted(p.name for p in (tmp_path / "b" / "rollouts").iterdir())
+    assert shards == ["round-00000.json", "round-00001.json"]
+    r0, r1 = (json.loads((tmp_path / "b" / "rollouts" / s).read_text()) for s in shards)
+    assert not {tuple(p) for p, _ in r0} & {tuple(p) for p, _ in r1}  # new prompts, not epochs
+    saved = load_file(str(tmp_path / "ob" / "eagle3.safetensors"))
+    assert all(v.dtype == torch.float16 for k, v in saved.items() if k.startswith("net."))
+    spec = Eagle3Speculator.from_dir(tmp_path / "ob")
+    for name, value in b["trainer"]["net"].items():
+        torch.testing.assert_close(spec.net.state_dict()[name], value.half().float())
+    report = json.loads((tmp_path / "ob" / "train_report.json").read_text())
+    assert report["train_tokens"] == second["train_tokens"] and report["runs"][0]["machine"]["cpu"]
+
+
+def test_resumable_distillation_refuses_a_work_dir_of_other_settings(tiny_model_path, tmp_path):
+    from atlas_rl.speculators.eagle3_distill import distil_resumable
+
+    distil_resumable(_resumable(tiny_model_path, tmp_path, tmp_path / "w", tmp_path / "o"),
+                     say=lambda *a: None)
+    with pytest.raises(ValueError, match=r"other settings \(draft_vocab_size: 128 there, 64 now\)"
+                                         r".*another --work-dir"):
+        distil_resumable(_resumable(tiny_model_path, tmp_path, tmp_path / "w", tmp_path / "o",
+                                    draft_vocab_size=64), say=lambda *a: None)

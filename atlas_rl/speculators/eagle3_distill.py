@@ -19,6 +19,12 @@ transformers policy: no vLLM, so it runs on a GPU machine as well as on this CPU
 
 The draft vocabulary is the most frequent tokens of the completions; its coverage of the
 policy's p and of the sampled tokens is reported.
+
+With ``--work-dir DIR`` the distillation runs in rounds that a later run continues
+(`distil_resumable`): fresh rollouts every round, everything the next run needs kept in
+DIR, the drafter in ``--out`` rewritten after each round (``--save-dtype float16`` to
+ship it). That is how a CPU carries the distillation from session to session, and how a
+GPU machine's per-call time limit is split over calls.
 """
 
 from __future__ import annotations
@@ -74,6 +80,13 @@ class Eagle3DistillConfig:
     rollouts_cache: str | None = None  # JSON file: generated rollouts are saved / reused
     train_autocast: str | None = None  # e.g. bfloat16: matmuls of training in it (CPUs with
                                        # bf16 units; the weights stay float32)
+    work_dir: str | None = None        # resumable rounds (`distil_resumable`): what a later run
+                                       # with the same settings continues from is kept here
+    round_prompts: int = 64            # prompts per round (work_dir)
+    vocab_prompts: int = 256           # the first round's prompts, the draft vocabulary's source
+    passes: int = 1                    # times a round's rollouts are trained on
+    max_rounds: int | None = None      # rounds in this run (None: until the time budget)
+    save_dtype: str = "float32"        # the saved drafter's weights (float16 to ship it)
 
 
 @dataclass
@@ -227,15 +240,88 @@ def make_batch(data: Rollouts, idx: list[int], steps: int, embed: torch.Tensor, 
     return aux, embed.index_select(0, tok.flatten()).view(B, -1, d).float(), pos, valid, final
 
 
-def distil(cfg: Eagle3DistillConfig, say=print) -> dict:
+class _Trainer:
+    """The drafter, its optimizer and what trains and evaluates it on a `Rollouts` set:
+    shared by the one-shot `distil` and the resumable `distil_resumable`."""
+
+    def __init__(self, cfg: Eagle3DistillConfig, model, vocab: torch.Tensor,
+                 aux_layers: list[int], device: torch.device):
+        self.cfg, self.device = cfg, device
+        self.embed = model.get_input_embeddings().weight.detach().float()
+        self.head = model.get_output_embeddings().weight.detach().float()
+        self.vocab = vocab
+        self.vocab_d = vocab.to(device)
+        self.head_sub = self.head.index_select(0, self.vocab_d)
+        n_layers = int(model.config.num_hidden_layers)
+        self.net = Eagle3Net.for_policy(model.config, window=cfg.window,
+                                        num_aux=len(aux_layers)).to(device)
+        self.net.init_from_policy_layer(dict(model.state_dict()), n_layers - 1)
+        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=0.0)
+        self.autocast = ((lambda: torch.autocast(device.type, dtype=getattr(torch, cfg.train_autocast)))
+                         if cfg.train_autocast else contextlib.nullcontext)
+        self.step, self.tokens = 0, 0
+
+    def train_on(self, data: Rollouts, part: list[int]) -> float:
+        """One optimizer step on rollouts `part`; the loss."""
+        cfg = self.cfg
+        aux, emb, pos, valid, final = make_batch(data, part, cfg.steps, self.embed, self.device)
+        with torch.no_grad():  # the targets in float32: p's small entries matter to TV
+            p_sub, p_out = vocab_targets(final, self.head, self.vocab_d)
+        lr = cfg.lr * min(1.0, (self.step + 1) / 100)  # warm-up
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        with self.autocast():
+            loss, _ = unrolled_loss(self.net, aux, emb, pos, valid, self.head_sub, p_sub, p_out,
+                                    cfg.steps, cfg.kl_weight, cfg.decay)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 1.0)
+        self.opt.step()
+        self.step += 1
+        self.tokens += int(valid[:, :aux.shape[1]].sum())
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self, data: Rollouts, held_idx: list[int]) -> dict:
+        """Held-out acceptance per draft position and the expected lengths."""
+        cfg = self.cfg
+        self.net.eval()
+        agg: dict[str, list[float]] = {}
+        n = 0
+        for s in range(0, len(held_idx), cfg.train_batch):
+            part = held_idx[s:s + cfg.train_batch]
+            aux, emb, pos, valid, final = make_batch(data, part, cfg.steps, self.embed, self.device)
+            p_sub, p_out = vocab_targets(final, self.head, self.vocab_d)
+            res = unrolled_acceptance(self.net, aux, emb, pos, valid, self.head_sub, p_sub, p_out,
+                                      cfg.steps)
+            for key, vals in res.items():
+                cur = agg.setdefault(key, [0.0] * len(vals))
+                agg[key] = [c + v * len(part) for c, v in zip(cur, vals)]
+            n += len(part)
+        self.net.train()
+        out = {key: [v / n for v in vals] for key, vals in agg.items()}
+        out["acceptance_length_distribution"] = expected_length(out["distribution"])
+        out["acceptance_length_one_hot"] = expected_length(out["one_hot"])
+        return out
+
+    def state_dict(self) -> dict:
+        return {"net": self.net.state_dict(), "opt": self.opt.state_dict(),
+                "step": self.step, "tokens": self.tokens}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.net.load_state_dict(state["net"])
+        self.opt.load_state_dict(state["opt"])
+        self.step, self.tokens = int(state["step"]), int(state["tokens"])
+
+
+def _load_teacher(cfg: Eagle3DistillConfig):
+    """(tokenizer, teacher model in eval mode, its aux layers, device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    torch.manual_seed(cfg.seed)
     device = torch.device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    t_all = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     model = AutoModelForCausalLM.from_pretrained(cfg.model, dtype=getattr(torch, cfg.dtype)).to(device)
     model.eval()
@@ -243,16 +329,37 @@ def distil(cfg: Eagle3DistillConfig, say=print) -> dict:
     aux_layers = list(cfg.aux_layers or default_aux_layers(n_layers))
     if max(aux_layers) >= n_layers or min(aux_layers) < 0:
         raise ValueError(f"aux_layers {aux_layers} out of range for a {n_layers}-layer policy")
+    return tokenizer, model, aux_layers, device
 
+
+def _prompt_id_lists(cfg: Eagle3DistillConfig, tokenizer) -> tuple[list[list[int]], int]:
+    """Every prompt's ids, shuffled by the seed, and how many of the first are held out."""
     prompts = load_prompts(cfg.prompts, cfg.num_prompts, cfg.seed)
-    rng = random.Random(cfg.seed)
-    rng.shuffle(prompts)
+    random.Random(cfg.seed).shuffle(prompts)
     n_held = max(1, int(round(cfg.holdout * len(prompts))))
     check = check_tokenizer(tokenizer, cfg.model)
     for problem in check.problems:
         logger.warning("atlas-rl: %s", problem)
     bos = check.bos_token_id if check.prepend_bos else None
-    ids = [_prompt_ids(tokenizer, p.prompt, bos) for p in prompts]
+    return [_prompt_ids(tokenizer, p.prompt, bos) for p in prompts], n_held
+
+
+def _draft_vocab(data: Rollouts, idx: list[int], vocab_size: int, k: int) -> tuple[torch.Tensor, float]:
+    """The `k` most frequent sampled tokens of rollouts `idx` (sorted), and the share of
+    the sampled tokens they cover."""
+    counts = torch.zeros(vocab_size)
+    for i in idx:
+        counts += torch.bincount(data.tokens[i], minlength=vocab_size)[:vocab_size].float()
+    vocab = torch.sort(torch.topk(counts, min(k, vocab_size)).indices).values
+    return vocab, float(counts[vocab].sum() / counts.sum())
+
+
+def distil(cfg: Eagle3DistillConfig, say=print) -> dict:
+    t_all = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    tokenizer, model, aux_layers, device = _load_teacher(cfg)
+    ids, n_held = _prompt_id_lists(cfg, tokenizer)
+    rng = random.Random(cfg.seed + 1)  # the training order
     t0 = time.perf_counter()
     cache = Path(cfg.rollouts_cache) if cfg.rollouts_cache else None
     if cache is not None and cache.is_file():
@@ -278,48 +385,14 @@ def distil(cfg: Eagle3DistillConfig, say=print) -> dict:
         raise ValueError(f"need rollouts both for training and held out; got {len(train_idx)} "
                          f"and {len(held_idx)} (more prompts, or another --holdout)")
 
-    V = int(model.config.vocab_size)
-    counts = torch.zeros(V)
-    for i in train_idx:
-        counts += torch.bincount(data.tokens[i], minlength=V)[:V].float()
-    k = min(cfg.draft_vocab_size, V)
-    vocab = torch.sort(torch.topk(counts, k).indices).values
-    sampled_coverage = float(counts[vocab].sum() / counts.sum())
-
-    embed = model.get_input_embeddings().weight.detach().float()
-    head = model.get_output_embeddings().weight.detach().float()
-    vocab_d = vocab.to(device)
-    head_sub = head.index_select(0, vocab_d)
-    net = Eagle3Net.for_policy(model.config, window=cfg.window, num_aux=len(aux_layers)).to(device)
-    net.init_from_policy_layer({k2: v for k2, v in model.state_dict().items()}, n_layers - 1)
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.0)
-
-    def evaluate() -> dict:
-        net.eval()
-        agg: dict[str, list[float]] = {}
-        n = 0
-        for s in range(0, len(held_idx), cfg.train_batch):
-            part = held_idx[s:s + cfg.train_batch]
-            aux, emb, pos, valid, final = make_batch(data, part, cfg.steps, embed, device)
-            p_sub, p_out = vocab_targets(final, head, vocab_d)
-            res = unrolled_acceptance(net, aux, emb, pos, valid, head_sub, p_sub, p_out, cfg.steps)
-            for key, vals in res.items():
-                cur = agg.setdefault(key, [0.0] * len(vals))
-                agg[key] = [c + v * len(part) for c, v in zip(cur, vals)]
-            n += len(part)
-        net.train()
-        out = {key: [v / n for v in vals] for key, vals in agg.items()}
-        out["acceptance_length_distribution"] = expected_length(out["distribution"])
-        out["acceptance_length_one_hot"] = expected_length(out["one_hot"])
-        return out
-
-    curve = [{"step": 0, "tokens": 0, **evaluate()}]
+    vocab, sampled_coverage = _draft_vocab(data, train_idx, int(model.config.vocab_size),
+                                           cfg.draft_vocab_size)
+    trainer = _Trainer(cfg, model, vocab, aux_layers, device)
+    curve = [{"step": 0, "tokens": 0, **trainer.evaluate(data, held_idx)}]
     say(f"held-out before training: {fmt_eval(curve[0])}")
     t0 = time.perf_counter()
-    step, tokens, losses = 0, 0, []
+    losses: list[float] = []
     order: list[int] = []
-    autocast = (torch.autocast(device.type, dtype=getattr(torch, cfg.train_autocast))
-                if cfg.train_autocast else contextlib.nullcontext())
     budget = cfg.time_budget
     if cfg.deadline is not None:  # leave time for the last evaluation and the save
         budget = min(budget, cfg.deadline - (time.perf_counter() - t_all) - 20.0)
@@ -329,34 +402,21 @@ def distil(cfg: Eagle3DistillConfig, say=print) -> dict:
             order = train_idx[:]
             rng.shuffle(order)
         part, order = order[:cfg.train_batch], order[cfg.train_batch:]
-        aux, emb, pos, valid, final = make_batch(data, part, cfg.steps, embed, device)
-        with torch.no_grad():  # the targets in float32: p's small entries matter to TV
-            p_sub, p_out = vocab_targets(final, head, vocab_d)
-        lr = cfg.lr * min(1.0, (step + 1) / 100)  # warm-up
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with autocast:
-            loss, _ = unrolled_loss(net, aux, emb, pos, valid, head_sub, p_sub, p_out, cfg.steps,
-                                    cfg.kl_weight, cfg.decay)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-        opt.step()
-        step += 1
-        tokens += int(valid[:, :aux.shape[1]].sum())
-        losses.append(float(loss.detach()))
-        if step % cfg.eval_every == 0:
-            ev = evaluate()
-            curve.append({"step": step, "tokens": tokens, "loss": sum(losses) / len(losses), **ev})
+        losses.append(trainer.train_on(data, part))
+        if trainer.step % cfg.eval_every == 0:
+            ev = trainer.evaluate(data, held_idx)
+            curve.append({"step": trainer.step, "tokens": trainer.tokens,
+                          "loss": sum(losses) / len(losses), **ev})
             losses = []
-            say(f"step {step}, {tokens} tokens, {time.perf_counter() - t0:.0f} s: {fmt_eval(ev)}")
+            say(f"step {trainer.step}, {trainer.tokens} tokens, {time.perf_counter() - t0:.0f} s: "
+                f"{fmt_eval(ev)}")
     train_s = time.perf_counter() - t0
-    final_eval = evaluate()
-    curve.append({"step": step, "tokens": tokens, **final_eval})
-    say(f"final ({step} steps, {tokens} tokens): {fmt_eval(final_eval)}")
+    final_eval = trainer.evaluate(data, held_idx)
+    curve.append({"step": trainer.step, "tokens": trainer.tokens, **final_eval})
+    say(f"final ({trainer.step} steps, {trainer.tokens} tokens): {fmt_eval(final_eval)}")
 
     out = Path(cfg.out)
-    save_drafter(out, net, vocab, aux_layers, meta={"trained_tokens": tokens})
+    save_drafter(out, trainer.net, vocab, aux_layers, meta={"trained_tokens": trainer.tokens})
     report = {"config": asdict(cfg), "aux_layers": aux_layers, "device": str(device),
               "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
               "rollouts": len(rollouts), "train_rollouts": len(train_idx),
@@ -364,12 +424,190 @@ def distil(cfg: Eagle3DistillConfig, say=print) -> dict:
               "completion_tokens": int(sum(len(t) for t in data.tokens)),
               "draft_vocab_sampled_coverage": sampled_coverage,
               "generate_seconds": gen_s, "feature_seconds": feat_s, "train_seconds": train_s,
-              "train_steps": step, "train_tokens": tokens,
+              "train_steps": trainer.step, "train_tokens": trainer.tokens,
               "total_seconds": time.perf_counter() - t_all,
               "heldout_final": final_eval, "curve": curve}
     (out / "train_report.json").write_text(json.dumps(report, indent=2))
     say(f"saved the drafter to {out}")
     return report
+
+
+# What a work directory's distillation is of: a later run must agree on all of them.
+RESUME_FIELDS = ("model", "prompts", "num_prompts", "seed", "holdout", "heldout_rollouts",
+                 "completions", "max_tokens", "steps", "window", "draft_vocab_size",
+                 "aux_layers", "dtype", "vocab_prompts")
+
+
+def _write_atomic(path: Path, content) -> None:
+    """Text, or anything else through torch.save, to a temporary file renamed over `path`:
+    a run killed midway leaves the previous file."""
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(content, str):
+        tmp.write_text(content)
+    else:
+        torch.save(content, tmp)
+    tmp.replace(path)
+
+
+class _RoundGenerator:
+    """Temperature-1 rollouts of one round's prompts, seeded by the round: through
+    atlas-rl's vLLM engine (built once per run) or the transformers teacher."""
+
+    def __init__(self, cfg: Eagle3DistillConfig, model, tokenizer, max_prompt: int):
+        self.cfg, self.model, self.tokenizer, self.engine = cfg, model, tokenizer, None
+        if cfg.generator == "vllm":
+            from atlas_rl import AtlasConfig, AtlasRolloutEngine
+
+            self.engine = AtlasRolloutEngine(cfg.model, "none", AtlasConfig(
+                dtype=cfg.generator_dtype, seed=cfg.seed,
+                max_model_len=max_prompt + cfg.max_tokens + 8))
+        elif cfg.generator != "transformers":
+            raise ValueError(f"generator must be 'transformers' or 'vllm', got {cfg.generator!r}")
+
+    def __call__(self, ids: list[list[int]], seed: int, say) -> list[tuple[list[int], list[int]]]:
+        if self.engine is None:
+            torch.manual_seed(seed)
+            return generate(self.model, self.tokenizer, ids, self.cfg, say)
+        out = []
+        for b in range(0, len(ids), self.cfg.gen_batch):
+            batch = self.engine.generate(ids[b:b + self.cfg.gen_batch], n=self.cfg.completions,
+                                         max_tokens=self.cfg.max_tokens, temperature=1.0,
+                                         seed=seed + b)
+            out += [(list(c.prompt_ids), list(c.completion_ids)) for c in batch if c.completion_ids]
+        return out
+
+
+def distil_resumable(cfg: Eagle3DistillConfig, say=print) -> dict:
+    """Distillation in rounds that a later run continues: each round generates rollouts
+    of the next `round_prompts` prompts (fresh data, not more epochs; after the last
+    prompt the pool starts over with new sampling seeds), extracts their features, trains
+    on them `passes` times, evaluates on the fixed held-out set, and checkpoints. The work
+    directory keeps what the next run needs: the settings, the held-out rollouts, the
+    draft vocabulary (chosen once, from the first round's `vocab_prompts` prompts), every
+    round's rollouts, the drafter and its optimizer, the curve. A run stops between rounds
+    when the next would pass its time budget (or after `max_rounds`); a run killed midway
+    loses at most the round in progress. The drafter in `out` is rewritten after every
+    round (in `save_dtype`), with the report of all runs so far."""
+    from atlas_rl.machine import machine_info
+
+    t_all = time.perf_counter()
+    work = Path(cfg.work_dir)
+    (work / "rollouts").mkdir(parents=True, exist_ok=True)
+    identity = {k: getattr(cfg, k) for k in RESUME_FIELDS}
+    identity["prompts"] = [str(Path(f).resolve()) for f in cfg.prompts]
+    identity["model"] = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
+    # checkpoint.pt holds the drafter, its optimizer and the state together (one rename
+    # commits a round); state.json is its readable copy.
+    state_path, ckpt_path = work / "state.json", work / "checkpoint.pt"
+    ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.is_file() else None
+    state = ckpt["state"] if ckpt is not None else None
+    if state is not None and state["identity"] != identity:
+        diff = {k: (state["identity"].get(k), v) for k, v in identity.items()
+                if state["identity"].get(k) != v}
+        raise ValueError(f"{work} holds a distillation with other settings "
+                         f"({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in diff.items())}): "
+                         f"run with the same settings to continue it, or give another --work-dir")
+
+    torch.manual_seed(cfg.seed)
+    tokenizer, model, aux_layers, device = _load_teacher(cfg)
+    ids, n_held = _prompt_id_lists(cfg, tokenizer)
+    held_ids, pool = ids[:n_held], ids[n_held:]
+    if not pool:
+        raise ValueError(f"all {len(ids)} prompts are held out: more prompts, or a smaller --holdout")
+    gen = _RoundGenerator(cfg, model, tokenizer, max(len(p) for p in ids))
+
+    held_path = work / "heldout.json"
+    if held_path.is_file():
+        held_rollouts = json.loads(held_path.read_text())
+    else:
+        say(f"held-out rollouts: {len(held_ids)} prompts x {cfg.completions}")
+        held_rollouts = gen(held_ids, cfg.seed + 7919, say)[:cfg.heldout_rollouts]
+        _write_atomic(held_path, json.dumps(held_rollouts))
+    held = features(model, held_rollouts, aux_layers, max(1, cfg.gen_batch), lambda *a: None)
+    held_idx = list(range(len(held.tokens)))
+
+    if state is None:
+        state = {"identity": identity, "round": 0, "next_prompt": 0, "epoch": 0, "curve": [],
+                 "runs": [], "sampled_coverage": None}
+    trainer = None
+    run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(cfg.train_autocast or cfg.dtype),
+           "rounds": 0, "tokens": 0, "seconds": 0.0}
+    state["runs"].append(run)
+    budget = cfg.time_budget if cfg.deadline is None else min(cfg.time_budget, cfg.deadline)
+    last_round = 0.0
+    while True:
+        elapsed = time.perf_counter() - t_all
+        if cfg.max_rounds is not None and run["rounds"] >= cfg.max_rounds:
+            break
+        if run["rounds"] and elapsed + last_round > budget:
+            break
+        t_round = time.perf_counter()
+        r = state["round"]
+        shard = work / "rollouts" / f"round-{r:05d}.json"
+        size = max(cfg.round_prompts, cfg.vocab_prompts) if r == 0 else cfg.round_prompts
+        lo = state["next_prompt"]
+        chunk = pool[lo:lo + size]
+        if shard.is_file():  # generated by a run that stopped before training on it
+            rollouts = json.loads(shard.read_text())
+        else:
+            rollouts = gen(chunk, cfg.seed + 104729 * state["epoch"] + lo, say)
+            _write_atomic(shard, json.dumps(rollouts))
+        data = features(model, rollouts, aux_layers, max(1, cfg.gen_batch), lambda *a: None)
+        idx = list(range(len(data.tokens)))
+        if trainer is None:
+            vocab_path = work / "vocab.pt"
+            if vocab_path.is_file():
+                vocab = torch.load(vocab_path)
+            else:
+                vocab, state["sampled_coverage"] = _draft_vocab(
+                    data, idx, int(model.config.vocab_size), cfg.draft_vocab_size)
+                _write_atomic(vocab_path, vocab)
+            trainer = _Trainer(cfg, model, vocab, aux_layers, device)
+            if ckpt is not None:
+                trainer.load_state_dict(ckpt["trainer"])
+                ckpt = None
+            if not state["curve"]:
+                state["curve"].append({"round": 0, "step": 0, "tokens": 0,
+                                       **trainer.evaluate(held, held_idx)})
+                say(f"held-out before training: {fmt_eval(state['curve'][0])}")
+        order_rng = random.Random(cfg.seed * 1000003 + r)
+        losses = []
+        tokens_before = trainer.tokens
+        for _ in range(cfg.passes):
+            order = idx[:]
+            order_rng.shuffle(order)
+            for b in range(0, len(order), cfg.train_batch):
+                losses.append(trainer.train_on(data, order[b:b + cfg.train_batch]))
+        ev = trainer.evaluate(held, held_idx)
+        state["curve"].append({"round": r + 1, "step": trainer.step, "tokens": trainer.tokens,
+                               "loss": sum(losses) / max(1, len(losses)), **ev})
+        state["round"] = r + 1
+        state["next_prompt"] = lo + len(chunk)
+        if state["next_prompt"] >= len(pool):  # every prompt seen: again, with new seeds
+            state["next_prompt"], state["epoch"] = 0, state["epoch"] + 1
+        last_round = time.perf_counter() - t_round
+        run["rounds"] += 1
+        run["tokens"] += trainer.tokens - tokens_before
+        run["seconds"] = time.perf_counter() - t_all
+        _write_atomic(ckpt_path, {"trainer": trainer.state_dict(), "state": state})
+        _write_atomic(state_path, json.dumps(state, indent=1))
+        report = _resumable_report(cfg, state, aux_layers, trainer, len(held_idx))
+        save_drafter(Path(cfg.out), trainer.net, trainer.vocab, aux_layers,
+                     meta={"trained_tokens": trainer.tokens}, dtype=getattr(torch, cfg.save_dtype))
+        (Path(cfg.out) / "train_report.json").write_text(json.dumps(report, indent=2))
+        say(f"round {r + 1}: {len(rollouts)} rollouts, {trainer.tokens:,} token-positions in all, "
+            f"{last_round:.0f} s: {fmt_eval(ev)}")
+    say(f"stopped after {run['rounds']} rounds this run ({run['tokens']:,} token-positions, "
+        f"{time.perf_counter() - t_all:.0f} s); {work} continues from round {state['round'] + 1}")
+    return _resumable_report(cfg, state, aux_layers, trainer, len(held_idx)) if trainer else {}
+
+
+def _resumable_report(cfg, state: dict, aux_layers, trainer: _Trainer, n_held: int) -> dict:
+    return {"config": asdict(cfg), "aux_layers": aux_layers, "rounds": state["round"],
+            "epochs_over_prompts": state["epoch"], "heldout_rollouts": n_held,
+            "draft_vocab_sampled_coverage": state["sampled_coverage"],
+            "train_steps": trainer.step, "train_tokens": trainer.tokens,
+            "runs": state["runs"], "heldout_final": state["curve"][-1], "curve": state["curve"]}
 
 
 def fmt_eval(ev: dict) -> str:
@@ -381,12 +619,13 @@ def fmt_eval(ev: dict) -> str:
 
 
 def save_drafter(out: Path, net: Eagle3Net, vocab: torch.Tensor, aux_layers: list[int],
-                 meta: dict | None = None) -> None:
-    """The on-disk form `Eagle3Speculator.load` reads: eagle3.safetensors + eagle3.json."""
+                 meta: dict | None = None, dtype: torch.dtype = torch.float32) -> None:
+    """The on-disk form `Eagle3Speculator.load` reads: eagle3.safetensors + eagle3.json
+    (weights in `dtype`: float16 halves the file, and the loader widens them again)."""
     from safetensors.torch import save_file
 
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {f"net.{k}": v.detach().cpu().float().contiguous() for k, v in net.state_dict().items()}
+    tensors = {f"net.{k}": v.detach().cpu().to(dtype).contiguous() for k, v in net.state_dict().items()}
     tensors["vocab"] = vocab.cpu().long().contiguous()
     save_file(tensors, str(out / "eagle3.safetensors"))
     (out / "eagle3.json").write_text(json.dumps(
@@ -404,14 +643,18 @@ def main(argv=None) -> int:
         if name in ("model", "prompts", "out", "aux_layers"):
             continue
         kind = type(value) if value is not None else (
-            float if name == "deadline" else int if name == "num_prompts" else str)
+            float if name == "deadline" else int if name in ("num_prompts", "max_rounds") else str)
         ap.add_argument("--" + name.replace("_", "-"), type=kind, default=value)
     ap.add_argument("--aux-layers", type=int, nargs=3, default=None)
     args = vars(ap.parse_args(argv))
     cfg = Eagle3DistillConfig(**args)
     if not math.isfinite(cfg.time_budget) or cfg.time_budget <= 0:
         raise SystemExit(f"--time-budget must be a positive number of seconds, got {cfg.time_budget}")
-    distil(cfg, say=lambda *a: print(*a, flush=True))
+    say = lambda *a: print(*a, flush=True)  # noqa: E731
+    try:
+        (distil_resumable if cfg.work_dir else distil)(cfg, say=say)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"eagle3_distill: {e}") from None
     return 0
 
 
