@@ -42,9 +42,10 @@ class TrainSpeculatorConfig:
 def _draw_prompts(files: list[str], count: int, seed: int) -> list:
     import random
 
-    from atlas_rl.workloads import load_prompt_file
+    from atlas_rl.workloads import builtin_prompts, load_prompt_file
 
-    pools = [load_prompt_file(f) for f in files]
+    pools = [builtin_prompts(f, seed) if f.startswith("builtin:") else load_prompt_file(f)
+             for f in files]
     rng = random.Random(seed)
     for pool in pools:
         rng.shuffle(pool)

@@ -139,6 +139,65 @@ def math_prompts(count: int, seed: int = 0) -> list[Prompt]:
     return out
 
 
+# Languages `code_language_prompts` asks for: not JavaScript (the benchmark's unseen
+# domain) and not Python (`code_prompts`).
+CODE_LANGUAGES = ("C", "Go", "Rust", "Java", "Ruby", "C++", "Bash", "SQL")
+
+
+def code_language_prompts(count: int, seed: int = 0) -> list[Prompt]:
+    """The stdlib tasks of `code_prompts` as chat requests for a function in another
+    language: every task in every one of `CODE_LANGUAGES`, drawn by the seed."""
+    out = []
+    for mod_name, name, _fn, _sig, first in _documented_functions():
+        task = " ".join(first.split())
+        for lang in CODE_LANGUAGES:
+            messages = [{"role": "user", "content": f"Write a {lang} function named `{name}`. "
+                                                    f"What it does: {task}"}]
+            out.append(Prompt(messages, "code-" + lang.lower(), None,
+                              {"module": mod_name, "function": name, "language": lang}))
+    return _sample(out, count, seed)
+
+
+_TOPICS = ("photosynthesis", "the water cycle", "black holes", "compound interest", "the French "
+           "Revolution", "vaccines", "machine learning", "plate tectonics", "the stock market",
+           "sleep", "coffee", "the Roman Empire", "electric cars", "volcanoes", "recycling",
+           "the immune system", "jazz", "chess", "honeybees", "the internet", "climate change",
+           "gravity", "democracy", "bread baking", "the Moon", "antibiotics", "rainbows",
+           "inflation", "friendship", "public libraries", "solar panels", "octopuses")
+_AUDIENCES = ("a ten-year-old", "a busy manager", "a first-year student", "my grandmother",
+              "an expert")
+_INSTRUCTIONS = (
+    "Explain {t} to {a} in one short paragraph.",
+    "Give three practical tips about {t}.",
+    "Write a short poem about {t}.",
+    "What are the main pros and cons of {t}?",
+    "Summarize what everyone should know about {t} in five bullet points.",
+    "Write a friendly email inviting a colleague to a talk about {t}.",
+    "Tell a short story in which {t} plays a part.",
+    "What is a common misconception about {t}, and what is the truth?",
+    "Write a tweet about {t}.",
+    "Compare {t} and {u} in a few sentences.",
+    "I am giving a presentation on {t} to {a}. Suggest an outline.",
+    "Write three quiz questions about {t}, with answers.",
+)
+
+
+def instruction_prompts(count: int, seed: int = 0) -> list[Prompt]:
+    """General instructions and chat requests (explain, list, write, compare) over
+    everyday topics, as chat messages: the chat side of a broad prompt mix. Every
+    (instruction, topic, second topic or audience) combination, drawn by the seed."""
+    out = []
+    for template in _INSTRUCTIONS:
+        for t in _TOPICS:
+            seconds = [u for u in _TOPICS if u != t] if "{u}" in template else [None]
+            audiences = _AUDIENCES if "{a}" in template else (None,)
+            for u in seconds:
+                for a in audiences:
+                    out.append(Prompt([{"role": "user", "content": template.format(t=t, u=u, a=a)}],
+                                      "instructions"))
+    return _sample(out, count, seed)
+
+
 _ANSWER = re.compile(r"answer\s*[:=]?\s*\$?(-?[\d,]*\.?\d+)", re.IGNORECASE)
 
 
@@ -236,3 +295,26 @@ def load_hub_dataset(spec: str, limit: int | None = None) -> list[Prompt]:
     rows = ds if limit is None else ds.select(range(min(limit, len(ds))))
     domain = name.rsplit("/", 1)[-1]
     return [prompt_from_row(dict(r), domain) for r in rows]
+
+
+# The prompt sets `builtin_prompts` builds, by name.
+BUILTIN_SETS = {"code": code_prompts, "code-languages": code_language_prompts,
+                "javascript": javascript_prompts, "math": math_prompts,
+                "instructions": instruction_prompts, "mixed": mixed_prompts}
+
+
+def builtin_prompts(spec: str, seed: int = 0) -> list[Prompt]:
+    """'builtin:NAME[:COUNT]' (NAME from `BUILTIN_SETS`; COUNT default 1000; the code sets
+    repeat their tasks past the number of documented stdlib functions)."""
+    _, _, rest = spec.partition(":")
+    name, _, count = rest.partition(":")
+    if name not in BUILTIN_SETS:
+        raise ValueError(f"unknown prompt set {spec!r}: builtin:NAME[:COUNT] with NAME one of "
+                         f"{', '.join(BUILTIN_SETS)}")
+    try:
+        n = int(count) if count else 1000
+    except ValueError:
+        raise ValueError(f"{spec!r}: COUNT must be a whole number, got {count!r}") from None
+    if n < 1:
+        raise ValueError(f"{spec!r}: COUNT must be >= 1")
+    return BUILTIN_SETS[name](n, seed)

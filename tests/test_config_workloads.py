@@ -83,3 +83,25 @@ def test_recipe_yaml_loads_into_atlas_config():
     recipe = Path(__file__).parents[1] / "recipes" / "atlas_default.yaml"
     (cfg,) = HfArgumentParser(AtlasConfig).parse_yaml_file(str(recipe))
     assert cfg == AtlasConfig()  # the recipe writes out the defaults
+
+
+def test_builtin_prompt_sets_for_a_broad_distillation_mix():
+    """`builtin:NAME[:COUNT]`: the distillation's broad mix without a dataset: code in
+    other languages (never JavaScript, the benchmark's unseen domain, nor Python), and
+    chat instructions; distinct prompts, reproducible by seed; bad specs name the fix."""
+    from atlas_rl.workloads import CODE_LANGUAGES, builtin_prompts
+
+    langs = builtin_prompts("builtin:code-languages:5000")
+    assert len(langs) == 5000
+    assert {p.meta["language"] for p in langs} == set(CODE_LANGUAGES)
+    assert not {"JavaScript", "TypeScript", "Python"} & set(CODE_LANGUAGES)
+    assert len({p.prompt[0]["content"] for p in langs}) > 1000
+    chat = builtin_prompts("builtin:instructions:300", seed=2)
+    assert len({p.prompt[0]["content"] for p in chat}) == 300  # 300 distinct of the ~1,600
+    assert all(p.domain == "instructions" and p.prompt[0]["role"] == "user" for p in chat)
+    assert [p.prompt for p in chat] == [p.prompt for p in builtin_prompts("builtin:instructions:300", 2)]
+    assert len(builtin_prompts("builtin:code")) == 1000
+    with pytest.raises(ValueError, match="unknown prompt set 'builtin:poems'.*code-languages"):
+        builtin_prompts("builtin:poems")
+    with pytest.raises(ValueError, match="COUNT must be a whole number, got 'ten'"):
+        builtin_prompts("builtin:math:ten")

@@ -494,7 +494,8 @@ def distil_resumable(cfg: Eagle3DistillConfig, say=print) -> dict:
     work = Path(cfg.work_dir)
     (work / "rollouts").mkdir(parents=True, exist_ok=True)
     identity = {k: getattr(cfg, k) for k in RESUME_FIELDS}
-    identity["prompts"] = [str(Path(f).resolve()) for f in cfg.prompts]
+    identity["prompts"] = [f if f.startswith("builtin:") else str(Path(f).resolve())
+                           for f in cfg.prompts]
     identity["model"] = str(Path(cfg.model).resolve()) if Path(cfg.model).exists() else cfg.model
     # checkpoint.pt holds the drafter, its optimizer and the state together (one rename
     # commits a round); state.json is its readable copy.
@@ -520,8 +521,11 @@ def distil_resumable(cfg: Eagle3DistillConfig, say=print) -> dict:
     if held_path.is_file():
         held_rollouts = json.loads(held_path.read_text())
     else:
-        say(f"held-out rollouts: {len(held_ids)} prompts x {cfg.completions}")
-        held_rollouts = gen(held_ids, cfg.seed + 7919, say)[:cfg.heldout_rollouts]
+        # as many held-out prompts as `heldout_rollouts` needs, spread over the held-out set
+        need = min(len(held_ids), -(-cfg.heldout_rollouts // cfg.completions))
+        chosen = [held_ids[i * len(held_ids) // need] for i in range(need)]
+        say(f"held-out rollouts: {need} of the {len(held_ids)} held-out prompts x {cfg.completions}")
+        held_rollouts = gen(chosen, cfg.seed + 7919, say)[:cfg.heldout_rollouts]
         _write_atomic(held_path, json.dumps(held_rollouts))
     held = features(model, held_rollouts, aux_layers, max(1, cfg.gen_batch), lambda *a: None)
     held_idx = list(range(len(held.tokens)))
