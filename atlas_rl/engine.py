@@ -129,8 +129,9 @@ class AtlasRolloutEngine:
                 self.proposer = RemoteProposer(self.llm)
             return
         self._step_times = backend.StepTimes(self.llm)
-        from atlas_rl.backends.vllm.weight_sync import WeightSync
+        from atlas_rl.backends.vllm.weight_sync import WeightSync, free_reload_state_with
 
+        self._free_reload_state = free_reload_state_with(backend.model_runner(self.llm))
         self._weight_sync = WeightSync(self.llm, self.model_path,
                                        allow_nonfinite=self.config.allow_nonfinite_weights,
                                        keep_previous=self.config.sync_rollback)
@@ -152,6 +153,9 @@ class AtlasRolloutEngine:
         core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
         if core is not None and hasattr(core, "shutdown"):
             core.shutdown()
+        free = getattr(self, "_free_reload_state", None)
+        if free is not None:  # in-process: vLLM's reload state would keep the model alive
+            free()
         directory = getattr(self._weight_sync, "directory", None)
         if directory:  # a multiprocess engine's transfer directory
             import shutil

@@ -64,9 +64,12 @@ MAX_CACHED_ENGINES = int(os.environ.get("ATLAS_RL_TEST_MAX_ENGINES", "2"))
 
 def release_memory() -> None:
     """Collect what was dropped and hand the freed heap back to the OS (glibc keeps it
-    otherwise, and the process's RSS never falls)."""
+    otherwise, and the process's RSS never falls). Twice: a collected model runner's
+    finalizer (`weight_sync.free_reload_state_with`) unties its model from vLLM's reload
+    state during the first collection, and the model goes in the second."""
     import ctypes
 
+    gc.collect()
     gc.collect()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -178,11 +181,22 @@ class _MemoryLog:
     def module_end(self, nodeid: str) -> None:
         """After the module's release: what it left behind, and the engines still alive
         (a module that raises the floor names its leftovers here)."""
-        alive = [type(o).__name__ for o in gc.get_objects()
-                 if type(o).__name__ in ("AtlasRolloutEngine", "LLM", "EngineCore")]
+        import torch
+
+        alive, storages = [], {}
+        for o in gc.get_objects():
+            if type(o).__name__ in ("AtlasRolloutEngine", "LLM", "EngineCore"):
+                alive.append(type(o).__name__)
+            elif isinstance(o, torch.Tensor) and o.device.type == "cpu":
+                try:
+                    st = o.untyped_storage()
+                    storages[st.data_ptr()] = st.nbytes()
+                except (RuntimeError, NotImplementedError):  # meta, sparse, ...
+                    pass
         with open(self.path, "a") as f:
             f.write(f"{_rss_gib():6.2f} GiB rss after the module's release, engines alive: "
-                    f"{alive or 'none'}  {nodeid}\n")
+                    f"{alive or 'none'}, tensors alive: {sum(storages.values()) / 2**30:.2f} "
+                    f"GiB  {nodeid}\n")
 
 
 def _rss_gib() -> float:

@@ -249,6 +249,42 @@ def test_sync_weights_reaches_every_weight_tied_lm_head_included(tiny_model_path
     del engine
 
 
+@pytest.mark.parametrize("speculation, end", [("none", "dropped"), ("atlas", "closed")])
+def test_an_engine_that_synced_frees_its_model(tiny_model_path, speculation, end):
+    """vLLM 0.32 keeps every loaded layer in its reload table, and a sync ties the
+    layers to it for good: without atlas-rl's release a synced engine's model (and its
+    memory: ~0.8 GB for SmolLM2-135M in float32) outlived the engine. Dropped (two
+    collections: the runner's finalizer unties the model, the next one frees it) or
+    closed, the model goes, and vLLM's table holds none of its layers."""
+    import gc
+    import weakref
+
+    from transformers import AutoModelForCausalLM
+
+    from atlas_rl import AtlasConfig, AtlasRolloutEngine
+    from atlas_rl.backends.vllm import hooks
+    from atlas_rl.backends.vllm.engine import model_runner
+    from vllm.model_executor.model_loader.reload import layerwise
+
+    engine = AtlasRolloutEngine(tiny_model_path, speculation, AtlasConfig(
+        dtype="float32", cpu_kv_cache_gib=0.25, max_model_len=512))
+    engine.sync_weights(AutoModelForCausalLM.from_pretrained(tiny_model_path, dtype=torch.float32))
+    model = model_runner(engine.llm).get_model()
+    layers = [weakref.ref(m) for m in model.modules()]
+    gone = weakref.ref(model)
+    assert any(layer() in layerwise.LAYERWISE_INFO for layer in layers)
+    del model
+    assert hooks.status()["reload_state"] == "applied"
+    if end == "closed":
+        engine.close()
+        assert not any(layer() in layerwise.LAYERWISE_INFO for layer in layers if layer())
+    del engine
+    gc.collect()
+    gc.collect()
+    assert gone() is None, "the engine's model outlived it"
+    assert all(layer() is None for layer in layers)
+
+
 def test_nan_logits_fail_the_generate_call_and_the_engine_recovers(make_engine, tiny_model_path):
     """A policy whose logits are NaN (weights the sync was told to let through, standing
     for a bf16 overflow the weight checks cannot see) fails the generate call with a

@@ -23,6 +23,9 @@ failed_requests        runner.sample_tokens (instance); Scheduler.        atlas 
 step_times             runner.execute_model, runner.sample_tokens (inst.) measurement every engine
 spec_counters          engine.logger_manager.record (instance)            measurement every engine
 layerwise_reset        LAYERWISE_INFO[layer].load_numel (state reset)     rollback    failed syncs
+reload_state           LAYERWISE_INFO (a freed runner's entries popped);  workaround  AtlasRollout-
+                       runner._atlas_free_reload_state                                Engine, atlas
+                                                                                      engines
 atlas_config           EngineArgs.create_engine_config (class)            wiring      plugin: every
                                                                                       process
 atlas_worker           CPUModelRunner / GPUModelRunner.load_model (class) wiring      plugin: every
@@ -132,6 +135,13 @@ HOOKS: tuple[Hook, ...] = (
          "rollback", "a weight sync that failed midway",
          "vLLM 0.32 keeps half-loaded layers buffered: reset before restoring weights",
          "reload API changed: a failed sync marks the engine broken (it says so)"),
+    Hook("reload_state", "vllm...reload.layerwise.LAYERWISE_INFO (the entries of a freed "
+         "runner's model); runner._atlas_free_reload_state (the finalizer)",
+         "workaround", "in-process AtlasRolloutEngines and atlas engines",
+         "vLLM 0.32's reload state is a WeakKeyDictionary whose values come to hold their "
+         "layers: a model loaded in this process is never freed (~0.8 GB a SmolLM2-135M "
+         "engine once synced); when the runner is collected its entries are popped",
+         "no such table: nothing to pop (the model is freed with its runner)"),
     Hook("atlas_config", "vllm.engine.arg_utils.EngineArgs.create_engine_config (class)",
          "wiring", "plugin: every process that builds an engine config",
          "a speculative config carries atlas's fields under 'atlas'; vLLM's own config "

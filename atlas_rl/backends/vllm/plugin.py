@@ -262,4 +262,7 @@ def _setup_proposer(runner) -> None:
 
     drafter = getattr(runner, "drafter", None)
     if isinstance(drafter, AtlasProposer):
+        from atlas_rl.backends.vllm.weight_sync import free_reload_state_with
+
+        free_reload_state_with(runner)
         setup_in_worker(runner, drafter)

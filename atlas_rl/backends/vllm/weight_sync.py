@@ -326,6 +326,40 @@ class WeightSync:
             raise EngineBrokenError(self.broken) from e
 
 
+def free_reload_state_with(runner):
+    """Have `runner`'s model freed with it. vLLM 0.32 keeps every loaded layer's reload
+    state in a process-wide ``WeakKeyDictionary`` (`layerwise.LAYERWISE_INFO`) whose
+    values come to hold their layers (a reload's wrapped weight loaders close over them),
+    so the keys never die: a model that was loaded in this process outlives its engine
+    (~0.8 GB for SmolLM2-135M in float32 once a sync reloaded it; an RL process that
+    builds engines, or trainers, again and again runs out of memory). When `runner` is
+    collected, its model's entries go, and the model with them. Returns the finalizer:
+    calling it frees them now (`AtlasRolloutEngine.close`). Once per runner."""
+    import weakref
+
+    from atlas_rl.backends.vllm import hooks
+
+    free = getattr(runner, "_atlas_free_reload_state", None)
+    if free is None and not hooks.enabled():  # ATLAS_RL_COMPAT=off: vLLM as it is
+        hooks.record("reload_state", "off (ATLAS_RL_COMPAT=off)")
+        return lambda: None
+    if free is None:
+        free = weakref.finalize(runner, _forget_reload_state, runner.get_model())
+        hooks.assign(runner, {"_atlas_free_reload_state": free}, key="reload_state")
+        hooks.record("reload_state", "applied")
+    return free
+
+
+def _forget_reload_state(model) -> None:
+    try:
+        from vllm.model_executor.model_loader.reload import layerwise
+    except ImportError:  # another vLLM: nothing of ours to undo
+        return
+    for layer in model.modules():
+        layerwise.LAYERWISE_INFO.pop(layer, None)
+        layerwise.LOADING_LAYERS.discard(layer)
+
+
 def _reset_layerwise_reload(target) -> None:
     """Undo a reload that stopped midway (vLLM 0.32's layerwise reload): drop the loads
     buffered for unfinished layers, then let vLLM's own finalisation put those layers'
