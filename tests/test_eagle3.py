@@ -342,7 +342,8 @@ def test_resumable_distillation_continues_where_the_last_run_stopped(tiny_model_
     """Two runs of one round each reach exactly the drafter, optimizer and held-out curve
     of one run of two rounds: the work directory carries everything (rollouts, held-out
     set, draft vocabulary, drafter, optimizer, prompt cursor); each round draws new
-    prompts; the drafter in `out` is rewritten in float16 after every round and loads."""
+    prompts; the drafter in `out` is rewritten in float16 after every round and loads;
+    `compare_to` scores another drafter on the same held-out set."""
     from safetensors.torch import load_file
 
     from atlas_rl.speculators.eagle3 import Eagle3Speculator
@@ -355,13 +356,17 @@ def test_resumable_distillation_continues_where_the_last_run_stopped(tiny_model_
                                         tmp_path / "ob"), say=quiet)
     assert first["rounds"] == 1 and first["train_steps"] >= 1
     second = distil_resumable(_resumable(tiny_model_path, tmp_path, tmp_path / "b",
-                                         tmp_path / "ob", save_dtype="float16"), say=quiet)
+                                         tmp_path / "ob", save_dtype="float16",
+                                         compare_to=str(tmp_path / "oa")), say=quiet)
     assert second["rounds"] == once["rounds"] == 2
     assert second["train_steps"] == once["train_steps"] > first["train_steps"]
     assert second["train_tokens"] == once["train_tokens"]
     assert [c["tokens"] for c in second["curve"]] == [c["tokens"] for c in once["curve"]]
     assert second["curve"][-1]["distribution"] == once["curve"][-1]["distribution"]
     assert len(second["runs"]) == 2 and len(once["runs"]) == 1
+    # --compare-to: another drafter on the same held-out set (here the uninterrupted
+    # run's, equal to where this one ends)
+    assert second["reference"]["distribution"] == once["curve"][-1]["distribution"]
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)
     for name, value in a["trainer"]["net"].items():

@@ -87,6 +87,8 @@ class Eagle3DistillConfig:
     passes: int = 1                    # times a round's rollouts are trained on
     max_rounds: int | None = None      # rounds in this run (None: until the time budget)
     save_dtype: str = "float32"        # the saved drafter's weights (float16 to ship it)
+    compare_to: str | None = None      # an EAGLE-3 drafter directory (e.g. the bundled one)
+                                       # evaluated on the same held-out set (work_dir)
 
 
 @dataclass
@@ -529,10 +531,13 @@ def distil_resumable(cfg: Eagle3DistillConfig, say=print) -> dict:
         _write_atomic(held_path, json.dumps(held_rollouts))
     held = features(model, held_rollouts, aux_layers, max(1, cfg.gen_batch), lambda *a: None)
     held_idx = list(range(len(held.tokens)))
+    reference = _evaluate_reference(cfg, model, aux_layers, device, held, held_idx, say)
 
     if state is None:
         state = {"identity": identity, "round": 0, "next_prompt": 0, "epoch": 0, "curve": [],
                  "runs": [], "sampled_coverage": None}
+    if reference is not None:
+        state["reference"] = reference
     trainer = None
     run = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine_info(cfg.train_autocast or cfg.dtype),
            "rounds": 0, "tokens": 0, "seconds": 0.0}
@@ -606,12 +611,33 @@ def distil_resumable(cfg: Eagle3DistillConfig, say=print) -> dict:
     return _resumable_report(cfg, state, aux_layers, trainer, len(held_idx)) if trainer else {}
 
 
+def _evaluate_reference(cfg, model, aux_layers, device, held: Rollouts, held_idx: list[int],
+                        say) -> dict | None:
+    """`cfg.compare_to`'s held-out acceptance on this distillation's held-out set: the
+    line the curve has to pass."""
+    if not cfg.compare_to:
+        return None
+    from atlas_rl.speculators.eagle3 import Eagle3Speculator
+
+    spec = Eagle3Speculator.from_dir(cfg.compare_to)
+    if list(spec.aux_layers) != list(aux_layers):
+        raise ValueError(f"--compare-to {cfg.compare_to}: that drafter reads layers "
+                         f"{list(spec.aux_layers)}, this distillation {list(aux_layers)}")
+    ref = _Trainer(cfg, model, spec.vocab, aux_layers, device)
+    ref.net = spec.net.to(device)
+    ev = {"drafter": str(cfg.compare_to), "trained_tokens": spec.meta.get("trained_tokens"),
+          **ref.evaluate(held, held_idx)}
+    say(f"reference {cfg.compare_to} on the held-out set: {fmt_eval(ev)}")
+    return ev
+
+
 def _resumable_report(cfg, state: dict, aux_layers, trainer: _Trainer, n_held: int) -> dict:
     return {"config": asdict(cfg), "aux_layers": aux_layers, "rounds": state["round"],
             "epochs_over_prompts": state["epoch"], "heldout_rollouts": n_held,
             "draft_vocab_sampled_coverage": state["sampled_coverage"],
             "train_steps": trainer.step, "train_tokens": trainer.tokens,
-            "runs": state["runs"], "heldout_final": state["curve"][-1], "curve": state["curve"]}
+            "runs": state["runs"], "heldout_final": state["curve"][-1],
+            "reference": state.get("reference"), "curve": state["curve"]}
 
 
 def fmt_eval(ev: dict) -> str:
