@@ -37,8 +37,10 @@ bench: setup
 	$(VENV)/bin/atlas-rl bench --model smollm2-135m-instruct --workload drift \
 		--out $(BENCH_OUT)/results.json --plot $(BENCH_OUT)/results.png $(BENCH_ARGS)
 
+# One pytest process per test module (tests/run_per_module.py): the suite's memory is
+# the largest module's, not what all of them leave behind.
 test: setup
-	$(PY) -m pytest -q -ra --durations=25 $(PYTEST_ARGS)
+	$(PY) tests/run_per_module.py -q -ra --durations=5 $(PYTEST_ARGS)
 
 # Mechanics only (tiny random models, no real-model exactness runs).
 test-fast: setup

@@ -131,8 +131,7 @@ PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"
 @pytest.fixture(scope="module")
 def keep_alive():
     """In-process engines share vLLM's process-wide parallel state, and destroying one
-    tears it down under the others: the stock engines live until the module ends, with
-    the `make_engine` ones."""
+    tears it down under the others: the stock engines live until the module ends."""
     engines = []
     yield engines
     engines.clear()
@@ -142,16 +141,16 @@ def _stock_llm(model, monkeypatch, multiprocessing: bool, **spec_kwargs):
     from vllm import LLM
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1" if multiprocessing else "0")
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
     plugin.register()  # what vLLM's entry point does in every process
     return LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024, seed=0,
+               kv_cache_memory_bytes=1 << 29,  # 0.5 GiB, as the suite's other engines
                speculative_config=plugin.speculative_config(**spec_kwargs))
 
 
 @pytest.mark.slow
-def test_stock_vllm_llm_speculates_with_atlas_learns_and_saves(real_model_path, make_engine,
-                                                               monkeypatch, tmp_path,
-                                                               keep_alive):
+def test_stock_vllm_llm_speculates_with_atlas_learns_and_saves(real_model_path, monkeypatch,
+                                                               tmp_path, keep_alive):
     """`vllm.LLM(speculative_config=atlas_rl.speculative_config(...))`, nothing else: the
     proposer sets itself up in the worker, greedy output equals no speculation, drafts
     are verified, the completed requests are learnt when the next wave starts, and the
@@ -160,8 +159,13 @@ def test_stock_vllm_llm_speculates_with_atlas_learns_and_saves(real_model_path, 
 
     from atlas_rl.backends.vllm.engine import proposer
 
-    want = make_engine(real_model_path, "none", dtype="float32").generate(
-        PROMPTS, temperature=0.0, max_tokens=24)
+    from atlas_rl import AtlasConfig, AtlasRolloutEngine
+
+    baseline = AtlasRolloutEngine(real_model_path, "none", AtlasConfig(
+        dtype="float32", cpu_kv_cache_gib=0.5, max_model_len=1024))
+    want = baseline.generate(PROMPTS, temperature=0.0, max_tokens=24)
+    baseline.close()  # before the stock engine is built: they share vLLM's process state
+    del baseline
     state = tmp_path / "state"
     llm = _stock_llm(real_model_path, monkeypatch, False, state_dir=str(state), learn_every=64,
                      speculate_always=True)

@@ -38,12 +38,69 @@ def synced(make_engine, real_model_path, policy):
     return engine, greedy
 
 
+# --- the drafter after a sync (another RL stack lost all acceptance there: AL 2.71 -> 1.00)
+
+
+def _neural_acceptance(engine, before) -> tuple[int, float]:
+    """(drafts, accepted tokens per draft) of the neural drafter's arms since `before`."""
+    from atlas_rl.metrics import ARMS
+
+    now = engine.proposer.counters.since(before)
+    arms = [ARMS.index("neural"), ARMS.index("neural-dist")]
+    drafts = sum(now.arm_drafts[i] for i in arms)
+    accepted = sum(now.arm_accepted_tokens[i] for i in arms)
+    return drafts, accepted / max(drafts, 1)
+
+
+def test_the_drafter_reads_the_policy_after_every_sync(make_engine, real_model_path):
+    """A sync of the same weights leaves the drafter's acceptance as it was (within what
+    the controller's arm choices move); a sync of new weights (embedding and tied head included)
+    puts the new head rows under the drafter, never a stale or zeroed copy."""
+    from conftest import perturbed_policy
+
+    engine = make_engine(real_model_path, "atlas-static", dtype="float32",
+                         speculate_always=True, explore=0.0)
+    neural = engine.speculators["neural"]
+
+    def run():
+        before = engine.proposer.counters.copy()
+        out = engine.generate(PROMPTS, temperature=0.0, max_tokens=48).completion_ids
+        return out, _neural_acceptance(engine, before)
+
+    first, (drafts, accepted) = run()
+    assert drafts > 10 and accepted > 0.2, "the static drafter must draft and be accepted"
+    checkpoint = perturbed_policy(real_model_path, scale=0.0)
+    engine.sync_weights(checkpoint)
+    old_embed = checkpoint.get_input_embeddings().weight.detach().clone()
+    del checkpoint  # one policy in memory at a time
+    assert engine.proposer.drafter_reads_policy() is True
+    again, (drafts_again, accepted_again) = run()
+    assert again == first
+    # the controller's arm choices move with its calibration, so the drafts differ a
+    # little; a stale or zeroed head would take the accepted tokens to ~0
+    assert drafts_again > 10 and abs(accepted_again - accepted) < 0.1
+
+    new = perturbed_policy(real_model_path, seed=3)
+    with torch.no_grad():
+        embed = new.get_input_embeddings().weight
+        embed.add_(torch.randn(embed.shape, generator=torch.Generator().manual_seed(4))
+                   * 0.1 * embed.std())
+    engine.sync_weights(new)
+    assert engine.proposer.drafter_reads_policy() is True
+    ids, rows = neural.draft_head_rows()
+    assert torch.equal(rows, embed.detach().index_select(0, ids).float()), \
+        "the drafter drafts through the synced head rows"
+    assert not torch.equal(rows, old_embed.index_select(0, ids).float())
+
+
 def _greedy(engine):
     return engine.generate(PROMPTS, temperature=0.0, max_tokens=TOKENS).completion_ids
 
 
 def _state(policy):
-    return {k: v.clone() for k, v in policy.state_dict().items()}
+    """The policy's tensors by name, not copies (a test that changes one replaces it:
+    a clone of the whole model per test was the module's peak memory)."""
+    return dict(policy.state_dict())
 
 
 def test_wrong_shape_is_refused_and_engine_keeps_serving(synced, policy):
@@ -76,6 +133,7 @@ def test_nonfinite_weights_are_refused_and_engine_keeps_serving(synced, policy):
     engine, greedy = synced
     state = _state(policy)
     name = "model.layers.3.self_attn.o_proj.weight"
+    state[name] = state[name].clone()
     state[name][0, :5] = float("nan")
     state[name][1, 0] = float("inf")
     with pytest.raises(WeightSyncError) as err:
@@ -137,57 +195,3 @@ def test_good_sync_after_failures_still_lands(synced, policy, real_model_path):
         out = model.generate(torch.tensor([c.prompt_ids]), max_new_tokens=TOKENS,
                              do_sample=False, eos_token_id=None, pad_token_id=2)
         assert c.completion_ids == out[0, len(c.prompt_ids):].tolist()[:len(c.completion_ids)]
-
-
-# --- the drafter after a sync (another RL stack lost all acceptance there: AL 2.71 -> 1.00)
-
-
-def _neural_acceptance(engine, before) -> tuple[int, float]:
-    """(drafts, accepted tokens per draft) of the neural drafter's arms since `before`."""
-    from atlas_rl.metrics import ARMS
-
-    now = engine.proposer.counters.since(before)
-    arms = [ARMS.index("neural"), ARMS.index("neural-dist")]
-    drafts = sum(now.arm_drafts[i] for i in arms)
-    accepted = sum(now.arm_accepted_tokens[i] for i in arms)
-    return drafts, accepted / max(drafts, 1)
-
-
-def test_the_drafter_reads_the_policy_after_every_sync(make_engine, real_model_path):
-    """A sync of the same weights leaves the drafter's acceptance as it was (within what
-    the controller's arm choices move); a sync of new weights (embedding and tied head included)
-    puts the new head rows under the drafter, never a stale or zeroed copy."""
-    from conftest import perturbed_policy
-
-    engine = make_engine(real_model_path, "atlas-static", dtype="float32",
-                         speculate_always=True, explore=0.0)
-    neural = engine.speculators["neural"]
-
-    def run():
-        before = engine.proposer.counters.copy()
-        out = engine.generate(PROMPTS, temperature=0.0, max_tokens=48).completion_ids
-        return out, _neural_acceptance(engine, before)
-
-    first, (drafts, accepted) = run()
-    assert drafts > 10 and accepted > 0.2, "the static drafter must draft and be accepted"
-    checkpoint = perturbed_policy(real_model_path, scale=0.0)
-    engine.sync_weights(checkpoint)
-    assert engine.proposer.drafter_reads_policy() is True
-    again, (drafts_again, accepted_again) = run()
-    assert again == first
-    # the controller's arm choices move with its calibration, so the drafts differ a
-    # little; a stale or zeroed head would take the accepted tokens to ~0
-    assert drafts_again > 10 and abs(accepted_again - accepted) < 0.1
-
-    new = perturbed_policy(real_model_path, seed=3)
-    with torch.no_grad():
-        embed = new.get_input_embeddings().weight
-        embed.add_(torch.randn(embed.shape, generator=torch.Generator().manual_seed(4))
-                   * 0.1 * embed.std())
-    engine.sync_weights(new)
-    assert engine.proposer.drafter_reads_policy() is True
-    ids, rows = neural.draft_head_rows()
-    assert torch.equal(rows, embed.detach().index_select(0, ids).float()), \
-        "the drafter drafts through the synced head rows"
-    assert not torch.equal(rows, checkpoint.get_input_embeddings().weight.detach()
-                           .index_select(0, ids).float())
