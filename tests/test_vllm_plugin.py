@@ -157,9 +157,8 @@ def test_stock_vllm_llm_speculates_with_atlas_learns_and_saves(real_model_path, 
     state directory gets the learnt state."""
     from vllm import SamplingParams
 
-    from atlas_rl.backends.vllm.engine import proposer
-
     from atlas_rl import AtlasConfig, AtlasRolloutEngine
+    from atlas_rl.backends.vllm.engine import proposer
 
     baseline = AtlasRolloutEngine(real_model_path, "none", AtlasConfig(
         dtype="float32", cpu_kv_cache_gib=0.5, max_model_len=1024))
