@@ -193,9 +193,9 @@ class _MemoryLog:
             elif isinstance(o, torch.Tensor) and o.device.type == "cpu":
                 try:
                     st = o.untyped_storage()
-                    storages[st.data_ptr()] = st.nbytes()
-                except (RuntimeError, NotImplementedError):  # meta, sparse, ...
-                    pass
+                except (RuntimeError, NotImplementedError):  # meta, sparse: no storage to count
+                    continue
+                storages[st.data_ptr()] = st.nbytes()
         with open(self.path, "a") as f:
             f.write(f"{_rss_gib():6.2f} GiB rss after the module's release, engines alive: "
                     f"{alive or 'none'}, tensors alive: {sum(storages.values()) / 2**30:.2f} "

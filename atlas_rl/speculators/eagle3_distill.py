@@ -161,27 +161,35 @@ def generate(model, tokenizer, prompt_ids: list[list[int]], cfg: Eagle3DistillCo
     return out
 
 
+def _vllm_engine(cfg: Eagle3DistillConfig, max_prompt: int):
+    """atlas-rl's vLLM engine with speculation off, for rollouts of prompts up to
+    `max_prompt` tokens."""
+    from atlas_rl import AtlasConfig, AtlasRolloutEngine
+
+    return AtlasRolloutEngine(cfg.model, "none", AtlasConfig(
+        dtype=cfg.generator_dtype, seed=cfg.seed, max_model_len=max_prompt + cfg.max_tokens + 8))
+
+
+def _generate_with(engine, prompt_ids: list[list[int]], cfg: Eagle3DistillConfig, seed: int,
+                   say) -> list[tuple[list[int], list[int]]]:
+    out, start = [], time.perf_counter()
+    for b in range(0, len(prompt_ids), cfg.gen_batch):
+        batch = engine.generate(prompt_ids[b:b + cfg.gen_batch], n=cfg.completions,
+                                max_tokens=cfg.max_tokens, temperature=1.0, seed=seed + b)
+        out += [(list(c.prompt_ids), list(c.completion_ids)) for c in batch if c.completion_ids]
+        say(f"generate (vLLM): {min(b + cfg.gen_batch, len(prompt_ids))}/{len(prompt_ids)} "
+            f"prompts, {sum(len(c) for _, c in out)} tokens, {time.perf_counter() - start:.0f} s")
+    return out
+
+
 def generate_vllm(prompt_ids: list[list[int]], cfg: Eagle3DistillConfig,
                   say) -> list[tuple[list[int], list[int]]]:
     """As `generate`, through atlas-rl's vLLM engine with speculation off."""
-    from atlas_rl import AtlasConfig, AtlasRolloutEngine
-
-    engine = AtlasRolloutEngine(cfg.model, "none", AtlasConfig(
-        dtype=cfg.generator_dtype, seed=cfg.seed,
-        max_model_len=max(len(p) for p in prompt_ids) + cfg.max_tokens + 8))
-    out, start = [], time.perf_counter()
+    engine = _vllm_engine(cfg, max(len(p) for p in prompt_ids))
     try:
-        for b in range(0, len(prompt_ids), cfg.gen_batch):
-            chunk = prompt_ids[b:b + cfg.gen_batch]
-            batch = engine.generate(chunk, n=cfg.completions, max_tokens=cfg.max_tokens,
-                                    temperature=1.0, seed=cfg.seed + b)
-            out += [(list(c.prompt_ids), list(c.completion_ids)) for c in batch
-                    if c.completion_ids]
-            say(f"generate (vLLM): {min(b + cfg.gen_batch, len(prompt_ids))}/{len(prompt_ids)} "
-                f"prompts, {sum(len(c) for _, c in out)} tokens, {time.perf_counter() - start:.0f} s")
+        return _generate_with(engine, prompt_ids, cfg, cfg.seed, say)
     finally:
-        del engine
-    return out
+        engine.close()
 
 
 @torch.no_grad()
@@ -458,11 +466,7 @@ class _RoundGenerator:
     def __init__(self, cfg: Eagle3DistillConfig, model, tokenizer, max_prompt: int):
         self.cfg, self.model, self.tokenizer, self.engine = cfg, model, tokenizer, None
         if cfg.generator == "vllm":
-            from atlas_rl import AtlasConfig, AtlasRolloutEngine
-
-            self.engine = AtlasRolloutEngine(cfg.model, "none", AtlasConfig(
-                dtype=cfg.generator_dtype, seed=cfg.seed,
-                max_model_len=max_prompt + cfg.max_tokens + 8))
+            self.engine = _vllm_engine(cfg, max_prompt)
         elif cfg.generator != "transformers":
             raise ValueError(f"generator must be 'transformers' or 'vllm', got {cfg.generator!r}")
 
@@ -470,13 +474,7 @@ class _RoundGenerator:
         if self.engine is None:
             torch.manual_seed(seed)
             return generate(self.model, self.tokenizer, ids, self.cfg, say)
-        out = []
-        for b in range(0, len(ids), self.cfg.gen_batch):
-            batch = self.engine.generate(ids[b:b + self.cfg.gen_batch], n=self.cfg.completions,
-                                         max_tokens=self.cfg.max_tokens, temperature=1.0,
-                                         seed=seed + b)
-            out += [(list(c.prompt_ids), list(c.completion_ids)) for c in batch if c.completion_ids]
-        return out
+        return _generate_with(self.engine, ids, self.cfg, seed, say)
 
 
 def distil_resumable(cfg: Eagle3DistillConfig, say=print) -> dict:
