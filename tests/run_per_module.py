@@ -33,6 +33,7 @@ def main(argv: list[str]) -> int:
     totals: dict[str, int] = {}
     peaks: list[tuple[float, str]] = []
     failed: list[tuple[str, int]] = []
+    seconds: list[tuple[float, str]] = []
     start = time.perf_counter()
     for i, module in enumerate(modules, 1):
         print(f"\n=== [{i}/{len(modules)}] {module}", flush=True)
@@ -53,13 +54,17 @@ def main(argv: list[str]) -> int:
         summary = next((line for line in reversed(out) if COUNTS.search(line)), "")
         for n, kind in COUNTS.findall(summary):
             totals[kind] = totals.get(kind, 0) + int(n)
-        print(f"=== {module}: exit {rc} in {time.perf_counter() - t0:.0f} s", flush=True)
+        seconds.append((time.perf_counter() - t0, module))
+        print(f"=== {module}: exit {rc} in {seconds[-1][0]:.0f} s", flush=True)
         if rc != 0:
             failed.append((module, rc))
     minutes = (time.perf_counter() - start) / 60
     counts = ", ".join(f"{n} {kind}" for kind, n in totals.items())
     print(f"\n=== {len(modules)} modules, one pytest process each: {counts or 'no tests'} "
           f"in {minutes:.1f} min", flush=True)
+    slowest = sorted(seconds, reverse=True)[:8]
+    print("=== slowest modules: " + ", ".join(f"{Path(m).stem} {s / 60:.1f} min"
+                                             for s, m in slowest), flush=True)
     if peaks:
         peak, where = max(peaks)
         print(f"atlas-rl: the suite's peak RSS: {peak:.2f} GiB ({where})")

@@ -80,3 +80,107 @@ def test_console_script_help():
     out = subprocess.run([str(exe), "--help"], capture_output=True, text=True, check=True).stdout
     for word in ("models", "demo", "doctor"):
         assert word in out
+
+
+# --- derived policies: a known model with a bundled LoRA adapter merged in -----------
+
+def _lora_adapter(model_path: str, out: Path, seed: int = 0) -> dict:
+    """A LoRA adapter on `model_path`'s attention projections with nonzero B (PEFT starts
+    B at 0), saved to `out`; returns the merged float32 state dict PEFT computes."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "v_proj"], task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.05)
+    peft_model.save_pretrained(str(out))
+    return {k: v.clone() for k, v in peft_model.merge_and_unload().state_dict().items()}
+
+
+def test_merge_adapter_writes_the_merged_policy_in_the_base_dtype(tiny_model_path, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    expected = _lora_adapter(tiny_model_path, tmp_path / "adapter")
+    models.merge_adapter(tiny_model_path, tmp_path / "adapter", tmp_path / "merged")
+    merged = load_file(str(tmp_path / "merged" / "model.safetensors"))
+    base = load_file(str(Path(tiny_model_path) / "model.safetensors"))
+    assert (tmp_path / "merged" / "tokenizer.json").is_file()
+    q = "model.layers.0.self_attn.q_proj.weight"
+    assert merged[q].dtype == base[q].dtype  # the base checkpoint's dtype
+    assert torch.allclose(merged[q].float(), expected[q].to(base[q].dtype).float())
+    assert not torch.equal(merged[q], base[q])  # the adapter moved it
+    up = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(merged[up], base[up])  # no adapter there: untouched
+
+
+def test_models_merge_command(tiny_model_path, tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    _lora_adapter(tiny_model_path, tmp_path / "adapter")
+    assert main(["models", "merge", tiny_model_path, str(tmp_path / "adapter"),
+                 str(tmp_path / "merged")]) == 0
+    assert capsys.readouterr().out.strip().endswith(str(tmp_path / "merged"))
+    assert "model.layers.1.self_attn.v_proj.weight" in load_file(
+        str(tmp_path / "merged" / "model.safetensors"))
+    assert main(["models", "merge", tiny_model_path, str(tmp_path), str(tmp_path / "x")]) == 2
+    assert "has no adapter_config.json" in capsys.readouterr().err
+
+
+def test_a_derived_known_model_is_merged_once_and_drafts_with_its_base_drafter(
+        tiny_model_path, tmp_path, monkeypatch):
+    import shutil
+
+    from atlas_rl.speculators import neural
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv(models.CACHE_ENV, str(cache))
+    base_dir = cache / "models" / "tiny-base"  # a cached "known" base model
+    shutil.copytree(tiny_model_path, base_dir)
+    (base_dir / "atlas-model.json").write_text('{"name": "tiny-base"}')
+    adapters = tmp_path / "policies"
+    _lora_adapter(tiny_model_path, adapters / "tiny-rl")
+    monkeypatch.setattr(models, "POLICY_ADAPTERS_DIR", adapters)
+    monkeypatch.setitem(models.KNOWN_MODELS, "tiny-base", models.ModelSpec(
+        "tiny-base", "a tiny base", parts=()))
+    monkeypatch.setitem(models.KNOWN_MODELS, "tiny-rl", models.ModelSpec(
+        "tiny-rl", "the tiny base further into RL", parts=(), base="tiny-base",
+        adapter="tiny-rl"))
+
+    path = models.resolve_model("tiny-rl")
+    assert Path(path) == cache / "models" / "tiny-rl" and models.is_cached("tiny-rl")
+    assert models.base_model_name(path) == "tiny-base"
+    assert models.base_model_name(tiny_model_path) is None
+    # the bundled drafter of the base model serves the derived policy
+    bundled = tmp_path / "bundled"
+    (bundled / "tiny-base").mkdir(parents=True)
+    (bundled / "tiny-base" / "neural.json").write_text("{}")
+    monkeypatch.setattr(neural, "BUNDLED_DIR", bundled)
+    assert neural.static_speculator_dir("auto", path) == bundled / "tiny-base"
+    assert neural.static_speculator_dir("auto", tiny_model_path) is None
+    # a new adapter shipped: the merged folder is stale and is made again
+    _lora_adapter(tiny_model_path, adapters / "tiny-rl", seed=1)
+    assert not models.is_cached("tiny-rl")
+    assert models.resolve_model("tiny-rl") == path and models.is_cached("tiny-rl")
+
+
+def test_the_bundled_later_rl_policy_is_further_into_rl():
+    """The adapter of record ships small and its run lowered the policy's entropy."""
+    import json
+
+    spec = models.KNOWN_MODELS["smollm2-135m-instruct-grpo"]
+    folder = models.POLICY_ADAPTERS_DIR / spec.adapter
+    weights = folder / "adapter_model.safetensors"
+    assert (folder / "adapter_config.json").is_file()
+    assert weights.stat().st_size < 16 * 2**20
+    report = json.loads((folder / "train_report.json").read_text())
+    entropy = [row["entropy"] for row in report["steps"]]
+    first, last = entropy[: len(entropy) // 4], entropy[-len(entropy) // 4:]
+    assert sum(last) / len(last) < sum(first) / len(first) - 0.2, entropy
+    assert report["base_model"] == spec.base

@@ -58,16 +58,22 @@ BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "speculators"
 def static_speculator_dir(setting: str | None, model_path: str,
                           drafter: str = "auto") -> Path | None:
     """Where the static drafter for `model_path` lives, per AtlasConfig.static_speculator
-    ('auto': the bundled one for the model, if any; 'none'/None: no static drafter). A
+    ('auto': the bundled one for the model, or for the known model it was derived from
+    (`atlas_rl.models.base_model_name`), if any; 'none'/None: no static drafter). A
     directory holds an MLP drafter (neural.json), an EAGLE-3 one (eagle3.json) or both;
     `drafter` ('mlp', 'eagle3', 'auto') says which one must be there."""
     if setting is None or str(setting).lower() in ("", "none"):
         return None
     wanted = {"mlp": ("neural.json",), "eagle3": ("eagle3.json",)}.get(
         drafter, ("eagle3.json", "neural.json"))
-    if setting == "auto":
-        d = BUNDLED_DIR / Path(str(model_path)).name
-        return d if any((d / f).is_file() for f in wanted) else None
+    if setting == "auto":  # the model's own bundled drafter, else its base model's
+        from atlas_rl.models import base_model_name
+
+        for name in (Path(str(model_path)).name, base_model_name(model_path)):
+            d = BUNDLED_DIR / str(name)
+            if name and any((d / f).is_file() for f in wanted):
+                return d
+        return None
     d = Path(setting).expanduser()
     if not any((d / f).is_file() for f in wanted):
         raise FileNotFoundError(
