@@ -3,7 +3,7 @@ trained ahead so that `atlas-rl bench` can measure speculation where a user's ru
 be after many steps (lower entropy, shorter and surer completions), not only at the
 instruct model it starts from.
 
-    python scripts/grpo_policy_point.py                       # SmolLM2-135M-Instruct, 48 steps (~25 min)
+    python scripts/grpo_policy_point.py                       # SmolLM2-135M-Instruct, 24 steps (~17 min)
     python scripts/grpo_policy_point.py --steps 2 --prompts-per-step 2 --out /tmp/adapter
 
 Per step: `--prompts-per-step` prompts, half arithmetic word problems and half JavaScript
@@ -106,7 +106,9 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct",
                     help="known short name or a local HF folder (the base policy)")
-    ap.add_argument("--steps", type=int, default=48, help="GRPO steps")
+    ap.add_argument("--steps", type=int, default=24,
+                    help="GRPO steps (at the defaults entropy falls from ~2.1 to ~0.8 "
+                         "nats/token in 21 steps, ~0.05 a step, still falling)")
     ap.add_argument("--prompts-per-step", type=int, default=8,
                     help="prompts per step, half arithmetic and half JavaScript")
     ap.add_argument("--group", type=int, default=4, help="completions per prompt")
