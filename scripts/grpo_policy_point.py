@@ -89,7 +89,8 @@ def grpo_step(model, optimizer, params, completions, rewards, group: int) -> dic
 
 
 def save_adapter(peft_model, out: Path, report: dict) -> None:
-    """PEFT's files with the weights in float16, and the training report."""
+    """PEFT's files with the weights in float16 and the base model as it was named (not a
+    local cache path), and the training report."""
     from safetensors.torch import load_file, save_file
 
     out.mkdir(parents=True, exist_ok=True)
@@ -97,6 +98,10 @@ def save_adapter(peft_model, out: Path, report: dict) -> None:
     weights = out / "adapter_model.safetensors"
     state = {k: v.to(torch.float16).contiguous() for k, v in load_file(str(weights)).items()}
     save_file(state, str(weights), metadata={"format": "pt"})
+    config_path = out / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["base_model_name_or_path"] = report["base_model"]
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     (out / "README.md").unlink(missing_ok=True)  # PEFT's model-card template
     (out / "train_report.json").write_text(json.dumps(report, indent=1) + "\n")
 
@@ -196,8 +201,9 @@ def main(argv=None) -> int:
               f"entropy {row['entropy']:.2f} nats/token, {row['step_seconds']:.1f} s",
               flush=True)
     report = {"how": "scripts/grpo_policy_point.py: on-policy GRPO (group-normalised "
-                     "advantages, no KL term) with a LoRA adapter, the benchmark's reward plus a "
-                     "self-certainty term and domains (other prompts)",
+                     "advantages, no KL term) with a LoRA adapter on the benchmark's domains "
+                     "(other prompts), its task reward without the brevity term plus a "
+                     "self-certainty term",
               "command": "python scripts/grpo_policy_point.py " + " ".join(
                   sys.argv[1:] if argv is None else argv),
               "settings": {k: v for k, v in vars(args).items() if k != "out"},
