@@ -397,6 +397,32 @@ def completion_logits(model, ids, n: int):
     return logits[:-1]
 
 
+def reinforce_backward(model, completions, advantages: Sequence[float],
+                       temperature: float = 1.0) -> float:
+    """Backpropagate the on-policy GRPO loss (the clipped ratio is 1 on-policy: REINFORCE):
+    -sum over completions of advantage x the completion's token logprobs, normalised by
+    all completions' token count; one sequence at a time, through the completion's logits
+    only. Returns the loss; the caller steps its optimizer."""
+    import torch
+
+    num_tokens = sum(len(c.completion_ids) for c in completions)
+    loss_total = 0.0
+    for c, a in zip(completions, advantages):
+        if abs(a) <= 1e-6 or not c.completion_ids:
+            continue
+        ids = torch.tensor([list(c.prompt_ids) + list(c.completion_ids)])
+        # the completion's logits only: [len(c), vocab] in the graph, not the prompt's
+        logits = completion_logits(model, ids, len(c.completion_ids))
+        if temperature > 0:
+            logits = logits / temperature
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        token_logp = logp.gather(1, torch.tensor(c.completion_ids)[:, None])[:, 0]
+        loss = -(a * token_logp.sum()) / num_tokens
+        loss.backward()
+        loss_total += float(loss.detach())
+    return loss_total
+
+
 class PolicyUpdater:
     """The policy as the trainer holds it (transformers, float32, CPU) and one
     on-policy GRPO step per benchmark step. On-policy the clipped ratio is 1, so the
@@ -427,20 +453,7 @@ class PolicyUpdater:
         num_tokens = sum(len(c.completion_ids) for c in completions)
         if num_tokens == 0 or not bool((adv.abs() > 1e-6).any()):
             return {"loss": 0.0, "grad_norm": 0.0, "updated": False}
-        loss_total = 0.0
-        for c, a in zip(completions, adv.tolist()):
-            if abs(a) <= 1e-6 or not c.completion_ids:
-                continue
-            ids = torch.tensor([list(c.prompt_ids) + list(c.completion_ids)])
-            # the completion's logits only: [len(c), vocab] in the graph, not the prompt's
-            logits = completion_logits(self.model, ids, len(c.completion_ids))
-            if temperature > 0:
-                logits = logits / temperature
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            token_logp = logp.gather(1, torch.tensor(c.completion_ids)[:, None])[:, 0]
-            loss = -(a * token_logp.sum()) / num_tokens
-            loss.backward()
-            loss_total += float(loss.detach())
+        loss_total = reinforce_backward(self.model, completions, adv.tolist(), temperature)
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, 1.0))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ from pathlib import Path
 import torch
 
 from atlas_rl import AtlasConfig, AtlasRolloutEngine
-from atlas_rl.bench import _as_engine_prompt, completion_logits, sampled_entropy
+from atlas_rl.bench import _as_engine_prompt, reinforce_backward, sampled_entropy
 from atlas_rl.models import POLICY_ADAPTERS_DIR, resolve_model
 from atlas_rl.rewards import rollout_reward
 from atlas_rl.workloads import javascript_prompts, math_prompts
@@ -70,22 +69,11 @@ def grpo_step(model, optimizer, params, completions, rewards, group: int) -> dic
     """One on-policy GRPO step: advantages normalised within each prompt's group."""
     r = torch.tensor(rewards, dtype=torch.float32).view(-1, group)
     adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
-    num_tokens = sum(len(c.completion_ids) for c in completions)
-    loss_total = 0.0
-    for c, a in zip(completions, adv.tolist()):
-        if abs(a) <= 1e-6 or not c.completion_ids:
-            continue
-        ids = torch.tensor([list(c.prompt_ids) + list(c.completion_ids)])
-        logits = completion_logits(model, ids, len(c.completion_ids))
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        token_logp = logp.gather(1, torch.tensor(c.completion_ids)[:, None])[:, 0]
-        loss = -(a * token_logp.sum()) / max(num_tokens, 1)
-        loss.backward()
-        loss_total += float(loss.detach())
+    loss = reinforce_backward(model, completions, adv.tolist())
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return {"loss": loss_total, "grad_norm": grad_norm}
+    return {"loss": loss, "grad_norm": grad_norm}
 
 
 def save_adapter(peft_model, out: Path, report: dict) -> None:
