@@ -178,6 +178,12 @@ class BenchConfig:
                 "policy ~0.01-0.1 nats/token per step, the range of a GRPO run with a KL "
                 "penalty; 3e-4 drifts ~10x further, shortens completions and costs the "
                 "frozen drafter a fifth of its acceptance length; docs/bench/history.md)"})
+    policy_lora_rank: int = field(default=0, metadata={
+        "help": "0: the policy's GRPO updates train every weight (AdamW, float32: 16 bytes a "
+                "parameter plus a copy of the initial weights; ~5 GB for a 270M model with a "
+                "262k vocabulary); R > 0: a LoRA adapter of rank R on every linear layer, the "
+                "base frozen (PEFT; about 1.1 GB at 270M), as GRPO runs of larger models "
+                "train; its lr wants ~10x the full one"})
     length_reward: float = field(default=0.2, metadata={
         "help": "weight of the reward's brevity term (atlas_rl.rewards.length_reward) in "
                 "the GRPO updates; 0 takes it out"})
@@ -258,6 +264,9 @@ class BenchConfig:
                              f"{self.epoch_steps}: lower --epoch-steps or raise --steps")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.policy_lora_rank < 0:
+            raise ValueError(f"policy_lora_rank must be 0 (train every weight) or a LoRA "
+                             f"rank >= 1, got {self.policy_lora_rank}")
         if self.dtype != "auto" and self.dtype not in LOGPROB_TOLERANCE:
             raise ValueError(f"dtype {self.dtype!r} is not one the benchmark can judge "
                              f"exactness in: choose auto or one of "
@@ -428,22 +437,59 @@ class PolicyUpdater:
     on-policy GRPO step per benchmark step. On-policy the clipped ratio is 1, so the
     step is REINFORCE with group-normalised advantages; the loss is normalised by the
     group's token count. No KL term: drift is the point (`policy_kl` measures it against
-    a frozen copy of the initial weights)."""
+    the initial policy).
 
-    def __init__(self, model_path: str, lr: float, seed: int = 0):
+    ``lora_rank`` 0 trains every weight with AdamW: 16 bytes a parameter (weights,
+    gradients, two moments) and a frozen copy of the initial weights, ~5 GB for a 270M
+    model whose 262,144 x 640 embedding is 60% of it. ``lora_rank`` R > 0 trains a LoRA
+    adapter of rank R on every linear layer (PEFT, alpha 2R) with the base frozen, as
+    most GRPO runs of larger models do: the initial policy is the base with the adapter
+    off, so no copy is kept, and the engines receive the merged weights
+    (`sync_weights` merges a PEFT LoRA model)."""
+
+    def __init__(self, model_path: str, lr: float, seed: int = 0, lora_rank: int = 0):
         import torch
         from transformers import AutoModelForCausalLM
 
+        if lora_rank < 0:
+            raise ValueError(f"lora_rank must be 0 (full training) or a LoRA rank >= 1, "
+                             f"got {lora_rank}")
         torch.manual_seed(seed)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
         self.model.eval()  # no dropout in these models; eval keeps the check's forward exact
+        self.lora_rank = lora_rank
+        if lora_rank:
+            try:
+                from peft import LoraConfig, get_peft_model
+            except ImportError as e:
+                raise ImportError("a LoRA policy (lora_rank > 0) needs PEFT: pip install "
+                                  "'atlas-rl[peft]', or train every weight (lora_rank 0)") from e
+            self.model = get_peft_model(self.model, LoraConfig(
+                r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                target_modules="all-linear"))
+            self.model.eval()
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self.params = [p for _, p in named]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0)
-        # the initial policy, frozen: the reference of `param_delta_norm` and `policy_kl`
-        self._initial = [p.detach().clone() for p in self.params]
+        # foreach=False: the multi-tensor step allocates temporaries the size of every
+        # trained weight at once (1 GB at 270M float32); per tensor, the largest one's
+        self.optimizer = torch.optim.AdamW(self.params, lr=lr, weight_decay=0.0, foreach=False)
+        # full training: the initial policy, frozen, the reference of `param_delta_norm`
+        # and `policy_kl`; LoRA: the base with the adapter off is that reference
+        self._initial = [] if lora_rank else [p.detach().clone() for p in self.params]
         self._initial_by_name = {n: p0 for (n, _), p0 in zip(named, self._initial)}
         self.updates = 0
+
+    def describe(self) -> str:
+        """What trains and what it holds: weights, gradients and AdamW's two moments in
+        float32 (16 bytes a trained parameter, 4 a frozen one), plus the initial copy."""
+        trained = sum(p.numel() for p in self.params)
+        total = sum(p.numel() for p in self.model.parameters())
+        held = 4 * total + 12 * trained + 4 * sum(p.numel() for p in self._initial)
+        what = f"a LoRA adapter of rank {self.lora_rank}" if self.lora_rank else "every weight"
+        return (f"the policy trains {what}: {trained / 1e6:.1f}M of {total / 1e6:.0f}M "
+                f"parameters, {held / 1e9:.2f} GB with its optimizer state"
+                + ("" if self.lora_rank else " and initial copy (--policy-lora-rank R "
+                   "trains an adapter instead)"))
 
     def step(self, completions, rewards: Sequence[float], temperature: float) -> dict:
         import torch
@@ -465,12 +511,10 @@ class PolicyUpdater:
         """KL(pi || pi_0) per token: the full-distribution KL of the policy now from the
         initial policy, averaged over the completion positions of `completions`, at the
         sampling temperature (float32, no gradient). A forward of each policy per
-        sequence (the initial one through `functional_call` on the frozen copy of its
-        weights, so no second model is held; one sequence at a time, so the peak is one
-        sequence's logits); 0.0 before any update (the policy is the initial one); None
-        without completion tokens."""
+        sequence (the initial one by `_initial_logits`: no second model is held; one
+        sequence at a time, so the peak is one sequence's logits); 0.0 before any update
+        (the policy is the initial one); None without completion tokens."""
         import torch
-        from torch.func import functional_call
 
         seqs = [(list(c.prompt_ids), list(c.completion_ids)) for c in completions
                 if c.completion_ids]
@@ -484,8 +528,7 @@ class PolicyUpdater:
             for p, c in seqs:
                 ids = torch.tensor([p + c])
                 now = completion_logits(self.model, ids, len(c))  # the logits that sampled c
-                ref = completion_logits(lambda **kw: functional_call(
-                    self.model, self._initial_by_name, (), kw), ids, len(c))
+                ref = self._initial_logits(ids, len(c))
                 logp = torch.log_softmax(now.float() / temp, dim=-1)
                 logq = torch.log_softmax(ref.float() / temp, dim=-1)
                 total += float((logp.exp() * (logp - logq)).sum())
@@ -493,10 +536,31 @@ class PolicyUpdater:
         release_freed_memory()
         return max(total / count, 0.0)
 
+    def _initial_logits(self, ids, n: int):
+        """The initial policy's `completion_logits`: the adapter switched off, or the
+        model run on the frozen copy of its initial weights (`functional_call`, so no
+        second model is held)."""
+        from torch.func import functional_call
+
+        if self.lora_rank:
+            with self.model.disable_adapter():
+                return completion_logits(self.model, ids, n)
+        return completion_logits(lambda **kw: functional_call(
+            self.model, self._initial_by_name, (), kw), ids, n)
+
     def param_delta_norm(self) -> float:
+        """||theta - theta_0|| over every weight: with a LoRA adapter, the norm of the
+        merged deltas (scale x B A) of its layers."""
         import torch
 
         with torch.no_grad():
+            if self.lora_rank:
+                from peft.tuners.lora import LoraLayer
+
+                return float(torch.sqrt(sum(
+                    (m.get_delta_weight(a) ** 2).sum() for m in self.model.modules()
+                    if isinstance(m, LoraLayer) for a in m.active_adapters
+                    if a in m.lora_A) or torch.zeros(())))
             return float(torch.sqrt(sum(((p - p0) ** 2).sum() for p, p0 in
                                         zip(self.params, self._initial))))
 
@@ -758,14 +822,14 @@ class _BenchRun:
         path = resolve_model(cfg.model)
         self.pools = _domain_pools(cfg)
         # Five engines, the policy, its optimizer and its initial copy in 24 GiB: each
-        # engine's KV cache at 1 GiB (~46k tokens, the large batch needs ~13k) and no host
-        # copy of the weights for a rollback (a failed sync ends the run anyway). At the
-        # defaults (2 GiB, rollback copies) the run of 2026-12-02 left 1 GiB free and its
-        # last steps ran at half speed.
+        # engine's KV cache sized to the run's largest batch (`_kv_cache_gib`; vLLM's CPU
+        # default is 2 GiB an engine whatever the batch) and no host copy of the weights
+        # for a rollback (a failed sync ends the run anyway).
+        kv_gib = self._kv_cache_gib(path)
         self.engine_config = AtlasConfig(max_lookahead=cfg.max_lookahead,
                                          dtype=None if cfg.dtype == "auto" else cfg.dtype,
                                          seed=cfg.seed, drafter=cfg.drafter,
-                                         cpu_kv_cache_gib=1, sync_rollback=False)
+                                         cpu_kv_cache_gib=kv_gib, sync_rollback=False)
         self.engines = {}
         for m in self.methods:
             self.bar.advance(f"building engine {m}")
@@ -776,9 +840,41 @@ class _BenchRun:
         self.dtype = str(any_engine.llm.llm_engine.model_config.dtype).replace("torch.", "")
         self.chat = bool(getattr(any_engine.tokenizer, "chat_template", None))
         self.say("loading the policy for updates and reference logprobs (transformers, float32)")
-        self.policy = PolicyUpdater(path, cfg.lr, cfg.seed)
+        self.policy = PolicyUpdater(path, cfg.lr, cfg.seed, lora_rank=cfg.policy_lora_rank)
+        self.say(self.policy.describe())
         self.tol = LOGPROB_TOLERANCE[self.dtype]
         self.check_gen = torch.Generator().manual_seed(cfg.seed)
+
+    def _kv_cache_gib(self, path: str) -> float:
+        """Each engine's KV cache: what the run's largest batch needs, from its longest
+        prompt in tokens (the model's tokenizer, chat template included) and the most
+        tokens a completion and its drafts add."""
+        from transformers import AutoTokenizer
+
+        from atlas_rl.backends.vllm.engine import cpu_kv_cache_gib_for, default_dtype
+
+        cfg = self.cfg
+        tok = AutoTokenizer.from_pretrained(path)
+        chat = bool(getattr(tok, "chat_template", None))
+        longest = 0
+        for _, pool in self.pools:
+            for p in pool:
+                prompt = _as_engine_prompt(p.prompt, chat, [True])
+                ids = tok.encode(prompt) if isinstance(prompt, str) else \
+                    tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+                longest = max(longest, len(getattr(ids, "input_ids", ids)) + 1)  # + a BOS
+        del tok
+        release_freed_memory()
+        extra = cfg.max_lookahead + 1
+        batches = [(cfg.prompts_per_step * cfg.completions,
+                    longest + cfg.large_batch_max_tokens + extra),
+                   (min(cfg.completions, cfg.tail_sequences), longest + cfg.max_tokens + extra),
+                   (1, longest + cfg.probe_tokens + extra)]
+        dtype = default_dtype(True) if cfg.dtype == "auto" else cfg.dtype
+        gib = cpu_kv_cache_gib_for(path, dtype, batches)
+        self.say(f"KV cache {gib:.2f} GiB per engine: {batches[0][0]} sequences of at most "
+                 f"{batches[0][1]} tokens (the longest prompt {longest} tokens)")
+        return gib
 
     def as_prompt(self, p):
         return _as_engine_prompt(p.prompt, self.chat, self.warned)

@@ -456,8 +456,9 @@ class AtlasRolloutEngine:
 
     def sync_weights(self, model_or_state_dict, *, copy: bool = False) -> None:
         """Load new policy weights (an nn.Module, a state dict, or (name, tensor) pairs
-        with checkpoint names) into the running engine, all or nothing; the prefix cache
-        is reset and the speculators' state kept.
+        with checkpoint names; a PEFT LoRA model goes in merged, its base untouched) into
+        the running engine, all or nothing; the prefix cache is reset and the speculators'
+        state kept.
 
         Every tensor is checked first (a parameter of the engine's checkpoint, its shape,
         a floating dtype, finite unless ``AtlasConfig.allow_nonfinite_weights``): a bad one

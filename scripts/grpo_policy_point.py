@@ -45,26 +45,6 @@ from atlas_rl.rewards import rollout_reward
 from atlas_rl.workloads import javascript_prompts, math_prompts
 
 
-def merged_weights(peft_model) -> dict[str, torch.Tensor]:
-    """The base model's weights with every LoRA delta added (checkpoint names), without
-    touching the PEFT model: merge-then-unmerge would round the base weights every step."""
-    from peft.tuners.lora import LoraLayer
-
-    base = peft_model.get_base_model()
-    deltas = {}
-    for name, module in base.named_modules():
-        if isinstance(module, LoraLayer):
-            deltas[f"{name}.base_layer.weight"] = module.get_delta_weight("default")
-    out = {}
-    with torch.no_grad():
-        for name, p in base.named_parameters():
-            if "lora_" in name:
-                continue
-            w = p + deltas[name] if name in deltas else p
-            out[name.replace(".base_layer.", ".")] = w.detach()
-    return out
-
-
 def grpo_step(model, optimizer, params, completions, rewards, group: int) -> dict:
     """One on-policy GRPO step: advantages normalised within each prompt's group."""
     r = torch.tensor(rewards, dtype=torch.float32).view(-1, group)
@@ -175,7 +155,7 @@ def main(argv=None) -> int:
                 + args.confidence_reward * (statistics.fmean(c.logprobs) if c.logprobs else 0.0))
         gen_s = time.perf_counter() - t0
         info = grpo_step(model, optimizer, params, batch.completions, rewards, args.group)
-        engine.sync_weights(merged_weights(model), copy=True)
+        engine.sync_weights(model)  # a PEFT LoRA model: its merged weights
         row = {"step": step + 1, "reward": statistics.fmean(rewards),
                "completion_tokens": statistics.fmean(len(c.completion_ids)
                                                      for c in batch.completions),

@@ -4,6 +4,7 @@ drafter's acceptance length per step) and the epochs workload (prompts come back
 from __future__ import annotations
 
 import pytest
+import torch
 
 from atlas_rl.bench import (
     BenchConfig,
@@ -42,6 +43,55 @@ def test_policy_kl_is_zero_for_the_initial_policy_and_positive_after_an_update(t
     kl = policy.policy_kl(group, 1.0)
     assert kl > 1e-6 and policy.param_delta_norm() > 0
     assert policy.policy_kl(group, 0.5) != pytest.approx(kl)  # at the sampling temperature
+
+
+def test_lora_policy_drifts_through_its_adapter_only(tiny_model_path):
+    """--policy-lora-rank: no copy of the initial weights is kept (the adapter switched
+    off is pi_0), only the adapter trains, the base stays bit-equal, and the drift
+    measures are those of the merged weights."""
+    from atlas_rl.backends.vllm.weight_sync import named_weights
+
+    policy = PolicyUpdater(tiny_model_path, lr=5e-2, seed=0, lora_rank=4)
+    assert policy._initial == [] and policy.params and "LoRA adapter of rank 4" in policy.describe()
+    assert all("lora_" in n for n, p in policy.model.named_parameters() if p.requires_grad)
+    base = {n: p.detach().clone() for n, p in policy.model.named_parameters()
+            if "lora_" not in n}
+    group = _group([1, 5, 9, 11], [[20, 21, 22, 23, 24], [30, 31], [40, 41, 42], [50]])
+    assert policy.policy_kl(group, 1.0) == 0.0 and policy.param_delta_norm() == 0.0
+    for _ in range(2):  # the first step moves B off zero, the second moves the weights
+        assert policy.step(group, [1.0, 0.0, 0.5, 0.0], temperature=1.0)["updated"]
+    assert policy.policy_kl(group, 1.0) > 1e-6
+    assert all(torch.equal(p, base[n]) for n, p in policy.model.named_parameters()
+               if "lora_" not in n)
+    merged = dict(named_weights(policy.model))
+    initial = {n.removeprefix("base_model.model.").replace(".base_layer.", "."): p
+               for n, p in base.items()}
+    delta = torch.sqrt(sum(((merged[n] - initial[n]) ** 2).sum() for n in merged))
+    assert float(delta) > 0 and policy.param_delta_norm() == pytest.approx(float(delta), rel=1e-4)
+    with pytest.raises(ValueError, match="policy_lora_rank must be 0"):
+        BenchConfig(policy_lora_rank=-1)
+
+
+def test_kv_cache_is_sized_to_the_largest_batch(tiny_model_path):
+    """`cpu_kv_cache_gib_for`: whole blocks per sequence, the largest batch, the margin,
+    at the model's bytes per token (layers x KV heads x head size x 2 x dtype)."""
+    from transformers import AutoConfig
+
+    from atlas_rl.backends.vllm.engine import cpu_kv_cache_gib_for
+
+    c = AutoConfig.from_pretrained(tiny_model_path)
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    per_token = 2 * c.num_hidden_layers * heads * head * 4  # float32
+    # 64 x 130 tokens: 2 blocks of 128 each; 4 x 300 tokens: 3 blocks each (smaller)
+    gib = cpu_kv_cache_gib_for(tiny_model_path, "float32", [(64, 130), (4, 300)],
+                               margin=1.0)
+    assert gib == pytest.approx(max(per_token * 64 * 256 / (1 << 30), 1 / 16))
+    big = cpu_kv_cache_gib_for(tiny_model_path, "float32", [(4096, 2048)], margin=1.0)
+    assert big == pytest.approx(per_token * 4096 * 2048 / (1 << 30))
+    half = cpu_kv_cache_gib_for(tiny_model_path, "bfloat16", [(4096, 2048)], margin=1.0)
+    assert half == pytest.approx(big / 2)
+    assert cpu_kv_cache_gib_for(tiny_model_path, "float32", [(1, 1)]) == 1 / 16  # the least
 
 
 def test_drift_summary_and_table():

@@ -195,3 +195,36 @@ def test_good_sync_after_failures_still_lands(synced, policy, real_model_path):
         out = model.generate(torch.tensor([c.prompt_ids]), max_new_tokens=TOKENS,
                              do_sample=False, eos_token_id=None, pad_token_id=2)
         assert c.completion_ids == out[0, len(c.prompt_ids):].tolist()[:len(c.completion_ids)]
+
+
+def test_a_peft_lora_model_syncs_merged_and_its_base_is_untouched(synced, real_model_path):
+    """`sync_weights(peft_model)`: the engine serves base + scale x B A (greedy output equals
+    transformers' on the merged model), no PEFT name reaches the checks, and the base
+    weights stay bit-equal (no merge-then-unmerge rounding)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from atlas_rl.backends.vllm.weight_sync import lora_only_peft_model, named_weights
+
+    engine, _ = synced
+    base = AutoModelForCausalLM.from_pretrained(real_model_path, dtype=torch.float32).eval()
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # B starts at zero: give every adapter a real delta
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+    assert lora_only_peft_model(model) and not lora_only_peft_model(base)
+    names = [n for n, _ in named_weights(model)]
+    assert names and not any("lora_" in n or "base_layer" in n or "base_model" in n
+                             for n in names)
+    engine.sync_weights(model)
+    after = {n.replace(".base_layer.", ".").removeprefix("base_model.model."): p
+             for n, p in model.named_parameters() if "lora_" not in n}
+    assert all(torch.equal(after[n], p0) for n, p0 in before.items())
+    merged = model.merge_and_unload().eval()  # the reference: the merged model itself
+    for c in engine.generate(PROMPTS, temperature=0.0, max_tokens=TOKENS):
+        out = merged.generate(torch.tensor([c.prompt_ids]), max_new_tokens=TOKENS,
+                              do_sample=False, eos_token_id=None, pad_token_id=2)
+        assert c.completion_ids == out[0, len(c.prompt_ids):].tolist()[:len(c.completion_ids)]

@@ -17,7 +17,8 @@ What changes (TRL 1.16; checked at `enable_atlas` time):
   ``AtlasConfig.dtype`` is set: the logprobs vLLM returns are what TRL's importance-sampling
   correction compares with the trainer's, and what atlas-rl's lossless claim is judged on;
 - weight sync (``VLLMGeneration.sync_weights``) feeds TRL's own parameter iterator (its
-  ZeRO-3 gathers, FSDP and merged PEFT adapters) to ``engine.sync_weights``, which checks
+  ZeRO-3 gathers, FSDP and merged PEFT adapters; a LoRA model on one process goes as it
+  is, merged by the engine without a copy) to ``engine.sync_weights``, which checks
   every tensor before loading any, rolls back a failed load, and works on vLLM's CPU
   backend too (TRL's ``model.load_weights`` path does not there);
 - after every generation the adaptive speculator learns the rollouts of all ranks
@@ -89,7 +90,8 @@ _TABLE = (
     ("engine_handle", f"{_GEN}.atlas_engine", "colocate mode",
      "the user's handle on the AtlasRolloutEngine"),
     ("sync_weights", f"{_GEN}.sync_weights", "colocate mode",
-     "TRL's parameter iterator (ZeRO-3 gathers, merged adapters) -> engine.sync_weights, "
+     "a LoRA model on one process -> engine.sync_weights (merged there); else TRL's "
+     "parameter iterator (ZeRO-3 gathers, merged adapters) -> engine.sync_weights, "
      "checked and all or nothing; TRL's own path fails on vLLM's CPU backend"),
     ("generate", f"{_GEN}.generate", "colocate mode",
      "the batch's speculation stats and token sequences"),
@@ -247,6 +249,16 @@ def _wrap_sync_weights(original):
             empty_cache()
             self.llm.wake_up(tags=["weights"])
             self._llm_weights_sleeping = False
+        from atlas_rl.backends.vllm.weight_sync import lora_only_peft_model
+
+        dist = getattr(self, "_dist", None)
+        sharded = dist is None or dist.is_zero3 or dist.is_fsdp
+        if not sharded and lora_only_peft_model(self.model):
+            # A LoRA model on one process: the engine merges it itself, new tensors for
+            # the adapted layers only (TRL's merge-then-unmerge would need a copy of
+            # every weight, 1 GB at 270M in float32, and rounds the base weights).
+            engine.sync_weights(self.model)
+            return
         # TRL's iterator gathers ZeRO-3 / FSDP shards and merges PEFT adapters, yielding
         # checkpoint names; its tensors change once it ends (adapters unmerged, shards
         # released), and the engine checks them all before loading any: so it copies them.

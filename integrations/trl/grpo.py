@@ -143,6 +143,31 @@ def parse(argv):
     return script_args, training_args, model_args, to_atlas_config(atlas_args)
 
 
+def size_kv_cache(atlas_config: AtlasConfig, training_args, model: str) -> AtlasConfig:
+    """On a CPU, where the KV cache is a fixed size (`AtlasConfig.cpu_kv_cache_gib`, 2 GiB
+    by default): what one generation batch needs (TRL generates
+    ``generation_batch_size`` sequences of at most ``vllm_max_model_length`` tokens at
+    once), unless the user chose (``atlas_cpu_kv_cache_gib``, VLLM_CPU_KVCACHE_SPACE) or a
+    GPU runs it (vLLM sizes its cache there)."""
+    default = next(f.default for f in dataclasses.fields(AtlasConfig)
+                   if f.name == "cpu_kv_cache_gib")
+    import torch
+
+    if atlas_config.cpu_kv_cache_gib != default or os.environ.get("VLLM_CPU_KVCACHE_SPACE") \
+            or torch.cuda.is_available():
+        return atlas_config
+    from atlas_rl.backends.vllm.engine import cpu_kv_cache_gib_for
+
+    sequences = training_args.generation_batch_size or training_args.per_device_train_batch_size
+    tokens = training_args.vllm_max_model_length or atlas_config.max_model_len
+    dtype = atlas_config.dtype or ("bfloat16" if training_args.bf16 else "float32")
+    gib = cpu_kv_cache_gib_for(model, dtype, [(sequences, tokens + atlas_config.max_lookahead)])
+    logger.warning("atlas-rl grpo: KV cache %.2f GiB: %d sequences (generation_batch_size) "
+                   "of at most %d tokens (vllm_max_model_length) in %s; "
+                   "atlas_cpu_kv_cache_gib chooses", gib, sequences, tokens, dtype)
+    return dataclasses.replace(atlas_config, cpu_kv_cache_gib=gib)
+
+
 def main(argv=None) -> int:
     from atlas_rl.integrations.trl import AtlasGRPOTrainer
     from trl import get_peft_config
@@ -156,6 +181,7 @@ def main(argv=None) -> int:
     model = resolve_model(model_args.model_name_or_path or script_args.model)
     dataset = build_dataset(script_args, chat_template=bool(
         getattr(AutoTokenizer.from_pretrained(model), "chat_template", None)))
+    atlas_config = size_kv_cache(atlas_config, training_args, model)
     trainer = AtlasGRPOTrainer(
         model=model, reward_funcs=get_reward_funcs(script_args.reward_funcs),
         args=training_args, train_dataset=dataset, peft_config=get_peft_config(model_args),

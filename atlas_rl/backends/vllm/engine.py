@@ -37,6 +37,41 @@ def speculative_config(method: str, config: AtlasConfig) -> dict | None:
     raise ValueError(f"unknown speculation method {method!r}")
 
 
+def kv_bytes_per_token(model_config, parallel_config=None, dtype=None) -> tuple[int, str]:
+    """(bytes, how) of KV cache one token takes over every attention layer of a vLLM
+    ``ModelConfig`` (keys and values; ``dtype``: the cache's, default the model's). An
+    upper bound for models whose sliding-window layers keep fewer tokens."""
+    import torch
+    from vllm.config import ParallelConfig
+
+    parallel = parallel_config or ParallelConfig()
+    layers = model_config.get_num_layers_by_block_type(parallel, "attention")
+    heads, head_size = model_config.get_num_kv_heads(parallel), model_config.get_head_size()
+    dtype = dtype or model_config.dtype
+    per_token = 2 * layers * heads * head_size * torch.empty((), dtype=dtype).element_size()
+    dtype_name = str(dtype).removeprefix("torch.")
+    return per_token, (f"{layers} layers x {heads} KV heads x {head_size} x {dtype_name}, "
+                       f"keys and values")
+
+
+def cpu_kv_cache_gib_for(model_path: str, dtype: str, batches, block_size: int = 128,
+                         margin: float = 1.1) -> float:
+    """The KV cache (GiB) an in-process CPU engine needs for the largest of ``batches``,
+    (sequences, tokens) pairs of a batch's sequences and each one's most tokens (prompt,
+    completion and drafts): every sequence rounded up to whole blocks, ``margin``
+    on top, at least 64 MiB (`AtlasConfig.cpu_kv_cache_gib`'s least). For callers that
+    know their largest batch (the benchmark); vLLM's CPU default is a fixed size whatever
+    the batch."""
+    vllm_llm_class()  # vLLM's first import on a thread of its own (see there)
+    from vllm.engine.arg_utils import EngineArgs
+
+    model = EngineArgs(model=model_path, dtype=dtype).create_model_config()
+    per_token, _ = kv_bytes_per_token(model)
+    need = max(-(-tokens // block_size) * block_size * sequences
+               for sequences, tokens in batches)
+    return max(per_token * need * margin / (1 << 30), 1 / 16)
+
+
 def default_dtype(on_cpu: bool) -> str:
     # Measured on a 2-core AVX-512 Xeon without bf16 units: float32 decodes ~2x faster
     # than emulated bfloat16 at batch 16 (README, "Choosing a dtype").

@@ -270,10 +270,10 @@ def size_kv_cache(vllm_argv: list[str], environ=None) -> tuple[list[str], str | 
     if environ.get("VLLM_CPU_KVCACHE_SPACE") or any(
             a.split("=", 1)[0].replace("_", "-") in _KV_FLAGS for a in vllm_argv):
         return [], None
+    from atlas_rl.backends.vllm.engine import kv_bytes_per_token
     from atlas_rl.compat import vllm_cpu
 
     vllm_cpu.fix_cli_version()
-    import torch
     from vllm.config import CacheConfig, ParallelConfig
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.cli.serve import ServeSubcommand
@@ -294,11 +294,9 @@ def size_kv_cache(vllm_argv: list[str], environ=None) -> tuple[list[str], str | 
         model = engine.create_model_config()
         parallel = ParallelConfig(tensor_parallel_size=engine.tensor_parallel_size,
                                   pipeline_parallel_size=engine.pipeline_parallel_size)
-        layers = model.get_num_layers_by_block_type(parallel, "attention")
-        heads, head_size = model.get_num_kv_heads(parallel), model.get_head_size()
         dtype = model.dtype if engine.kv_cache_dtype == "auto" else \
             STR_DTYPE_TO_TORCH_DTYPE.get(engine.kv_cache_dtype, model.dtype)
-        per_token = 2 * layers * heads * head_size * torch.empty((), dtype=dtype).element_size()
+        per_token, shape = kv_bytes_per_token(model, parallel, dtype)
         world = engine.tensor_parallel_size * engine.pipeline_parallel_size
         seqs = engine.max_num_seqs or \
             AsyncEngineArgs.get_batch_defaults(world)[1][UsageContext.OPENAI_API_SERVER]
@@ -310,11 +308,9 @@ def size_kv_cache(vllm_argv: list[str], environ=None) -> tuple[list[str], str | 
             f"{type(e).__name__}: {e}); choose with --kv-cache-memory-bytes")
     size, why = choose_kv_cache_bytes(per_token, model.max_model_len, seqs, available,
                                       engine.block_size or CPU_BLOCK_SIZE)
-    dtype_name = str(dtype).removeprefix("torch.")
     return ["--kv-cache-memory-bytes", str(size)], (
         f"KV cache {_gib(size)} GiB: {why}, at {per_token / 1024:.1f} KiB per token "
-        f"({layers} layers x {heads} KV heads x {head_size} x {dtype_name}, keys and "
-        f"values); vLLM's default reserves {CacheConfig.gpu_memory_utilization:.0%} of "
+        f"({shape}); vLLM's default reserves {CacheConfig.gpu_memory_utilization:.0%} of "
         f"the machine's memory whatever else runs. Choose with --kv-cache-memory-bytes, "
         f"VLLM_CPU_KVCACHE_SPACE (GiB) or --gpu-memory-utilization")
 

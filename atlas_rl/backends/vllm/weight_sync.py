@@ -66,14 +66,55 @@ def named_tensor(item) -> tuple[str, torch.Tensor]:
 
 def named_weights(model_or_state_dict) -> Iterable:
     """(name, tensor) pairs of what `AtlasRolloutEngine.sync_weights` takes: an nn.Module
-    (its state dict), a mapping, or an iterable of pairs (left as it is)."""
+    (its state dict; a PEFT LoRA model: its merged weights, `merged_lora_weights`), a
+    mapping, or an iterable of pairs (left as it is)."""
     from collections.abc import Mapping
 
     if isinstance(model_or_state_dict, torch.nn.Module):
+        if lora_only_peft_model(model_or_state_dict):
+            return merged_lora_weights(model_or_state_dict)
         return model_or_state_dict.state_dict().items()
     if isinstance(model_or_state_dict, Mapping):
         return model_or_state_dict.items()
     return model_or_state_dict
+
+
+def lora_only_peft_model(model) -> bool:
+    """A PEFT model whose every adapter is LoRA and that saves no whole modules: what
+    `merged_lora_weights` merges exactly. False for any other module (PEFT not installed
+    included)."""
+    peft_config = getattr(model, "peft_config", None)
+    if not isinstance(peft_config, dict) or not hasattr(model, "get_base_model"):
+        return False
+    try:
+        from peft import LoraConfig
+    except ImportError:
+        return False
+    return all(isinstance(c, LoraConfig) and not getattr(c, "modules_to_save", None)
+               for c in peft_config.values())
+
+
+def merged_lora_weights(peft_model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, weight) of a PEFT LoRA model with its active adapters' deltas
+    added, one tensor at a time, without touching the model. Merging in place then
+    unmerging (what TRL's iterator does) rounds the base weights a little at every sync,
+    and its tensors change once iteration ends, so they must be copied; here only the
+    adapted layers' weights are new tensors, every other one is the model's own."""
+    from peft.tuners.lora import LoraLayer
+
+    base = peft_model.get_base_model()
+    lora = {f"{name}.base_layer.weight": module for name, module in base.named_modules()
+            if isinstance(module, LoraLayer)}
+    with torch.no_grad():
+        for name, p in base.named_parameters():
+            if "lora_" in name:
+                continue
+            module = lora.get(name)
+            if module is not None and not module.merged:
+                active = [a for a in module.active_adapters if a in module.lora_A]
+                if active:
+                    p = p + sum(module.get_delta_weight(a) for a in active)
+            yield name.replace(".base_layer.", "."), p.detach()
 
 
 @dataclass(frozen=True)
