@@ -183,7 +183,7 @@ class BenchConfig:
                 "parameter plus a copy of the initial weights; ~5 GB for a 270M model with a "
                 "262k vocabulary); R > 0: a LoRA adapter of rank R on every linear layer, the "
                 "base frozen (PEFT; about 1.1 GB at 270M), as GRPO runs of larger models "
-                "train; its lr wants ~10x the full one"})
+                "train; its lr wants 5-10x the full one"})
     length_reward: float = field(default=0.2, metadata={
         "help": "weight of the reward's brevity term (atlas_rl.rewards.length_reward) in "
                 "the GRPO updates; 0 takes it out"})

@@ -17,6 +17,9 @@ from typing import Sequence
 
 import torch
 
+# Completion positions turned into float64 log-probabilities at once by `sampling_values`
+PIT_CHUNK_ROWS = 32
+
 
 @dataclass
 class SamplingCheck:
@@ -50,15 +53,9 @@ def load_reference_model(model_path: str, dtype: torch.dtype = torch.float32):
     return model.eval()
 
 
-@torch.no_grad()
-def next_token_logprobs(model, prompt_ids: Sequence[int], completion_ids: Sequence[int],
-                        temperature: float = 1.0) -> torch.Tensor:
-    """[len(completion), vocab] log-probabilities of each completion position's next
-    token given the prefix, at `temperature`, in float64."""
-    from atlas_rl.bench import completion_logits
-
-    ids = torch.tensor([list(prompt_ids) + list(completion_ids)])
-    logits = completion_logits(model, ids, len(completion_ids)).double()
+def logits_to_logprobs(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Rows of logits to log-probabilities at `temperature`, in float64."""
+    logits = logits.double()
     if temperature > 0:
         logits = logits / temperature
     return torch.log_softmax(logits, dim=-1)
@@ -79,14 +76,24 @@ def sampling_values(model, completions, temperature: float = 1.0,
     """PIT values and |logprob errors| of completions' tokens against the reference
     model, to pool across calls (e.g. the steps of a benchmark whose policy changes:
     pass the policy as it was when the completions were sampled)."""
+    from atlas_rl.bench import completion_logits
+
     us, errs = [], []
     for c in completions:
         if not c.completion_ids:
             continue
-        ref = next_token_logprobs(model, c.prompt_ids, c.completion_ids, temperature)
-        us.append(randomized_pit(ref, c.completion_ids, generator))
-        ref_lp = ref.gather(1, torch.tensor(c.completion_ids)[:, None])[:, 0]
-        errs.append((ref_lp - torch.tensor(c.logprobs, dtype=torch.float64)).abs())
+        with torch.no_grad():
+            logits = completion_logits(model, torch.tensor(
+                [list(c.prompt_ids) + list(c.completion_ids)]), len(c.completion_ids))
+        # float64 rows a chunk at a time: [positions, vocab] in float64 with its cumsum
+        # would be 0.8 GB for 128 positions of a 262,144-token vocabulary
+        for start in range(0, len(c.completion_ids), PIT_CHUNK_ROWS):
+            rows = slice(start, start + PIT_CHUNK_ROWS)
+            ref = logits_to_logprobs(logits[rows], temperature)
+            tokens = c.completion_ids[rows]
+            us.append(randomized_pit(ref, tokens, generator))
+            ref_lp = ref.gather(1, torch.tensor(tokens)[:, None])[:, 0]
+            errs.append((ref_lp - torch.tensor(c.logprobs[rows], dtype=torch.float64)).abs())
     empty = torch.zeros(0, dtype=torch.float64)
     return (torch.cat(us) if us else empty), (torch.cat(errs) if errs else empty)
 
@@ -131,5 +138,9 @@ def greedy_divergence_margin(model, prompt_ids: Sequence[int], reference: Sequen
     t = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), None)
     if t is None:
         return None
-    logits = model(torch.tensor([list(prompt_ids) + list(reference[:t])])).logits[0, -1]
+    ids = torch.tensor([list(prompt_ids) + list(reference[:t])])
+    try:  # the last position's logits only, not [length, vocab]
+        logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
+    except TypeError:  # a model class without logits_to_keep
+        logits = model(input_ids=ids).logits[0, -1]
     return t, float((logits[reference[t]] - logits[other[t]]).abs())

@@ -205,3 +205,48 @@ def test_the_update_reward_has_no_empty_answer_and_an_optional_brevity_term():
     long = rollout_reward("9 * 2 = 18\nAnswer: 18", "18", 100, 128, True, length_weight=0.0)
     assert short == long == pytest.approx(1.0 + 0.2 + 0.1)
     assert BenchConfig().length_reward == 0.2
+
+
+# --- the exactness check's memory at a large vocabulary ---------------------------------
+
+def test_sampling_check_works_a_chunk_of_positions_at_a_time(tiny_model_path, monkeypatch):
+    """`sampling_values` turns at most PIT_CHUNK_ROWS positions into float64 rows at once
+    (not [positions, vocab], 0.8 GB at 128 x 262,144), and the values are those of the
+    whole-completion computation: the same logprob errors, PIT values in the same rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from atlas_rl import exactness
+
+    model = PolicyUpdater(tiny_model_path, lr=1e-3).model
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    comps = []
+    for n in (40, 7):
+        ids = torch.randint(3, vocab, (n,), generator=g).tolist()
+        comps.append(Completion(0, [1, 5, 9], ids, [-1.0] * n, "length"))
+
+    class LargestFloat64(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.dim() == 2:
+                    LargestFloat64.rows = max(LargestFloat64.rows, t.shape[0])
+            return out
+
+    monkeypatch.setattr(exactness, "PIT_CHUNK_ROWS", 8)
+    with LargestFloat64():
+        u8, err8 = exactness.sampling_values(model, comps, 1.0, torch.Generator().manual_seed(1))
+    assert LargestFloat64.rows == 8  # a chunk, never the 40 positions at once
+    monkeypatch.setattr(exactness, "PIT_CHUNK_ROWS", 1000)
+    u, err = exactness.sampling_values(model, comps, 1.0, torch.Generator().manual_seed(1))
+    assert len(u8) == len(u) == 47 and torch.equal(err8, err)
+    assert bool(((u8 >= 0) & (u8 <= 1)).all())
+    # the PIT value of a row lies in [P(X < x), P(X <= x)] whatever the uniform draw
+    logp = exactness.logits_to_logprobs(
+        model(torch.tensor([[1, 5, 9] + comps[0].completion_ids])).logits[0, 2:-1].detach(), 1.0)
+    p = logp.exp()
+    idx = torch.tensor(comps[0].completion_ids)[:, None]
+    below = (p.cumsum(-1).gather(1, idx) - p.gather(1, idx))[:, 0]
+    assert bool((u8[:40] >= below - 1e-9).all() and (u8[:40] <= below + p.gather(1, idx)[:, 0] + 1e-9).all())
