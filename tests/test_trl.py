@@ -343,6 +343,25 @@ def test_recipe_parses_into_trl_and_atlas_configs():
     assert plain[0]["prompt"].endswith(dataset[0]["prompt"][-1]["content"] + "\n")
 
 
+def test_grpo_sizes_the_cpu_kv_cache_to_one_generation_batch(tiny_model_path, monkeypatch):
+    """`atlas-rl grpo` on a CPU: the KV cache is what generation_batch_size sequences of
+    vllm_max_model_length tokens need (not the 2 GiB default), unless the user chose."""
+    from atlas_rl.backends.vllm.engine import cpu_kv_cache_gib_for
+    from atlas_rl.integrations.trl.grpo import parse, size_kv_cache
+
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    _, training, _, atlas = parse(["--config", RECIPE])
+    sized = size_kv_cache(atlas, training, tiny_model_path)
+    want = cpu_kv_cache_gib_for(tiny_model_path, "float32", [(
+        training.generation_batch_size, training.vllm_max_model_length + atlas.max_lookahead)])
+    assert training.generation_batch_size == 8 and sized.cpu_kv_cache_gib == pytest.approx(want)
+    assert sized.cpu_kv_cache_gib < atlas.cpu_kv_cache_gib == 2
+    _, training, _, chosen = parse(["--config", RECIPE, "--atlas_cpu_kv_cache_gib", "1"])
+    assert size_kv_cache(chosen, training, tiny_model_path).cpu_kv_cache_gib == 1
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "3")
+    assert size_kv_cache(atlas, training, tiny_model_path).cpu_kv_cache_gib == 2
+
+
 def test_reward_functions_trl_signature():
     from atlas_rl.rewards import answer_format, brevity, correctness, get_reward_funcs
 
