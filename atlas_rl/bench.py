@@ -852,6 +852,7 @@ class _BenchRun:
         from transformers import AutoTokenizer
 
         from atlas_rl.backends.vllm.engine import cpu_kv_cache_gib_for, default_dtype
+        from atlas_rl.config import AtlasConfig
 
         cfg = self.cfg
         tok = AutoTokenizer.from_pretrained(path)
@@ -871,7 +872,8 @@ class _BenchRun:
                    (min(cfg.completions, cfg.tail_sequences), longest + cfg.max_tokens + extra),
                    (1, longest + cfg.probe_tokens + extra)]
         dtype = default_dtype(True) if cfg.dtype == "auto" else cfg.dtype
-        gib = cpu_kv_cache_gib_for(path, dtype, batches)
+        gib = cpu_kv_cache_gib_for(path, dtype, batches,
+                                   max_model_len=AtlasConfig().max_model_len)
         self.say(f"KV cache {gib:.2f} GiB per engine: {batches[0][0]} sequences of at most "
                  f"{batches[0][1]} tokens (the longest prompt {longest} tokens)")
         return gib

@@ -92,6 +92,9 @@ def test_kv_cache_is_sized_to_the_largest_batch(tiny_model_path):
     half = cpu_kv_cache_gib_for(tiny_model_path, "bfloat16", [(4096, 2048)], margin=1.0)
     assert half == pytest.approx(big / 2)
     assert cpu_kv_cache_gib_for(tiny_model_path, "float32", [(1, 1)]) == 1 / 16  # the least
+    # at least one sequence of max_model_len tokens, which vLLM needs to start
+    assert cpu_kv_cache_gib_for(tiny_model_path, "float32", [(1, 1)], margin=1.0,
+                                max_model_len=1 << 20) == pytest.approx(per_token * (1 << 20) / (1 << 30))
 
 
 def test_drift_summary_and_table():

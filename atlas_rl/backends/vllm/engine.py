@@ -55,11 +55,12 @@ def kv_bytes_per_token(model_config, parallel_config=None, dtype=None) -> tuple[
 
 
 def cpu_kv_cache_gib_for(model_path: str, dtype: str, batches, block_size: int = 128,
-                         margin: float = 1.1) -> float:
+                         margin: float = 1.1, max_model_len: int | None = None) -> float:
     """The KV cache (GiB) an in-process CPU engine needs for the largest of ``batches``,
     (sequences, tokens) pairs of a batch's sequences and each one's most tokens (prompt,
     completion and drafts): every sequence rounded up to whole blocks, ``margin``
-    on top, at least 64 MiB (`AtlasConfig.cpu_kv_cache_gib`'s least). For callers that
+    on top, at least one sequence of ``max_model_len`` tokens (vLLM refuses to start with
+    less) and 64 MiB (`AtlasConfig.cpu_kv_cache_gib`'s least). For callers that
     know their largest batch (the benchmark); vLLM's CPU default is a fixed size whatever
     the batch."""
     vllm_llm_class()  # vLLM's first import on a thread of its own (see there)
@@ -68,7 +69,7 @@ def cpu_kv_cache_gib_for(model_path: str, dtype: str, batches, block_size: int =
     model = EngineArgs(model=model_path, dtype=dtype).create_model_config()
     per_token, _ = kv_bytes_per_token(model)
     need = max(-(-tokens // block_size) * block_size * sequences
-               for sequences, tokens in batches)
+               for sequences, tokens in [*batches, (1, max_model_len or 0)])
     return max(per_token * need * margin / (1 << 30), 1 / 16)
 
 
