@@ -395,15 +395,20 @@ def release_freed_memory() -> None:
 
 # --- the policy that drifts --------------------------------------------------------
 
-def completion_logits(model, ids, n: int):
-    """The logits that sampled the last ``n`` tokens of ``ids`` [1, L]: [n, vocab], computed
-    for those positions only (transformers' ``logits_to_keep``), so that a long prompt
-    over a large vocabulary (262,144 tokens) costs no [L, vocab] float32 tensor."""
+def last_logits(model, ids, k: int):
+    """The logits of the last ``k`` positions of ``ids`` [1, L]: [k, vocab], computed for
+    those positions only (transformers' ``logits_to_keep``), so that a long prompt over a
+    large vocabulary (262,144 tokens) costs no [L, vocab] float32 tensor."""
     try:
-        logits = model(input_ids=ids, logits_to_keep=n + 1).logits[0]
+        return model(input_ids=ids, logits_to_keep=k).logits[0]
     except TypeError:  # a model class without logits_to_keep
-        logits = model(input_ids=ids).logits[0, -(n + 1):]
-    return logits[:-1]
+        return model(input_ids=ids).logits[0, -k:]
+
+
+def completion_logits(model, ids, n: int):
+    """The logits that sampled the last ``n`` tokens of ``ids`` [1, L]: [n, vocab]
+    (`last_logits` of n + 1 positions, less the last one)."""
+    return last_logits(model, ids, n + 1)[:-1]
 
 
 def reinforce_backward(model, completions, advantages: Sequence[float],
@@ -555,12 +560,11 @@ class PolicyUpdater:
 
         with torch.no_grad():
             if self.lora_rank:
-                from peft.tuners.lora import LoraLayer
+                from atlas_rl.backends.vllm.weight_sync import lora_delta, lora_layers
 
-                return float(torch.sqrt(sum(
-                    (m.get_delta_weight(a) ** 2).sum() for m in self.model.modules()
-                    if isinstance(m, LoraLayer) for a in m.active_adapters
-                    if a in m.lora_A) or torch.zeros(())))
+                deltas = (lora_delta(m) for m in lora_layers(self.model).values())
+                return float(torch.sqrt(sum(((d ** 2).sum() for d in deltas if d is not None),
+                                            torch.zeros(()))))
             return float(torch.sqrt(sum(((p - p0) ** 2).sum() for p, p0 in
                                         zip(self.params, self._initial))))
 

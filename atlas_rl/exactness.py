@@ -138,9 +138,7 @@ def greedy_divergence_margin(model, prompt_ids: Sequence[int], reference: Sequen
     t = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), None)
     if t is None:
         return None
-    ids = torch.tensor([list(prompt_ids) + list(reference[:t])])
-    try:  # the last position's logits only, not [length, vocab]
-        logits = model(input_ids=ids, logits_to_keep=1).logits[0, -1]
-    except TypeError:  # a model class without logits_to_keep
-        logits = model(input_ids=ids).logits[0, -1]
+    from atlas_rl.bench import last_logits
+
+    logits = last_logits(model, torch.tensor([list(prompt_ids) + list(reference[:t])]), 1)[0]
     return t, float((logits[reference[t]] - logits[other[t]]).abs())

@@ -94,27 +94,35 @@ def lora_only_peft_model(model) -> bool:
                for c in peft_config.values())
 
 
-def merged_lora_weights(peft_model) -> Iterator[tuple[str, torch.Tensor]]:
-    """(checkpoint name, weight) of a PEFT LoRA model with its active adapters' deltas
-    added, one tensor at a time, without touching the model. Merging in place then
-    unmerging (what TRL's iterator does) rounds the base weights a little at every sync,
-    and its tensors change once iteration ends, so they must be copied; here only the
-    adapted layers' weights are new tensors, every other one is the model's own."""
+def lora_layers(peft_model) -> dict:
+    """{name of the adapted weight in the base model: its LoRA layer} of a PEFT model."""
     from peft.tuners.lora import LoraLayer
 
-    base = peft_model.get_base_model()
-    lora = {f"{name}.base_layer.weight": module for name, module in base.named_modules()
+    return {f"{name}.base_layer.weight": module
+            for name, module in peft_model.get_base_model().named_modules()
             if isinstance(module, LoraLayer)}
+
+
+def lora_delta(module) -> torch.Tensor | None:
+    """The sum of a LoRA layer's active adapters' deltas (scale x B A), None without one."""
+    active = [a for a in module.active_adapters if a in module.lora_A]
+    return sum(module.get_delta_weight(a) for a in active) if active else None
+
+
+def merged_lora_weights(peft_model) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint name, weight) of a PEFT LoRA model with its active adapters' deltas
+    added (`lora_delta`), one tensor at a time, without touching the model. Merging in
+    place then unmerging (what TRL's iterator does) rounds the base weights a little at
+    every sync, and its tensors change once iteration ends, so they must be copied; here
+    only the adapted layers' weights are new tensors, every other one is the model's own."""
+    layers = lora_layers(peft_model)
     with torch.no_grad():
-        for name, p in base.named_parameters():
+        for name, p in peft_model.get_base_model().named_parameters():
             if "lora_" in name:
                 continue
-            module = lora.get(name)
-            if module is not None and not module.merged:
-                active = [a for a in module.active_adapters if a in module.lora_A]
-                if active:
-                    p = p + sum(module.get_delta_weight(a) for a in active)
-            yield name.replace(".base_layer.", "."), p.detach()
+            module = layers.get(name)
+            delta = None if module is None or module.merged else lora_delta(module)
+            yield name.replace(".base_layer.", "."), (p if delta is None else p + delta).detach()
 
 
 @dataclass(frozen=True)
