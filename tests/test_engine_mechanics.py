@@ -361,3 +361,39 @@ def test_sleep_mode_is_refused_on_a_cpu_with_the_reason(tiny_model_path):
     with pytest.raises(ValueError, match="vllm_enable_sleep_mode.*cannot sleep"):
         AtlasRolloutEngine(tiny_model_path, "atlas", AtlasConfig(dtype="float32"),
                            enable_sleep_mode=True)
+
+
+def test_closing_one_engine_leaves_the_others_in_the_process_working(tiny_model_path):
+    """vLLM's engine core tears down the process's parallel groups when it shuts down;
+    they are shared by every in-process engine, so closing (or dropping) one engine broke
+    the others ("pipeline model parallel group is not initialized" at their next step).
+    The teardown now waits for the last engine; after it a new engine still builds."""
+    import gc
+
+    from atlas_rl import AtlasConfig, AtlasRolloutEngine
+    from atlas_rl.backends.vllm import hooks
+    from atlas_rl.compat.vllm_engines import live_engine_cores
+    from vllm.distributed import parallel_state
+
+    def build(speculation):
+        return AtlasRolloutEngine(tiny_model_path, speculation, AtlasConfig(
+            dtype="float32", cpu_kv_cache_gib=0.25, max_model_len=512))
+
+    others = live_engine_cores()
+    first, second = build("none"), build("atlas")
+    assert live_engine_cores() == others + 2
+    expected = second.generate(PROMPTS[:2], temperature=0.0, max_tokens=8).completion_ids
+    first.close()
+    del first
+    gc.collect()
+    assert hooks.status()["shared_parallel_state"] == "applied"
+    assert parallel_state.model_parallel_is_initialized()
+    assert second.generate(PROMPTS[:2], temperature=0.0, max_tokens=8).completion_ids == expected
+    second.close()
+    del second
+    gc.collect()
+    # the module's other engines (fixtures) may still live: the groups go with the last
+    assert parallel_state.model_parallel_is_initialized() == (live_engine_cores() > 0)
+    third = build("none")
+    assert len(third.generate(PROMPTS[:1], temperature=0.0, max_tokens=4).completion_ids[0]) == 4
+    third.close()

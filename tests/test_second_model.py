@@ -63,10 +63,6 @@ def test_weight_sync_of_the_same_and_of_new_weights(gemma_path, make_engine):
     import torch
     from transformers import AutoModelForCausalLM
 
-    # A fresh engine, not the previous test's `none`: that test's atlas engine was evicted
-    # from make_engine's cache while still held, and vLLM's in-process shutdown of it
-    # (EngineCore.shutdown -> cleanup_dist_env_and_memory) tore down the process-wide
-    # parallel groups the surviving engine runs in.
     engine = make_engine(gemma_path, "none", dtype="float32", max_model_len=512)
     before = engine.generate(PROMPTS, n=1, temperature=0.0, max_tokens=24)
     policy = AutoModelForCausalLM.from_pretrained(gemma_path, dtype=torch.float32).eval()

