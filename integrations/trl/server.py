@@ -36,7 +36,7 @@ def wrap_check_server(original, key_getter):
     def check_server(self, *args, **kwargs):
         key = api_key(key_getter())
         if key:
-            from atlas_rl.integrations.trl import SEAM
+            from atlas_rl.integrations.trl.hooks import SEAM
 
             headers = dict(self.session.headers, Authorization=f"Bearer {key}")
             SEAM.assign(self.session, {"headers": headers}, key="client_auth")
@@ -78,7 +78,7 @@ def wrap_init_communicator(original):
                        json={"init_info": {"probe": probe}})
         finally:
             (Path(directory) / probe).unlink(missing_ok=True)
-        from atlas_rl.integrations.trl import SEAM
+        from atlas_rl.integrations.trl.hooks import SEAM
 
         SEAM.assign(self, {"atlas_transfer_dir": directory}, key="client_init_communicator")
         logger.info("atlas-rl: weights go to %s as files in %s (the server runs on the CPU)",

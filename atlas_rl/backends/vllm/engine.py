@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 import time
 
+from atlas_rl import compat
 from atlas_rl.backends.vllm import hooks
+from atlas_rl.backends.vllm.hooks import PROPOSER_CLASS, model_runner  # noqa: F401 (re-exported)
 from atlas_rl.config import AtlasConfig
 from atlas_rl.metrics import SpecCounters
-
-PROPOSER_CLASS = "atlas_rl.backends.vllm.proposer.AtlasProposer"
 # A KV cache size the user set before atlas-rl ran wins over AtlasConfig.cpu_kv_cache_gib.
 _USER_KV_SPACE = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
 
@@ -118,7 +118,7 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: b
     LLM = vllm_llm_class()
     from vllm.platforms import current_platform
 
-    hooks.install_process_hooks()
+    compat.install_vllm_fixes()
     spec = speculative_config(method, config)
     if multiprocess and method in ("atlas", "atlas-static"):
         from atlas_rl.backends.vllm import plugin
@@ -166,7 +166,7 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: b
                 "build multiprocess engines before in-process ones, or in another process")
     llm = LLM(**kwargs)
     if not multiprocess:  # else the worker applies them where its kernels live
-        hooks.install_after_build(llm)
+        compat.install_vllm_fixes_after_build(llm)
     return llm
 
 
@@ -185,15 +185,6 @@ def nonfinite_logit_rows(llm) -> int | None:
     except (RuntimeError, AttributeError):
         return None
     return getattr(sampler, "atlas_nonfinite_rows", None)
-
-
-def model_runner(llm):
-    try:
-        return llm.llm_engine.model_executor.driver_worker.worker.model_runner
-    except AttributeError as e:
-        raise RuntimeError(
-            "atlas-rl needs an in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) "
-            "to reach its model runner; this engine runs its worker elsewhere") from e
 
 
 def proposer(llm):

@@ -198,53 +198,17 @@ def tested_version() -> bool:
     return TESTED[0] <= vllm_version() <= TESTED[1]
 
 
-# --- installing: before an engine is built, after, and on an atlas engine ----------
+# --- what the rooms share about vLLM's objects ------------------------------------
 
-def install_process_hooks() -> None:
-    """The CPU workarounds that must be in place before vLLM builds an engine."""
-    from atlas_rl.compat import vllm_cpu
-
-    from atlas_rl.compat import vllm_engines
-
-    vllm_cpu.fix_repeated_registration()
-    vllm_cpu.fix_seeded_chunked_prefill()
-    vllm_engines.fix_shared_parallel_state()
+#: How a speculative config names atlas-rl's proposer (vLLM's ``custom_class`` drafter).
+PROPOSER_CLASS = "atlas_rl.backends.vllm.proposer.AtlasProposer"
 
 
-def install_after_build(llm) -> None:
-    """The workarounds that need a built engine (the CPU kernel overrides are registered
-    during worker init)."""
-    from atlas_rl.compat import vllm_cpu
-
-    vllm_cpu.fix_expand_kernel()
-
-
-def install_atlas(runner, proposer, verifier: str) -> None:
-    """Make `runner` (an atlas engine's model runner) speculate with atlas-rl: its
-    rejection sampler becomes `AtlasRejectionSampler` (atlas-rl verifies where
-    ``verifier == "atlas"``), and each drafting step hands `proposer` its context."""
-    from atlas_rl.backends.vllm import proposer as proposer_room
-    from atlas_rl.backends.vllm import sampler as sampler_room
-
-    sampler_room.attach(runner, atlas_verifies=verifier == "atlas")
-    proposer_room.attach_step_hook(runner, proposer)
-    layers = proposer.aux_layers()
-    if layers:
-        enable_aux_hidden_states(runner, layers)
-
-
-def enable_aux_hidden_states(runner, layers) -> bool:
-    """Have the policy return its residual stream at `layers` (vLLM's numbering: the
-    input of that layer) beside its last hidden state, as vLLM does for its own EAGLE-3
-    drafters; the step hook hands them to the proposer at the sampled positions."""
-    from vllm.model_executor.models.interfaces import supports_eagle3
-
-    model = runner.get_model()
-    if not hasattr(runner, "use_aux_hidden_state_outputs") or not supports_eagle3(model):
-        record("aux_hidden_states", "not applied: this model or vLLM has no EAGLE-3 "
-               "feature path; the EAGLE-3 drafter drafts nothing")
-        return False
-    model.set_aux_hidden_state_layers(tuple(int(x) for x in layers))  # vLLM's own API
-    assign(runner, {"use_aux_hidden_state_outputs": True}, key="aux_hidden_states")
-    record("aux_hidden_states", f"applied (layers {tuple(layers)})")
-    return True
+def model_runner(llm):
+    """The model runner of an in-process ``vllm.LLM`` (where every runner hook goes)."""
+    try:
+        return llm.llm_engine.model_executor.driver_worker.worker.model_runner
+    except AttributeError as e:
+        raise RuntimeError(
+            "atlas-rl needs an in-process vLLM engine (VLLM_ENABLE_V1_MULTIPROCESSING=0) "
+            "to reach its model runner; this engine runs its worker elsewhere") from e

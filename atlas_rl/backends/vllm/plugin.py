@@ -29,10 +29,11 @@ import json
 import logging
 import os
 
+from atlas_rl.backends.vllm.hooks import PROPOSER_CLASS
+
 logger = logging.getLogger(__name__)
 
 _registered = False
-PROPOSER_CLASS = "atlas_rl.backends.vllm.proposer.AtlasProposer"
 
 
 def register() -> None:

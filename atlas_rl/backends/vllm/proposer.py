@@ -78,6 +78,36 @@ class LiveRequests:
     sampled: list[list[int]] = field(default_factory=list)
 
 
+def install_atlas(runner, proposer: "AtlasProposer", verifier: str) -> None:
+    """Make `runner` (an atlas engine's model runner) speculate with atlas-rl: its
+    rejection sampler becomes `AtlasRejectionSampler` (atlas-rl verifies where
+    ``verifier == "atlas"``), and each drafting step hands `proposer` its context."""
+    from atlas_rl.backends.vllm import sampler
+
+    sampler.attach(runner, atlas_verifies=verifier == "atlas")
+    attach_step_hook(runner, proposer)
+    layers = proposer.aux_layers()
+    if layers:
+        enable_aux_hidden_states(runner, layers)
+
+
+def enable_aux_hidden_states(runner, layers) -> bool:
+    """Have the policy return its residual stream at `layers` (vLLM's numbering: the
+    input of that layer) beside its last hidden state, as vLLM does for its own EAGLE-3
+    drafters; the step hook hands them to the proposer at the sampled positions."""
+    from vllm.model_executor.models.interfaces import supports_eagle3
+
+    model = runner.get_model()
+    if not hasattr(runner, "use_aux_hidden_state_outputs") or not supports_eagle3(model):
+        hooks.record("aux_hidden_states", "not applied: this model or vLLM has no EAGLE-3 "
+                     "feature path; the EAGLE-3 drafter drafts nothing")
+        return False
+    model.set_aux_hidden_state_layers(tuple(int(x) for x in layers))  # vLLM's own API
+    hooks.assign(runner, {"use_aux_hidden_state_outputs": True}, key="aux_hidden_states")
+    hooks.record("aux_hidden_states", f"applied (layers {tuple(layers)})")
+    return True
+
+
 def attach_step_hook(runner, proposer: "AtlasProposer") -> None:
     """Wrap this runner's ``propose_draft_token_ids`` so that `proposer` gets each step's
     context before vLLM asks it for drafts, and the runner gets the drafts' q after."""

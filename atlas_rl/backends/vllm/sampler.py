@@ -185,11 +185,9 @@ def _reported_failed(scheduler, model_runner_output) -> list[str]:
 
 
 def _is_atlas_engine(scheduler) -> bool:
-    from atlas_rl.backends.vllm.plugin import PROPOSER_CLASS
-
     spec = getattr(getattr(scheduler, "vllm_config", None), "speculative_config", None)
     return getattr(spec, "method", None) == "custom_class" and \
-        getattr(spec, "model", None) == PROPOSER_CLASS
+        getattr(spec, "model", None) == hooks.PROPOSER_CLASS
 
 
 def _finish_with_error(scheduler, outputs, failed: list[str]) -> None:

@@ -339,9 +339,9 @@ def main(argv: list[str]) -> int:
         print(f"atlas-rl serve: {e}", file=sys.stderr)
         return 2
     os.environ.update(env)
-    from atlas_rl.cli import _cmd_vllm
+    from atlas_rl.compat import run_vllm_cli
 
-    return _cmd_vllm(vllm_argv)
+    return run_vllm_cli(vllm_argv)
 
 
 # --- the guard (in vLLM's API server process) -------------------------------------------

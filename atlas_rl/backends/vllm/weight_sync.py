@@ -187,12 +187,12 @@ class LLMTarget:
         self.vllm_config = llm.llm_engine.vllm_config
 
     def model(self):
-        from atlas_rl.backends.vllm.engine import model_runner
+        from atlas_rl.backends.vllm.hooks import model_runner
 
         return model_runner(self.llm).get_model()
 
     def reload(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
-        from atlas_rl.backends.vllm.engine import model_runner
+        from atlas_rl.backends.vllm.hooks import model_runner
 
         model_runner(self.llm).reload_weights(weights_iterator=iter(weights))
 

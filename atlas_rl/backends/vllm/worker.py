@@ -34,6 +34,7 @@ import logging
 import time
 from pathlib import Path
 
+from atlas_rl import compat
 from atlas_rl import speculation as speculation_room
 from atlas_rl.config import AtlasConfig
 
@@ -212,7 +213,7 @@ def setup_in_worker(runner, proposer) -> bool:
     """Set up `proposer` (vLLM's instance, in this worker) from the config's atlas fields;
     False when the config has none (an in-process `AtlasRolloutEngine` attaches its own
     speculators after the build)."""
-    from atlas_rl.backends.vllm import hooks
+    from atlas_rl.backends.vllm.proposer import install_atlas
 
     vllm_config = runner.vllm_config
     extra = getattr(vllm_config, "additional_config", None) or {}
@@ -228,9 +229,9 @@ def setup_in_worker(runner, proposer) -> bool:
     proposer.track_completed()
     proposer.worker = work
     _CURRENT["proposer"] = proposer
-    hooks.install_process_hooks()
-    hooks.install_after_build(None)
-    hooks.install_atlas(runner, proposer, work.config.verifier)
+    compat.install_vllm_fixes()
+    compat.install_vllm_fixes_after_build(None)
+    install_atlas(runner, proposer, work.config.verifier)
     work.sampler = getattr(runner, "rejection_sampler", None)
     _log_where_vllm_logs()
     if work.state_dir and (Path(work.state_dir) / speculation_room.STATE_FILE).is_file():
