@@ -6,11 +6,11 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip
 STAMP   := $(VENV)/.atlas-setup
-EXTRAS  ?= cpu,trl,peft,deepspeed,wandb,bench,dev
+EXTRAS  ?= cpu,trl,peft,deepspeed,wandb,bench,dev,docs
 BENCH_OUT ?= bench-results
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-fast test-deepspeed bench fetch-model gpu-check clean
+.PHONY: setup demo test test-fast test-deepspeed bench docs fetch-model gpu-check clean
 
 setup: $(STAMP)
 
@@ -46,10 +46,15 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" $(PYTEST_ARGS)
 
-# DeepSpeed ZeRO-2/ZeRO-3 with atlas-rl on 2 CPU ranks (README, DeepSpeed): ~6 min on 2
+# DeepSpeed ZeRO-2/ZeRO-3 with atlas-rl on 2 CPU ranks (docs/trl.md, DeepSpeed): ~6 min on 2
 # cores, half of it the real-model run (marked slow; PYTEST_ARGS='-m "not slow"' skips it).
 test-deepspeed: setup
 	$(PY) -m pytest -q -ra tests/test_deepspeed.py $(PYTEST_ARGS)
+
+# The docs site (mkdocs, material theme, strict: a broken link or anchor fails it) in
+# build/site; the AtlasConfig and CLI references regenerated from the code first.
+docs: setup
+	$(PY) scripts/build_docs.py
 
 # The GPU check (docs/gpu.md), on a GPU machine with torch + Triton (no vLLM needed):
 # results in $$OUT, else ./gpu-check-out. `bash scripts/gpu_check.sh --cpu-smoke` runs here.

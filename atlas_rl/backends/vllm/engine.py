@@ -75,7 +75,7 @@ def cpu_kv_cache_gib_for(model_path: str, dtype: str, batches, block_size: int =
 
 def default_dtype(on_cpu: bool) -> str:
     # Measured on a 2-core AVX-512 Xeon without bf16 units: float32 decodes ~2x faster
-    # than emulated bfloat16 at batch 16 (README, "Choosing a dtype").
+    # than emulated bfloat16 at batch 16 (docs/dtypes.md).
     from atlas_rl.machine import cpu_has_native_bf16
 
     return "bfloat16" if not on_cpu or cpu_has_native_bf16() else "float32"
