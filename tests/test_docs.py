@@ -109,6 +109,76 @@ def test_every_block_parses_and_every_make_target_exists():
     assert checked > 20
 
 
+def _subcommands():
+    from atlas_rl import cli
+
+    parser = cli.build_parser()
+    found = {}
+    for name, sub in _choices(parser).items():
+        found[name] = sub
+        for inner, subsub in _choices(sub).items():
+            found[f"{name} {inner}"] = subsub
+    return found
+
+
+def _choices(parser):
+    import argparse
+
+    return next((a.choices for a in parser._actions
+                 if isinstance(a, argparse._SubParsersAction)), {})
+
+
+# subcommands whose flags go on to another parser (vLLM's, TRL's; serve's unknown ones to vLLM)
+PASS_THROUGH = {"vllm", "grpo", "serve"}
+
+
+def test_every_atlas_rl_command_in_the_pages_names_real_flags():
+    """Each `atlas-rl SUBCOMMAND --flag` in a shell block: the subcommand exists and
+    takes the flag (its own parser's, not a guess)."""
+    subcommands = _subcommands()
+    checked = 0
+    for path in PAGES:
+        for lang, code, _, line in blocks(path):
+            if lang not in ("bash", "sh", ""):
+                continue
+            for command in re.findall(r"atlas-rl ((?:[^\\\n]|\\\n)+)", code):
+                words = command.replace("\\\n", " ").split()
+                if not words or words[0].startswith(("-", "<", "$", "(")) or words[0] in PASS_THROUGH:
+                    continue
+                if not re.fullmatch(r"[a-z][a-z-]*", words[0]):
+                    continue
+                name = " ".join(words[:2]) if " ".join(words[:2]) in subcommands else words[0]
+                where = f"{path.relative_to(ROOT)}:{line}: atlas-rl {name}"
+                assert name in subcommands, f"{where}: no such subcommand"
+                options = {o for a in subcommands[name]._actions for o in a.option_strings}
+                for word in words:
+                    if word in ("#", "|", "&&", ";", ">", "2>&1"):
+                        break
+                    flag = word.split("=", 1)[0]
+                    if re.fullmatch(r"--[a-z][a-z0-9-]*", flag):
+                        assert flag in options, f"{where}: no flag {flag}"
+                checked += 1
+    assert checked >= 10, checked
+
+
+def test_every_atlas_rl_import_in_the_pages_exists():
+    """The `from atlas_rl... import NAME` lines of every Python block import."""
+    import importlib
+
+    checked = 0
+    for path in PAGES:
+        for lang, code, _, line in blocks(path):
+            if lang != "python":
+                continue
+            for module, names in re.findall(r"^from (atlas_rl[\w.]*) import ([\w, ]+)$", code, re.M):
+                imported = importlib.import_module(module)
+                for name in (n.strip().split(" as ")[0] for n in names.split(",")):
+                    assert hasattr(imported, name) or importlib.util.find_spec(
+                        f"{module}.{name}"), f"{path.relative_to(ROOT)}:{line}: {module}.{name}"
+                    checked += 1
+    assert checked >= 5, checked
+
+
 def _build_docs():
     spec = importlib.util.spec_from_file_location("build_docs", ROOT / "scripts" / "build_docs.py")
     module = importlib.util.module_from_spec(spec)
