@@ -239,11 +239,12 @@ TRAINER_METRICS: dict[str, str] = {
     "update_budget_seconds": "the training time the update was allowed (a share of the "
                              "rollout time)",
     "drafter_rollbacks": "times an adaptive drafter's update was not published: it diverged "
-                         "or (EAGLE-3) did not beat the published drafter (cumulative)",
-    "drafter_published": "1 if that update's candidate drafter was published (EAGLE-3: it "
-                         "beat the published one on held-out rollouts of the batch), else 0",
-    "drafter_published_score": "the published EAGLE-3 drafter's expected acceptance length "
-                               "on the batch's held-out rollouts (distribution drafts)",
+                         "or did not beat the published drafter (cumulative)",
+    "drafter_published": "1 if that update's candidate drafter was published (it beat the "
+                         "published one on held-out rollouts of the batch), else 0",
+    "drafter_published_score": "the published drafter's score on the batch's held-out "
+                               "rollouts: EAGLE-3, expected acceptance length of distribution "
+                               "drafts; MLP, first-position acceptance over the draft vocabulary",
     "drafter_candidate_score": "the candidate's, on the same rollouts",
     "speedup_estimate": "1 + accepted tokens / request-steps: the factor by which "
                         "speculation cut the target's request-steps (an upper bound of the "

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from atlas_rl.speculators import NeuralSpeculator
+from atlas_rl.speculators.distill import Distiller
 
 V, D = 96, 32
 
@@ -69,15 +70,21 @@ def test_drafter_learns_the_policy_distribution_and_publishes_new_weights():
     spec.capture("live", hs, toks, 0)
     old_net = {k: v.clone() for k, v in spec.net.state_dict().items()}
     (draft_before,) = spec.propose(["live"], [[0] * 11], [4])
-    versions = []
+    versions, published = [], []
     for _ in range(12):
         _feed(spec, policy)
         stats = spec.learn(time_budget=None)
         versions.append(stats["drafter_version"])
+        published.append(stats["drafter_published"])
+        # the gate judged on the batch's held-out rows, and published only a better candidate
+        assert stats["drafter_gate_rows"] >= Distiller.min_gate_rows
+        assert (stats["drafter_candidate_score"] > stats["drafter_published_score"]) == \
+            (stats["drafter_published"] == 1.0)
     after = spec.evaluate(*held)
     # distribution drafts: 1 - TV(p, q) rises well above where it started
     assert after["accept_distribution"] > before["accept_distribution"] + 0.15, (before, after)
-    assert versions == sorted(versions) and versions[-1] == 12
+    assert versions == sorted(versions) and versions[-1] == sum(published) >= 8
+    assert spec.rollbacks == 12 - sum(published)
     assert any(not torch.equal(old_net[k], v) for k, v in spec.net.state_dict().items())
     # the proposer's next drafts come from the published weights
     (draft_after,) = spec.propose(["live"], [[0] * 11], [4])
@@ -118,6 +125,50 @@ def test_diverging_training_rolls_back_to_the_last_good_weights():
     assert stats["drafter_rollback"] == 1.0 and spec.rollbacks == 1
     assert spec.version == version
     assert all(torch.equal(good[k], v) for k, v in spec.net.state_dict().items())
+
+
+def test_the_publish_gate_takes_a_better_candidate_and_refuses_a_worse_one():
+    """The gate's decision against a known-better candidate (a drafter that has not
+    learnt yet, trained on the policy's rollouts) and a known-worse one (one step at a
+    learning rate that wrecks the weights): the first is published, the second is not,
+    and the published weights, version and optimizer state stay as they were."""
+    policy = SyntheticPolicy(5)
+    spec = _speculator(policy)
+    _feed(spec, policy, sequences=12)
+    spec.distiller.max_epochs = 30  # the candidate trains to the policy: known better
+    better = spec.learn(time_budget=None)
+    assert better["drafter_published"] == 1.0 and spec.version == 1
+    assert better["drafter_candidate_score"] > better["drafter_published_score"] + 0.03
+    spec.distiller.max_epochs = 2
+    for _ in range(4):  # a drafter that has learnt
+        _feed(spec, policy, sequences=12)
+        spec.learn(time_budget=None)
+    good = {k: v.clone() for k, v in spec.net.state_dict().items()}
+    version, rollbacks = spec.version, spec.rollbacks
+    _feed(spec, policy, sequences=12)
+    # one wrecking step: a fresh optimizer (a saved one carries its own lr) at lr 50
+    spec.distiller.optimizer_state, spec.distiller.lr = None, 50.0
+    spec.distiller.batch_rows, spec.distiller.max_epochs = 1 << 20, 1  # (a second would diverge)
+    worse = spec.learn(time_budget=None)
+    assert worse["drafter_published"] == 0.0, worse
+    assert worse["drafter_candidate_score"] < worse["drafter_published_score"] - 0.05
+    assert spec.version == version and spec.rollbacks == rollbacks + 1
+    assert spec.distiller.optimizer_state is None  # the losing candidate's is not kept
+    assert all(torch.equal(good[k], v) for k, v in spec.net.state_dict().items())
+
+
+def test_the_gate_steps_aside_with_too_few_rows_or_when_switched_off():
+    policy = SyntheticPolicy(6)
+    spec = _speculator(policy)
+    _feed(spec, policy, sequences=2, length=24)  # 46 rows: a quarter is too few to judge
+    stats = spec.learn(time_budget=None)
+    assert "drafter_gate_rows" not in stats and stats["drafter_version"] == 1.0
+    off = _speculator(policy)
+    off.distiller.gate = False
+    _feed(off, policy, sequences=12)
+    stats = off.learn(time_budget=None)
+    assert "drafter_gate_rows" not in stats and stats["drafter_buffer_rows"] == 12 * 47
+    assert stats["drafter_rows"] == 2 * 12 * 47  # two epochs over every row: none held out
 
 
 def test_training_respects_its_time_budget():

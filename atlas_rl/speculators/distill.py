@@ -1,5 +1,14 @@
 """The neural drafter's distillation side: the training buffer, budgeted training with
-rollback, held-out evaluation, and the published weights other ranks receive.
+rollback, the publish gate, held-out evaluation, and the published weights other ranks
+receive.
+
+The publish gate: an update trains a candidate on the buffer less the newest rows' last
+quarter (at most `gate_rows`: the end of the batch just captured, whole sequences but
+for one), and publishes it only if its acceptance on those held-out rows beats the
+published drafter's (a distribution draft's first position, against the policy's p over
+the draft vocabulary). Adaptation can then not make the drafter worse on what the
+policy samples now; the held-out rows join the training pool at the next update. The
+split depends on the buffer alone, so ranks holding the same buffer decide alike.
 
 Training is distillation from the policy's own distribution: every target hidden state
 h_{t+1} gives p = softmax(h_{t+1} W^T), so the loss is the cross-entropy of q against p
@@ -35,6 +44,7 @@ class DistillBuffer:
         self.max_rows = int(max_rows)
         self._chunks: deque = deque()
         self.num_rows = 0
+        self.fresh_rows = 0  # rows added since the last update (the newest, at the end)
 
     def __bool__(self) -> bool:
         return bool(self._chunks)
@@ -42,8 +52,10 @@ class DistillBuffer:
     def add(self, h: torch.Tensor, tokens: torch.Tensor, target: torch.Tensor) -> None:
         self._chunks.append((h.float(), tokens.long(), target.float()))
         self.num_rows += len(tokens)
+        self.fresh_rows += len(tokens)
         while self.num_rows > self.max_rows and len(self._chunks) > 1:
             self.num_rows -= len(self._chunks.popleft()[1])
+        self.fresh_rows = min(self.fresh_rows, self.num_rows)
 
     def rows(self) -> Rows:
         """The whole buffer, oldest rows first."""
@@ -51,7 +63,7 @@ class DistillBuffer:
 
     def clear(self) -> None:
         self._chunks.clear()
-        self.num_rows = 0
+        self.num_rows = self.fresh_rows = 0
 
 
 class Distiller:
@@ -59,14 +71,21 @@ class Distiller:
     into it; a loss that turns NaN or explodes leaves the published weights as they were
     (a rollback, counted)."""
 
+    #: The publish gate: held-out rows from the end of the newest batch, at most this many
+    #: (a quarter of the batch's rows), and no gate when that would be fewer than
+    #: `min_gate_rows` (too few to judge on: the candidate is published as before).
+    gate_rows = 512
+    min_gate_rows = 64
+
     def __init__(self, lr: float = 1e-3, max_buffer_rows: int = 16384, batch_rows: int = 256,
-                 max_epochs: int = 2):
+                 max_epochs: int = 2, gate: bool = True):
         self.lr = float(lr)
         self.batch_rows = int(batch_rows)
         self.max_epochs = int(max_epochs)
+        self.gate = bool(gate)
         self.buffer = DistillBuffer(max_buffer_rows)
         self.version = 0     # bumped whenever new weights are published
-        self.rollbacks = 0
+        self.rollbacks = 0   # updates not published: diverged, or lost the publish gate
         self.loss_ema: float | None = None
         self.optimizer_state = None
 
@@ -91,13 +110,21 @@ class Distiller:
               max_epochs: int = 1, progress: Callable | None = None) -> dict[str, float]:
         """Distil on the buffer: shuffled rows, up to `max_epochs` passes or the time
         budget (stopping before it, one minibatch at least). `head`: the LM head rows of
-        the draft vocabulary [|S|, d]. Publishes into `net` unless the loss diverged."""
+        the draft vocabulary [|S|, d]. Publishes into `net` unless the loss diverged or
+        the candidate loses the publish gate (the module's docstring)."""
         start = time.perf_counter()
         # Copies: tensors made under vLLM's inference mode cannot enter autograd. The
         # buffer may sit on the CPU (the proposer copies hidden states there): one move.
         head = head.clone()
         device = head.device
         h, tok, target = (x.to(device, copy=True) for x in self.buffer.rows())
+        held = min(self.gate_rows, self.buffer.fresh_rows // 4) if self.gate else 0
+        if held < self.min_gate_rows or held >= len(tok):
+            held = 0
+        self.buffer.fresh_rows = 0  # the held-out rows train from the next update on
+        if held:
+            held_rows = (h[-held:], tok[-held:], target[-held:])
+            h, tok, target = h[:-held], tok[:-held], target[:-held]
         work = copy.deepcopy(net)
         opt = torch.optim.AdamW(work.parameters(), lr=self.lr, weight_decay=0.0)
         if self.optimizer_state is not None:
@@ -131,7 +158,7 @@ class Distiller:
                 continue
             break
         stats = {"drafter_train_seconds": time.perf_counter() - start,
-                 "drafter_rows": float(rows_seen), "drafter_buffer_rows": float(n)}
+                 "drafter_rows": float(rows_seen), "drafter_buffer_rows": float(n + held)}
         if diverged:
             self.rollbacks += 1  # keep the published weights and the old optimizer
             return {**stats, "drafter_rollback": 1.0, "drafter_rollbacks": float(self.rollbacks)}
@@ -139,10 +166,24 @@ class Distiller:
             mean = sum(losses) / len(losses)
             self.loss_ema = mean if self.loss_ema is None else 0.7 * self.loss_ema + 0.3 * mean
             stats["drafter_loss"] = mean
-            net.load_state_dict(work.state_dict())  # publish
-            self.optimizer_state = opt.state_dict()
-            self.version += 1
+            publish = True
+            if held:
+                published_score = gate_score(net, embed, head, *held_rows)
+                candidate_score = gate_score(work, embed, head, *held_rows)
+                publish = candidate_score > published_score
+                stats.update(drafter_gate_rows=float(held),
+                             drafter_published_score=published_score,
+                             drafter_candidate_score=candidate_score,
+                             drafter_published=float(publish))
+            if publish:
+                net.load_state_dict(work.state_dict())
+                self.optimizer_state = opt.state_dict()
+                self.version += 1
+            else:  # the published drafter stays, with the optimizer state that made it
+                self.rollbacks += 1
+            stats["drafter_train_seconds"] = time.perf_counter() - start
         stats["drafter_version"] = float(self.version)
+        stats["drafter_rollbacks"] = float(self.rollbacks)
         return stats
 
 
@@ -153,6 +194,23 @@ def _autocast(device: torch.device, policy_dtype: torch.dtype):
     if device.type == "cuda" and policy_dtype == torch.bfloat16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def gate_score(net: DrafterNet, embed: torch.Tensor, head: torch.Tensor, h, tok, target,
+               chunk: int = 256) -> float:
+    """The publish gate's score of `net` on held-out rows: the mean acceptance of a
+    distribution draft at the first position, sum_v min(p_v, q_v), with the policy's p
+    over the draft vocabulary's head rows `head` [|S|, d] (the distribution training
+    targets; the same for every candidate, so the comparison is fair)."""
+    head = head.float()
+    total = 0.0
+    for s in range(0, len(tok), chunk):
+        p = torch.softmax(target[s:s + chunk].float() @ head.T, dim=-1)
+        y = net(h[s:s + chunk].float(), embed.detach().index_select(0, tok[s:s + chunk]).float())
+        q = torch.softmax(y.float() @ head.T, dim=-1)
+        total += float(torch.minimum(p, q).sum())
+    return total / max(1, len(tok))
 
 
 def distill_loss(net: DrafterNet, embed: torch.Tensor, h, tok, target, head) -> torch.Tensor:
