@@ -196,6 +196,10 @@ class BenchConfig:
     drafter: str = field(default="auto", metadata={
         "help": "the atlas methods' neural drafter (AtlasConfig.drafter): auto (the bundled "
                 "MLP one), eagle3 (the bundled EAGLE-3 one) or mlp"})
+    atlas_settings: list = field(default_factory=list, metadata={
+        "help": "any other AtlasConfig field for every engine, FIELD=VALUE (repeatable; "
+                "VALUE as JSON or a bare string), e.g. --set drafter_publish_gate=false",
+        "flag": "--set", "action": "append", "metavar": "FIELD=VALUE"})
     dtype: str = field(default="float32", metadata={
         "help": "every engine's dtype: float32 (the default on every CPU: exactness is "
                 "judged to 1e-3 in logprobs), bfloat16 (99 logprobs in 100 within 0.5 of the "
@@ -264,6 +268,8 @@ class BenchConfig:
                              f"{self.epoch_steps}: lower --epoch-steps or raise --steps")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.atlas_settings:  # a bad --set fails here, before any engine is built
+            engine_config(self, 1.0)
         if self.policy_lora_rank < 0:
             raise ValueError(f"policy_lora_rank must be 0 (train every weight) or a LoRA "
                              f"rank >= 1, got {self.policy_lora_rank}")
@@ -785,6 +791,18 @@ _STACK = ("torch", "atlas_rl.engine", "atlas_rl.exactness", "atlas_rl.machine",
           "atlas_rl.models", "atlas_rl.rewards")
 
 
+def engine_config(cfg: BenchConfig, kv_cache_gib: float):
+    """Every engine's AtlasConfig: the bench's own choices, then the user's ``--set``
+    fields (checked by name and type, `AtlasConfig.from_dict`)."""
+    from atlas_rl.config import AtlasConfig, parse_field_settings
+
+    base = dict(max_lookahead=cfg.max_lookahead, dtype=None if cfg.dtype == "auto" else cfg.dtype,
+                seed=cfg.seed, drafter=cfg.drafter, cpu_kv_cache_gib=float(kv_cache_gib),
+                sync_rollback=False)
+    return AtlasConfig.from_dict({**base, **parse_field_settings(cfg.atlas_settings)},
+                                 where="atlas-rl bench --set")
+
+
 class _BenchRun:
     """One benchmark run, phase by phase: `build` the engines and the policy; per step
     (`step`): the `rollouts` of every regime, `check_exactness`, `update_policy`; then
@@ -809,7 +827,7 @@ class _BenchRun:
         """The model, the prompts, an engine per method (warmed up), the policy."""
         import torch
 
-        from atlas_rl import AtlasConfig, AtlasRolloutEngine
+        from atlas_rl import AtlasRolloutEngine
         from atlas_rl.models import resolve_model
 
         cfg = self.cfg
@@ -820,10 +838,9 @@ class _BenchRun:
         # default is 2 GiB an engine whatever the batch) and no host copy of the weights
         # for a rollback (a failed sync ends the run anyway).
         kv_gib = self._kv_cache_gib(path)
-        self.engine_config = AtlasConfig(max_lookahead=cfg.max_lookahead,
-                                         dtype=None if cfg.dtype == "auto" else cfg.dtype,
-                                         seed=cfg.seed, drafter=cfg.drafter,
-                                         cpu_kv_cache_gib=kv_gib, sync_rollback=False)
+        self.engine_config = engine_config(cfg, kv_gib)
+        if cfg.atlas_settings:
+            self.say("AtlasConfig set for every engine: " + ", ".join(cfg.atlas_settings))
         self.engines = {}
         for m in self.methods:
             self.bar.advance(f"building engine {m}")

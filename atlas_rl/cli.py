@@ -177,17 +177,13 @@ def _cmd_speculative_config(args) -> int:
 
     from atlas_rl.backends.vllm.plugin import speculative_config
 
-    fields = {}
-    for item in args.set or ():
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            print(f"atlas-rl: --set takes FIELD=VALUE (VALUE as JSON, or a bare string), "
-                  f"got {item!r}", file=sys.stderr)
-            return 2
-        try:
-            fields[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            fields[key] = raw
+    from atlas_rl.config import parse_field_settings
+
+    try:
+        fields = parse_field_settings(args.set)
+    except ValueError as e:
+        print(f"atlas-rl: {e}", file=sys.stderr)
+        return 2
     if args.static is not None:
         fields["static_speculator"] = args.static
     if args.max_lookahead is not None:

@@ -44,6 +44,11 @@ class AtlasConfig:
     drafter_lr: float = field(default=1e-3, metadata={
         "help": "Learning rate (AdamW) of the adaptive drafter's online distillation (the "
                 "EAGLE-3 drafter, a distilled decoder layer, fine-tunes at a third of it)."})
+    drafter_publish_gate: bool = field(default=True, metadata={
+        "help": "Publish an adaptive drafter's update only if it beats the published drafter "
+                "on held-out rollouts of the batch (the MLP drafter: the batch's last rows, "
+                "first-position acceptance; EAGLE-3: expected acceptance length). Off: "
+                "every update that does not diverge is published."})
     train_budget_fraction: float = field(default=0.1, metadata={
         "help": "The adaptive drafter trains after each rollout batch for at most this "
                 "share of the batch's rollout time (measured and reported)."})
@@ -158,6 +163,25 @@ class AtlasConfig:
                 raise ValueError(f"{where}: field {name!r} must be {_type_name(hints[name])}, "
                                  f"got {type(value).__name__} {value!r}")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+def parse_field_settings(items, flag: str = "--set") -> dict:
+    """``FIELD=VALUE`` strings (a CLI's repeatable ``--set``) as a dict, each VALUE read as
+    JSON where it is JSON (numbers, true/false, null, lists), else kept as a string; the
+    fields and types are checked by `AtlasConfig.from_dict`."""
+    import json
+
+    fields_: dict = {}
+    for item in items or ():
+        key, sep, raw = str(item).partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} takes FIELD=VALUE (VALUE as JSON, or a bare string), "
+                             f"got {item!r}")
+        try:
+            fields_[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            fields_[key] = raw
+    return fields_
 
 
 def _type_ok(value, tp) -> bool:

@@ -51,11 +51,12 @@ def build_speculators(config: AtlasConfig, model_path: str, static: bool) -> dic
                 f"--model {model_path} --prompts FILE --out DIR`, or use drafter='mlp'")
         # a distilled decoder layer fine-tunes at a third of the MLP drafter's rate
         specs["neural"] = Eagle3Speculator.from_dir(path, frozen=static, seed=cfg.seed,
-                                                    lr=cfg.drafter_lr / 3)
+                                                    lr=cfg.drafter_lr / 3,
+                                                    gate=cfg.drafter_publish_gate)
         logger.info("atlas-rl: static EAGLE-3 drafter from %s", path)
         return specs
     neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr, frozen=static,
-                              seed=cfg.seed)
+                              seed=cfg.seed, gate=cfg.drafter_publish_gate)
     if path is not None and (path / "neural.json").is_file():
         neural.load(path)
         logger.info("atlas-rl: static drafter from %s", path)

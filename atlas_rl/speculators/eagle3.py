@@ -130,8 +130,9 @@ class Eagle3Speculator(HiddenStateSpeculator):
     def __init__(self, net: Eagle3Net | None = None, vocab: torch.Tensor | None = None,
                  aux_layers: Sequence[int] = (), lr: float = 3e-4, frozen: bool = False,
                  steps: int = 3, max_buffer_tokens: int = 100_000, batch_rollouts: int = 8,
-                 holdout_fraction: float = 0.15, seed: int = 0):
+                 holdout_fraction: float = 0.15, seed: int = 0, gate: bool = True):
         self.net, self.vocab = net, vocab
+        self.gate = bool(gate)  # publish only a candidate that beats the published drafter
         self.aux_layers = tuple(int(x) for x in aux_layers)
         self.lr, self.frozen, self.steps = float(lr), bool(frozen), int(steps)
         self.max_buffer_tokens, self.batch_rollouts = int(max_buffer_tokens), int(batch_rollouts)
@@ -453,7 +454,7 @@ class Eagle3Speculator(HiddenStateSpeculator):
                     "drafter_rollbacks": float(self.rollbacks), "drafter_version": float(self.version)}
         score = self._score(candidate, held)
         stats["drafter_candidate_score"] = score
-        if score > published_score:
+        if score > published_score or not self.gate:
             self.net.load_state_dict(candidate.state_dict())
             self._optimizer_state = opt.state_dict()
             self.version += 1

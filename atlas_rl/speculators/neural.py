@@ -102,12 +102,12 @@ class NeuralSpeculator(HiddenStateSpeculator):
 
     def __init__(self, draft_vocab_size: int = 4096, lr: float = 1e-3,
                  max_buffer_rows: int = 16384, batch_rows: int = 256, max_epochs: int = 2,
-                 frozen: bool = False, seed: int = 0):
+                 frozen: bool = False, seed: int = 0, gate: bool = True):
         if draft_vocab_size < 2:
             raise ValueError(f"draft_vocab_size must be >= 2, got {draft_vocab_size}")
         self.draft_vocab_size = int(draft_vocab_size)
         self.frozen = bool(frozen)
-        self.distiller = Distiller(lr, max_buffer_rows, batch_rows, max_epochs)
+        self.distiller = Distiller(lr, max_buffer_rows, batch_rows, max_epochs, gate=gate)
         self.net: DrafterNet | None = None
         self.vocab: torch.Tensor | None = None  # draft vocabulary (token ids), sorted
         self._embed = self._head = self._head_sub = None
