@@ -140,19 +140,31 @@ class _Fit:
         self.sxx = d * self.sxx + x * x
         self.sxy = d * self.sxy + x * y
 
+    #: Weights of the priors, per unit of `strength`: the intercept's is light (a tenth of
+    #: one observation: the data set it as soon as there are any); the slope's weighs what
+    #: one pseudo-observation at x = 0 and one at x = 8 would (their sum of squares about
+    #: their mean, 2 * 4**2 / 2), so that a slope needs observations spread over x to move.
+    intercept_prior_weight = 0.1
+    slope_prior_weight = 16.0
+
     def solve(self, prior_intercept: float, prior_slope: float, strength: float) -> tuple[float, float]:
-        """Ridge towards the prior: `strength` pseudo-observations at x = 0 and x = 8."""
-        pts = ((0.0, prior_intercept), (8.0, prior_intercept + 8.0 * prior_slope))
-        w = self.w + 2 * strength
-        sx = self.sx + strength * sum(p[0] for p in pts)
-        sy = self.sy + strength * sum(p[1] for p in pts)
-        sxx = self.sxx + strength * sum(p[0] ** 2 for p in pts)
-        sxy = self.sxy + strength * sum(p[0] * p[1] for p in pts)
-        det = w * sxx - sx * sx
+        """Ridge towards the prior, on the intercept and the slope apart: minimises
+        sum w (y - a - b x)^2 + s_a strength (a - a0)^2 + s_b strength (b - b0)^2.
+
+        Kept apart so that observations at one x alone (probes: one draft token, step
+        after step) move the intercept and leave the slope at its prior: they say what a
+        step with one draft costs, nothing about what each further token adds. (A prior
+        made of pseudo-observations at x = 0 and x = 8 was tilted by them instead: probes
+        that cost more than the prior's intercept pulled the slope towards 0, and the
+        controller then drafted every request of a compute-bound 64-sequence batch, a step
+        that cost 3-4x a plain one.)"""
+        la, lb = self.intercept_prior_weight * strength, self.slope_prior_weight * strength
+        a11, a12, a22 = self.w + la, self.sx, self.sxx + lb
+        r1, r2 = self.sy + la * prior_intercept, self.sxy + lb * prior_slope
+        det = a11 * a22 - a12 * a12
         if det <= 1e-12:
             return prior_intercept, prior_slope
-        slope = (w * sxy - sx * sy) / det
-        return (sy - slope * sx) / w, slope
+        return (r1 * a22 - a12 * r2) / det, (a11 * r2 - a12 * r1) / det
 
 
 class StepCostModel:
@@ -160,6 +172,9 @@ class StepCostModel:
 
     #: No-draft steps per batch-size bucket whose median is the base cost (the most recent).
     base_window = 32
+
+    #: The prior's draft-token cost as a share of a sequence token's average cost.
+    prior_slope_factor = 0.8
 
     def __init__(self, decay: float = 0.98, prior_strength: float = 1.0):
         self.decay = decay
@@ -224,9 +239,14 @@ class StepCostModel:
         base = self.base_seconds(num_seqs)
         if base is None:
             return None
-        # Prior: verification costs 5% of a step, and a draft token what a sequence's
-        # token costs when the step is compute-bound (base / B, at least base / 16).
-        prior_slope = base / max(num_seqs, 16)
+        # Prior: verification costs 5% of a step, and a draft token a little less than
+        # a sequence's token costs when the step is compute-bound (0.8 base / B, at least
+        # base / 16 of it): a step also has a part that does not grow with its tokens
+        # (the marginal token cost 0.56-0.85 of the average on a 2-core AMD EPYC, float32,
+        # 8-64 sequences). Below 1 so that a batch is not hopeless on the prior alone:
+        # only drafting steps, whose draft tokens vary, can measure the slope (probes,
+        # one token each, cannot), and on a GPU it is far below the prior.
+        prior_slope = self.prior_slope_factor * base / max(num_seqs, 16)
         fit = self.spec.get(self.bucket(num_seqs))
         if fit is None:
             return 0.05 * base, prior_slope

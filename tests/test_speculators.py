@@ -105,6 +105,30 @@ def test_cost_model_recovers_the_step_cost():
     assert overhead == pytest.approx(0.008, abs=1.6e-3) and slope == pytest.approx(0.0003, abs=1e-4)
 
 
+def test_probes_of_one_draft_token_do_not_make_verification_look_free():
+    """A compute-bound 64-sequence batch: a draft token costs about what a sequence's
+    token costs (base / 64). The probes measure steps with one draft token only, and each
+    costs a fixed 16 ms more (vLLM's verification path). They say nothing of what each
+    further token adds: the slope stays at its prior, and a suffix arm accepted 60% of
+    the time is not let loose on all 64 requests (a step of 3-4x the plain one). Before,
+    20 such probes pulled the slope to 43% of the truth, and such drafts passed the cut."""
+    base = 0.11
+    ctl = AtlasController(max_lookahead=8, speculators=["suffix"], explore=0.0)
+    for _ in range(40):
+        ctl.record_step_time(64, 0, base)
+    for _ in range(20):
+        ctl.record_step_time(64, 1, base + 0.016)
+    overhead, slope = ctl.cost.spec_cost(64)
+    assert slope == pytest.approx(ctl.cost.prior_slope_factor * base / 64, rel=0.1)
+    assert overhead == pytest.approx(0.016, abs=0.004)  # the probes' fixed cost, measured
+    _train_arm(ctl, "suffix", 0.6)
+    drafts = [[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(64)]
+    for _ in range(ctl.cut_patience):
+        plan = ctl.plan_step(64)
+        assert not any(d.tokens for d in ctl.choose_drafts(plan, drafts))
+    assert all(ctl.plan_step(64).lookahead == 0 for _ in range(20))  # then not even drafted
+
+
 def test_controller_picks_no_speculation_when_the_cost_model_says_it_loses():
     # Large batch, compute-bound: a draft token costs what a sequence's token costs.
     ctl = _fed_controller(base=0.15, overhead=0.01, slope=0.15 / 64 * 1.2, num_seqs=64)
