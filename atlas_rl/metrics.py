@@ -272,8 +272,8 @@ TRL_STEP_TIME = "step_time"
 TRL_LOGP_GAP = "sampling/sampling_logp_difference/max"
 
 #: `atlas-rl bench` results (docs/benchmarks.md): a method's summary (tail regime) ...
-BENCH_SUMMARY_KEYS = ("tokens_per_s", "speedup", "acceptance_length", "acceptance_rate",
-                      "oracle_acceptance_length", "exact")
+BENCH_SUMMARY_KEYS = ("tokens_per_s", "speedup", "acceptance_length", "speedup_estimate",
+                      "acceptance_rate", "oracle_acceptance_length", "exact")
 #: ... the medians of a regime's steps ...
 BENCH_REGIME_KEYS = ("tokens_per_s", "speedup", "acceptance_length", "acceptance_rate",
                      "oracle_acceptance_length", "lookahead")
@@ -288,7 +288,7 @@ BENCH_UPDATE_KEYS = UPDATE_METRICS + ("drafter_rollback", "drafter_version", "in
                                       "history_tokens")
 #: ... a method's per-step rows (tail regime) ...
 BENCH_STEP_KEYS = ("step", "domain", "epoch", "tokens_per_s", "speedup", "acceptance_length",
-                   "acceptance_rate", "lookahead", "oracle_acceptance_length",
+                   "speedup_estimate", "acceptance_rate", "lookahead", "oracle_acceptance_length",
                    "rollout_seconds", "acceptance_rate_pos", "update_seconds",
                    "drafter_loss", "drafter_train_seconds", "update_budget_seconds")
 #: ... and where the time went (sums over steps; the last two are counts).

@@ -40,8 +40,8 @@ def _finish(fig, axes, titles, xlabel: str, path: str | Path, dpi: int = 100) ->
 
 
 def plot_bench(results: dict, path: str | Path) -> Path:
-    """Three panels: tail acceptance length per step per method with the one-hot oracle
-    ceiling and the drift point; tail speedup per step; median speedup per regime."""
+    """Three panels: tail acceptance length per step per method (dotted: its tokens per
+    request-step, drafted or not) with the one-hot oracle ceiling and the drift point; tail speedup per step; median speedup per regime."""
     plt = _pyplot()
     methods = results["methods"]
     drift = results["config"].get("drift_step")
@@ -53,6 +53,10 @@ def plot_bench(results: dict, path: str | Path) -> Path:
         color = _COLORS.get(name)
         ax_al.plot(steps, [r["acceptance_length"] for r in m["steps"]], "o-", label=name,
                    color=color)
+        est = [r.get("speedup_estimate") for r in m["steps"]]
+        if name != "none" and any(x is not None for x in est):  # over every request-step
+            ax_al.plot(steps, [float("nan") if x is None else x for x in est], "x:",
+                       color=color, alpha=0.8, label=f"{name}: tokens per request-step")
         sp = [r["speedup"] for r in m["steps"]]
         if any(x is not None for x in sp):
             ax_sp.plot(steps, [float("nan") if x is None else x for x in sp], "o-",
@@ -80,8 +84,8 @@ def plot_bench(results: dict, path: str | Path) -> Path:
                    "s:", color="#9467bd", alpha=0.7, label="KL(pi_s || pi_0) (right axis)")
         ax_kl.set_ylabel("KL from the initial policy, nats/token", color="#9467bd")
         ax_kl.legend(fontsize=8, loc="lower right")
-    ax_al.set_title("Acceptance length per step (tail regime, temperature %g)"
-                    % results["config"]["temperature"])
+    ax_al.set_title("Acceptance length per step (tail regime, temperature %g); dotted: "
+                    "tokens per request-step, drafted or not" % results["config"]["temperature"])
     ax_sp.axhline(1.0, color="k", linewidth=0.8)
     ax_sp.set_ylabel("speedup vs none (tail)")
     ax_sp.set_title("Speedup per step, tokens/s over no speculation in the same step")

@@ -160,7 +160,35 @@ def test_summaries_without_exactness_report_no_speedup():
     rows = _step_rows(records, exact=False)
     assert all(r["speedup"] is None for r in rows) and large[0]["speedup"] is None
     results = {"methods": {"atlas": {"regimes": {"tail": summarize_regime(tail, False)}}}}
-    assert "| atlas | tail | 11.0 | - | 1.50 | 0.25 | - | 2.00 | - | NO |" in format_table(results)
+    assert "| atlas | tail | 11.0 | - | 1.50 | - | 0.25 | - | 2.00 | - | NO |" in format_table(results)
+
+
+def test_tokens_per_request_step_counts_every_request_step_not_only_the_drafting_ones():
+    """Issue 32's yardstick. A controller that drafts on few, sure positions has the higher
+    acceptance length (2.0 against 1.5) and buys fewer tokens: 100 accepted of 1,100
+    tokens (1.10 per request-step) against 400 of 1,400 (1.40). Pooled over steps, in the
+    step records, the regime summary and the table; none is 1.0."""
+    from atlas_rl.bench import _step_record, format_table, summarize_regime
+
+    def rec(step, tokens, accepted, drafts):
+        stats = {"step": step, "num_tokens": tokens, "num_accepted_tokens": accepted,
+                 "num_drafts": drafts, "acceptance_length": 1 + accepted / drafts if drafts else 1.0,
+                 "tokens_per_s": 1.0}
+        return {**_step_record(stats, 4), "step": step}
+
+    sure = [rec(s, 550, 50, 50) for s in range(2)]
+    bold = [rec(s, 700, 200, 400) for s in range(2)]
+    none = [rec(s, 500, 0, 0) for s in range(2)]
+    assert sure[0]["speedup_estimate"] == pytest.approx(1.10)
+    s_sure, s_bold = summarize_regime(sure, True), summarize_regime(bold, True)
+    assert s_sure["acceptance_length"] > s_bold["acceptance_length"]
+    assert s_sure["speedup_estimate"] == pytest.approx(1.10)
+    assert s_bold["speedup_estimate"] == pytest.approx(1.40)
+    assert summarize_regime(none, True)["speedup_estimate"] == 1.0
+    mixed = summarize_regime([rec(0, 550, 50, 50), rec(1, 1400, 400, 400)], True)
+    assert mixed["speedup_estimate"] == pytest.approx(1950 / 1500)  # pooled, not a median
+    table = format_table({"methods": {"atlas": {"regimes": {"tail": s_bold}}}})
+    assert "| 1.50 | 1.40 |" in table and "tokens per request-step" in table
 
 
 def test_speedup_is_pooled_over_steps_with_a_bootstrap_interval():
@@ -289,9 +317,9 @@ def test_rollout_reward_ranks_a_correct_answer_first():
 # --- a whole run -------------------------------------------------------------------
 
 STEP_KEYS = {"step", "domain", "tokens_per_s", "speedup", "acceptance_length",
-             "acceptance_rate", "lookahead", "oracle_acceptance_length"}
-SUMMARY_KEYS = {"tokens_per_s", "speedup", "acceptance_length", "acceptance_rate",
-                "oracle_acceptance_length", "exact"}
+             "speedup_estimate", "acceptance_rate", "lookahead", "oracle_acceptance_length"}
+SUMMARY_KEYS = {"tokens_per_s", "speedup", "acceptance_length", "speedup_estimate",
+                "acceptance_rate", "oracle_acceptance_length", "exact"}
 assert set(BENCH_SUMMARY_KEYS) == SUMMARY_KEYS
 
 
