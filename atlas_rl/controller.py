@@ -141,9 +141,9 @@ class _Fit:
         self.sxy = d * self.sxy + x * y
 
     #: Weights of the priors, per unit of `strength`: the intercept's is light (a tenth of
-    #: one observation: the data set it as soon as there are any); the slope's weighs what
-    #: one pseudo-observation at x = 0 and one at x = 8 would (their sum of squares about
-    #: their mean, 2 * 4**2 / 2), so that a slope needs observations spread over x to move.
+    #: one observation: the data set it as soon as there are any); the slope's is half of
+    #: what one pseudo-observation at x = 0 and one at x = 8 weigh on a slope (their sum of
+    #: squares about their mean, 32), so that a slope needs draft counts that vary to move.
     intercept_prior_weight = 0.1
     slope_prior_weight = 16.0
 

@@ -37,21 +37,20 @@ def main() -> None:
     ap.add_argument("--cprofile", default=None)
     args = ap.parse_args()
 
-    import json
-
     from atlas_rl import AtlasConfig, AtlasRolloutEngine
     from atlas_rl.bench import _as_engine_prompt
+    from atlas_rl.config import parse_field_settings
     from atlas_rl.machine import machine_info
     from atlas_rl.models import resolve_model
     from atlas_rl.workloads import math_prompts
 
     path = resolve_model(args.model)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
-    engines = {m: AtlasRolloutEngine(path, speculation=m, config=AtlasConfig(
-        dtype=args.dtype, **(overrides if m != "none" else {}))) for m in ("none", args.method)}
+    overrides = parse_field_settings(args.set)
+    # checked by name and type before any engine is built (the method's engine only)
+    method_config = AtlasConfig.from_dict({"dtype": args.dtype, **overrides}, where="--set")
+    engines = {m: AtlasRolloutEngine(path, speculation=m, config=method_config if m != "none"
+                                     else AtlasConfig(dtype=args.dtype))
+               for m in ("none", args.method)}
     tok = engines["none"].tokenizer
     prompt = _as_engine_prompt(math_prompts(1, seed=3)[0].prompt,
                                bool(getattr(tok, "chat_template", None)), [])
@@ -62,11 +61,12 @@ def main() -> None:
     for r in range(args.rounds):
         for m in (engines if r % 2 == 0 else reversed(list(engines))):
             eng = engines[m]
-            if profiler is not None and m != "none":
+            profiled = profiler is not None and (m != "none" or args.method == "none")
+            if profiled:
                 profiler.enable()
             batch = eng.generate([prompt], n=args.sequences, max_tokens=args.tokens,
                                  seed=100 + r, ignore_eos=True)
-            if profiler is not None and m != "none":
+            if profiled:
                 profiler.disable()
             eng.update(batch)
             rows[m].append(batch.stats)
