@@ -156,8 +156,8 @@ class _Fit:
         step with one draft costs, nothing about what each further token adds. (A prior
         made of pseudo-observations at x = 0 and x = 8 was tilted by them instead: probes
         that cost more than the prior's intercept pulled the slope towards 0, and the
-        controller then drafted every request of a compute-bound 64-sequence batch, a step
-        that cost 3-4x a plain one.)"""
+        controller then let nearly every request of a compute-bound 64-sequence batch
+        draft: 63-283 draft tokens in one batch, which then ran at 0.85-0.90x.)"""
         la, lb = self.intercept_prior_weight * strength, self.slope_prior_weight * strength
         a11, a12, a22 = self.w + la, self.sx, self.sxx + lb
         r1, r2 = self.sy + la * prior_intercept, self.sxy + lb * prior_slope

@@ -41,7 +41,8 @@ def _finish(fig, axes, titles, xlabel: str, path: str | Path, dpi: int = 100) ->
 
 def plot_bench(results: dict, path: str | Path) -> Path:
     """Three panels: tail acceptance length per step per method (dotted: its tokens per
-    request-step, drafted or not) with the one-hot oracle ceiling and the drift point; tail speedup per step; median speedup per regime."""
+    request-step, drafted or not) with the one-hot oracle ceiling and the drift point;
+    tail speedup per step; median speedup per regime."""
     plt = _pyplot()
     methods = results["methods"]
     drift = results["config"].get("drift_step")
