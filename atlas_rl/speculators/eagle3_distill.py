@@ -75,7 +75,9 @@ class Eagle3DistillConfig:
     seed: int = 0
     dtype: str = "float32"
     generator: str = "transformers"    # or "vllm" (atlas-rl's engine, no speculation: faster
-                                       # on a CPU); rollouts only, the teacher stays float32
+                                       # on a CPU; rollouts only, the teacher stays float32),
+                                       # or "static-cache" (`rollout_sampler`: Llama-family
+                                       # policies at GPU batch sizes)
     generator_dtype: str | None = None # the vLLM sampler's dtype (None: the engine's default)
     rollouts_cache: str | None = None  # JSON file: generated rollouts are saved / reused
     train_autocast: str | None = None  # e.g. bfloat16: matmuls of training in it (CPUs with
@@ -89,6 +91,9 @@ class Eagle3DistillConfig:
     save_dtype: str = "float32"        # the saved drafter's weights (float16 to ship it)
     compare_to: str | None = None      # an EAGLE-3 drafter directory (e.g. the bundled one)
                                        # evaluated on the same held-out set (work_dir)
+
+
+GENERATORS = ("transformers", "vllm", "static-cache")
 
 
 @dataclass
@@ -129,13 +134,24 @@ def load_prompts(files: list[str], count: int | None, seed: int) -> list:
 
 @torch.no_grad()
 def generate(model, tokenizer, prompt_ids: list[list[int]], cfg: Eagle3DistillConfig,
-             say) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, completion ids incl. EOS) per rollout, sampled at temperature 1."""
+             say, seed: int | None = None) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, completion ids incl. EOS) per rollout, sampled at temperature 1: by
+    `rollout_sampler.sample_rollouts` where cfg.generator is "static-cache" and the policy
+    is of the Llama family, else by transformers' ``generate``."""
     from transformers import GenerationConfig
 
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos = tokenizer.eos_token_id
+    if cfg.generator == "static-cache":
+        from atlas_rl.speculators.rollout_sampler import sample_rollouts, unsupported_reason
+
+        reason = unsupported_reason(model)
+        if reason is None:
+            return sample_rollouts(model, prompt_ids, cfg.completions, cfg.max_tokens, eos, pad,
+                                   cfg.gen_batch, seed if seed is not None else cfg.seed, say)
+        logger.warning("atlas-rl: the static-cache sampler cannot run this policy (%s); "
+                       "sampling with transformers' generate", reason)
     gen = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
                            max_new_tokens=cfg.max_tokens, num_return_sequences=cfg.completions,
                            pad_token_id=pad, eos_token_id=eos)
@@ -211,8 +227,10 @@ def features(model, rollouts_ids, aux_layers: list[int], batch: int, say,
         for i, s in enumerate(seqs):  # right padding: positions are the real ones
             ids[i, :len(s)] = torch.tensor(s)
             mask[i, :len(s)] = 1
+        # logits_to_keep=1: the head over every position is not needed (p is computed
+        # from `final` at training time) and would be the largest tensor of the forward
         hs = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                   output_hidden_states=True).hidden_states
+                   output_hidden_states=True, logits_to_keep=1).hidden_states
         aux = torch.cat([hs[layer] for layer in aux_layers], dim=-1)
         final = hs[-1]
         for i, (p, c) in enumerate(chunk):
@@ -377,10 +395,10 @@ def distil(cfg: Eagle3DistillConfig, say=print) -> dict:
         say(f"rollouts from {cache}: {len(rollouts)}")
     elif cfg.generator == "vllm":
         rollouts = generate_vllm(ids, cfg, say)
-    elif cfg.generator == "transformers":
+    elif cfg.generator in GENERATORS:
         rollouts = generate(model, tokenizer, ids, cfg, say)
     else:
-        raise ValueError(f"generator must be 'transformers' or 'vllm', got {cfg.generator!r}")
+        raise ValueError(f"generator must be one of {GENERATORS}, got {cfg.generator!r}")
     if cache is not None and not cache.is_file():
         cache.write_text(json.dumps(rollouts))
     gen_s = time.perf_counter() - t0
@@ -465,15 +483,15 @@ class _RoundGenerator:
 
     def __init__(self, cfg: Eagle3DistillConfig, model, tokenizer, max_prompt: int):
         self.cfg, self.model, self.tokenizer, self.engine = cfg, model, tokenizer, None
+        if cfg.generator not in GENERATORS:
+            raise ValueError(f"generator must be one of {GENERATORS}, got {cfg.generator!r}")
         if cfg.generator == "vllm":
             self.engine = _vllm_engine(cfg, max_prompt)
-        elif cfg.generator != "transformers":
-            raise ValueError(f"generator must be 'transformers' or 'vllm', got {cfg.generator!r}")
 
     def __call__(self, ids: list[list[int]], seed: int, say) -> list[tuple[list[int], list[int]]]:
         if self.engine is None:
             torch.manual_seed(seed)
-            return generate(self.model, self.tokenizer, ids, self.cfg, say)
+            return generate(self.model, self.tokenizer, ids, self.cfg, say, seed=seed)
         return _generate_with(self.engine, ids, self.cfg, seed, say)
 
 
