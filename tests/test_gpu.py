@@ -203,6 +203,10 @@ def _drafter_pair(vocab, d, seed=0):
     gpu = NeuralSpeculator(draft_vocab_size=vocab // 2, frozen=True, seed=seed)
     gpu.attach_target(embed.to(DEV), embed.to(DEV))
     gpu.net.load_state_dict(cpu.net.state_dict())
+    # a drafter drafts once it has a draft vocabulary: the same one for both
+    counts = torch.rand(vocab, generator=g)
+    cpu.set_vocab_from_counts(counts)
+    gpu.set_vocab_from_counts(counts)
     return cpu, gpu
 
 
@@ -285,6 +289,7 @@ def test_drafter_trains_on_cuda_under_bf16_autocast():
             torch.cat([torch.tensor(t[:-1]) for _, t in held]),
             torch.cat([h[1:] for h, _ in held]))
     before = spec.evaluate(*held)["accept_distribution"]
+    versions, published = [], []
     for step in range(12):
         for i in range(8):
             hs, toks = policy.rollout(48)
@@ -293,7 +298,11 @@ def test_drafter_trains_on_cuda_under_bf16_autocast():
                 spec.capture(f"s{step}r{i}", hs[s:s + 3], toks[s:s + 3], s)
             spec.finish(f"s{step}r{i}")
         stats = spec.learn(time_budget=None)
-        assert stats["drafter_version"] == step + 1, stats
+        versions.append(stats["drafter_version"])
+        published.append(stats.get("drafter_published", 1.0))
+    # the publish gate holds back a candidate that is not better (tests/test_neural.py):
+    # versions count the published ones, and most are
+    assert versions == sorted(versions) and versions[-1] == sum(published) >= 6, versions
     after = spec.evaluate(*held)["accept_distribution"]
     assert after > before + 0.1, (before, after)
     params = list(spec.net.parameters())
