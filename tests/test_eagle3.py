@@ -135,6 +135,7 @@ def test_drafting_computes_what_training_unrolls():
     the function that drafts."""
     policy = SyntheticPolicy(2)
     spec = _speculator(policy, net=_net(window=4, seed=3), frozen=True)
+    spec.draft_dtype = torch.float32  # the same numbers as training (bf16: its own test)
     aux, hs, toks = _capture(spec, policy, "r", 10, start=7)
     k = 3
     (draft,) = spec.propose(["r"], [[0] * 20], [k], sample=[True])
@@ -149,6 +150,37 @@ def test_drafting_computes_what_training_unrolls():
         q = torch.softmax(ys[j][0, -1] @ policy.embed.T, -1)
         torch.testing.assert_close(draft.q[j], q, atol=2e-5, rtol=1e-4)
     assert torch.allclose(draft.q.sum(-1), torch.ones(k), atol=1e-5)
+
+
+def test_drafting_in_bfloat16_keeps_q_exact_and_the_drafts_of_float32():
+    """Drafting in bfloat16 (the default on CPUs with bf16 units): q is a float32
+    distribution and the drafts are sampled from it (what verification needs to stay
+    exact), and where float32's choice is clear bfloat16 drafts the same token."""
+    policy = SyntheticPolicy(5)
+    f32 = _speculator(policy, net=_net(window=4, seed=3), frozen=True)
+    b16 = _speculator(policy, net=_net(window=4, seed=3), frozen=True)
+    f32.draft_dtype, b16.draft_dtype = torch.float32, torch.bfloat16
+    keys = [f"r{i}" for i in range(12)]
+    for key in keys:
+        aux, hs, toks = policy.rollout(8)
+        for spec in (f32, b16):
+            spec.capture(key, hs, toks, 3, aux=aux)
+    want = f32.propose(keys, [[0]] * len(keys), [3] * len(keys), sample=[True] * len(keys))
+    got = b16.propose(keys, [[0]] * len(keys), [3] * len(keys), sample=[True] * len(keys))
+    same_first = 0
+    for a, b in zip(want, got):
+        assert b.q.dtype == torch.float32 and torch.allclose(b.q.sum(-1), torch.ones(3), atol=1e-5)
+        for j, t in enumerate(b.tokens):  # the token's confidence is its q
+            assert b.confidence[j] == pytest.approx(float(b.q[j, t]), rel=1e-6)
+        # bf16 moves q a little, not a lot
+        assert float((a.q - b.q).abs().sum(-1).max()) < 0.15
+        same_first += a.tokens[0] == b.tokens[0]
+    assert same_first >= len(keys) // 2
+    # greedy drafts where float32's top choice is clear: the same tokens
+    want = f32.propose(keys, [[0]] * len(keys), [1] * len(keys))
+    got = b16.propose(keys, [[0]] * len(keys), [1] * len(keys))
+    clear = [i for i, d in enumerate(want) if d.confidence[0] > 0.6]
+    assert clear and all(got[i].tokens == want[i].tokens for i in clear)
 
 
 def test_a_gap_in_positions_starts_the_request_afresh():
@@ -167,6 +199,7 @@ def test_a_steps_batched_capture_equals_capturing_each_request():
     and requests that finish and free their slots."""
     policy = SyntheticPolicy(7)
     one, many = _speculator(policy, net=_net(seed=3)), _speculator(policy, net=_net(seed=3))
+    one.draft_dtype = many.draft_dtype = torch.float32  # batched and single rows: same sums
     rollouts = {f"r{i}": policy.rollout(9 + i) for i in range(3)}
     for s in range(0, 12, 3):
         keys, hidden, aux, toks, firsts, offs = [], [], [], [], [], []

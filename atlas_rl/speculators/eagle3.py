@@ -32,6 +32,7 @@ from typing import Sequence
 import torch
 
 from atlas_rl.kernels.sampling import inverse_cdf
+from atlas_rl.machine import cpu_has_native_bf16
 from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, HiddenStateSpeculator
 from atlas_rl.speculators.distill import (expected_length, unrolled_acceptance, unrolled_loss,
                                           vocab_targets)
@@ -154,6 +155,10 @@ class Eagle3Speculator(HiddenStateSpeculator):
         self.version = 0
         self.rollbacks = 0            # candidates not published (worse, or diverged)
         self.meta: dict = {}
+        # Matmul dtype of drafting and capture (None: `_draft_dtype` decides); softmax,
+        # sampling and q stay float32, so verification is exact whatever this is.
+        self.draft_dtype: torch.dtype | None = None
+        self._head_draft: tuple | None = None  # (dtype, rows in it, the float32 rows)
 
     # --- the target's tensors ---------------------------------------------------------
 
@@ -186,6 +191,29 @@ class Eagle3Speculator(HiddenStateSpeculator):
             self._vocab_dev = self.vocab.to(self._head.device)
             self._head_sub_t = self._head.detach().index_select(0, self._vocab_dev).float().t().contiguous()
         return self._head_sub_t
+
+    def _draft_dtype(self) -> torch.dtype:
+        """bfloat16 on a CPU with bf16 units (AVX512-BF16, AMX): a draft position reads
+        the layer's and the head's weights, ~40 MB in float32 for a 576-wide policy with an
+        8,192-token draft vocabulary, and on 2 cores that read is most of its cost); a
+        bf16/fp16 policy's own dtype on CUDA; float32 otherwise, or with
+        ``draft_dtype = torch.float32``."""
+        if self.draft_dtype is not None:
+            return self.draft_dtype
+        if self._head is not None and self._head.is_cuda:
+            return self._head.dtype if self._head.dtype in (torch.bfloat16, torch.float16) \
+                else torch.float32
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+
+    def _draft_head_t(self, dtype: torch.dtype) -> torch.Tensor:
+        """The draft vocabulary's head rows, transposed, in the drafting dtype."""
+        head_t = self._sub_head_t()
+        if dtype == head_t.dtype:
+            return head_t
+        if self._head_draft is None or self._head_draft[0] != dtype \
+                or self._head_draft[2] is not head_t:
+            self._head_draft = (dtype, head_t.to(dtype).contiguous(), head_t)
+        return self._head_draft[1]
 
     def draft_head_rows(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self._head is None:
@@ -233,19 +261,20 @@ class Eagle3Speculator(HiddenStateSpeculator):
         if not rows:
             return
         idx = torch.tensor(rows, dtype=torch.long)
-        a = aux.index_select(0, idx).float()
+        dtype = self._draft_dtype()
+        a = aux.index_select(0, idx).to(dtype)
         pos = torch.tensor(positions, dtype=torch.long)
         tok = torch.tensor(toks, dtype=torch.long)
         g = self.net.fuse(a)
-        k, v = self.net.kv(g, self._emb(tok), pos)
+        k, v = self.net.kv(g, self._emb(tok).to(dtype), pos)
         slot_t = torch.tensor(req_slot, dtype=torch.long)
         ring = pos % w
-        slots.k[slot_t, ring] = k
-        slots.v[slot_t, ring] = v
+        slots.k[slot_t, ring] = k.to(slots.k.dtype)
+        slots.v[slot_t, ring] = v.to(slots.v.dtype)
         slots.stored[slot_t, ring] = pos
         last_slot = torch.tensor([s for s, _ in last_rows], dtype=torch.long)
         last = torch.tensor([r for _, r in last_rows], dtype=torch.long)
-        slots.hidden[last_slot] = g[last]
+        slots.hidden[last_slot] = g[last].to(slots.hidden.dtype)
         slots.token[last_slot] = tok[last]
         slots.pos[last_slot] = pos[last]
         if not self.frozen:
@@ -300,32 +329,33 @@ class Eagle3Speculator(HiddenStateSpeculator):
         if not rows:
             return drafts
         net = self.net
-        head_t, vocab = self._sub_head_t(), self._vocab_dev
+        dtype = self._draft_dtype()
+        head_t, vocab = self._draft_head_t(dtype), self._vocab_dev
         slot = torch.tensor([slots.slot[keys[i]] for i in rows], dtype=torch.long)
         B = len(rows)
         lens = [max_lengths[i] for i in rows]
         L, w = max(lens), slots.window
         # the window's keys/values, then room for this proposal's own draft steps
-        K = torch.empty((B, w + L - 1) + slots.k.shape[2:])
+        K = torch.empty((B, w + L - 1) + slots.k.shape[2:], dtype=dtype)
         V = torch.empty_like(K)
         K[:, :w], V[:, :w] = slots.k[slot], slots.v[slot]
         pos = slots.pos[slot]
         stored = slots.stored[slot]
         mask = torch.ones((B, w + L - 1), dtype=torch.bool)
         mask[:, :w] = (stored >= 0) & (stored > (pos - w)[:, None])
-        hidden, tok = slots.hidden[slot], slots.token[slot]
+        hidden, tok = slots.hidden[slot].to(dtype), slots.token[slot]
         flags = [bool(sample[i]) if sample is not None else False for i in rows]
         any_sample = any(flags)
         do_sample = torch.tensor(flags, dtype=torch.bool)
         toks, confs, qs = [], [], []
         for j in range(L):
-            e = self._emb(tok)
+            e = self._emb(tok).to(dtype)
             if j:  # this draft step's own key and value (training: `Eagle3Net.unroll`)
                 K[:, w + j - 1], V[:, w + j - 1] = net.kv(hidden, e, pos + j)
             n = w + j
             q = net.query(hidden, e, pos + j)
             hidden, y = net.finish(hidden, net.attend(q, K[:, :n], V[:, :n], mask[:, :n]))
-            probs = torch.softmax(y @ head_t, dim=-1)
+            probs = torch.softmax((y @ head_t).float(), dim=-1)
             idx = probs.argmax(-1)
             if any_sample:
                 u = torch.rand(B, generator=self._generator)
