@@ -34,8 +34,9 @@ class AtlasConfig:
                 "policy's features at three layers; needs a static drafter made by "
                 "`atlas-rl train-speculator`), 'mlp' (one residual MLP block over the last "
                 "hidden state), or 'auto': mlp where the static drafter directory holds "
-                "one (the bundled directory holds both: on a CPU the EAGLE-3 drafter "
-                "accepts more but its drafting costs more, docs/bench/history.md), else eagle3."})
+                "one (the bundled directory holds both: on a 2-core CPU the EAGLE-3 drafter "
+                "is accepted more but its drafting costs what it saves, BENCHMARKS.md), "
+                "else eagle3."})
     neural_drafter: bool = field(default=True, metadata={
         "help": "Use the neural drafter beside the suffix index (off: suffix only)."})
     draft_vocab_size: int = field(default=4096, metadata={

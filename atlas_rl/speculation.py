@@ -38,8 +38,8 @@ def build_speculators(config: AtlasConfig, model_path: str, static: bool) -> dic
         return specs
     path = static_speculator_dir(cfg.static_speculator, model_path, cfg.drafter)
     # auto: the MLP drafter where the directory has one (the bundled directory has
-    # both: on this CPU the EAGLE-3 one accepts more but costs more, docs/bench/history.md),
-    # else an EAGLE-3 one
+    # both: on a 2-core CPU the EAGLE-3 one is accepted more but its drafting costs what it
+    # saves, BENCHMARKS.md), else an EAGLE-3 one
     if cfg.drafter == "eagle3" or (cfg.drafter == "auto" and path is not None
                                    and is_eagle3_dir(path)
                                    and not (path / "neural.json").is_file()):
