@@ -372,11 +372,30 @@ def trainer_metrics(stats: dict, update: dict, drafter_rollbacks: float) -> dict
     out.update({atlas_name(k): float(v) for k, v in arm_metrics(stats).items()})
     steps = stats.get("request_steps")
     if steps:
-        # Without a baseline run: tokens per request-step, 1 + accepted / request-steps.
-        # It ignores what verifying drafts costs, so it bounds the speedup from above.
-        out[atlas_name("speedup_estimate")] = float(1.0 + stats["num_accepted_tokens"] / steps)
+        # Without a baseline run: tokens per request-step. It ignores what verifying
+        # drafts costs, so it bounds the speedup from above.
+        est = tokens_per_request_step(stats.get("num_tokens"), stats["num_accepted_tokens"],
+                                      steps)
+        if est is not None:
+            out[atlas_name("speedup_estimate")] = est
         out[atlas_name("drafted_fraction")] = drafted_fraction(stats.get("lookahead_hist"), steps)
     return out
+
+
+def tokens_per_request_step(num_tokens: int | None, num_accepted: int,
+                            request_steps: int | None = None) -> float | None:
+    """Tokens per request-step (target pass of one request), drafted or not: every pass
+    yields one token of its own (the bonus or the recovered one) plus the drafts it
+    accepted, so passes = tokens - accepted and this is tokens / (tokens - accepted) =
+    1 + accepted / passes: what `atlas-rl bench` reports and the trainer logs as
+    ``speedup_estimate``. Without a token count, 1 + accepted / `request_steps` (the
+    proposer's hand-overs, which also count the one after a request's last pass: a
+    little lower on short completions). None without either."""
+    if num_tokens:
+        return float(num_tokens / (num_tokens - num_accepted)) if num_tokens > num_accepted else None
+    if request_steps:
+        return float(1.0 + num_accepted / request_steps)
+    return None
 
 
 def drafted_fraction(lookahead_hist: Sequence[int] | None, request_steps: int) -> float:

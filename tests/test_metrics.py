@@ -92,7 +92,7 @@ def test_median_skips_none_and_fmt_prints_a_dash_for_none():
 
 
 STATS = {"acceptance_length": 2.5, "acceptance_rate": 0.375, "lookahead": 4.0,
-         "tokens_per_s": 123.4, "rollout_seconds": 3.2, "num_tokens": 395, "num_drafts": 10,
+         "tokens_per_s": 123.4, "rollout_seconds": 3.2, "num_tokens": 35, "num_drafts": 10,
          "num_draft_tokens": 40, "num_accepted_tokens": 15, "request_steps": 20,
          "lookahead_hist": [8, 0, 0, 4, 8], "acceptance_rate_pos_0": 0.7,
          "acceptance_rate_pos_1": 0.4, "acceptance_rate_pos_3": 0.1, "drafts_suffix": 0.6,
@@ -162,3 +162,21 @@ def test_dashboards_name_only_registered_metrics():
     assert keys <= known, keys - known
     assert ROW_KEY in trainer_metric_names()
     assert {TABLE_KEY, PLOT_KEY} == {"atlas/speculation_table", "atlas/speculation_plot"}
+
+
+def test_the_trainers_speedup_estimate_is_the_benchs_tokens_per_request_step():
+    """One definition for both: tokens over target passes (each pass yields one token of
+    its own plus the drafts it accepted), not over the proposer's hand-overs, which also
+    count the one after each request's last pass (1,400 tokens, 400 accepted: 1.40, where
+    1 + 400 / 1,040 hand-overs would say 1.38)."""
+    from atlas_rl.bench import tokens_per_request_step as bench_estimate
+
+    stats = {**STATS, "num_tokens": 1400, "num_accepted_tokens": 400, "request_steps": 1040}
+    logged = trainer_metrics(stats, {}, 0.0)["atlas/speedup_estimate"]
+    assert logged == pytest.approx(1.40)
+    assert logged == pytest.approx(bench_estimate([{"num_tokens": 1400,
+                                                    "num_accepted_tokens": 400}]))
+    # without a token count: the hand-overs
+    no_tokens = {k: v for k, v in stats.items() if k != "num_tokens"}
+    assert trainer_metrics(no_tokens, {}, 0.0)["atlas/speedup_estimate"] == \
+        pytest.approx(1 + 400 / 1040)
