@@ -389,8 +389,8 @@ def tokens_per_request_step(num_tokens: int | None, num_accepted: int,
     accepted, so passes = tokens - accepted and this is tokens / (tokens - accepted) =
     1 + accepted / passes: what `atlas-rl bench` reports and the trainer logs as
     ``speedup_estimate``. Without a token count, 1 + accepted / `request_steps` (the
-    proposer's hand-overs, which also count the one after a request's last pass: a
-    little lower on short completions). None without either."""
+    proposer's hand-overs of drafts, one per live request and step, which need not match
+    the passes one for one: up to ~3% apart on short batches). None without either."""
     if num_tokens:
         return float(num_tokens / (num_tokens - num_accepted)) if num_tokens > num_accepted else None
     if request_steps:

@@ -166,8 +166,8 @@ def test_dashboards_name_only_registered_metrics():
 
 def test_the_trainers_speedup_estimate_is_the_benchs_tokens_per_request_step():
     """One definition for both: tokens over target passes (each pass yields one token of
-    its own plus the drafts it accepted), not over the proposer's hand-overs, which also
-    count the one after each request's last pass (1,400 tokens, 400 accepted: 1.40, where
+    its own plus the drafts it accepted), not over the proposer's hand-overs, which need
+    not match the passes one for one (1,400 tokens, 400 accepted: 1.40, where
     1 + 400 / 1,040 hand-overs would say 1.38)."""
     from atlas_rl.bench import tokens_per_request_step as bench_estimate
 
