@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The distillation of record of SmolLM2-135M-Instruct's EAGLE-3 drafter, resumable:
-# each run continues where the last one stopped (rollouts, held-out set, draft
-# vocabulary, drafter, optimizer and prompt cursor live in the work directory), so a CPU
-# carries it from session to session. docs/distillation.md says what it does and how far
+# The CPU distillation of SmolLM2-135M-Instruct's EAGLE-3 drafter, resumable: each run
+# continues where the last one stopped (rollouts, held-out set, draft vocabulary, drafter,
+# optimizer and prompt cursor live in the work directory), so a CPU carries it from
+# session to session. The bundled drafter now comes from a GPU run of the same prompt mix
+# (scripts/distil_drafter_gpu.sh); docs/distillation.md says what each does and how far
 # it got.
 #   bash scripts/distil_drafter.sh [SECONDS]   (this run's time budget; default 3600)
 # Environment: ATLAS_RL_DISTIL_DIR (default ~/.cache/atlas-rl/distill/smollm2-135m-instruct-eagle3),
