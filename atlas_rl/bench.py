@@ -69,7 +69,7 @@ from atlas_rl.metrics import (
     fmt,
     median,
 )
-from atlas_rl.metrics import tokens_per_request_step as metrics_tokens_per_request_step
+from atlas_rl.metrics import tokens_per_request_step as _tokens_per_request_step
 
 logger = logging.getLogger(__name__)
 
@@ -624,7 +624,7 @@ def tokens_per_request_step(records: list[dict]) -> float | None:
     trusted on more, less certain positions. None without token counts."""
     tokens = sum(r.get("num_tokens") or 0 for r in records)
     accepted = sum(r.get("num_accepted_tokens") or 0 for r in records)
-    return metrics_tokens_per_request_step(tokens, accepted)
+    return _tokens_per_request_step(tokens, accepted)
 
 
 def speedup_interval(records: list[dict], base_records: list[dict], seed: int = 0,

@@ -12,15 +12,14 @@ drafts, expected length at lookahead 4) and writes them as JSON with --json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
-import torch
-
 from atlas_rl.speculators.eagle3 import Eagle3Speculator
-from atlas_rl.speculators.eagle3_distill import (Eagle3DistillConfig, _load_teacher, _Trainer,
-                                                 features, fmt_eval)
+from atlas_rl.speculators.eagle3_distill import (Eagle3DistillConfig, _evaluate_reference,
+                                                 _load_teacher, features)
 
 
 def main(argv=None) -> int:
@@ -39,20 +38,17 @@ def main(argv=None) -> int:
     rows = []
     feats: dict = {}
     for d in args.drafters:
-        spec = Eagle3Speculator.from_dir(d)
-        layers = tuple(spec.aux_layers)
+        layers = tuple(Eagle3Speculator.from_dir(d).aux_layers)
         if layers not in feats:
             t0 = time.perf_counter()
             feats[layers] = features(model, rollouts, list(layers), args.batch, lambda *a: None)
             print(f"features of {len(rollouts)} held-out rollouts at layers {list(layers)}: "
                   f"{time.perf_counter() - t0:.0f} s", flush=True)
         held = feats[layers]
-        trainer = _Trainer(cfg, model, spec.vocab, list(layers), device)
-        trainer.net = spec.net.to(device).float()
-        ev = trainer.evaluate(held, list(range(len(held.tokens))))
-        ev = {"drafter": str(d), "trained_tokens": spec.meta.get("trained_tokens"), **ev}
-        rows.append(ev)
-        print(f"{d} ({ev['trained_tokens']} token-positions): {fmt_eval(ev)}", flush=True)
+        # the distillation's own comparison (`--compare-to`), one drafter at a time
+        rows.append(_evaluate_reference(dataclasses.replace(cfg, compare_to=str(d)), model,
+                                        list(layers), device, held,
+                                        list(range(len(held.tokens))), print))
     if args.json:
         Path(args.json).write_text(json.dumps({"heldout": str(args.heldout),
                                                "rollouts": len(rollouts), "dtype": args.dtype,

@@ -88,7 +88,7 @@ def test_sample_rollouts_pairs_completions_with_their_prompts():
     assert len({tuple(c) for _, c in out}) > 1
 
 
-def test_a_policy_outside_the_llama_family_is_named_and_refused(caplog):
+def test_a_policy_outside_the_llama_family_is_named_and_refused():
     from transformers import GPT2Config
 
     model = AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=32, n_head=2,

@@ -221,9 +221,9 @@ class Eagle3Speculator(HiddenStateSpeculator):
         rows = self._sub_head_t().t()
         return self._vocab_dev, rows
 
-    def _emb(self, tokens) -> torch.Tensor:
+    def _emb(self, tokens, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         idx = tokens if torch.is_tensor(tokens) else torch.tensor(tokens, dtype=torch.long)
-        return self._embed.index_select(0, idx.to(self._embed.device)).float()
+        return self._embed.index_select(0, idx.to(self._embed.device)).to(dtype)
 
     # --- capture ------------------------------------------------------------------------
 
@@ -266,7 +266,7 @@ class Eagle3Speculator(HiddenStateSpeculator):
         pos = torch.tensor(positions, dtype=torch.long)
         tok = torch.tensor(toks, dtype=torch.long)
         g = self.net.fuse(a)
-        k, v = self.net.kv(g, self._emb(tok).to(dtype), pos)
+        k, v = self.net.kv(g, self._emb(tok, dtype), pos)
         slot_t = torch.tensor(req_slot, dtype=torch.long)
         ring = pos % w
         slots.k[slot_t, ring] = k.to(slots.k.dtype)
@@ -349,7 +349,7 @@ class Eagle3Speculator(HiddenStateSpeculator):
         do_sample = torch.tensor(flags, dtype=torch.bool)
         toks, confs, qs = [], [], []
         for j in range(L):
-            e = self._emb(tok).to(dtype)
+            e = self._emb(tok, dtype)
             if j:  # this draft step's own key and value (training: `Eagle3Net.unroll`)
                 K[:, w + j - 1], V[:, w + j - 1] = net.kv(hidden, e, pos + j)
             n = w + j

@@ -12,8 +12,8 @@ without a sliding window, Qwen2), the shape of most open policies; anything else
 answered with the reason by `unsupported_reason`, and the distillation falls back to
 ``generate``.
 
-The logits it samples from are the policy's: `tests/test_eagle3.py` compares them, step
-by step, with a full transformers forward over the finished sequences.
+The logits it samples from are the policy's: `tests/test_rollout_sampler.py` compares
+them, step by step, with a full transformers forward over the finished sequences.
 """
 
 from __future__ import annotations
@@ -68,8 +68,10 @@ class StaticCacheSampler:
         self.dtype = next(model.parameters()).dtype
         self.prefill_rows = prefill_rows
 
-    def _layer(self, layer, h, cos, sin, k_cache, v_cache, at: int, keep: torch.Tensor,
+    def _layer(self, layer, h, cos, sin, k_cache, v_cache, at: int, mask: torch.Tensor,
                prefill: bool) -> torch.Tensor:
+        """One decoder layer; `mask` (`_forward`): prefill, the positions each query may
+        attend [B, 1, T, T]; decoding, the cache positions it may not [B, 1, 1, L]."""
         attn = layer.self_attn
         B, T, _ = h.shape
         x = layer.input_layernorm(h)
@@ -80,9 +82,7 @@ class StaticCacheSampler:
         k_cache[:, :, at:at + T] = k
         v_cache[:, :, at:at + T] = v
         L = at + T
-        if prefill:  # causal over the (left-padded) prompt; a pad row sees itself only
-            causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
-            mask = (causal & keep[:, None, None, :L]) | torch.eye(T, dtype=torch.bool, device=h.device)
+        if prefill:
             out = F.scaled_dot_product_attention(
                 q, k.repeat_interleave(self.group, 1), v.repeat_interleave(self.group, 1),
                 attn_mask=mask, scale=attn.scaling)
@@ -90,7 +90,7 @@ class StaticCacheSampler:
         else:  # one new token: grouped query heads read each shared key/value once
             qg = q.view(B, self.n_kv, self.group, self.head_dim)
             scores = torch.matmul(qg, k_cache[:, :, :L].transpose(-1, -2)).float() * attn.scaling
-            scores.masked_fill_(~keep[:, None, None, :L], float("-inf"))
+            scores.masked_fill_(mask, float("-inf"))
             probs = scores.softmax(-1).to(v_cache.dtype)
             out = torch.matmul(probs, v_cache[:, :, :L]).reshape(B, 1, -1)
         h = h + attn.o_proj(out)
@@ -99,8 +99,15 @@ class StaticCacheSampler:
     def _forward(self, ids, pos, caches, at: int, keep, prefill: bool) -> torch.Tensor:
         h = self.inner.embed_tokens(ids)
         cos, sin = self.inner.rotary_emb(h, pos)
+        T, L = ids.shape[1], at + ids.shape[1]
+        if prefill:  # causal over the (left-padded) prompt; a pad row sees itself only
+            causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
+            eye = torch.eye(T, dtype=torch.bool, device=h.device)
+            mask = (causal & keep[:, None, None, :L]) | eye
+        else:  # one new token: the cache's padding is what it may not attend
+            mask = ~keep[:, None, None, :L]
         for layer, (kc, vc) in zip(self.inner.layers, caches):
-            h = self._layer(layer, h, cos, sin, kc, vc, at, keep, prefill)
+            h = self._layer(layer, h, cos, sin, kc, vc, at, mask, prefill)
         return self.head(self.inner.norm(h[:, -1:])).squeeze(1).float()
 
     @torch.no_grad()
