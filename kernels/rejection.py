@@ -34,6 +34,7 @@ uniforms.
 
 from __future__ import annotations
 
+import os
 from typing import Sequence
 
 import torch
@@ -41,6 +42,7 @@ import torch
 from atlas_rl.kernels.sampling import inverse_cdf
 
 PLACEHOLDER_TOKEN_ID = -1
+BACKENDS = ("auto", "torch", "triton", "triton-graph")
 
 
 def pack_sparse_q(ids: torch.Tensor, q: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -93,8 +95,11 @@ def rejection_sample(
     ``draft_probs`` None: one-hot drafts. With ``draft_ids``: ``draft_probs`` is the
     sparse q on that support. Without: a dense q over the vocabulary. ``target_logits``
     is not modified. ``backend``: "torch" (this module, the reference), "triton" (the
-    whole verification as Triton kernels, `rejection_triton`) or "auto" (Triton for CUDA
-    tensors when Triton is installed). Both give the same tokens on the same uniforms.
+    whole verification as Triton kernels, `rejection_triton`), "triton-graph" (those
+    kernels replayed as a CUDA graph per batch bucket, `kernels.graphs`) or "auto" (Triton
+    for CUDA tensors when Triton is installed, as a graph where the logits fit
+    `rejection_triton.GRAPH_MAX_LOGIT_BYTES` and ``ATLAS_RL_CUDA_GRAPHS`` is not 0). All give
+    the same tokens on the same uniforms.
 
     ``bonus_token_ids`` None: the bonus token is drawn here from ``bonus_logits`` (the
     processed rows of the position after each request's drafts), only for the requests
@@ -146,7 +151,13 @@ def rejection_sample(
         report["nonfinite_rows"] = 0
     if backend == "auto":
         backend = "triton" if target_logits.is_cuda and triton_available() else "torch"
-    if bonus_token_ids is None and (draft_token_ids.shape[0] == 0 or backend == "triton"):
+        if backend == "triton" and cuda_graphs_enabled():
+            from atlas_rl.kernels.rejection_triton import graph_fits
+
+            if graph_fits(target_logits, max_spec_len, num_reqs):
+                backend = "triton-graph"
+    if bonus_token_ids is None and (draft_token_ids.shape[0] == 0
+                                    or backend.startswith("triton")):
         everyone = torch.arange(num_reqs, device=device)  # every request may need its bonus
         bonus_token_ids, bonus_lse, bad = draw_from_logits(bonus_logits, everyone,
                                                            recovery_uniform)
@@ -155,13 +166,17 @@ def rejection_sample(
     if draft_token_ids.shape[0] == 0:
         bonus = bonus_token_ids.reshape(-1).to(torch.int32)
         return _bonus_only(bonus, max_spec_len, bonus_logits if return_logprobs else None)
-    if backend == "triton":
-        from atlas_rl.kernels.rejection_triton import rejection_sample_triton
+    if backend.startswith("triton"):
+        from atlas_rl.kernels.rejection_triton import (
+            rejection_sample_triton,
+            rejection_sample_triton_graphed,
+        )
 
         if report is not None:
             report["nonfinite_rows"] = None
-
-        return rejection_sample_triton(draft_token_ids, num_draft_tokens, target_logits,
+        run = rejection_sample_triton_graphed if backend == "triton-graph" \
+            else rejection_sample_triton
+        return run(draft_token_ids, num_draft_tokens, target_logits,
                                        bonus_token_ids, uniform, recovery_uniform, max_spec_len,
                                        draft_probs, draft_ids, bonus_logits, return_logprobs)
 
@@ -208,8 +223,8 @@ def rejection_sample(
 
 def _check_inputs(draft_token_ids, num_draft_tokens, target_logits, draft_probs, draft_ids,
                   backend) -> None:
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"rejection_sample: backend must be 'auto', 'torch' or 'triton', "
+    if backend not in BACKENDS:
+        raise ValueError(f"rejection_sample: backend must be one of {', '.join(BACKENDS)}; "
                          f"got {backend!r}")
     n = draft_token_ids.shape[0]
     counted = sum(int(c) for c in num_draft_tokens)  # on the host: no device sync
@@ -361,6 +376,12 @@ def draw_from_logits(logits: torch.Tensor, rows: torch.Tensor,
     p = picked.sub_(lse[:, None]).exp_()
     # a row with no mass is NaN or -inf everywhere (counted): any token stands for it
     return _inverse_cdf(p, lambda empty: p[empty], u), lse, int((~torch.isfinite(lse)).sum())
+
+
+def cuda_graphs_enabled() -> bool:
+    """CUDA graphs for verification and drafting (`kernels.graphs`); off with
+    ``ATLAS_RL_CUDA_GRAPHS=0`` (then every call launches its kernels one by one)."""
+    return os.environ.get("ATLAS_RL_CUDA_GRAPHS", "1").strip().lower() not in ("0", "false", "off")
 
 
 def triton_available() -> bool:

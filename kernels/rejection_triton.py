@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from atlas_rl.kernels.graphs import GraphCache, bucket
 from atlas_rl.kernels.staging import to_device
 
 #: vocabulary chunk per program (and the granularity of the residual search)
@@ -352,29 +353,61 @@ def rejection_sample_triton(
     program (a power of 2; tests make it small to exercise the chunked search on small
     vocabularies). Returns ``out`` or ``(out, logprobs)``."""
     device = target_logits.device
-    n, vocab = target_logits.shape
     counts = [int(c) for c in num_draft_tokens]
-    num_reqs = len(counts)
+    # counts and first rows in one pinned, non-blocking host-to-device copy: it does not
+    # wait for the GPU (kernels/staging.py).
+    meta = to_device(_counts_and_starts(counts), torch.int32, device)
+    q_kind, q, ids = _q_layout(draft_probs, draft_ids)
+    bl = None
+    if return_logprobs:
+        bl = bonus_logits if bonus_logits.stride(-1) == 1 else bonus_logits.contiguous()
+    return _verify(meta, target_logits if target_logits.stride(-1) == 1
+                   else target_logits.contiguous(), draft_token_ids.contiguous(),
+                   bonus_token_ids.reshape(-1).contiguous(), uniform.contiguous(),
+                   recovery_uniform.contiguous(), q, ids, bl, max_spec_len=max_spec_len,
+                   q_kind=q_kind, chunk=_chunk(chunk, target_logits.shape[1]))
+
+
+def _counts_and_starts(counts: list[int]) -> list[int]:
+    starts = [0] * len(counts)
+    for b in range(1, len(counts)):
+        starts[b] = starts[b - 1] + counts[b - 1]
+    return counts + starts
+
+
+def _chunk(chunk: int | None, vocab: int) -> int:
     chunk = int(chunk or DEFAULT_CHUNK)
     if chunk & (chunk - 1):
         raise ValueError(f"rejection_sample_triton: chunk must be a power of 2, got {chunk}")
-    chunk = min(chunk, _pow2(vocab, 16))
+    return min(chunk, _pow2(vocab, 16))
+
+
+def _q_layout(draft_probs, draft_ids):
+    """(q kind, q, ids): 0 one-hot (q and ids unused), 1 sparse, 2 dense."""
+    if draft_probs is None:
+        return 0, None, None
+    if draft_ids is not None:
+        q, ids = draft_probs.contiguous(), draft_ids.contiguous()
+        if ids.shape != q.shape:
+            raise ValueError(f"draft_ids {tuple(draft_ids.shape)} and draft_probs "
+                             f"{tuple(draft_probs.shape)} must have the same shape")
+        return 1, q, ids
+    return 2, draft_probs.contiguous(), None
+
+
+def _verify(meta, logits, x, bonus, uniform, recovery_uniform, q, ids, bonus_logits, *,
+            max_spec_len: int, q_kind: int, chunk: int):
+    """The kernel launches, on device tensors only (no host value is read: a CUDA graph
+    can hold them; `rejection_sample_triton_graphed`). ``meta``: int32 [2B], the draft
+    counts then the first row of each request. Logprobs are returned iff
+    ``bonus_logits`` is given."""
+    device = logits.device
+    n, vocab = logits.shape
+    num_reqs = meta.shape[0] // 2
     num_chunks = triton.cdiv(vocab, chunk)
     chunks_pad = _pow2(num_chunks, 2)
     width = max_spec_len + 1
-
-    # counts and first rows in one pinned, non-blocking host-to-device copy: it does not
-    # wait for the GPU (kernels/staging.py).
-    starts = [0] * num_reqs
-    for b in range(1, num_reqs):
-        starts[b] = starts[b - 1] + counts[b - 1]
-    meta = to_device(counts + starts, torch.int32, device)
-
-    logits = target_logits if target_logits.stride(-1) == 1 else target_logits.contiguous()
-    x = draft_token_ids.contiguous()
-    bonus = bonus_token_ids.reshape(-1).contiguous()
-    uniform = uniform.contiguous()
-    recovery_uniform = recovery_uniform.contiguous()
+    return_logprobs = bonus_logits is not None
 
     out = torch.empty(num_reqs, width, dtype=torch.int32, device=device)
     logprobs = torch.empty(num_reqs, width, dtype=torch.float32, device=device) \
@@ -388,26 +421,19 @@ def rejection_sample_triton(
                                        num_chunks, CHUNK=chunk, num_warps=warps)
     bl, bmax, bsum, bstride = logits, stats_max, stats_sum, 0
     if return_logprobs:
-        bl = bonus_logits if bonus_logits.stride(-1) == 1 else bonus_logits.contiguous()
+        bl = bonus_logits
         bmax = torch.empty(num_reqs, num_chunks, dtype=torch.float32, device=device)
         bsum = torch.empty_like(bmax)
         _row_stats_kernel[(num_reqs, num_chunks)](bl, bmax, bsum, bl.stride(0), vocab,
                                                   num_chunks, CHUNK=chunk, num_warps=warps)
         bstride = bl.stride(0)
 
-    if draft_probs is None:
-        q_kind, q, ids, support, q_stride = 0, logits, x, 1, 0  # q, ids unused
-    elif draft_ids is not None:
-        q_kind, support = 1, draft_ids.shape[1]
-        q = draft_probs.contiguous()
-        ids = draft_ids.contiguous()
-        q_stride = q.stride(0)
-        if ids.stride(0) != q_stride:
-            raise ValueError(f"draft_ids {tuple(draft_ids.shape)} and draft_probs "
-                             f"{tuple(draft_probs.shape)} must have the same shape")
+    if q_kind == 0:
+        q, ids, support, q_stride = logits, x, 1, 0  # q, ids unused
+    elif q_kind == 1:
+        support, q_stride = ids.shape[1], q.stride(0)
     else:
-        q_kind, q, ids, support = 2, draft_probs.contiguous(), x, 1
-        q_stride = q.stride(0)
+        ids, support, q_stride = x, 1, q.stride(0)
     block_s = min(256, _pow2(support, 16))
     _accept_kernel[(num_reqs,)](
         out, logprobs, first, rej_lse, meta, x, logits, stats_max, stats_sum, bonus, bl, bmax,
@@ -436,3 +462,96 @@ def rejection_sample_triton(
         support, width, Q_KIND=q_kind, WITH_LOGPROBS=return_logprobs, CHUNK=chunk,
         CHUNKS_PAD=chunks_pad, BLOCK_S=block_r, num_warps=warps)
     return (out, logprobs) if return_logprobs else out
+
+
+# --- the same launches replayed as a CUDA graph ------------------------------------------
+
+#: graphs by bucket (batch padded to a power of 2, lookahead, vocabulary, q kind, dtypes)
+GRAPHS = GraphCache(max_graphs=48)
+#: above this many bytes of logits a call runs eagerly: its launches are then a small part
+#: of its time, and the copy into the graph's buffer would add a pass over the logits
+GRAPH_MAX_LOGIT_BYTES = 64 << 20
+
+
+def graph_fits(target_logits: torch.Tensor, max_spec_len: int, num_reqs: int) -> bool:
+    """Whether a call of this size replays a graph (`rejection_sample_triton_graphed`)."""
+    rows = bucket(num_reqs) * max(int(max_spec_len), 1)
+    return rows * target_logits.shape[-1] * target_logits.element_size() <= GRAPH_MAX_LOGIT_BYTES
+
+
+def rejection_sample_triton_graphed(
+    draft_token_ids: torch.Tensor,
+    num_draft_tokens,
+    target_logits: torch.Tensor,
+    bonus_token_ids: torch.Tensor,
+    uniform: torch.Tensor,
+    recovery_uniform: torch.Tensor,
+    max_spec_len: int,
+    draft_probs: torch.Tensor | None = None,
+    draft_ids: torch.Tensor | None = None,
+    bonus_logits: torch.Tensor | None = None,
+    return_logprobs: bool = False,
+    chunk: int | None = None,
+    cache: GraphCache | None = None,
+):
+    """`rejection_sample_triton` with its launches replayed as one CUDA graph per bucket:
+    the batch is padded to a power of 2 with requests of no drafts, the rows to bucket x
+    ``max_spec_len``; the inputs are copied into the graph's buffers (one pinned,
+    non-blocking copy for the counts), then one replay. Same tokens and logprobs as the
+    eager launches (the same kernels on the same values; padded rows are never read by
+    a real request). On the CPU the same buffers run eagerly (`graphs.StaticGraph`)."""
+    cache = GRAPHS if cache is None else cache
+    device = target_logits.device
+    counts = [int(c) for c in num_draft_tokens]
+    num_reqs, (n, vocab) = len(counts), target_logits.shape
+    padded = bucket(num_reqs)
+    rows = padded * max(int(max_spec_len), 1)
+    chunk = _chunk(chunk, vocab)
+    q_kind, q, ids = _q_layout(draft_probs, draft_ids)
+    width = ids.shape[1] if q_kind == 1 else vocab
+    with_lp = bool(return_logprobs)
+    key = ("verify", str(device), padded, int(max_spec_len), vocab, chunk, q_kind,
+           width if q_kind else 0, with_lp, target_logits.dtype, draft_token_ids.dtype,
+           bonus_token_ids.dtype, uniform.dtype, recovery_uniform.dtype,
+           None if q is None else q.dtype, None if ids is None else ids.dtype,
+           bonus_logits.dtype if with_lp else None)
+
+    def make_inputs() -> dict:
+        def z(shape, dtype):
+            return torch.zeros(shape, dtype=dtype, device=device)
+        bufs = {"meta": z(2 * padded, torch.int32), "logits": z((rows, vocab), target_logits.dtype),
+                "x": z(rows, draft_token_ids.dtype), "bonus": z(padded, bonus_token_ids.dtype),
+                "uniform": z(rows, uniform.dtype),
+                "recovery_uniform": z(padded, recovery_uniform.dtype)}
+        if q_kind:
+            bufs["q"] = z((rows, width), q.dtype)
+        if q_kind == 1:
+            bufs["ids"] = z((rows, width), ids.dtype)
+        if with_lp:
+            bufs["bonus_logits"] = z((padded, vocab), bonus_logits.dtype)
+        return bufs
+
+    def launch(meta, logits, x, bonus, uniform, recovery_uniform, q=None, ids=None,
+               bonus_logits=None):
+        return _verify(meta, logits, x, bonus, uniform, recovery_uniform, q, ids, bonus_logits,
+                       max_spec_len=max_spec_len, q_kind=q_kind, chunk=chunk)
+
+    graph = cache.get(key, make_inputs, launch, name=f"verify[{padded}x{max_spec_len}]")
+    bufs = graph.inputs
+    meta = torch.tensor(_counts_and_starts(counts + [0] * (padded - num_reqs)), dtype=torch.int32)
+    bufs["meta"].copy_(meta.pin_memory() if device.type == "cuda" else meta, non_blocking=True)
+    bufs["logits"][:n].copy_(target_logits)
+    bufs["x"][:n].copy_(draft_token_ids)
+    bufs["bonus"][:num_reqs].copy_(bonus_token_ids.reshape(-1))
+    bufs["uniform"][:n].copy_(uniform)
+    bufs["recovery_uniform"][:num_reqs].copy_(recovery_uniform)
+    if q_kind:
+        bufs["q"][:n].copy_(q)
+    if q_kind == 1:
+        bufs["ids"][:n].copy_(ids)
+    if with_lp:
+        bufs["bonus_logits"][:num_reqs].copy_(bonus_logits)
+    out = graph()
+    if with_lp:
+        return out[0][:num_reqs], out[1][:num_reqs]
+    return out[:num_reqs]

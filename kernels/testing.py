@@ -77,14 +77,26 @@ def logprob_tolerance(vocab: int, lse: torch.Tensor, logit: torch.Tensor) -> tor
     return 4 * u * (2 + 2 * math.log2(vocab) + lse.abs() + logit.abs())
 
 
-def compare_backends(case: dict, chunk: int | None = None) -> dict:
+def compare_backends(case: dict, chunk: int | None = None, graphed: bool = False) -> dict:
     """Run torch and Triton on the same case (N > 0 draft tokens); tokens must be
-    identical, logprobs within `logprob_tolerance`."""
-    from atlas_rl.kernels.rejection_triton import rejection_sample_triton
+    identical, logprobs within `logprob_tolerance`. ``graphed``: the Triton launches
+    replayed as a CUDA graph too (`rejection_triton.rejection_sample_triton_graphed`; on
+    the CPU its padded static buffers, run eagerly), which must return exactly what the
+    eager launches return (``graph_equal``)."""
+    from atlas_rl.kernels.rejection_triton import (
+        rejection_sample_triton,
+        rejection_sample_triton_graphed,
+    )
 
     ref, ref_lp = rejection_sample(**case, backend="torch", return_logprobs=True,
                                    recovery_dtype=torch.float64)  # the Triton path's precision
     tri, tri_lp = rejection_sample_triton(**case, return_logprobs=True, chunk=chunk)
+    graph_equal = None
+    if graphed:
+        g_out, g_lp = rejection_sample_triton_graphed(**case, return_logprobs=True, chunk=chunk)
+        g_one = rejection_sample_triton_graphed(**case, chunk=chunk)  # the variant without
+        graph_equal = bool(torch.equal(g_out, tri) and torch.equal(g_lp, tri_lp)
+                           and torch.equal(g_one, tri))
     logits, device = case["target_logits"], ref.device
     counts = torch.tensor(case["num_draft_tokens"], device=device)
     tokens = ref.long().clamp(min=0)
@@ -105,5 +117,5 @@ def compare_backends(case: dict, chunk: int | None = None) -> dict:
             "logprob_within_tolerance": bool((err <= tol)[valid].all()),
             "logprob_tolerance_min": float(tol[valid].min()) if valid.any() else 0.0,
             "placeholders_match": bool(torch.equal(ref == -1, tri == -1)),
-            "accepted": accepted, "recovered": recovered,
+            "accepted": accepted, "recovered": recovered, "graph_equal": graph_equal,
             "bonus": int((out_len - 1 == counts).sum())}

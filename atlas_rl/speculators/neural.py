@@ -43,6 +43,8 @@ from typing import Sequence
 import torch
 
 from atlas_rl.kernels.gemm import PackedLinear
+from atlas_rl.kernels.graphs import GraphCache, bucket
+from atlas_rl.kernels.rejection import cuda_graphs_enabled
 from atlas_rl.kernels.sampling import inverse_cdf
 from atlas_rl.kernels.staging import to_device
 from atlas_rl.machine import cpu_has_native_bf16
@@ -117,6 +119,11 @@ class NeuralSpeculator(HiddenStateSpeculator):
         self.seed = int(seed)
         self._generator = torch.Generator().manual_seed(seed)
         self._device_generator: torch.Generator | None = None  # sampling drafts on CUDA
+        # the drafting loop as a CUDA graph per batch bucket: None = on CUDA (True on the
+        # CPU runs the same static buffers eagerly: what the CPU tests check)
+        self.graphs: bool | None = None
+        self._graphs = GraphCache(max_graphs=32)
+        self._graph_tag = None  # the weights the cached graphs read
         self._last: dict[object, tuple[torch.Tensor, int]] = {}  # key -> (h, last token)
         self._streams: dict[object, CapturedStream] = {}
         self._done: list[CapturedStream] = []  # finished streams waiting for learn()
@@ -302,44 +309,108 @@ class NeuralSpeculator(HiddenStateSpeculator):
         rows = [i for i, (k, n) in enumerate(zip(keys, max_lengths)) if n > 0 and k in self._last]
         if not rows:
             return drafts
-        self._sub_head()
-        head_t, vocab = self._head_sub_t, self._vocab_dev
-        device, dtype = head_t.device, head_t.dtype
-        weights, eps = self.net.inference_weights(dtype), self.net.eps
-        # Per-request bookkeeping stays in Python lists; what the device needs goes over
-        # in non-blocking copies, so nothing below waits for it until the results.
-        h = to_device(torch.stack([self._last[keys[i]][0] for i in rows]), None, device).to(dtype)
-        tok = to_device([self._last[keys[i]][1] for i in rows], torch.long, device)
         lens = [max_lengths[i] for i in rows]
         flags = [bool(sample[i]) if sample is not None else False for i in rows]
-        any_sample = any(flags)
-        if any_sample:
-            do_sample = to_device(flags, torch.bool, device)
-            generator = self._sampling_generator(device)
-        toks, confs, qs = [], [], []
-        for _ in range(max(lens)):
-            y = DrafterNet.draft_step(weights, h, self._embed.index_select(0, tok).to(dtype), eps)
-            q = torch.softmax(self.head_logits(y).float(), dim=-1)
-            idx = q.argmax(-1)
-            if any_sample:
-                u = torch.rand(len(rows), generator=generator, device=device)
-                idx = torch.where(do_sample, inverse_cdf(q, u, torch.float32), idx)
-            toks.append(idx)
-            confs.append(q.gather(1, idx[:, None]).squeeze(1))
-            qs.append(q)
-            h, tok = y, vocab[idx]
+        ids, confs, qs = self.draft_tensors([self._last[keys[i]][0] for i in rows],
+                                            [self._last[keys[i]][1] for i in rows],
+                                            max(lens), flags)
         # The one wait for the device: a single copy of tokens and confidences (ids are
         # exact in float64), because the Draft contract is Python lists.
-        host = torch.stack((vocab[torch.stack(toks, 1)].double(),
-                            torch.stack(confs, 1).double())).cpu()
+        host = torch.stack((ids.double(), confs.double())).cpu()
         toks, confs = host[0].long().tolist(), host[1].tolist()
-        qs = torch.stack(qs, 1)  # [rows, steps, |S|]
+        vocab = self._vocab_dev
         for j, i in enumerate(rows):
             n = lens[j]
             drafts[i] = Draft(toks[j][:n], confs[j][:n],
                               q_ids=vocab.expand(n, -1) if flags[j] else None,
                               q=qs[j, :n] if flags[j] else None)
         return drafts
+
+    def draft_rows(self, keys, steps: int, sample: Sequence[bool]):
+        """`draft_tensors` for requests ``keys`` from their captured last hidden state and
+        token, or None where one of them has none (or no draft vocabulary is chosen)."""
+        if not self.ready or any(k not in self._last for k in keys):
+            return None
+        last = [self._last[k] for k in keys]
+        return self.draft_tensors([h for h, _ in last], [t for _, t in last], steps, sample)
+
+    @torch.inference_mode()
+    def draft_tensors(self, hidden, tokens, steps: int, sample: Sequence[bool]):
+        """Draft ``steps`` tokens for each row, on the device, without waiting for it:
+        ``hidden`` the last hidden state of each request (a list of [d] rows or a [n, d]
+        tensor, any device), ``tokens`` the token sampled from it (ints or a tensor),
+        ``sample``: per row, draw from q (else its argmax). Returns (token ids [n, steps]
+        int64, their q probability [n, steps] float32, q [n, steps, |draft vocab|]
+        float32), on the drafter's device. On CUDA the drafting loop replays as a CUDA graph
+        per batch bucket (`kernels.graphs`; off with ``ATLAS_RL_CUDA_GRAPHS=0``)."""
+        self._sub_head()
+        head_t = self._head_sub_t
+        device, dtype = head_t.device, head_t.dtype
+        weights, eps = self.net.inference_weights(dtype), self.net.eps
+        n = len(sample)
+        h = hidden if isinstance(hidden, torch.Tensor) else torch.stack(list(hidden))
+        # Per-request bookkeeping stays in Python lists; what the device needs goes over
+        # in non-blocking copies, so nothing here waits for it.
+        h = to_device(h, None, device)
+        tok = tokens if isinstance(tokens, torch.Tensor) else to_device(list(tokens), torch.long,
+                                                                        device)
+        sampling = any(sample)
+        generator = self._sampling_generator(device) if sampling else None
+        graphs = self.graphs if self.graphs is not None else device.type == "cuda"
+        if graphs and cuda_graphs_enabled():
+            return self._draft_graphed(weights, eps, h, tok, steps, sample, generator)
+        u = torch.rand(n, steps, generator=generator, device=device) if sampling else None
+        do_sample = to_device(list(sample), torch.bool, device) if sampling else None
+        return self._draft_loop(weights, eps, steps, h.to(dtype), tok, do_sample, u)
+
+    def _draft_loop(self, weights, eps: float, steps: int, h, tok, do_sample, u):
+        """The drafting loop on device tensors only (a CUDA graph can hold it)."""
+        vocab, dtype = self._vocab_dev, h.dtype
+        toks, confs, qs = [], [], []
+        for j in range(steps):
+            y = DrafterNet.draft_step(weights, h, self._embed.index_select(0, tok).to(dtype), eps)
+            q = torch.softmax(self.head_logits(y).float(), dim=-1)
+            idx = q.argmax(-1)
+            if u is not None:
+                idx = torch.where(do_sample, inverse_cdf(q, u[:, j], torch.float32), idx)
+            toks.append(idx)
+            confs.append(q.gather(1, idx[:, None]).squeeze(1))
+            qs.append(q)
+            h, tok = y, vocab[idx]
+        return vocab[torch.stack(toks, 1)], torch.stack(confs, 1), torch.stack(qs, 1)
+
+    def _draft_graphed(self, weights, eps, h, tok, steps, sample, generator):
+        """`_draft_loop` replayed from a CUDA graph of this batch's bucket. A graph holds the
+        weights' addresses: new weights (an update, a new draft vocabulary, a new policy
+        embedding) drop the cached graphs first."""
+        n, dtype = len(sample), self._head_sub_t.dtype
+        tag = (id(weights), id(self._head_linear), id(self._vocab_dev), self._embed.data_ptr())
+        if self._graph_tag != tag:
+            self._graphs.clear()
+            self._graph_tag = tag
+        padded, sampling = bucket(n), generator is not None
+        device = h.device
+
+        def make_inputs():
+            return {"h": torch.zeros(padded, h.shape[-1], dtype=dtype, device=device),
+                    "tok": torch.zeros(padded, dtype=torch.long, device=device),
+                    "do_sample": torch.zeros(padded, dtype=torch.bool, device=device),
+                    "u": torch.zeros(padded, steps, device=device)}
+
+        def loop(h, tok, do_sample, u):
+            return self._draft_loop(weights, eps, steps, h, tok, do_sample,
+                                    u if sampling else None)
+
+        graph = self._graphs.get((padded, steps, sampling, dtype), make_inputs, loop,
+                                 name=f"draft[{padded}x{steps}]")
+        bufs = graph.inputs
+        bufs["h"][:n].copy_(h)
+        bufs["tok"][:n].copy_(tok)
+        if sampling:
+            bufs["do_sample"][:n].copy_(to_device(list(sample), torch.bool, device))
+            torch.rand(n, steps, generator=generator, device=device, out=bufs["u"][:n])
+        ids, confs, qs = graph()
+        return ids[:n], confs[:n], qs[:n]
 
     # --- learning ---------------------------------------------------------------------
 

@@ -27,5 +27,5 @@ for kind in ("one-hot", "sparse", "dense"):
         if name == "multi-chunk":  # a padded draft token, and a top-k-like -inf cut
             case["draft_token_ids"][2] = -1
             case["target_logits"][:, 100:180] = float("-inf")
-        results[f"{kind}/{name}"] = compare_backends(case, chunk=chunk)
+        results[f"{kind}/{name}"] = compare_backends(case, chunk=chunk, graphed=True)
 print(json.dumps(results))

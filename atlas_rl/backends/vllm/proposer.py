@@ -43,6 +43,7 @@ import torch
 from atlas_rl.backends.vllm import hooks
 from atlas_rl.controller import AtlasController, StepPlan
 from atlas_rl.kernels.rejection import pack_sparse_q
+from atlas_rl.kernels.staging import to_device
 from atlas_rl.metrics import SpecCounters
 from atlas_rl.speculators.base import (
     EMPTY_DRAFT,
@@ -220,6 +221,10 @@ class AtlasProposer:
         self._context: StepContext | None = None
         self._step_end: float | None = None
         self._handed: tuple[int, list[tuple[int, Draft]]] | None = None  # distribution step
+        # Draft on the device and hand vLLM a device tensor (`_draft_on_device`): None =
+        # where the policy's hidden states are on an accelerator; True/False to force it.
+        self.device_drafts: bool | None = None
+        self._device_drafts: tuple | None = None  # the last device-path step's drafts
         self._error_logged = False
         self.weight_syncs = 0  # policy weight updates seen (a server's weight transfer)
         self._asleep: dict[str, tuple] = {}  # drafter states kept over a level-2 sleep
@@ -379,17 +384,23 @@ class AtlasProposer:
         try:
             if not self.speculators or ctx is None or len(ctx.req_ids) != num_reqs:
                 return [[] for _ in range(num_reqs)]
+            self._take_device_drafts()
             live = self._record_acceptance(ctx, sampled_token_ids, num_tokens_no_spec,
                                            token_ids_cpu)
             self._capture_hidden_states(ctx, live, num_tokens_no_spec)
             plan = self.controller.plan_step(len(live.keys))
             self.counters.record_batch(len(live.keys), plan.lookahead > 0)
+            if self._device_path(ctx):
+                handed = self._draft_on_device(plan, live, num_reqs)
+                if handed is not None:
+                    return handed
             drafts = self._draft(plan, live)
             return self._hand_over(num_reqs, live, drafts)
         except Exception as e:  # noqa: BLE001 (a failing speculator must not kill a rollout)
             self.speculator_failed(None, e)
             self._pending.clear()
             self._handed = None
+            self._device_drafts = None
             return [[] for _ in range(num_reqs)]
         finally:
             end = time.perf_counter()
@@ -449,8 +460,11 @@ class AtlasProposer:
         offsets = sampled_offsets(ctx) if readers else None
         if offsets is None:
             return
-        hidden = ctx.hidden.detach().to("cpu", torch.float32, copy=True)  # vLLM reuses it
-        aux = None if ctx.aux is None else ctx.aux.detach().to("cpu", torch.float32, copy=True)
+        # vLLM reuses the buffer: one copy per step, where it is (on a GPU it stays there:
+        # a copy to the host would wait for the step's forward)
+        where = ctx.hidden.device if self._device_path(ctx) else "cpu"
+        hidden = ctx.hidden.detach().to(where, torch.float32, copy=True)
+        aux = None if ctx.aux is None else ctx.aux.detach().to(where, torch.float32, copy=True)
         first = [int(num_tokens_no_spec[row]) - len(sampled) - 1
                  for row, sampled in zip(live.rows, live.sampled)]
         starts = [int(offsets[row]) for row in live.rows]
@@ -489,6 +503,83 @@ class AtlasProposer:
         self.counters.draft_seconds += time.perf_counter() - start
         return drafts
 
+    # --- 5'. drafting on the device (a GPU) ----------------------------------------------
+
+    def _device_path(self, ctx: StepContext | None) -> bool:
+        """Whether this step drafts on the device: ``device_drafts`` True, or None (the
+        default) with the policy's hidden states on an accelerator."""
+        if self.device_drafts is not None:
+            return bool(self.device_drafts)
+        return ctx is not None and ctx.hidden is not None and ctx.hidden.device.type != "cpu"
+
+    def _draft_on_device(self, plan: StepPlan, live: LiveRequests, num_reqs: int):
+        """Draft for every request of the step on the device and hand vLLM the draft
+        tokens as a [num_reqs, k] device tensor (its runner copies it to the host without
+        waiting, as for its own EAGLE drafters): nothing in this step reads the device.
+        The tokens and confidences go to pinned host memory in one non-blocking copy that
+        the next step reads (`_take_device_drafts`: by then the forward that verified
+        them has run), for acceptance counts, the controller's calibration and feedback.
+
+        Taken when the plan drafts with one speculator that drafts on the device
+        (`NeuralSpeculator.draft_rows`), every request of the batch sampled a token and
+        has room for k more; otherwise (None) the step drafts on the host path. Every
+        request gets the step's lookahead k: the per-request goodput cut needs the
+        confidences on the host, which is the wait this path avoids; the controller still
+        sets k and the speculator per step from what it measured."""
+        if plan.lookahead == 0 or len(plan.speculators) != 1 or len(live.keys) != num_reqs:
+            return None
+        name = plan.speculators[0]
+        spec = self.speculators[name]
+        if not hasattr(spec, "draft_rows"):
+            return None
+        k = min(plan.lookaheads.get(name, plan.lookahead), self.num_speculative_tokens)
+        if k <= 0 or any(len(c) + k + 1 > self.max_model_len for c in live.contexts):
+            return None
+        sample = [bool(x) for x in plan.sample.get(name, [False] * num_reqs)]
+        start = time.perf_counter()
+        try:
+            drafted = spec.draft_rows(live.keys, k, sample)
+        except Exception as e:  # noqa: BLE001 (no drafts this step; the host path is exact)
+            self.speculator_failed(spec, e)
+            return None
+        if drafted is None:
+            return None
+        ids, confs, qs = drafted
+        host = torch.empty((2, num_reqs, k), dtype=torch.float64,
+                           pin_memory=ids.is_cuda)  # ids are exact in float64
+        host.copy_(torch.stack((ids.double(), confs.double())), non_blocking=True)
+        event = None
+        if ids.is_cuda:
+            event = torch.cuda.Event()
+            event.record()
+        self._device_drafts = (list(live.keys), host, event, name, sample, ids, qs)
+        if any(sample):
+            self._handed = (num_reqs, ("device", ids, qs, sample, spec._vocab_dev))
+        seconds = time.perf_counter() - start
+        self.controller.record_draft_time(name, seconds, k)
+        self.counters.draft_seconds += seconds
+        self.counters.request_steps += num_reqs
+        for _ in range(num_reqs):
+            self.counters.record_lookahead(k)
+        return ids
+
+    def _take_device_drafts(self) -> None:
+        """The last step's device drafts become `Draft`s of the requests they were handed
+        to (their host copy is complete by now: the step that verified them ran after it)."""
+        last, self._device_drafts = self._device_drafts, None
+        if last is None:
+            return
+        keys, host, event, name, sample, ids, qs = last
+        if event is not None:
+            event.synchronize()
+        toks, confs = host[0].long().tolist(), host[1].tolist()
+        vocab = getattr(self.speculators.get(name), "_vocab_dev", None)
+        for j, key in enumerate(keys):
+            dist = sample[j] and vocab is not None
+            self._pending[key] = Draft(toks[j], confs[j], source=name,
+                                       q_ids=vocab.expand(len(toks[j]), -1) if dist else None,
+                                       q=qs[j] if dist else None)
+
     # --- 6. hand-over ----------------------------------------------------------------
 
     def _hand_over(self, num_reqs: int, live: LiveRequests, drafts: list[Draft]) -> list[list[int]]:
@@ -515,6 +606,8 @@ class AtlasProposer:
         if last is None:
             return None
         num_reqs, handed = last
+        if isinstance(handed, tuple):  # the device path: every request, k tokens each
+            return self._device_sparse_q(*handed[1:])
         k = max(len(d) for _, d in handed)
         width = max(d.q_ids.shape[-1] for _, d in handed if d.is_distribution)
         ids = torch.zeros(num_reqs, k, width, dtype=torch.long)
@@ -529,6 +622,22 @@ class AtlasProposer:
                 ids[row, :n, 0] = torch.tensor(draft.tokens)
                 q[row, :n, 0] = 1.0
         return ids, q
+
+    @staticmethod
+    def _device_sparse_q(ids: torch.Tensor, qs: torch.Tensor, sample: list[bool],
+                         vocab: torch.Tensor):
+        """(ids, q) [num_reqs, k, S] of a device-path step, where its tokens are: a sampled
+        row's q on the draft vocabulary; an argmax row's q is one-hot on its token (its
+        token was not drawn from q: verified as one-hot, exact)."""
+        num_reqs, k, width = qs.shape
+        support = vocab.view(1, 1, -1).expand(num_reqs, k, width)
+        if all(sample):
+            return support, qs
+        flag = to_device(sample, torch.bool, qs.device).view(-1, 1, 1)
+        onehot_ids = torch.zeros_like(support).copy_(ids.unsqueeze(-1))  # x everywhere
+        onehot_q = torch.zeros_like(qs)
+        onehot_q[..., 0] = 1.0  # q = 1 on x (the repeats of x have q = 0)
+        return torch.where(flag, support, onehot_ids), torch.where(flag, qs, onehot_q)
 
     def take_last_draft_probs(self):
         """[num_reqs, k, vocab] draft distributions of the last proposal, or None when
