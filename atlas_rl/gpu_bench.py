@@ -6,11 +6,15 @@ into ``DIR/gpu-check.json`` and rewrites ``DIR/gpu-check.md`` from the whole fil
 run that is cut short still leaves everything measured until then.
 
 - ``env``: the machine, and the HBM bandwidth of a device-to-device copy (the limit).
-- ``verify``: verification (`kernels.rejection.rejection_sample`), Triton vs the torch
-  reference, batch x lookahead x vocabulary x draft-q kind; time per step, achieved
-  bandwidth against reading the logits once, and whether both gave the same tokens.
+- ``verify``: verification (`kernels.rejection.rejection_sample`), Triton (launched one by
+  one, and replayed as a CUDA graph where the logits fit) vs the torch reference, batch x
+  lookahead x vocabulary x draft-q kind; time per step, achieved bandwidth against
+  reading the logits once, and whether all gave the same tokens.
 - ``drafter``: `NeuralSpeculator.propose` per step (and the device time of one draft
-  position) at batch 1-256, host syncs per call, an online training step in bf16.
+  position) at batch 1-256, its drafting loop launched op by op and replayed as a CUDA
+  graph, host syncs per call, an online training step in bf16.
+- ``proposer``: `AtlasProposer.propose` per engine step driven as vLLM's runner drives it
+  (`backends.vllm.harness`), the host path against the device path, host syncs per call.
 - ``step``: the policy's step cost, a transformers forward with a static KV cache of
   Qwen2.5-0.5B- and 1.5B-shaped models (random weights from a config: no download) at
   batch 1-256 and 1-9 tokens per sequence, eager and replayed as a CUDA graph.
@@ -34,6 +38,7 @@ import sys
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,7 +68,8 @@ QWEN_COMMON = dict(vocab_size=151936, max_position_embeddings=32768, rope_theta=
 FULL = dict(
     verify_batches=(1, 8, 64, 256), lookaheads=(1, 2, 4, 8), vocabs=(49152, 151936),
     q_kinds=("one-hot", "sparse"), support=4096, chunk=None,
-    draft_batches=(1, 2, 4, 8, 16, 32, 64, 128, 256), draft_lookaheads=(1, 4),
+    draft_batches=(1, 2, 4, 8, 16, 32, 64, 128, 256), draft_lookaheads=(1, 3, 4),
+    proposer_batches=(1, 2, 4, 8, 16, 64), proposer_lookahead=3,
     draft_vocab=4096, train_rows=4096,
     models={k: {**QWEN_COMMON, **v} for k, v in QWEN_SHAPES.items()},
     step_batches=(1, 2, 4, 8, 16, 32, 64, 128, 256), step_tokens=tuple(range(1, 10)),
@@ -73,6 +79,7 @@ SMOKE = dict(
     verify_batches=(3,), lookaheads=(1, 2), vocabs=(500,), q_kinds=("one-hot", "sparse"),
     support=16, chunk=128,
     draft_batches=(1, 4), draft_lookaheads=(1, 2), draft_vocab=64, train_rows=64,
+    proposer_batches=(1, 3), proposer_lookahead=2,
     models={"tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, vocab_size=500,
                          tie_word_embeddings=True)},
@@ -181,14 +188,20 @@ def stage_verify(cfg, device, deadline, peak_bytes_per_s, save=_no_save) -> dict
                         return {"rows": rows, "cut_short": True}
                     rows.append(_verify_one(cfg, device, vocab, kind, batch, k, peak_bytes_per_s))
                     save({"rows": rows})
+                    r = rows[-1]
                     print(f"  verify V={vocab} {kind} {batch}x{k}: triton "
-                          f"{rows[-1]['triton_us']:.1f} us, torch {rows[-1]['torch_us']:.1f} us, "
-                          f"identical={rows[-1]['identical']}", flush=True)
+                          f"{r['triton_us']:.1f} us, graph {r['graph_us'] or 0:.1f} us, torch "
+                          f"{r['torch_us']:.1f} us, identical={r['identical']}/"
+                          f"{r['graph_identical']}", flush=True)
     return {"rows": rows, "cut_short": False}
 
 
 def _verify_one(cfg, device, vocab, kind, batch, k, peak_bytes_per_s) -> dict:
-    from atlas_rl.kernels.rejection_triton import rejection_sample_triton
+    from atlas_rl.kernels.rejection_triton import (
+        graph_fits,
+        rejection_sample_triton,
+        rejection_sample_triton_graphed,
+    )
 
     case = verification_case(kind, [k] * batch, vocab, support=cfg["support"], device=device,
                              seed=batch * 31 + k)
@@ -206,12 +219,24 @@ def _verify_one(cfg, device, vocab, kind, batch, k, peak_bytes_per_s) -> dict:
     def torch_call(r):
         return rejection_sample(**base, target_logits=buffers[r % copies], backend="torch")
 
+    def graph_call(r):
+        return rejection_sample_triton_graphed(**base, target_logits=buffers[r % copies],
+                                               chunk=cfg["chunk"])
+
     tri = time_call(triton_call, device)
     ref = time_call(torch_call, device, max_reps=20)
-    check = compare_backends(case, chunk=cfg["chunk"])  # the same tokens, on the timed inputs
+    fits = graph_fits(case["target_logits"], k, batch)
+    graph = time_call(graph_call, device) if fits else None
+    # the same tokens, on the timed inputs (and the graph's the eager launches')
+    check = compare_backends(case, chunk=cfg["chunk"], graphed=fits)
     limit_s = logit_bytes / peak_bytes_per_s
+    best_s = min(tri["device_s"], graph["device_s"]) if graph else tri["device_s"]
     return {"vocab": vocab, "q": kind, "batch": batch, "lookahead": k,
             "triton_us": tri["device_s"] * 1e6, "triton_wall_us": tri["wall_s"] * 1e6,
+            "graph_us": graph["device_s"] * 1e6 if graph else None,
+            "graph_wall_us": graph["wall_s"] * 1e6 if graph else None,
+            "graph_identical": check["graph_equal"], "best_us": best_s * 1e6,
+            "best_fraction_of_limit": limit_s / best_s,
             "torch_us": ref["device_s"] * 1e6, "torch_wall_us": ref["wall_s"] * 1e6,
             "speedup_vs_torch": ref["device_s"] / tri["device_s"],
             "logits_mb": logit_bytes / 1e6, "read_once_limit_us": limit_s * 1e6,
@@ -248,9 +273,13 @@ def stage_drafter(cfg, device, deadline, save=_no_save) -> dict:
                 spec.capture(key, hidden[i:i + 1], [i % vocab], 0)
             row = {"batch": batch}
             for k in cfg["draft_lookaheads"]:
-                t = time_call(lambda r, k=k, keys=keys, spec=spec: spec.propose(
-                    keys, [[0]] * len(keys), [k] * len(keys)), device, budget_s=0.1)
-                row[f"propose_k{k}_ms"] = t["wall_s"] * 1e3
+                # before: the drafting loop's launches one by one; after: a CUDA graph
+                for graphs, label in ((False, "propose"), (True, "propose_graph")):
+                    spec.graphs = graphs
+                    t = time_call(lambda r, k=k, keys=keys, spec=spec: spec.propose(
+                        keys, [[0]] * len(keys), [k] * len(keys)), device, budget_s=0.1)
+                    row[f"{label}_k{k}_ms"] = t["wall_s"] * 1e3
+                spec.graphs = None
             # the device work of one draft position, without the Python around it
             head_t = spec._head_sub_t
             ddt = head_t.dtype  # the drafting dtype (bf16 on a CPU with bf16 units too)
@@ -266,12 +295,83 @@ def stage_drafter(cfg, device, deadline, save=_no_save) -> dict:
             row["draft_position_device_ms"] = t["device_s"] * 1e3
             rows.append(row)
             save(result)
-            print(f"  drafter {name} batch {batch}: propose k=1 {row['propose_k1_ms']:.3f} ms",
-                  flush=True)
+            print(f"  drafter {name} batch {batch}: propose k=1 {row['propose_k1_ms']:.3f} ms, "
+                  f"graphed {row['propose_graph_k1_ms']:.3f} ms", flush=True)
         result["models"][name] = {"hidden_size": d, "rows": rows,
                                   "host_syncs_per_propose": _count_syncs(spec, device),
                                   "training": _train_step(spec, device, d, cfg)}
     return result
+
+
+def stage_proposer(cfg, device, deadline, save=_no_save) -> dict:
+    """`AtlasProposer.propose` per engine step as vLLM's runner calls it, without vLLM
+    (`backends.vllm.harness`; random hidden states, so acceptance means nothing here),
+    the neural drafter at lookahead ``proposer_lookahead``: before, the host path (the
+    step's hidden states copied to the host, drafting launched op by op, drafts read back,
+    lists handed over) and after, the device path (hidden states stay on the device, the
+    drafting loop one CUDA graph, a device tensor handed over, read back by the next
+    step). Wall time of the call with its device work waited for, host syncs per call."""
+    from atlas_rl.backends.vllm.harness import ProposerHarness
+    from atlas_rl.speculators import NeuralSpeculator
+
+    name, shape = next(iter(cfg["models"].items()))
+    d, vocab, k = shape["hidden_size"], shape["vocab_size"], cfg["proposer_lookahead"]
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    gen = torch.Generator(device).manual_seed(0)
+    embed = (torch.randn(vocab, d, generator=gen, device=device) * d ** -0.5).to(dtype)
+    counts = torch.rand(vocab, generator=torch.Generator().manual_seed(0))
+    rows = []
+    result = {"model": name, "hidden_size": d, "vocab": vocab, "lookahead": k,
+              "dtype": str(dtype), "rows": rows}
+    for batch in cfg["proposer_batches"]:
+        if deadline.left() < 8:
+            result["cut_short"] = True
+            break
+        row = {"batch": batch, "lookahead": k}
+        for label, device_drafts, graphs in (("host", False, False), ("device", True, True)):
+            spec = NeuralSpeculator(draft_vocab_size=cfg["draft_vocab"], frozen=True)
+            spec.attach_target(embed, embed)
+            spec.set_vocab_from_counts(counts)
+            spec.graphs = graphs
+            h = ProposerHarness(spec, batch, k, d, vocab, device=device,
+                                device_drafts=device_drafts)
+            for _ in range(TIMING["warmup"] + 1):  # the first drafting step captures
+                h.step()
+            times, t_end = [], time.monotonic() + (0.3 if device.type == "cuda" else 0.05)
+            while len(times) < max(TIMING["min_reps"], 5) or time.monotonic() < t_end:
+                times.append(h.step())
+                if len(times) >= 200:
+                    break
+            caught: list[str] = []
+            h.step(around=lambda caught=caught: _sync_warnings(caught, device))
+            row[f"{label}_ms"] = statistics.median(times) * 1e3
+            row[f"{label}_syncs"] = len(caught) if device.type == "cuda" else None
+            row[f"{label}_sync_calls"] = caught[:4]
+            row[f"{label}_handed"] = type(h.handed).__name__
+            row[f"{label}_errors"] = h.proposer.counters.speculator_errors
+        rows.append(row)
+        save(result)
+        print(f"  proposer batch {batch} k={k}: host path {row['host_ms']:.3f} ms "
+              f"({row['host_syncs']} syncs), device path {row['device_ms']:.3f} ms "
+              f"({row['device_syncs']} syncs)", flush=True)
+    return result
+
+
+@contextmanager
+def _sync_warnings(caught: list, device):
+    """Collect the synchronising CUDA calls made inside (torch's sync debug mode)."""
+    if device.type != "cuda":
+        yield
+        return
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    caught.extend(str(w.message).splitlines()[0][:200] for w in seen
+                  if "synchroniz" in str(w.message).lower())
 
 
 def _count_syncs(spec, device) -> list[str] | None:
@@ -468,7 +568,8 @@ def _save(out_dir: Path, report: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stage", required=True,
-                    choices=["env", "verify", "drafter", "step", "compile", "project", "report"])
+                    choices=["env", "verify", "drafter", "proposer", "step", "compile", "project",
+                             "report"])
     ap.add_argument("--out", required=True, help="folder for gpu-check.json / gpu-check.md")
     ap.add_argument("--budget-s", type=float, default=120, help="soft time budget of the stage")
     ap.add_argument("--cpu-smoke", action="store_true", help="toy sizes on the CPU")
@@ -508,6 +609,8 @@ def main(argv=None) -> int:
             result = stage_verify(cfg, device, deadline, peak * 1e9, save)
         elif args.stage == "drafter":
             result = stage_drafter(cfg, device, deadline, save)
+        elif args.stage == "proposer":
+            result = stage_proposer(cfg, device, deadline, save)
         elif args.stage == "step":
             result = stage_step(cfg, device, deadline, save=save)
         elif args.stage == "compile":

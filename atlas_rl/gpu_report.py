@@ -14,6 +14,8 @@ from atlas_rl.metrics import fmt
 TARGET_ACCEPTANCE_LENGTH, TARGET_LOOKAHEAD = 2.6, 3
 CPU_BENCH = (Path(__file__).resolve().parent.parent / "docs" / "bench"
              / "drift-smollm2-135m-cpu.json")
+DRAFTER_OF_RECORD_REPORT = (Path(__file__).resolve().parent / "assets" / "speculators"
+                            / "smollm2-135m-instruct" / "eagle3_train_report.json")
 
 
 def _interp(x: float, xs, ys) -> float:
@@ -31,6 +33,26 @@ def _interp(x: float, xs, ys) -> float:
     return pts[-1][1]
 
 
+def drafter_of_record_acceptance(lookahead: int = TARGET_LOOKAHEAD) -> dict | None:
+    """The bundled drafter of record's measured acceptance (its distillation's held-out
+    rollouts, distribution drafts at T = 1; `eagle3_train_report.json`): per-position
+    acceptance a_i gives tau(L) = 1 + a_1 + a_1 a_2 + ... over L positions."""
+    try:
+        report = json.loads(DRAFTER_OF_RECORD_REPORT.read_text())
+        per_position = report["heldout_final"]["distribution"]
+    except (OSError, KeyError, ValueError):
+        return None
+    lookahead = min(lookahead, len(per_position))
+    tau, run = 1.0, 1.0
+    for a in per_position[:lookahead]:
+        run *= a
+        tau += run
+    return {"name": f"drafter of record (held-out) at lookahead {lookahead}",
+            "acceptance_length": tau, "lookahead": lookahead, "drafter": True,
+            "per_position": per_position[:lookahead],
+            "trained_tokens": report.get("train_tokens")}
+
+
 def acceptance_sources(bench_path: Path) -> list[dict]:
     """Acceptance lengths to project with: the CPU benchmark of record (vLLM on
     SmolLM2-135M, temperature 1; the tail regime, a few sequences), and the drafter
@@ -46,6 +68,9 @@ def acceptance_sources(bench_path: Path) -> list[dict]:
                                 "drafter": method.startswith("atlas")})
     except (OSError, KeyError, ValueError) as e:
         sources.append({"name": f"CPU bench unreadable: {e}", "acceptance_length": None})
+    record = drafter_of_record_acceptance()
+    if record is not None:
+        sources.append(record)
     sources.append({"name": f"target (drafter issue) at lookahead {TARGET_LOOKAHEAD}",
                     "acceptance_length": TARGET_ACCEPTANCE_LENGTH,
                     "lookahead": TARGET_LOOKAHEAD, "drafter": True, "target": True})
@@ -84,13 +109,16 @@ def project(report: dict, bench_path: Path) -> dict:
                     continue
                 t_spec = _interp(1 + la, list(curve), list(curve.values()))
                 v = _interp(batch * la, [r["batch"] * r["lookahead"] for r in vrows],
-                            [r["triton_us"] / 1e3 for r in vrows]) if vrows else 0.0
+                            [r.get("best_us", r["triton_us"]) / 1e3 for r in vrows]) \
+                    if vrows else 0.0
                 d = 0.0
                 if src.get("drafter") and drows:
-                    ks = sorted(int(k[len("propose_k"):-3]) for k in drows[0]
-                                if k.startswith("propose_k"))
+                    ks = _propose_ks(drows[0])
+                    # the graphed drafting loop where measured (what runs on CUDA)
+                    key = "propose_graph_k{}_ms" if "propose_graph_k1_ms" in drows[0] \
+                        else "propose_k{}_ms"
                     per_k = [_interp(batch, [r["batch"] for r in drows],
-                                     [r[f"propose_k{k}_ms"] for r in drows]) for k in ks]
+                                     [r[key.format(k)] for r in drows]) for k in ks]
                     d = _interp(la, ks, per_k) if len(ks) > 1 else per_k[0] * la / ks[0]
                 entry[src["name"]] = tau * curve[1] / (t_spec + d + v)
             out.append(entry)
@@ -122,6 +150,7 @@ def render_markdown(report: dict) -> str:
     if "tests" in report:
         lines += [f"Tests marked `gpu`: {report['tests']}", ""]
     lines += _md_verify(st.get("verify"), env) + _md_drafter(st.get("drafter"), st.get("step"))
+    lines += _md_proposer(st.get("proposer"), st.get("step"))
     lines += _md_step(st.get("step"),
                       "Policy step cost (ms per forward, best of eager and CUDA graph)")
     if st.get("compile", {}).get("models"):
@@ -148,14 +177,47 @@ def _md_verify(v, env) -> list[str]:
            f"measured copy bandwidth ({_fmt(env.get('copy_bandwidth_gb_s'), '.0f')} GB/s). "
            "Identical = same tokens from both on the same uniforms (logprobs within "
            "tolerance).", "",
-           "| vocab | q | batch x lookahead | Triton us | torch us | speedup | GB/s "
-           "| % of limit | identical |",
-           "|---|---|---|---|---|---|---|---|---|"]
+           "Triton us: the kernels launched one by one (before); graph us: the same kernels "
+           "replayed as a CUDA graph per batch bucket, inputs copied into its buffers (after; "
+           "'-' where the logits exceed the graph limit and calls launch eagerly). Times are "
+           "per call, calls issued back to back.", "",
+           "| vocab | q | batch x lookahead | Triton us | graph us | torch us | speedup "
+           "| GB/s (best) | % of limit (best) | identical |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in v["rows"]:
+        best = r.get("best_us", r["triton_us"])
+        frac = r.get("best_fraction_of_limit", r["fraction_of_limit"])
+        same = r["identical"] and r.get("graph_identical") in (None, True)
         out.append(f"| {r['vocab']} | {r['q']} | {r['batch']} x {r['lookahead']} | "
-                   f"{r['triton_us']:.1f} | {r['torch_us']:.1f} | {r['speedup_vs_torch']:.1f}x | "
-                   f"{r['achieved_gb_s']:.0f} | {100 * r['fraction_of_limit']:.0f}% | "
-                   f"{'yes' if r['identical'] else 'NO'} |")
+                   f"{r['triton_us']:.1f} | {_fmt(r.get('graph_us'), '.1f')} | "
+                   f"{r['torch_us']:.1f} | {r['torch_us'] / best:.1f}x | "
+                   f"{r['logits_mb'] * 1e6 / best / 1e3:.0f} | {100 * frac:.0f}% | "
+                   f"{'yes' if same else 'NO'} |")
+    return out + [""]
+
+
+def _md_proposer(p, step) -> list[str]:
+    if not p or not p.get("rows"):
+        return []
+    out = [f"### Proposer step: host path vs device path ({p['model']} shape, neural drafter "
+           f"{p['dtype']}, lookahead {p['lookahead']})", "",
+           "`AtlasProposer.propose` per engine step, driven as vLLM's runner drives it "
+           "(`backends.vllm.harness`), wall time with its device work waited for. Host path "
+           "(before): hidden states copied to the host, drafting launched op by op, drafts "
+           "read back inside the step, lists handed over. Device path (after): hidden states "
+           "stay on the device, the drafting loop replayed as a CUDA graph, a [requests, k] "
+           "device tensor handed over, its host copy read by the next step.", "",
+           "| batch | host path ms | syncs | device path ms | syncs | handed | "
+           "device / forward |", "|---|---|---|---|---|---|---|"]
+    for r in p["rows"]:
+        fwd = _forward_ms(step, p["model"], r["batch"])
+        out.append(f"| {r['batch']} | {r['host_ms']:.3f} | {_fmt(r.get('host_syncs'), 'd')} | "
+                   f"{r['device_ms']:.3f} | {_fmt(r.get('device_syncs'), 'd')} | "
+                   f"{r.get('device_handed')} | "
+                   f"{_fmt(100 * r['device_ms'] / fwd, '.0f') + '%' if fwd else '-'} |")
+    calls = next((r["host_sync_calls"] for r in p["rows"] if r.get("host_sync_calls")), None)
+    if calls:
+        out += ["", "Host path syncs, e.g.: " + "; ".join(calls[:2])]
     return out + [""]
 
 
@@ -171,17 +233,22 @@ def _md_drafter(d, step) -> list[str]:
         return []
     out = ["### Drafter (NeuralSpeculator, " + d.get("dtype", "") + ")", ""]
     for name, m in d["models"].items():
-        ks = sorted(int(k[len("propose_k"):-3]) for k in (m["rows"][0] if m["rows"] else {})
-                    if k.startswith("propose_k"))
+        ks = _propose_ks(m["rows"][0] if m["rows"] else {})
+        graphed = any("propose_graph_k1_ms" in r for r in m["rows"])
+        cols = [(f"propose_k{k}_ms", f"propose k={k} ms") for k in ks]
+        if graphed:
+            cols += [(f"propose_graph_k{k}_ms", f"graphed k={k} ms") for k in ks]
         out += [f"{name} shape (hidden {m['hidden_size']}): propose per step vs the policy's "
-                "forward of the same batch (1 token per sequence).", "",
-                "| batch | " + " | ".join(f"propose k={k} ms" for k in ks)
+                "forward of the same batch (1 token per sequence)"
+                + ("; propose launches the drafting loop op by op (before), graphed replays "
+                   "it as a CUDA graph (after)." if graphed else "."), "",
+                "| batch | " + " | ".join(c[1] for c in cols)
                 + " | one position, device ms | policy forward ms | propose k=1 / forward |",
-                "|---|" + "---|" * (len(ks) + 3)]
+                "|---|" + "---|" * (len(cols) + 3)]
         for r in m["rows"]:
             fwd = _forward_ms(step, name, r["batch"])
             ratio = r["propose_k1_ms"] / fwd if fwd and "propose_k1_ms" in r else None
-            cells = " | ".join(_fmt(r.get(f"propose_k{k}_ms"), ".3f") for k in ks)
+            cells = " | ".join(_fmt(r.get(c[0]), ".3f") for c in cols)
             out.append(f"| {r['batch']} | {cells}"
                        + f" | {_fmt(r['draft_position_device_ms'], '.3f')} | {_fmt(fwd)} | "
                        f"{_fmt(100 * ratio, '.0f') + '%' if ratio else '-'} |")
@@ -197,6 +264,12 @@ def _md_drafter(d, step) -> list[str]:
                     f"{t.get('weights_moved')}, parameters {t.get('param_dtype')} on "
                     f"{t.get('param_device')}.", ""]
     return out
+
+
+def _propose_ks(row: dict) -> list[int]:
+    """The lookaheads a drafter row was measured at (``propose_k{k}_ms`` keys)."""
+    return sorted(int(k[len("propose_k"):-3]) for k in row
+                  if k.startswith("propose_k") and k.endswith("_ms"))
 
 
 def _md_step(s, title) -> list[str]:
@@ -274,6 +347,25 @@ def _md_targets(st) -> list[str]:
             out.append(f"- Drafting one position at batch <= 8 <= 10% of a {first} forward: "
                        f"{'met' if worst[0] <= 0.10 else 'NOT met'} (highest {100 * worst[0]:.0f}% "
                        f"at batch {worst[1]}).")
+    small_v = [r for r in st.get("verify", {}).get("rows", [])
+               if r["batch"] <= 8 and r.get("graph_us") is not None]
+    if small_v:
+        worst = max(small_v, key=lambda r: r["graph_us"])
+        out.append(f"- Verification at batch <= 8 <= 60 us per call (CUDA graph): "
+                   f"{'met' if worst['graph_us'] <= 60 else 'NOT met'} (highest "
+                   f"{worst['graph_us']:.0f} us at V={worst['vocab']} {worst['q']} "
+                   f"{worst['batch']}x{worst['lookahead']}; launched one by one "
+                   f"{worst['triton_us']:.0f} us).")
+    prop = [r for r in st.get("proposer", {}).get("rows", []) if r["batch"] <= 8]
+    if prop:
+        worst = max(prop, key=lambda r: r["device_ms"])
+        counted = [r["device_syncs"] for r in prop if r.get("device_syncs") is not None]
+        syncs = max(counted) if counted else "not counted (no CUDA)"
+        out.append(f"- `propose` at batch <= 8, lookahead {worst['lookahead']} <= 0.15 ms wall "
+                   f"(device path): {'met' if worst['device_ms'] <= 0.15 else 'NOT met'} "
+                   f"(highest {worst['device_ms']:.3f} ms at batch {worst['batch']}; host path "
+                   f"{worst['host_ms']:.3f} ms); host syncs per call on the device path: "
+                   f"{syncs}.")
     p = st.get("project", {})
     tgt = next((s["name"] for s in p.get("sources", []) if s.get("target")), None)
     rows = next(iter(p.get("tables", {}).values()), [])  # the smaller policy

@@ -20,6 +20,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from atlas_rl.backends.vllm.harness import ProposerHarness
+from atlas_rl.kernels.rejection import unpack_sparse_q
 from atlas_rl.speculators import NeuralSpeculator
 
 VOCAB, D, BATCH, K = 300, 32, 4, 3
@@ -53,6 +54,14 @@ def harness(device_drafts: bool, sample: str, batch: int = BATCH) -> ProposerHar
     return h
 
 
+def dense(packed):
+    """The [reqs, k, vocab] distributions a packed sparse q stands for."""
+    if packed is None:
+        return None
+    ids, q = unpack_sparse_q(packed)
+    return torch.zeros(*ids.shape[:2], VOCAB).scatter_add_(2, ids.long(), q)
+
+
 @pytest.mark.parametrize("sample", ["argmax", "sample", "mixed"])
 def test_device_path_hands_over_what_the_host_path_does(sample):
     host, dev = harness(False, sample), harness(True, sample)
@@ -63,8 +72,7 @@ def test_device_path_hands_over_what_the_host_path_does(sample):
         assert isinstance(dev.handed, torch.Tensor) and dev.handed.dtype == torch.int64
         assert tuple(dev.handed.shape) == (BATCH, K)
         assert dev.drafts == host.drafts, step
-        q_host = host.proposer.take_last_draft_probs()
-        q_dev = dev.proposer.take_last_draft_probs()
+        q_host, q_dev = dense(host.packed_q), dense(dev.packed_q)
         if sample == "argmax":
             assert q_host is None and q_dev is None
         else:  # the same distribution per draft position (argmax rows: one-hot on x)
@@ -114,6 +122,7 @@ def test_device_path_step_reads_back_only_the_last_steps_host_copy():
         with probe:
             out = h.proposer.propose([list(d[:1]) + [7] for d in h.drafts], h.num_tokens,
                                      h.token_ids)
+            assert h.proposer.take_last_packed_q() is not None  # as the runner's hook does
         reads[name] = (type(out), sorted(probe.calls))
     assert reads["device"] == (torch.Tensor, [("tolist", (BATCH, K))] * 2), reads
     # the host path reads its drafts back inside the step (the probe sees reads)

@@ -8,7 +8,11 @@ them on a bare machine):
 - its output tokens follow p: chi-square per position on 200,000 requests over a small
   vocabulary cut into several chunks, and a randomized-PIT Kolmogorov-Smirnov test at the
   full 151,936-token vocabulary, where the residual search crosses 38 chunks;
-- it never waits for the host (torch's sync debug mode set to error);
+- it never waits for the host (torch's sync debug mode set to error), and replayed as a
+  CUDA graph it returns the eager launches' tokens and logprobs exactly;
+- the drafting loop replayed as a CUDA graph drafts what its launches draft; the
+  proposer's device path (hidden states, drafting, q and the handed tokens on the device)
+  synchronises with nothing inside a step;
 - the neural drafter drafts in bf16 on CUDA what float32 drafts on the CPU (where the
   choice is clear), with one host sync per call, and trains there under bf16 autocast.
 
@@ -187,6 +191,114 @@ def test_verification_never_waits_for_the_host():
         finally:
             torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
+
+
+def test_graphed_verification_returns_the_eager_tokens_and_never_waits():
+    """The Triton launches replayed as a CUDA graph (the default for small calls): the
+    eager launches' tokens and logprobs exactly, at model vocabularies, on buffers other
+    calls filled before; no host sync once captured."""
+    from atlas_rl.kernels.rejection_triton import GRAPHS, rejection_sample_triton_graphed
+
+    seed = 100
+    for vocab in (49152, 151936):
+        for kind in ("one-hot", "sparse", "dense"):
+            for counts in ([3, 0, 5, 2], [4, 4, 4], [1], [2, 3, 1, 4, 4, 0, 1, 2]):
+                seed += 1
+                case = verification_case(kind, counts, vocab, support=512, device=DEV,
+                                         seed=seed)
+                r = compare_backends(case, graphed=True)
+                assert r["equal"] and r["graph_equal"], (vocab, kind, counts, r)
+    assert len(GRAPHS) > 0 and any(g.graph is not None for g in GRAPHS._graphs.values())
+    assert all(g.failed is None for g in GRAPHS._graphs.values())
+    case = verification_case("sparse", [3, 1, 2], 49152, support=512, device=DEV, seed=7)
+    rejection_sample(**case, return_logprobs=True)  # "auto": the graph; captured here
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, lp = rejection_sample(**case, return_logprobs=True)
+        again = rejection_sample_triton_graphed(**case, return_logprobs=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(out, again[0]) and torch.equal(lp, again[1])
+
+
+def test_drafting_graph_drafts_what_the_launches_draft_on_cuda():
+    from atlas_rl.speculators import NeuralSpeculator
+
+    vocab, d = 4096, 256
+    g = torch.Generator().manual_seed(3)
+    embed = (torch.randn(vocab, d, generator=g) * 0.3).to(torch.bfloat16).to(DEV)
+    torch.manual_seed(3)
+    spec = NeuralSpeculator(draft_vocab_size=1024, frozen=True, seed=3)
+    spec.attach_target(embed, embed)
+    with torch.no_grad():
+        spec.net.w_out.weight.normal_(0, d ** -0.5)
+    spec.set_vocab_from_counts(torch.rand(vocab, generator=g))
+    same = total = 0
+    for n, steps, flags in [(3, 3, [False] * 3), (8, 3, [False] * 8), (5, 4, [False] * 5),
+                            (3, 3, [True, False, True])]:
+        h = torch.randn(n, d, device=DEV)
+        tok = list(range(n))
+        spec.graphs = False
+        a = spec.draft_tensors(h, tok, steps, flags)
+        spec.graphs = True
+        b = spec.draft_tensors(h, tok, steps, flags)
+        b2 = spec.draft_tensors(h, tok, steps, [False] * n)  # a replay
+        assert b[0].shape == (n, steps) and b[2].shape[:2] == (n, steps)
+        if not any(flags):  # argmax drafts: the same tokens (a padded batch may round apart)
+            same += int((a[0] == b[0]).sum()) + int((a[0] == b2[0]).sum())
+            total += 2 * a[0].numel()
+            assert torch.allclose(a[2], b[2], atol=2e-3)
+        else:  # sampled rows: tokens in q's support, confidences q at the token
+            picked = b[2].gather(2, (b[0][..., None] == spec._vocab_dev).float()
+                                 .argmax(-1, keepdim=True)).squeeze(-1)
+            assert torch.allclose(picked, b[1])
+    assert same >= 0.98 * total, (same, total)
+    assert any(gr.graph is not None for gr in spec._graphs._graphs.values())
+
+
+def test_device_path_proposer_step_never_waits_for_the_host():
+    """The proposer on CUDA hidden states drafts on the device, hands vLLM a device
+    tensor and its q for the verifier, and synchronises with nothing in the step."""
+    from atlas_rl.backends.vllm.harness import ProposerHarness
+    from atlas_rl.speculators import NeuralSpeculator
+
+    vocab, d = 8192, 256
+    g = torch.Generator().manual_seed(5)
+    embed = (torch.randn(vocab, d, generator=g) * 0.3).to(torch.bfloat16).to(DEV)
+    for sampled in (False, True):
+        spec = NeuralSpeculator(draft_vocab_size=2048, frozen=False, seed=5)
+        spec.attach_target(embed, embed)
+        spec.set_vocab_from_counts(torch.rand(vocab, generator=g))
+        h = ProposerHarness(spec, 6, 3, d, vocab, device=DEV)  # device path: auto
+        plan_step = h.controller.plan_step
+
+        def plan(num_seqs, plan_step=plan_step, sampled=sampled):
+            p = plan_step(num_seqs)
+            for name in p.sample:
+                p.sample[name] = [sampled and i % 2 == 0 for i in range(num_seqs)]
+            return p
+
+        h.controller.plan_step = plan
+        for _ in range(3):
+            h.step()
+
+        def strict():
+            class Strict:
+                def __enter__(self):
+                    torch.cuda.set_sync_debug_mode("error")
+
+                def __exit__(self, *exc):
+                    torch.cuda.set_sync_debug_mode("default")
+            return Strict()
+
+        for _ in range(3):
+            h.step(around=strict)
+            assert isinstance(h.handed, torch.Tensor) and h.handed.is_cuda
+            assert tuple(h.handed.shape) == (6, 3)
+            assert (h.packed_q is not None) == sampled
+        assert h.proposer.counters.speculator_errors == 0
+        assert h.proposer.counters.num_draft_tokens > 0
 
 
 def _drafter_pair(vocab, d, seed=0):

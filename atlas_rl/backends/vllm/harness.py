@@ -5,13 +5,14 @@ Each `ProposerHarness.step` is one decode step of a batch of requests: the last 
 drafts are verified (a seeded random prefix of each is accepted, then one new token), the
 policy's hidden states at the sampled positions arrive on ``device`` in vLLM's layout (k + 1
 rows for a request that had k draft tokens), the runner's step hook hands the proposer its
-`StepContext`, and ``propose`` is called with vLLM's arguments (host lists of sampled
-tokens, the token ids as a numpy array). No policy runs: the hidden states are random, so
+`StepContext`, ``propose`` is called with vLLM's arguments (host lists of sampled tokens,
+the token ids as a numpy array), and the hook takes the drafts' q for the verifier. No policy runs: the hidden states are random, so
 acceptance here says nothing; the harness measures what the proposer costs and checks what
 it hands over."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from types import SimpleNamespace
 
@@ -47,6 +48,7 @@ class ProposerHarness:
         self.num_tokens = np.full(batch, self.PROMPT, dtype=np.int64)
         self.drafts: list[list[int]] | None = None
         self.handed = None  # what the last propose returned (a list, or a device tensor)
+        self.packed_q = None  # the drafts' q handed to the verifier (packed sparse), or None
 
     def _sampled(self) -> list[list[int]]:
         out = []
@@ -56,9 +58,10 @@ class ProposerHarness:
             out.append(list(draft[:accepted]) + [int(self.rng.integers(0, self.vocab))])
         return out
 
-    def step(self) -> float:
+    def step(self, around=contextlib.nullcontext) -> float:
         """One decode step; returns the wall seconds of ``propose`` (the device work it
-        issued waited for, so that it counts)."""
+        issued waited for, so that it counts). ``around``: a context manager factory
+        wrapped around the ``propose`` call alone (a probe of what it does)."""
         sampled = self._sampled()
         verified = None if self.drafts is None else [len(d) for d in self.drafts]
         rows = self.batch if verified is None else sum(k + 1 for k in verified)
@@ -73,7 +76,10 @@ class ProposerHarness:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
-        handed = self.proposer.propose(sampled, self.num_tokens, self.token_ids)
+        with around():
+            handed = self.proposer.propose(sampled, self.num_tokens, self.token_ids)
+            # the runner's step hook then takes the drafts' q for atlas-rl's verifier
+            self.packed_q = self.proposer.take_last_packed_q()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
