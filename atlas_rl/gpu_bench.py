@@ -371,7 +371,7 @@ def _sync_warnings(caught: list, device):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     caught.extend(str(w.message).splitlines()[0][:200] for w in seen
-                  if "synchroniz" in str(w.message).lower())
+                  if "called a synchronizing" in str(w.message))
 
 
 def _count_syncs(spec, device) -> list[str] | None:
@@ -388,7 +388,7 @@ def _count_syncs(spec, device) -> list[str] | None:
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return [str(w.message).splitlines()[0][:200] for w in caught
-            if "synchroniz" in str(w.message).lower()]
+            if "called a synchronizing" in str(w.message)]
 
 
 def _train_step(spec, device, d, cfg) -> dict:

@@ -38,7 +38,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -86,6 +86,15 @@ def static_speculator_dir(setting: str | None, model_path: str,
     return d
 
 
+class DraftTensors(NamedTuple):
+    """A batch of drafts on the device (`NeuralSpeculator.draft_tensors`)."""
+
+    ids: torch.Tensor      # [n, steps] int64 token ids
+    confs: torch.Tensor    # [n, steps] float32 q of each drafted token
+    qs: torch.Tensor       # [n, steps, |draft vocabulary|] float32 q
+    packed: torch.Tensor   # [2, n, steps] float64: ids and confs (one copy to the host)
+
+
 @dataclass
 class CapturedStream:
     """One request's captured hidden states since its last gap: ``hidden[i]`` was
@@ -124,7 +133,8 @@ class NeuralSpeculator(HiddenStateSpeculator):
         self.graphs: bool | None = None
         self._graphs = GraphCache(max_graphs=32)
         self._graph_tag = None  # the weights the cached graphs read
-        self._last: dict[object, tuple[torch.Tensor, int]] = {}  # key -> (h, last token)
+        # key -> (hidden block, row of its last captured state, last token)
+        self._last: dict[object, tuple[torch.Tensor, int, int]] = {}
         self._streams: dict[object, CapturedStream] = {}
         self._done: list[CapturedStream] = []  # finished streams waiting for learn()
         # How often each token was sampled in the rollouts (decayed per batch): the
@@ -278,9 +288,36 @@ class NeuralSpeculator(HiddenStateSpeculator):
         if not len(tokens):
             return
         hidden = hidden.detach().float()
-        self._last[key] = (hidden[-1], int(tokens[-1]))
-        if self.frozen:
-            return
+        self._last[key] = (hidden, len(tokens) - 1, int(tokens[-1]))
+        if not self.frozen:
+            self._stream(key, hidden, tokens, first_pos)
+
+    def capture_batch(self, keys, hidden, tokens, first_positions, offsets, aux=None) -> None:
+        """`capture` for a step's block: each request's last row is kept as (block, row),
+        not sliced out (drafting gathers the rows of a batch in one op, `_last_rows`)."""
+        hidden = hidden.detach().float()
+        for key, toks, first, off in zip(keys, tokens, first_positions, offsets):
+            n = len(toks)
+            if not n:
+                continue
+            self._last[key] = (hidden, off + n - 1, int(toks[-1]))
+            if not self.frozen:
+                self._stream(key, hidden[off:off + n], toks, first)
+
+    def _last_rows(self, keys) -> torch.Tensor:
+        """The captured last hidden state of each of ``keys`` [n, d]: a view where they sit
+        in one block in order (every request's first step after a step without drafts),
+        one gather where they are in one block, else a stack."""
+        last = [self._last[k] for k in keys]
+        block, first = last[0][0], last[0][1]
+        if all(b is block for b, _, _ in last):
+            rows = [r for _, r, _ in last]
+            if rows == list(range(first, first + len(rows))):
+                return block[first:first + len(rows)]
+            return block.index_select(0, to_device(rows, torch.long, block.device))
+        return torch.stack([b[r] for b, r, _ in last])
+
+    def _stream(self, key, hidden: torch.Tensor, tokens, first_pos: int) -> None:
         stream = self._streams.get(key)
         if stream is None or stream.next_pos != first_pos:  # a gap (preemption): new segment
             if stream is not None:
@@ -311,12 +348,12 @@ class NeuralSpeculator(HiddenStateSpeculator):
             return drafts
         lens = [max_lengths[i] for i in rows]
         flags = [bool(sample[i]) if sample is not None else False for i in rows]
-        ids, confs, qs = self.draft_tensors([self._last[keys[i]][0] for i in rows],
-                                            [self._last[keys[i]][1] for i in rows],
-                                            max(lens), flags)
+        live = [keys[i] for i in rows]
+        _, _, qs, packed = self.draft_tensors(self._last_rows(live),
+                                              [self._last[k][2] for k in live], max(lens), flags)
         # The one wait for the device: a single copy of tokens and confidences (ids are
         # exact in float64), because the Draft contract is Python lists.
-        host = torch.stack((ids.double(), confs.double())).cpu()
+        host = packed.cpu()
         toks, confs = host[0].long().tolist(), host[1].tolist()
         vocab = self._vocab_dev
         for j, i in enumerate(rows):
@@ -331,8 +368,8 @@ class NeuralSpeculator(HiddenStateSpeculator):
         token, or None where one of them has none (or no draft vocabulary is chosen)."""
         if not self.ready or any(k not in self._last for k in keys):
             return None
-        last = [self._last[k] for k in keys]
-        return self.draft_tensors([h for h, _ in last], [t for _, t in last], steps, sample)
+        return self.draft_tensors(self._last_rows(keys), [self._last[k][2] for k in keys],
+                                  steps, sample)
 
     @torch.inference_mode()
     def draft_tensors(self, hidden, tokens, steps: int, sample: Sequence[bool]):
@@ -341,8 +378,10 @@ class NeuralSpeculator(HiddenStateSpeculator):
         tensor, any device), ``tokens`` the token sampled from it (ints or a tensor),
         ``sample``: per row, draw from q (else its argmax). Returns (token ids [n, steps]
         int64, their q probability [n, steps] float32, q [n, steps, |draft vocab|]
-        float32), on the drafter's device. On CUDA the drafting loop replays as a CUDA graph
-        per batch bucket (`kernels.graphs`; off with ``ATLAS_RL_CUDA_GRAPHS=0``)."""
+        float32, and ids and probabilities together [2, n, steps] float64 (ids are exact:
+        one copy takes both to the host)), on the drafter's device. On CUDA the drafting
+        loop replays as a CUDA graph per batch bucket (`kernels.graphs`; off with
+        ``ATLAS_RL_CUDA_GRAPHS=0``)."""
         self._sub_head()
         head_t = self._head_sub_t
         device, dtype = head_t.device, head_t.dtype
@@ -352,16 +391,18 @@ class NeuralSpeculator(HiddenStateSpeculator):
         # Per-request bookkeeping stays in Python lists; what the device needs goes over
         # in non-blocking copies, so nothing here waits for it.
         h = to_device(h, None, device)
-        tok = tokens if isinstance(tokens, torch.Tensor) else to_device(list(tokens), torch.long,
-                                                                        device)
+        if not isinstance(tokens, torch.Tensor):
+            tokens = torch.tensor(list(tokens), dtype=torch.long)
         sampling = any(sample)
         generator = self._sampling_generator(device) if sampling else None
         graphs = self.graphs if self.graphs is not None else device.type == "cuda"
         if graphs and cuda_graphs_enabled():
-            return self._draft_graphed(weights, eps, h, tok, steps, sample, generator)
+            return DraftTensors(*self._draft_graphed(weights, eps, h, tokens, steps, sample,
+                                                     generator))
         u = torch.rand(n, steps, generator=generator, device=device) if sampling else None
         do_sample = to_device(list(sample), torch.bool, device) if sampling else None
-        return self._draft_loop(weights, eps, steps, h.to(dtype), tok, do_sample, u)
+        return DraftTensors(*self._draft_loop(weights, eps, steps, h.to(dtype),
+                                              to_device(tokens, None, device), do_sample, u))
 
     def _draft_loop(self, weights, eps: float, steps: int, h, tok, do_sample, u):
         """The drafting loop on device tensors only (a CUDA graph can hold it)."""
@@ -377,7 +418,8 @@ class NeuralSpeculator(HiddenStateSpeculator):
             confs.append(q.gather(1, idx[:, None]).squeeze(1))
             qs.append(q)
             h, tok = y, vocab[idx]
-        return vocab[torch.stack(toks, 1)], torch.stack(confs, 1), torch.stack(qs, 1)
+        ids, confs = vocab[torch.stack(toks, 1)], torch.stack(confs, 1)
+        return ids, confs, torch.stack(qs, 1), torch.stack((ids.double(), confs.double()))
 
     def _draft_graphed(self, weights, eps, h, tok, steps, sample, generator):
         """`_draft_loop` replayed from a CUDA graph of this batch's bucket. A graph holds the
@@ -404,13 +446,31 @@ class NeuralSpeculator(HiddenStateSpeculator):
         graph = self._graphs.get((padded, steps, sampling, dtype), make_inputs, loop,
                                  name=f"draft[{padded}x{steps}]")
         bufs = graph.inputs
-        bufs["h"][:n].copy_(h)
-        bufs["tok"][:n].copy_(tok)
+        # tokens from the host: pinned, straight into the graph's buffer, not waited for
+        pinned = device.type == "cuda" and tok.device.type == "cpu"
+        bufs["tok"][:n].copy_(tok.pin_memory() if pinned else tok, non_blocking=True)
+        dst, src = [bufs["h"][:n]], [h]
         if sampling:
-            bufs["do_sample"][:n].copy_(to_device(list(sample), torch.bool, device))
+            dst.append(bufs["do_sample"][:n])
+            src.append(self._flags_on(device, tuple(bool(x) for x in sample)))
             torch.rand(n, steps, generator=generator, device=device, out=bufs["u"][:n])
-        ids, confs, qs = graph()
-        return ids[:n], confs[:n], qs[:n]
+        torch._foreach_copy_(dst, src)
+        ids, confs, qs, packed = graph()
+        if n == padded:
+            return ids, confs, qs, packed
+        return ids[:n], confs[:n], qs[:n], packed[:, :n]
+
+    def _flags_on(self, device, flags: tuple) -> torch.Tensor:
+        """Per-row sampling flags on the device, kept per pattern (few recur: all sampled,
+        none, the controller's exploration's few)."""
+        cache = self.__dict__.setdefault("_flag_cache", {})
+        key = (str(device), flags)
+        t = cache.get(key)
+        if t is None:
+            if len(cache) >= 1024:
+                cache.clear()
+            t = cache[key] = to_device(list(flags), torch.bool, device)
+        return t
 
     # --- learning ---------------------------------------------------------------------
 

@@ -544,10 +544,9 @@ class AtlasProposer:
             return None
         if drafted is None:
             return None
-        ids, confs, qs = drafted
-        host = torch.empty((2, num_reqs, k), dtype=torch.float64,
-                           pin_memory=ids.is_cuda)  # ids are exact in float64
-        host.copy_(torch.stack((ids.double(), confs.double())), non_blocking=True)
+        ids, _, qs, packed = drafted
+        host = torch.empty((2, num_reqs, k), dtype=torch.float64, pin_memory=ids.is_cuda)
+        host.copy_(packed, non_blocking=True)  # ids and confidences (ids exact in float64)
         event = None
         if ids.is_cuda:
             event = torch.cuda.Event()
