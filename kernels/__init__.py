@@ -13,5 +13,10 @@ the CPU (tests/test_kernels_triton.py, which also compiles every variant for sm_
 compiled on a GPU (tests/test_gpu.py, with chi-square and KS checks against p).
 See docs/gpu.md.
 
+graphs.py: CUDA graphs per batch bucket (`StaticGraph`, `GraphCache`): the Triton
+verification (`rejection_triton.rejection_sample_triton_graphed`, what "auto" picks for
+small calls on CUDA) and the neural drafter's drafting loop replay through them; on the
+CPU the same static buffers run eagerly.
+
 testing.py: synthetic verification inputs and the comparison of the two backends, for
 the tests and the GPU check (`atlas_rl.gpu_bench`)."""
