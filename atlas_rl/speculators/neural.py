@@ -93,6 +93,7 @@ class DraftTensors(NamedTuple):
     confs: torch.Tensor    # [n, steps] float32 q of each drafted token
     qs: torch.Tensor       # [n, steps, |draft vocabulary|] float32 q
     packed: torch.Tensor   # [2, n, steps] float64: ids and confs (one copy to the host)
+    support: torch.Tensor  # [|draft vocabulary|] the token id of each column of qs
 
 
 @dataclass
@@ -349,13 +350,12 @@ class NeuralSpeculator(HiddenStateSpeculator):
         lens = [max_lengths[i] for i in rows]
         flags = [bool(sample[i]) if sample is not None else False for i in rows]
         live = [keys[i] for i in rows]
-        _, _, qs, packed = self.draft_tensors(self._last_rows(live),
-                                              [self._last[k][2] for k in live], max(lens), flags)
+        _, _, qs, packed, vocab = self.draft_tensors(
+            self._last_rows(live), [self._last[k][2] for k in live], max(lens), flags)
         # The one wait for the device: a single copy of tokens and confidences (ids are
         # exact in float64), because the Draft contract is Python lists.
         host = packed.cpu()
         toks, confs = host[0].long().tolist(), host[1].tolist()
-        vocab = self._vocab_dev
         for j, i in enumerate(rows):
             n = lens[j]
             drafts[i] = Draft(toks[j][:n], confs[j][:n],
@@ -398,11 +398,12 @@ class NeuralSpeculator(HiddenStateSpeculator):
         graphs = self.graphs if self.graphs is not None else device.type == "cuda"
         if graphs and cuda_graphs_enabled():
             return DraftTensors(*self._draft_graphed(weights, eps, h, tokens, steps, sample,
-                                                     generator))
+                                                     generator), self._vocab_dev)
         u = torch.rand(n, steps, generator=generator, device=device) if sampling else None
         do_sample = to_device(list(sample), torch.bool, device) if sampling else None
         return DraftTensors(*self._draft_loop(weights, eps, steps, h.to(dtype),
-                                              to_device(tokens, None, device), do_sample, u))
+                                              to_device(tokens, None, device), do_sample, u),
+                            self._vocab_dev)
 
     def _draft_loop(self, weights, eps: float, steps: int, h, tok, do_sample, u):
         """The drafting loop on device tensors only (a CUDA graph can hold it)."""

@@ -70,6 +70,20 @@ class StepContext:
 
 
 @dataclass
+class DeviceDrafts:
+    """A device-path step's drafts (`AtlasProposer._draft_on_device`): their tokens and
+    confidences on their way to pinned host memory, read by the next step."""
+
+    keys: list[str]
+    host: torch.Tensor                 # [2, reqs, k] float64: ids, then confidences
+    event: torch.cuda.Event | None     # recorded after the copy (CUDA); None: done
+    source: str                        # the speculator
+    sample: list[bool]                 # per request: drawn from q (else its argmax)
+    qs: torch.Tensor                   # [reqs, k, S] q on the device
+    support: torch.Tensor              # [S] token ids of q's columns
+
+
+@dataclass
 class LiveRequests:
     """The requests of a step that sampled a token (and so may get a draft)."""
 
@@ -220,11 +234,13 @@ class AtlasProposer:
         self._started: set[str] = set()  # req_ids announced with `begin_request`
         self._context: StepContext | None = None
         self._step_end: float | None = None
-        self._handed: tuple[int, list[tuple[int, Draft]]] | None = None  # distribution step
+        # the last step's distribution drafts, for the q hand-over: (num_reqs, [(row,
+        # Draft)]) on the host path, (num_reqs, DeviceDrafts, ids) on the device path
+        self._handed: tuple | None = None
         # Draft on the device and hand vLLM a device tensor (`_draft_on_device`): None =
         # where the policy's hidden states are on an accelerator; True/False to force it.
         self.device_drafts: bool | None = None
-        self._device_drafts: tuple | None = None  # the last device-path step's drafts
+        self._device_drafts: DeviceDrafts | None = None  # the last device-path step's
         self._error_logged = False
         self.weight_syncs = 0  # policy weight updates seen (a server's weight transfer)
         self._asleep: dict[str, tuple] = {}  # drafter states kept over a level-2 sleep
@@ -544,16 +560,17 @@ class AtlasProposer:
             return None
         if drafted is None:
             return None
-        ids, _, qs, packed = drafted
+        ids = drafted.ids
         host = torch.empty((2, num_reqs, k), dtype=torch.float64, pin_memory=ids.is_cuda)
-        host.copy_(packed, non_blocking=True)  # ids and confidences (ids exact in float64)
+        host.copy_(drafted.packed, non_blocking=True)  # ids and confidences (exact in float64)
         event = None
         if ids.is_cuda:
             event = torch.cuda.Event()
             event.record()
-        self._device_drafts = (list(live.keys), host, event, name, sample, ids, qs)
+        self._device_drafts = DeviceDrafts(list(live.keys), host, event, name, sample,
+                                           drafted.qs, drafted.support)
         if any(sample):
-            self._handed = (num_reqs, ("device", ids, qs, sample, spec._vocab_dev))
+            self._handed = (num_reqs, self._device_drafts, ids)
         seconds = time.perf_counter() - start
         self.controller.record_draft_time(name, seconds, k)
         self.counters.draft_seconds += seconds
@@ -568,16 +585,15 @@ class AtlasProposer:
         last, self._device_drafts = self._device_drafts, None
         if last is None:
             return
-        keys, host, event, name, sample, ids, qs = last
-        if event is not None:
-            event.synchronize()
-        toks, confs = host[0].long().tolist(), host[1].tolist()
-        vocab = getattr(self.speculators.get(name), "_vocab_dev", None)
-        for j, key in enumerate(keys):
-            dist = sample[j] and vocab is not None
-            self._pending[key] = Draft(toks[j], confs[j], source=name,
-                                       q_ids=vocab.expand(len(toks[j]), -1) if dist else None,
-                                       q=qs[j] if dist else None)
+        if last.event is not None:
+            last.event.synchronize()
+        toks, confs = last.host[0].long().tolist(), last.host[1].tolist()
+        for j, key in enumerate(last.keys):
+            dist = last.sample[j]
+            self._pending[key] = Draft(
+                toks[j], confs[j], source=last.source,
+                q_ids=last.support.expand(len(toks[j]), -1) if dist else None,
+                q=last.qs[j] if dist else None)
 
     # --- 6. hand-over ----------------------------------------------------------------
 
@@ -604,9 +620,9 @@ class AtlasProposer:
         last, self._handed = self._handed, None
         if last is None:
             return None
-        num_reqs, handed = last
-        if isinstance(handed, tuple):  # the device path: every request, k tokens each
-            return self._device_sparse_q(*handed[1:])
+        num_reqs, handed = last[:2]
+        if isinstance(handed, DeviceDrafts):  # the device path: every request, k tokens
+            return self._device_sparse_q(last[2], handed.qs, handed.sample, handed.support)
         k = max(len(d) for _, d in handed)
         width = max(d.q_ids.shape[-1] for _, d in handed if d.is_distribution)
         ids = torch.zeros(num_reqs, k, width, dtype=torch.long)
