@@ -93,13 +93,16 @@ class StaticGraph:
 
 
 class GraphCache:
-    """`StaticGraph`s by key (shapes, dtypes, variant), at most ``max_graphs``, least
-    recently used evicted."""
+    """`StaticGraph`s by key (shapes, dtypes, variant), at most ``max_graphs`` and
+    ``max_bytes`` of input buffers (a verification bucket holds up to 64 MB of logits),
+    least recently used evicted."""
 
-    def __init__(self, max_graphs: int = 48, capture: bool = True):
+    def __init__(self, max_graphs: int = 48, capture: bool = True, max_bytes: int = 1 << 30):
         self.max_graphs = int(max_graphs)
+        self.max_bytes = int(max_bytes)
         self.capture = bool(capture)
         self._graphs: OrderedDict = OrderedDict()
+        self._bytes: dict = {}
         self.built = 0
 
     def get(self, key, make_inputs: Callable[[], dict[str, torch.Tensor]], fn: Callable,
@@ -108,11 +111,15 @@ class GraphCache:
         if graph is not None:
             self._graphs.move_to_end(key)
             return graph
-        graph = StaticGraph(make_inputs(), fn, capture=self.capture, name=name)
+        inputs = make_inputs()
+        graph = StaticGraph(inputs, fn, capture=self.capture, name=name)
         self._graphs[key] = graph
+        self._bytes[key] = sum(t.numel() * t.element_size() for t in inputs.values())
         self.built += 1
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.popitem(last=False)
+        while len(self._graphs) > 1 and (len(self._graphs) > self.max_graphs
+                                         or sum(self._bytes.values()) > self.max_bytes):
+            old, _ = self._graphs.popitem(last=False)
+            del self._bytes[old]
         return graph
 
     def __len__(self) -> int:
@@ -120,3 +127,4 @@ class GraphCache:
 
     def clear(self) -> None:
         self._graphs.clear()
+        self._bytes.clear()

@@ -169,3 +169,27 @@ def test_failing_drafter_on_the_device_path_costs_the_step_its_drafts_only():
     del spec.draft_rows, spec.propose  # the instance attributes: the class's methods again
     h.step()
     assert isinstance(h.handed, torch.Tensor)
+
+
+def test_graph_cache_keeps_its_bounds_and_reuses_a_bucket():
+    from atlas_rl.kernels.graphs import GraphCache, bucket
+
+    assert [bucket(n) for n in (0, 1, 2, 3, 5, 8, 9)] == [1, 1, 2, 4, 8, 8, 16]
+    cache = GraphCache(max_graphs=3, max_bytes=3 * 400)
+    calls = []
+
+    def fn(x):
+        calls.append(1)
+        return x * 2
+
+    for key in range(5):  # 400 bytes of input each
+        cache.get(key, lambda: {"x": torch.zeros(100)}, fn)
+    assert len(cache) == 3 and list(cache._graphs) == [2, 3, 4]
+    small = GraphCache(max_graphs=10, max_bytes=500)
+    for key in range(3):
+        small.get(key, lambda: {"x": torch.zeros(100)}, fn)
+    assert len(small) == 1  # the bytes bound, not the count, evicted
+    graph = cache.get(3, lambda: {"x": torch.zeros(100)}, fn)
+    graph.inputs["x"][:3] = 1.0  # the caller fills the buffers; the same object each time
+    assert cache.get(3, lambda: {"x": torch.zeros(100)}, fn) is graph
+    assert torch.equal(graph()[:4], torch.tensor([2.0, 2.0, 2.0, 0.0]))
