@@ -238,7 +238,9 @@ class AtlasProposer:
         # Draft)]) on the host path, (num_reqs, DeviceDrafts, ids) on the device path
         self._handed: tuple | None = None
         # Draft on the device and hand vLLM a device tensor (`_draft_on_device`): None =
-        # where the policy's hidden states are on an accelerator; True/False to force it.
+        # where the policy's hidden states are on an accelerator; True/False to force it
+        # (True outside an accelerator is for the harness and tests: vLLM's CPU runner
+        # copies a tensor of drafts through CUDA streams it does not have).
         self.device_drafts: bool | None = None
         self._device_drafts: DeviceDrafts | None = None  # the last device-path step's
         self._error_logged = False
