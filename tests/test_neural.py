@@ -83,8 +83,8 @@ def test_drafter_learns_the_policy_distribution_and_publishes_new_weights():
     after = spec.evaluate(*held)
     # distribution drafts: 1 - TV(p, q) rises well above where it started
     assert after["accept_distribution"] > before["accept_distribution"] + 0.15, (before, after)
-    # most candidates are published (8-10 of 12 in most runs, 7 in 1 of 30: the gate's
-    # near ties go either way with run-to-run float differences)
+    # most candidates are published (8 or more of 12 in 29 of 30 runs, 7 in one: the
+    # gate's near ties go either way with run-to-run float differences)
     assert versions == sorted(versions) and versions[-1] == sum(published) >= 7
     assert spec.rollbacks == 12 - sum(published)
     assert any(not torch.equal(old_net[k], v) for k, v in spec.net.state_dict().items())
