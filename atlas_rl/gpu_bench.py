@@ -380,15 +380,10 @@ def _count_syncs(spec, device) -> list[str] | None:
         return None
     keys = list(spec._last)[:4]
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            spec.propose(keys, [[0]] * len(keys), [3] * len(keys), sample=[True] * len(keys))
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    return [str(w.message).splitlines()[0][:200] for w in caught
-            if "called a synchronizing" in str(w.message)]
+    caught: list[str] = []
+    with _sync_warnings(caught, device):
+        spec.propose(keys, [[0]] * len(keys), [3] * len(keys), sample=[True] * len(keys))
+    return caught
 
 
 def _train_step(spec, device, d, cfg) -> dict:

@@ -47,16 +47,14 @@ class StaticGraph:
     WARMUP = 2
 
     def __init__(self, inputs: dict[str, torch.Tensor], fn: Callable, *, capture: bool = True,
-                 pool=None, name: str = "graph"):
+                 name: str = "graph"):
         self.inputs = inputs
         self.fn = fn
         self.name = name
         device = next(iter(inputs.values())).device
         self.capture = bool(capture) and device.type == "cuda"
-        self.pool = pool
         self.graph = None
         self._outputs = None
-        self.replays = 0
         self.failed: str | None = None  # why this graph runs eagerly
 
     def _capture(self) -> None:
@@ -67,7 +65,7 @@ class StaticGraph:
                 self.fn(**self.inputs)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        with torch.cuda.graph(graph):
             out = self.fn(**self.inputs)
         self.graph, self._outputs = graph, out
 
@@ -84,10 +82,8 @@ class StaticGraph:
                 logger.warning("atlas-rl: CUDA graph %s not captured (%s); it runs eagerly",
                                self.name, self.failed)
         if self.graph is None:
-            out = self.fn(**self.inputs)
-            return out  # eager outputs are fresh tensors already
+            return self.fn(**self.inputs)  # eager outputs are fresh tensors already
         self.graph.replay()
-        self.replays += 1
         out = self._outputs
         return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
@@ -103,7 +99,6 @@ class GraphCache:
         self.capture = bool(capture)
         self._graphs: OrderedDict = OrderedDict()
         self._bytes: dict = {}
-        self.built = 0
 
     def get(self, key, make_inputs: Callable[[], dict[str, torch.Tensor]], fn: Callable,
             name: str = "graph") -> StaticGraph:
@@ -115,7 +110,6 @@ class GraphCache:
         graph = StaticGraph(inputs, fn, capture=self.capture, name=name)
         self._graphs[key] = graph
         self._bytes[key] = sum(t.numel() * t.element_size() for t in inputs.values())
-        self.built += 1
         while len(self._graphs) > 1 and (len(self._graphs) > self.max_graphs
                                          or sum(self._bytes.values()) > self.max_bytes):
             old, _ = self._graphs.popitem(last=False)

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from atlas_rl.kernels.graphs import GraphCache, bucket
-from atlas_rl.kernels.staging import to_device
+from atlas_rl.kernels.staging import staged_on, to_device
 
 #: vocabulary chunk per program (and the granularity of the residual search)
 DEFAULT_CHUNK = 4096
@@ -542,7 +542,9 @@ def rejection_sample_triton_graphed(
     # torch call costs ~10-20 us of host time on a GPU host, more than these kernels).
     dst = [bufs["meta"], bufs["logits"][:n], bufs["x"][:n], bufs["bonus"][:num_reqs],
            bufs["uniform"][:n], bufs["recovery_uniform"][:num_reqs]]
-    src = [_meta_on(device, tuple(counts), padded), target_logits, draft_token_ids,
+    meta = tuple(_counts_and_starts(counts + [0] * (padded - num_reqs)))
+    # staged once per count pattern (most steps: every request at the lookahead)
+    src = [staged_on(meta, torch.int32, device), target_logits, draft_token_ids,
            bonus_token_ids.reshape(-1), uniform, recovery_uniform]
     if q_kind:
         dst.append(bufs["q"][:n])
@@ -559,19 +561,3 @@ def rejection_sample_triton_graphed(
         return out[0][:num_reqs], out[1][:num_reqs]
     return out[:num_reqs]
 
-
-_META: dict = {}  # (device, counts, padded) -> int32 counts and first rows on the device
-
-
-def _meta_on(device: torch.device, counts: tuple, padded: int) -> torch.Tensor:
-    """The counts and first rows of a batch of drafts on ``device``, kept per pattern: a
-    rollout's steps repeat few patterns (every request at the step's lookahead, most of
-    the time), so the host-to-device copy is made once per pattern, not per call."""
-    key = (str(device), counts, padded)
-    meta = _META.get(key)
-    if meta is None:
-        if len(_META) >= 4096:
-            _META.clear()
-        meta = _META[key] = to_device(_counts_and_starts(list(counts) + [0] * (padded - len(counts))),
-                                      torch.int32, device)
-    return meta

@@ -20,3 +20,19 @@ def to_device(values, dtype: torch.dtype | None, device: torch.device) -> torch.
     if device.type == "cuda" and t.device.type == "cpu":
         return t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
+
+
+_STAGED: dict = {}  # (device, dtype, values) -> the tensor on that device
+
+
+def staged_on(values: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``values`` on ``device``, kept per pattern: per-step arrays that recur (draft counts
+    of a batch at the step's lookahead, sampling flags) go over once, not at every step.
+    The tensor is shared: callers read it, never write it."""
+    key = (str(device), dtype, values)
+    t = _STAGED.get(key)
+    if t is None:
+        if len(_STAGED) >= 4096:
+            _STAGED.clear()
+        t = _STAGED[key] = to_device(list(values), dtype, device)
+    return t

@@ -46,7 +46,7 @@ from atlas_rl.kernels.gemm import PackedLinear
 from atlas_rl.kernels.graphs import GraphCache, bucket
 from atlas_rl.kernels.rejection import cuda_graphs_enabled
 from atlas_rl.kernels.sampling import inverse_cdf
-from atlas_rl.kernels.staging import to_device
+from atlas_rl.kernels.staging import staged_on, to_device
 from atlas_rl.machine import cpu_has_native_bf16
 from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, HiddenStateSpeculator
 from atlas_rl.speculators.distill import Distiller, Rows, acceptance
@@ -286,12 +286,7 @@ class NeuralSpeculator(HiddenStateSpeculator):
         ``tokens[i]`` (the token at position ``first_pos + i + 1``) from it. The rows
         are kept as given: callers pass memory they own (vLLM reuses its buffers, so the
         proposer copies each step's block once)."""
-        if not len(tokens):
-            return
-        hidden = hidden.detach().float()
-        self._last[key] = (hidden, len(tokens) - 1, int(tokens[-1]))
-        if not self.frozen:
-            self._stream(key, hidden, tokens, first_pos)
+        self.capture_batch([key], hidden, [tokens], [first_pos], [0])
 
     def capture_batch(self, keys, hidden, tokens, first_positions, offsets, aux=None) -> None:
         """`capture` for a step's block: each request's last row is kept as (block, row),
@@ -400,7 +395,8 @@ class NeuralSpeculator(HiddenStateSpeculator):
             return DraftTensors(*self._draft_graphed(weights, eps, h, tokens, steps, sample,
                                                      generator), self._vocab_dev)
         u = torch.rand(n, steps, generator=generator, device=device) if sampling else None
-        do_sample = to_device(list(sample), torch.bool, device) if sampling else None
+        do_sample = staged_on(tuple(bool(x) for x in sample), torch.bool, device) if sampling \
+            else None
         return DraftTensors(*self._draft_loop(weights, eps, steps, h.to(dtype),
                                               to_device(tokens, None, device), do_sample, u),
                             self._vocab_dev)
@@ -453,25 +449,13 @@ class NeuralSpeculator(HiddenStateSpeculator):
         dst, src = [bufs["h"][:n]], [h]
         if sampling:
             dst.append(bufs["do_sample"][:n])
-            src.append(self._flags_on(device, tuple(bool(x) for x in sample)))
+            src.append(staged_on(tuple(bool(x) for x in sample), torch.bool, device))
             torch.rand(n, steps, generator=generator, device=device, out=bufs["u"][:n])
         torch._foreach_copy_(dst, src)
         ids, confs, qs, packed = graph()
         if n == padded:
             return ids, confs, qs, packed
         return ids[:n], confs[:n], qs[:n], packed[:, :n]
-
-    def _flags_on(self, device, flags: tuple) -> torch.Tensor:
-        """Per-row sampling flags on the device, kept per pattern (few recur: all sampled,
-        none, the controller's exploration's few)."""
-        cache = self.__dict__.setdefault("_flag_cache", {})
-        key = (str(device), flags)
-        t = cache.get(key)
-        if t is None:
-            if len(cache) >= 1024:
-                cache.clear()
-            t = cache[key] = to_device(list(flags), torch.bool, device)
-        return t
 
     # --- learning ---------------------------------------------------------------------
 

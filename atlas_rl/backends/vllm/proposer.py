@@ -43,7 +43,7 @@ import torch
 from atlas_rl.backends.vllm import hooks
 from atlas_rl.controller import AtlasController, StepPlan
 from atlas_rl.kernels.rejection import pack_sparse_q
-from atlas_rl.kernels.staging import to_device
+from atlas_rl.kernels.staging import staged_on
 from atlas_rl.metrics import SpecCounters
 from atlas_rl.speculators.base import (
     EMPTY_DRAFT,
@@ -650,7 +650,7 @@ class AtlasProposer:
         support = vocab.view(1, 1, -1).expand(num_reqs, k, width)
         if all(sample):
             return support, qs
-        flag = to_device(sample, torch.bool, qs.device).view(-1, 1, 1)
+        flag = staged_on(tuple(sample), torch.bool, qs.device).view(-1, 1, 1)
         onehot_ids = torch.zeros_like(support).copy_(ids.unsqueeze(-1))  # x everywhere
         onehot_q = torch.zeros_like(qs)
         onehot_q[..., 0] = 1.0  # q = 1 on x (the repeats of x have q = 0)
