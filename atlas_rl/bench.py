@@ -50,7 +50,7 @@ import statistics
 import time
 import typing
 from collections.abc import Callable, Sequence
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from atlas_rl.metrics import (
@@ -73,11 +73,17 @@ from atlas_rl.metrics import tokens_per_request_step as _tokens_per_request_step
 
 logger = logging.getLogger(__name__)
 
-BENCH_METHODS = ("none", "vllm-ngram", "vllm-suffix", "atlas-static", "atlas")
-WORKLOADS = ("drift", "code", "math", "javascript", "epochs")
+BENCH_METHODS = ("none", "vllm-ngram", "vllm-suffix", "atlas-static", "atlas", "domain-oracle")
+#: run only when asked for (or by the domain-gap workload): it distils a drafter first
+ON_REQUEST_METHODS = ("domain-oracle",)
+WORKLOADS = ("drift", "code", "math", "javascript", "epochs", "domain-gap")
 #: the default drift: from a domain the bundled static drafters were distilled on (GSM8K-
 #: style arithmetic) to one they never saw (JavaScript)
 DRIFT_DOMAINS = ("math", "javascript")
+#: the domain-gap workload's default domains: two the bundled drafters were never distilled
+#: on (the MLP one saw GSM8K and HumanEval, the EAGLE-3 one also eight other programming
+#: languages and English instructions), each for half the steps
+DOMAIN_GAP_DOMAINS = ("javascript", "code-php")
 #: ``tail``: the figure of record, fixed length (EOS ignored: every method generates the
 #: same tokens at the same batch size); ``tail_rl``: the same group as an RL step samples
 #: it (stops at EOS; what the checks and the policy update use); ``large_batch``.
@@ -107,6 +113,8 @@ def available_methods() -> list[str]:
     """The methods this installation can run, in the benchmark's order."""
     out = []
     for m in BENCH_METHODS:
+        if m in ON_REQUEST_METHODS:
+            continue
         if m == "vllm-suffix":
             try:
                 import arctic_inference  # noqa: F401
@@ -142,17 +150,35 @@ class BenchConfig:
                 "language the bundled static drafters never saw); code (Python), math or "
                 "javascript: one domain; epochs: a fixed set of code and math prompts (or one "
                 "--prompts file) revisited every --epoch-steps steps, so earlier "
-                "completions of the same prompt can draft (history drafting)",
+                "completions of the same prompt can draft (history drafting); domain-gap: "
+                "--domains (default javascript, code-php: none of them in any bundled "
+                "drafter's data), an equal share of the steps each, prompts coming back in "
+                "epochs, with the domain-oracle method beside atlas-static and atlas",
         "choices": WORKLOADS})
+    domains: list[str] | None = field(default=None, metadata={
+        "help": "--workload domain-gap: its domains in order, from code, javascript, math, "
+                "instructions and code-LANGUAGE (a chat request for a function in that "
+                "language, e.g. code-php, code-lua) (default javascript,code-php)",
+        "type": _comma_list, "metavar": "D1,D2"})
     prompt_files: list[str] = field(default_factory=list, metadata={
         "help": "prompts from a JSONL file (.gz ok; a 'prompt', 'question' or 'messages' "
                 "field per line, optional 'answer'); give it twice to drift from the first "
                 "set to the second", "flag": "--prompts", "action": "append",
         "metavar": "FILE.jsonl"})
     steps: int = field(default=8, metadata={"help": "RL steps"})
-    epoch_steps: int = field(default=2, metadata={
-        "help": "--workload epochs: steps per epoch; step s's prompts (tail, large batch "
-                "and probe) come back at steps s + epoch_steps, s + 2 epoch_steps, ..."})
+    epoch_steps: int | None = field(default=None, metadata={
+        "help": "--workload epochs and domain-gap: steps per epoch; step s's prompts (tail, "
+                "large batch and probe) come back at steps s + epoch_steps, s + 2 "
+                "epoch_steps, ... (within a domain) (default: 2 with epochs; half a domain's "
+                "steps with domain-gap, so each of its prompts comes back once)",
+        "type": int})
+    oracle_prompts: int = field(default=128, metadata={
+        "help": "the domain-oracle method's budget: it is the static drafter's architecture "
+                "distilled (atlas-rl train-speculator, before the run, cached) on this many "
+                "of each domain's prompts that the run does not draw, x --oracle-completions, "
+                "<= 160 tokens, 8 epochs; its domains only"})
+    oracle_completions: int = field(default=2, metadata={
+        "help": "completions per prompt of the domain oracle's rollouts"})
     prompts_per_step: int = field(default=16, metadata={"help": "prompts in the large batch"})
     completions: int = field(default=4, metadata={
         "help": "completions per prompt, a GRPO group"})
@@ -255,14 +281,19 @@ class BenchConfig:
 
     def __post_init__(self):
         self._resolve_workload()
+        self._resolve_domains()
         for name in ("steps", "prompts_per_step", "completions", "max_tokens",
                      "large_batch_max_tokens", "tail_sequences", "probe_tokens",
-                     "epoch_steps"):
-            if getattr(self, name) < 1:
+                     "epoch_steps", "oracle_prompts", "oracle_completions"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.workload == "drift" and self.steps < 2:
             raise ValueError(f"a drift workload needs steps >= 2 (one per domain), got "
                              f"{self.steps}")
+        if self.workload == "domain-gap" and self.steps < len(self.domains):
+            raise ValueError(f"a domain-gap workload needs steps >= its {len(self.domains)} "
+                             f"domains (a share each), got {self.steps}: raise --steps or "
+                             f"give fewer --domains")
         if self.workload == "epochs" and self.steps <= self.epoch_steps:
             raise ValueError(f"an epochs workload needs steps > epoch_steps (else no prompt "
                              f"comes back), got steps {self.steps}, epoch_steps "
@@ -285,6 +316,8 @@ class BenchConfig:
                                  f"{', '.join(available_methods())}")
         if "none" not in self.methods:
             self.methods.insert(0, "none")  # the baseline every speedup divides by
+        if self.workload == "domain-gap" and "domain-oracle" not in self.methods:
+            self.methods.append("domain-oracle")  # the ceiling adaptation aims for
         if self.large_batch_steps is not None:
             bad = [s for s in self.large_batch_steps if not 0 <= s < self.steps]
             if bad:
@@ -292,7 +325,8 @@ class BenchConfig:
                                  f"0..{self.steps - 1}")
 
     def _resolve_workload(self) -> None:
-        """drift by default; with prompt files, "file" (one) or "drift" (two)."""
+        """drift by default; with prompt files, "file" (one) or "drift" (two); the
+        domain-gap workload's domains and every epoch length (`_resolve_domains`)."""
         if not self.prompt_files:
             self.workload = self.workload or "drift"
             if self.workload not in WORKLOADS:
@@ -317,27 +351,60 @@ class BenchConfig:
         if self.workload != "epochs":
             self.workload = "drift" if len(self.prompt_files) == 2 else "file"
 
+    def _resolve_domains(self) -> None:
+        if self.workload != "domain-gap":
+            if self.domains is not None:
+                raise ValueError(f"--domains {','.join(self.domains)} is for --workload "
+                                 f"domain-gap; add it, or drop --domains")
+            if self.epoch_steps is None and self.workload == "epochs":
+                self.epoch_steps = 2
+            return
+        if self.prompt_files:
+            raise ValueError("--workload domain-gap builds its prompts from --domains; drop "
+                             "--prompts")
+        from atlas_rl.workloads import domain_prompts
+
+        self.domains = list(self.domains or DOMAIN_GAP_DOMAINS)
+        if not self.domains or len(set(self.domains)) != len(self.domains):
+            raise ValueError(f"--domains needs distinct domain names, got {self.domains}")
+        for d in self.domains:
+            domain_prompts(d, 1)  # an unknown name fails here, naming the choices
+        if self.epoch_steps is None:
+            self.epoch_steps = max(1, self.steps // len(self.domains) // 2)
+
     @property
     def drift_step(self) -> int | None:
         """First step of the second domain (None without drift)."""
         return self.steps // 2 if self.workload == "drift" else None
 
+    @property
+    def phase_starts(self) -> list[int]:
+        """The first step of each domain's phase: drift two halves, domain-gap an equal
+        share per domain, the rest one phase."""
+        if self.workload == "drift":
+            return [0, self.steps // 2]
+        if self.workload == "domain-gap":
+            n = len(self.domains)
+            return [i * self.steps // n for i in range(n)]
+        return [0]
+
     def domain_phase(self, step: int) -> int:
-        d = self.drift_step
-        return 0 if d is None or step < d else 1
+        return max(i for i, start in enumerate(self.phase_starts) if start <= step)
 
     def prompt_slot(self, step: int) -> int:
         """Which slice of its domain's prompts step `step` draws: a new one every step,
-        counted from the domain's first step; with epochs, slice `step % epoch_steps`,
-        so the same prompts come back every epoch."""
-        if self.workload == "epochs":
-            return step % self.epoch_steps
-        d = self.drift_step
-        return step - d if d is not None and step >= d else step
+        counted from the domain's first step; with epochs (and domain-gap), slice
+        (steps into the domain) % epoch_steps, so the same prompts come back every
+        epoch."""
+        rel = step - self.phase_starts[self.domain_phase(step)]
+        return rel % self.epoch_steps if self.workload in ("epochs", "domain-gap") else rel
 
     def epoch(self, step: int) -> int | None:
-        """The epoch of `step` (0-based) with --workload epochs, else None."""
-        return step // self.epoch_steps if self.workload == "epochs" else None
+        """The epoch of `step` (0-based, within its domain) with --workload epochs or
+        domain-gap, else None."""
+        if self.workload not in ("epochs", "domain-gap"):
+            return None
+        return (step - self.phase_starts[self.domain_phase(step)]) // self.epoch_steps
 
     def resolved_large_batch_steps(self) -> list[int]:
         if self.large_batch_steps is not None:
@@ -366,10 +433,139 @@ def _domain_pools(cfg: BenchConfig) -> list[tuple[str, list]]:
             random.Random(cfg.seed).shuffle(prompts)
             pools.append((prompts[0].domain, prompts))
         return pools
-    makers = {"code": workloads.code_prompts, "math": workloads.math_prompts,
-              "javascript": workloads.javascript_prompts}
+    if cfg.workload == "domain-gap":  # each domain's first epoch_steps slices
+        return [(d, domain_pool(d, cfg.seed)[: cfg.epoch_steps * per_step])
+                for d in cfg.domains]
     names = DRIFT_DOMAINS if cfg.workload == "drift" else (cfg.workload,)
-    return [(name, makers[name](per_phase, seed=cfg.seed)) for name in names]
+    return [(name, workloads.domain_prompts(name, per_phase, seed=cfg.seed)) for name in names]
+
+
+def domain_pool(domain: str, seed: int, most: int = 4096) -> list:
+    """A domain's distinct prompts (up to `most`) in the seed's order: the run draws its
+    prompts from the front, the domain oracle distils on the ones after them."""
+    from atlas_rl import workloads
+
+    seen, out = set(), []
+    for p in workloads.domain_prompts(domain, most, seed=seed):
+        key = repr(p.prompt)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+# --- the domain oracle ------------------------------------------------------------------
+
+#: the oracle's rollouts and epochs: those of the bundled MLP drafter's distillation
+#: (`train_report.json`: <= 160 tokens, 2 completions, 8-10 epochs)
+ORACLE_MAX_TOKENS = 160
+ORACLE_EPOCHS = 8
+ORACLE_EAGLE3_SECONDS = 600.0
+
+
+def oracle_prompts(cfg: BenchConfig) -> dict[str, list]:
+    """Per domain of the run, the prompts its domain oracle distils on: the next
+    `oracle_prompts` of the domain after the ones the run draws (none of them in the run;
+    fewer where the domain has fewer distinct prompts). Only the run's domains."""
+    run = {d: {repr(p.prompt) for p in pool} for d, pool in _domain_pools(cfg)}
+    out = {}
+    for d in run:
+        rest = [p for p in domain_pool(d, cfg.seed) if repr(p.prompt) not in run[d]]
+        if not rest:
+            raise ValueError(f"domain {d!r} has no prompts left for its oracle after the "
+                             f"run's {len(run[d])}: lower --prompts-per-step or --steps")
+        out[d] = rest[: cfg.oracle_prompts]
+    return out
+
+
+def oracle_command(cfg: BenchConfig, model_path: str, prompt_files: list[str],
+                   num_prompts: int, out: str, dtype: str) -> list[str]:
+    """The `atlas-rl train-speculator` run that makes the domain oracle: the architecture
+    of the run's static drafter, its budget stated in its flags."""
+    import sys
+
+    kind = "eagle3" if cfg.drafter == "eagle3" else "mlp"
+    cmd = [sys.executable, "-m", "atlas_rl.cli", "train-speculator", "--model", model_path,
+           "--prompts", *prompt_files, "--out", out, "--num-prompts", str(num_prompts),
+           "--completions", str(cfg.oracle_completions), "--max-tokens", str(ORACLE_MAX_TOKENS),
+           "--epochs", str(ORACLE_EPOCHS), "--drafter", kind, "--seed", str(cfg.seed),
+           "--dtype", dtype]
+    if kind == "eagle3":
+        cmd += ["--time-budget", str(ORACLE_EAGLE3_SECONDS)]
+    return cmd
+
+
+def build_domain_oracle(cfg: BenchConfig, model_path: str, dtype: str, chat: bool,
+                        say: Callable[[str], None]) -> tuple[str, dict]:
+    """The domain oracle's drafter directory (distilled now, or found in the cache from
+    an earlier run with the same model files, prompts and budget) and its report. Its
+    prompts are given as the run gives them (`chat`: the model has a chat template, else
+    chat messages become plain text). It runs in a child process: a vLLM engine built
+    and dropped in this one would tear down the process-wide state the bench's engines
+    share."""
+    import hashlib
+    import shutil
+    import subprocess
+    import tempfile
+
+    from atlas_rl.models import cache_dir
+
+    prompts = oracle_prompts(cfg)
+    as_given = {d: [_as_engine_prompt(p.prompt, chat, [True]) for p in ps]
+                for d, ps in prompts.items()}
+    rows = {d: [json.dumps({"messages": p} if isinstance(p, list) else {"prompt": p})
+                for p in ps] for d, ps in as_given.items()}
+    weights = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime))
+                     for f in Path(model_path).iterdir() if f.is_file())
+    key_src = json.dumps({"model": str(Path(model_path).resolve()), "files": weights,
+                          "rows": rows, "completions": cfg.oracle_completions,
+                          "max_tokens": ORACLE_MAX_TOKENS, "epochs": ORACLE_EPOCHS,
+                          "drafter": cfg.drafter, "dtype": dtype, "seed": cfg.seed},
+                         sort_keys=True)
+    key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+    out = cache_dir() / "oracles" / f"{Path(model_path).name}-{'+'.join(rows)}-{key}"
+    if (out / "train_report.json").is_file():
+        say(f"domain oracle: {out} (cached: the same model files, prompts and budget)")
+    else:
+        with tempfile.TemporaryDirectory(prefix="atlas-oracle-") as tmp:
+            files = []
+            for d, lines in rows.items():
+                files.append(str(Path(tmp) / f"{d}.jsonl"))
+                Path(files[-1]).write_text("".join(line + "\n" for line in lines))
+            cmd = oracle_command(cfg, model_path, files, sum(map(len, rows.values())),
+                                 str(Path(tmp) / "drafter"), dtype)
+            say(f"domain oracle: distilling the {'EAGLE-3' if cfg.drafter == 'eagle3' else 'MLP'}"
+                f" drafter on {' + '.join(f'{len(v)} {d}' for d, v in rows.items())} prompts "
+                f"the run does not draw, x {cfg.oracle_completions} completions x <= "
+                f"{ORACLE_MAX_TOKENS} tokens, {ORACLE_EPOCHS} epochs (cached for later runs)")
+            env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
+            t0 = time.perf_counter()
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            if proc.returncode != 0:
+                raise RuntimeError(f"the domain oracle's distillation failed (exit "
+                                   f"{proc.returncode}); run without it with --methods "
+                                   f"(leaving out domain-oracle), or run it yourself: "
+                                   f"{' '.join(cmd)}\n{proc.stderr[-2000:]}")
+            report = json.loads((Path(tmp) / "drafter" / "train_report.json").read_text())
+            report["oracle"] = {"domains": {d: len(v) for d, v in rows.items()},
+                                "seconds": time.perf_counter() - t0, "command": cmd[3:]}
+            (Path(tmp) / "drafter" / "train_report.json").write_text(json.dumps(report, indent=2))
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(Path(tmp) / "drafter", out, dirs_exist_ok=True)
+        say(f"domain oracle: {out} ({report['oracle']['seconds']:.0f} s)")
+    report = json.loads((out / "train_report.json").read_text())
+    return str(out), report
+
+
+def oracle_summary(report: dict) -> dict:
+    """What results carry of the oracle's train report: its budget and held-out figures."""
+    hist = report.get("history") or []
+    last = hist[-1] if hist else {}
+    return {"domains": (report.get("oracle") or {}).get("domains"),
+            "training_rows": report.get("training_rows"),
+            "seconds": (report.get("oracle") or {}).get("seconds"),
+            "heldout_accept_distribution": last.get("accept_distribution"),
+            "heldout_vocab_coverage": last.get("vocab_coverage")}
 
 
 def _step_prompts(pool: list, step: int, count: int) -> list:
@@ -761,6 +957,79 @@ def format_drift(results: dict) -> str:
     return "\n".join(lines)
 
 
+#: the methods the domain-gap summary follows per step, in its columns' order
+DOMAIN_GAP_METHODS = ("atlas-static", "atlas", "domain-oracle", "vllm-ngram", "vllm-suffix")
+
+
+def domain_gap_summary(results: dict) -> list[dict] | None:
+    """Per domain of a domain-gap run: each method's tail acceptance length and tokens
+    per request-step at every step of the domain, and at the domain's last step atlas
+    against atlas-static (the ratio) and against the domain oracle (the share of the
+    way from atlas-static to it that atlas went: 1.0 is the oracle, 0 the frozen
+    drafter; None where the oracle is not above atlas-static by 0.02); the worst step's
+    ratio. None for other workloads."""
+    c = results["config"]
+    if c.get("workload") != "domain-gap":
+        return None
+    bounds = [*c["phase_starts"], c["steps"]]
+    methods = results["methods"]
+    out = []
+    for i, domain in enumerate(c["domains"]):
+        lo, hi = bounds[i], bounds[i + 1]
+        per = {}
+        for m in DOMAIN_GAP_METHODS:
+            if m in methods:
+                rows = [r for r in methods[m]["steps"] if lo <= r["step"] < hi]
+                per[m] = {"acceptance_length": [r["acceptance_length"] for r in rows],
+                          "tokens_per_request_step": [r.get("speedup_estimate") for r in rows]}
+        row = {"domain": domain, "steps": [lo + 1, hi], "per_step": per}
+        al = {m: v["acceptance_length"] for m, v in per.items() if v["acceptance_length"]}
+        if "atlas" in al and BENCH_STATIC_METHOD in al:
+            a, s = al["atlas"], al[BENCH_STATIC_METHOD]
+            row["atlas_over_static_last"] = a[-1] / s[-1] if s[-1] else None
+            ratios = [x / y for x, y in zip(a, s) if y]
+            row["atlas_over_static_worst"] = min(ratios) if ratios else None
+            o = al.get("domain-oracle")
+            row["gap_closed_last"] = (a[-1] - s[-1]) / (o[-1] - s[-1]) \
+                if o and o[-1] - s[-1] > 0.02 else None
+        out.append(row)
+    return out
+
+
+def format_domain_gap(results: dict) -> str:
+    """The domain-gap summary as a table per domain (acceptance length, tokens per
+    request-step in brackets), then atlas's standing at the domain's last step."""
+    summary = domain_gap_summary(results)
+    if not summary:
+        return ""
+    blocks = []
+    for row in summary:
+        names = list(row["per_step"])
+        lines = [f"{row['domain']} (steps {row['steps'][0]}-{row['steps'][1]}): acceptance "
+                 f"length per step (tokens per request-step)", "",
+                 "| step | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        n = max(len(v["acceptance_length"]) for v in row["per_step"].values())
+        for j in range(n):
+            cells = []
+            for m in names:
+                v = row["per_step"][m]
+                if j < len(v["acceptance_length"]):
+                    cells.append(f"{fmt(v['acceptance_length'][j])} "
+                                 f"({fmt(v['tokens_per_request_step'][j])})")
+                else:
+                    cells.append("-")
+            lines.append(f"| {row['steps'][0] + j} | " + " | ".join(cells) + " |")
+        if "atlas_over_static_last" in row:
+            closed = row["gap_closed_last"]
+            lines += ["", f"last step: atlas {fmt(row['atlas_over_static_last'])}x "
+                          f"atlas-static's acceptance length, "
+                          + ("the oracle not above atlas-static" if closed is None else
+                             f"{100 * closed:.0f}% of the way to the domain oracle")
+                          + f"; worst step {fmt(row['atlas_over_static_worst'])}x"]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
 def _ms_per(seconds: float, n: float) -> str:
     return f"{1000 * seconds / n:.1f}"
 
@@ -858,11 +1127,24 @@ class _BenchRun:
         self.engine_config = engine_config(cfg, kv_gib)
         if cfg.atlas_settings:
             self.say("AtlasConfig set for every engine: " + ", ".join(cfg.atlas_settings))
+        self.oracle = None
+        if "domain-oracle" in self.methods:  # before any engine: it runs one of its own
+            from atlas_rl.backends.vllm.engine import default_dtype
+
+            dtype = default_dtype(True) if cfg.dtype == "auto" else cfg.dtype
+            oracle_dir, report = build_domain_oracle(cfg, path, dtype, self.chat, self.say)
+            self.oracle = {"dir": oracle_dir, **oracle_summary(report)}
         self.engines = {}
         for m in self.methods:
             self.bar.advance(f"building engine {m}")
             self.say(f"building the vLLM engine, speculation={m!r} ...")
-            self.engines[m] = AtlasRolloutEngine(path, speculation=m, config=self.engine_config)
+            if m == "domain-oracle":  # atlas-static with the drafter of the run's domains
+                conf = replace(self.engine_config, static_speculator=self.oracle["dir"])
+                self.engines[m] = AtlasRolloutEngine(path, speculation="atlas-static",
+                                                     config=conf)
+            else:
+                self.engines[m] = AtlasRolloutEngine(path, speculation=m,
+                                                     config=self.engine_config)
             self.engines[m].generate(["Warm-up."], n=2, max_tokens=8, seed=0)
         any_engine = self.engines["none"]
         self.dtype = str(any_engine.llm.llm_engine.model_config.dtype).replace("torch.", "")
@@ -884,7 +1166,7 @@ class _BenchRun:
 
         cfg = self.cfg
         tok = AutoTokenizer.from_pretrained(path)
-        chat = bool(getattr(tok, "chat_template", None))
+        chat = self.chat = bool(getattr(tok, "chat_template", None))
         longest = 0
         for _, pool in self.pools:
             for p in pool:
@@ -1094,11 +1376,13 @@ class _BenchRun:
 
         cfg = self.cfg
         methods_out = {m: self.method_results(m) for m in self.methods}
-        return {
+        out = {
             "machine": machine_info(self.dtype),
             "config": {**asdict(cfg), "large_batch_steps": self.lb_steps,
                        "drift_step": cfg.drift_step,
+                       "phase_starts": cfg.phase_starts,
                        "domains": [name for name, _ in self.pools],
+                       "domain_oracle": self.oracle,
                        "engine": self.engine_config.to_dict(),
                        "not_run": not_run},
             "policy": {"updates": self.policy.updates,
@@ -1108,6 +1392,8 @@ class _BenchRun:
             "methods": methods_out,
             "total_seconds": time.perf_counter() - t_start,
         }
+        out["domain_gap"] = domain_gap_summary(out)
+        return out
 
 
 def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
@@ -1160,7 +1446,11 @@ def headline(results: dict) -> str:
     c, mach = results["config"], results["machine"]
     drift = (f"drift {c['domains'][0]} -> {c['domains'][1]} at step {c['drift_step'] + 1}"
              if c.get("drift_step") is not None else f"domain {c['domains'][0]}")
-    if c.get("workload") == "epochs":
+    if c.get("workload") == "domain-gap":
+        bounds = [*c["phase_starts"], c["steps"]]
+        drift = "domain gap: " + ", ".join(
+            f"{d} (steps {bounds[i] + 1}-{bounds[i + 1]})" for i, d in enumerate(c["domains"]))
+    if c.get("workload") in ("epochs", "domain-gap"):
         n = c["epoch_steps"]
         drift += f", epochs of {n} step{'s' if n != 1 else ''} (prompts come back)"
     return (f"atlas-rl bench: {c['model']}, temperature {c['temperature']}, {c['steps']} steps "

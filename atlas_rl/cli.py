@@ -113,6 +113,7 @@ def _cmd_train_speculator(args) -> int:
 def _cmd_bench(args) -> int:
     from atlas_rl.bench import (
         BenchConfig,
+        format_domain_gap,
         format_drift,
         format_table,
         format_time_table,
@@ -143,6 +144,15 @@ def _cmd_bench(args) -> int:
         print("How far the policy drifted, and the frozen drafter on it (tail regime):")
         print()
         print(drift)
+        print()
+    if gap := format_domain_gap(results):
+        oracle = results["config"]["domain_oracle"]
+        print("The domain gap: the frozen drafter (atlas-static), the adaptive one (atlas) and "
+              "the domain oracle (distilled on " + ", ".join(
+                  f"{n} {d}" for d, n in (oracle.get("domains") or {}).items())
+              + " prompts the run does not draw), tail regime:")
+        print()
+        print(gap)
         print()
     bad = [m for m, r in results["methods"].items() if not r["exactness"]["exact"]]
     print("exactness: " + ("every method exact (greedy identity on a probe per step; "

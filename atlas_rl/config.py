@@ -52,7 +52,17 @@ class AtlasConfig:
                 "every update that does not diverge is published."})
     train_budget_fraction: float = field(default=0.1, metadata={
         "help": "The adaptive drafter trains after each rollout batch for at most this "
-                "share of the batch's rollout time (measured and reported)."})
+                "share of the batch's rollout time (measured and reported). 0: it never "
+                "trains (the suffix index still learns)."})
+    learn_where_drafting_pays: bool = field(default=True, metadata={
+        "help": "Learning that pays: the adaptive drafter's training budget after a batch is "
+                "train_budget_fraction x its rollout time x the share of its request-steps "
+                "at batch sizes where a surely accepted draft token pays for its "
+                "verification (the controller's step-cost model): where batches are too "
+                "large for speculation to pay (a loaded server, a 64-sequence CPU batch), "
+                "a better drafter gains nothing, so it learns little; in the tail, where "
+                "a better drafter is what is missing, it gets the whole share. Off: the "
+                "whole share after every batch."})
     learn_min_drafted_fraction: float = field(default=0.05, metadata={
         "help": "The neural drafter trains after a batch only if the controller drafted on "
                 "at least this share of the request-steps since the last update: a drafter "

@@ -398,6 +398,20 @@ class AtlasController:
             if self.benched[arm] <= 0:
                 del self.benched[arm]
 
+    def drafting_could_pay(self, num_seqs: int) -> bool:
+        """Whether a surely accepted draft token pays for its verification at this batch
+        size, by the step-cost model (True while the size's cost is unmeasured; False
+        over the batch cap). The adaptive drafter's learning budget follows it
+        (`speculation.learning_budget`)."""
+        if self.max_batch_size is not None and num_seqs > self.max_batch_size:
+            return False
+        if self.always:
+            return True
+        base = self.cost.base_seconds(num_seqs)
+        if not base:
+            return True
+        return num_seqs / base * self.cost.spec_cost(num_seqs)[1] < 1.0
+
     def _worth_drafting(self, num_seqs: int) -> tuple[bool, bool]:
         """(draft this step?, only to probe the cost?). Over the hard batch cap: no. A
         batch size whose cost without speculation was never measured: no, measure it
@@ -415,9 +429,7 @@ class AtlasController:
             self._since_base[bucket] = 0
             return False, False
         self._since_base[bucket] = since + 1
-        base = self.cost.base_seconds(num_seqs)
-        slope = self.cost.spec_cost(num_seqs)[1]
-        hopeless = (num_seqs / base * slope >= 1.0
+        hopeless = (not self.drafting_could_pay(num_seqs)
                     or self._cut_streak.get(self.cost.bucket(num_seqs), 0) >= self.cut_patience)
         if not hopeless:
             return True, False

@@ -243,18 +243,19 @@ class AtlasRolloutEngine:
         return update
 
     def _learn(self, sequences: list[list[int]], rollout_seconds: float, skip=()) -> dict:
-        budget = self.config.train_budget_fraction * rollout_seconds
-        drafted = self._drafted_fraction_since_learn()
-        neural = self.speculators.get("neural")
-        # a drafter that has never drafted (no static drafter, no draft vocabulary yet)
-        # learns from the first batches whatever the controller did: else it never starts
-        starting = isinstance(neural, NeuralSpeculator) and (
-            neural.vocab is None or (neural.version == 0 and neural.vocab_source != "static"))
+        since = self._counters_since_learn()
+        drafted = None if since is None else drafted_fraction(since.lookahead_hist,
+                                                              since.request_steps)
+        starting = speculation_room.drafter_starting(self.speculators)
+        budget, why = speculation_room.learning_budget(
+            self.config, rollout_seconds, since,
+            getattr(self.controller, "drafting_could_pay", None))
         waits = (drafted is not None and drafted < self.config.learn_min_drafted_fraction
                  and not starting)
         if waits:  # not drafting: training would cost its budget for nothing
             skip = tuple(skip) + ("neural",)
         out = speculation_room.learn_all(self.speculators, sequences, budget, skip)
+        out.update(why)
         if drafted is not None:
             out["drafted_fraction"] = drafted
         if waits and "neural" in self.speculators:
@@ -262,18 +263,16 @@ class AtlasRolloutEngine:
         self._totals["update_seconds"] += out["update_seconds"]
         return out
 
-    def _drafted_fraction_since_learn(self) -> float | None:
-        """Share of the proposer's request-steps that drafted since the last `learn` (None
-        without a proposer, or before any request-step)."""
+    def _counters_since_learn(self) -> SpecCounters | None:
+        """The proposer's counters since the last `learn` (None without a proposer, or
+        before any request-step)."""
         if self.proposer is None or not hasattr(self.proposer, "counters"):
             return None
         now = self.proposer.counters.copy()
         last, self._learn_counters = self._learn_counters, now
         if last is not None:
             now = now.since(last)
-        if now.request_steps <= 0:
-            return None
-        return drafted_fraction(now.lookahead_hist, now.request_steps)
+        return now if now.request_steps > 0 else None
 
     # --- generation ----------------------------------------------------------------
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from atlas_rl.metrics import POLICY_KL, atlas_name
 
 _COLORS = {"none": "#7f7f7f", "vllm-ngram": "#1f77b4", "vllm-suffix": "#2ca02c",
-           "atlas-static": "#ff7f0e", "atlas": "#d62728"}
+           "atlas-static": "#ff7f0e", "atlas": "#d62728", "domain-oracle": "#9467bd"}
 
 
 def _pyplot():
@@ -46,6 +46,7 @@ def plot_bench(results: dict, path: str | Path) -> Path:
     plt = _pyplot()
     methods = results["methods"]
     drift = results["config"].get("drift_step")
+    switches = results["config"].get("phase_starts", [0, drift] if drift is not None else [0])[1:]
     fig, axes = plt.subplots(3, 1, figsize=(9, 11), constrained_layout=True)
     ax_al, ax_sp, ax_bar = axes
 
@@ -65,12 +66,12 @@ def plot_bench(results: dict, path: str | Path) -> Path:
     if "none" in methods:
         ref = methods["none"]["steps"]
         ax_al.plot([r["step"] + 1 for r in ref], [r["oracle_acceptance_length"] for r in ref],
-                   "k--", label="oracle: one-hot ceiling (k=%d)" %
+                   "k--", label="one-hot ceiling (k=%d)" %
                    results["config"]["max_lookahead"])
     for ax in (ax_al, ax_sp):
-        if drift is not None:
-            ax.axvline(drift + 0.5, color="k", alpha=0.4, linestyle=":")
-            ax.text(drift + 0.55, 0.98, " domain switch", transform=ax.get_xaxis_transform(),
+        for at in switches:
+            ax.axvline(at + 0.5, color="k", alpha=0.4, linestyle=":")
+            ax.text(at + 0.55, 0.98, " domain switch", transform=ax.get_xaxis_transform(),
                     va="top", fontsize=8)
         ax.set_xlabel("RL step")
         ax.xaxis.get_major_locator().set_params(integer=True)

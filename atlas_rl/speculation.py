@@ -10,11 +10,12 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from atlas_rl.config import AtlasConfig
 from atlas_rl.controller import AtlasController
+from atlas_rl.metrics import SpecCounters
 from atlas_rl.speculators import NeuralSpeculator, SuffixSpeculator
 from atlas_rl.speculators.base import Speculator
 from atlas_rl.speculators.eagle3 import Eagle3Speculator, is_eagle3_dir
@@ -87,13 +88,51 @@ def build_controller(config: AtlasConfig, speculators: dict[str, Speculator]) ->
         always=config.speculate_always, seed=config.seed)
 
 
+def drafter_starting(speculators: dict[str, Speculator]) -> bool:
+    """The neural drafter has never drafted: no static drafter and no update published
+    yet (or no draft vocabulary). It learns from the first batches whatever the
+    controller did: else it would never start."""
+    neural = speculators.get("neural")
+    return isinstance(neural, NeuralSpeculator) and (
+        neural.vocab is None or (neural.version == 0 and neural.vocab_source != "static"))
+
+
+def learning_budget(config: AtlasConfig, rollout_seconds: float,
+                    since: SpecCounters | None,
+                    could_pay: Callable[[int], bool] | None) -> tuple[float, dict]:
+    """The adaptive drafter's training budget in seconds after `rollout_seconds` of
+    rollouts, and what decided it. The rule (``learn_where_drafting_pays``):
+    ``train_budget_fraction`` of the rollout time, times the share of the request-steps
+    since the last update (the proposer's counters, `since`) that ran at batch sizes
+    where a surely accepted draft token pays for its verification (`could_pay`, the
+    controller's judgement of a batch size). A better drafter gains nothing where no draft
+    can pay, so learning there would cost its budget for nothing; where drafts can pay,
+    a drafter accepted little is what is missing, so it gets the whole share (a rule on
+    the gain so far would starve exactly the drafter that most needs to learn). No
+    counters or no judgement: the whole share."""
+    cap = config.train_budget_fraction * rollout_seconds
+    if not config.learn_where_drafting_pays or since is None or could_pay is None:
+        return cap, {}
+    weights = [(steps * 2 ** b, could_pay(2 ** b)) for b, steps in enumerate(since.batch_steps)
+               if steps]
+    total = sum(w for w, _ in weights)
+    if total <= 0:
+        return cap, {}
+    share = sum(w for w, pays in weights if pays) / total
+    return cap * share, {"learn_opportunity": share}
+
+
 def learn_all(speculators: dict[str, Speculator], sequences: list[list[int]],
               budget: float | None, skip: Sequence[str] = ()) -> dict:
     """Every speculator learns `sequences` (prompt + completion each) within one time
     budget in seconds: each gets what the ones before it left. None: no clock (each
-    learns one pass; deterministic, as tensor-parallel ranks need)."""
+    learns one pass; deterministic, as tensor-parallel ranks need). A budget of 0: the
+    neural drafter does not train (what it captured waits); the suffix index, which
+    costs next to nothing, still learns."""
     start = time.perf_counter()
     out = {}
+    if budget is not None and budget <= 0:
+        skip = (*skip, "neural")
     for name, spec in speculators.items():
         if name not in skip:
             left = None if budget is None else max(0.0, budget - (time.perf_counter() - start))

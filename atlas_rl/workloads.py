@@ -144,18 +144,53 @@ def math_prompts(count: int, seed: int = 0) -> list[Prompt]:
 CODE_LANGUAGES = ("C", "Go", "Rust", "Java", "Ruby", "C++", "Bash", "SQL")
 
 
-def code_language_prompts(count: int, seed: int = 0) -> list[Prompt]:
-    """The stdlib tasks of `code_prompts` as chat requests for a function in another
-    language: every task in every one of `CODE_LANGUAGES`, drawn by the seed."""
+def _language_tasks(languages) -> list[Prompt]:
     out = []
     for mod_name, name, _fn, _sig, first in _documented_functions():
         task = " ".join(first.split())
-        for lang in CODE_LANGUAGES:
+        for lang in languages:
             messages = [{"role": "user", "content": f"Write a {lang} function named `{name}`. "
                                                     f"What it does: {task}"}]
             out.append(Prompt(messages, "code-" + lang.lower(), None,
                               {"module": mod_name, "function": name, "language": lang}))
-    return _sample(out, count, seed)
+    return out
+
+
+def code_language_prompts(count: int, seed: int = 0) -> list[Prompt]:
+    """The stdlib tasks of `code_prompts` as chat requests for a function in another
+    language: every task in every one of `CODE_LANGUAGES`, drawn by the seed."""
+    return _sample(_language_tasks(CODE_LANGUAGES), count, seed)
+
+
+def language_prompts(language: str, count: int, seed: int = 0) -> list[Prompt]:
+    """The stdlib tasks of `code_prompts` as chat requests for a function in one
+    programming language (any name: "PHP", "Lua", "Haskell"), domain ``code-<language>``
+    in lower case; one prompt per documented function, repeated past their number."""
+    if not language.strip():
+        raise ValueError("a programming language's name is empty: write e.g. code-php")
+    return _sample(_language_tasks((language,)), count, seed)
+
+
+#: Display names of the languages `domain_prompts` knows by their lower-case domain name;
+#: any other ``code-<name>`` is asked for as written.
+_LANGUAGE_NAMES = {lang.lower(): lang for lang in (*CODE_LANGUAGES, "PHP", "Lua", "Haskell",
+                                                   "Kotlin", "Swift", "Perl", "Julia", "Scala",
+                                                   "TypeScript", "C#", "R")}
+
+
+def domain_prompts(domain: str, count: int, seed: int = 0) -> list[Prompt]:
+    """The prompts of one named domain: ``code`` (Python), ``javascript``, ``math``,
+    ``instructions``, or ``code-<language>`` (a chat request for a function in that
+    language, e.g. ``code-php``)."""
+    makers = {"code": code_prompts, "javascript": javascript_prompts, "math": math_prompts,
+              "instructions": instruction_prompts}
+    if domain in makers:
+        return makers[domain](count, seed)
+    if domain.startswith("code-") and len(domain) > len("code-"):
+        name = domain[len("code-"):]
+        return language_prompts(_LANGUAGE_NAMES.get(name, name), count, seed)
+    raise ValueError(f"unknown domain {domain!r}: choose code, javascript, math, "
+                     f"instructions or code-<language> (e.g. code-php, code-lua)")
 
 
 _TOPICS = ("photosynthesis", "the water cycle", "black holes", "compound interest", "the French "

@@ -148,6 +148,79 @@ def test_soak_index_and_buffers_stay_bounded_and_throughput_holds(make_engine, t
     assert statistics.median(tps[-50:]) > 0.5 * statistics.median(tps[50:100])
 
 
+def test_the_learning_budget_follows_where_drafting_can_pay():
+    """`learning_budget`: train_budget_fraction of the rollout time times the share of
+    request-steps at batch sizes where a draft could pay (each engine step of bucket b
+    weighs its 2**b requests); the rule off, or nothing to judge by: the whole share."""
+    from atlas_rl.config import AtlasConfig
+    from atlas_rl.metrics import SpecCounters
+    from atlas_rl.speculation import learning_budget
+
+    cfg = AtlasConfig(train_budget_fraction=0.1)
+    # 40 steps of 4 requests (bucket 2) and 10 steps of 64 (bucket 6)
+    since = SpecCounters(request_steps=800, batch_steps=[0, 0, 40, 0, 0, 0, 10])
+    small_only = lambda n: n <= 8  # noqa: E731
+    budget, why = learning_budget(cfg, 20.0, since, small_only)
+    assert why["learn_opportunity"] == pytest.approx(160 / 800)
+    assert budget == pytest.approx(2.0 * 160 / 800)
+    assert learning_budget(cfg, 20.0, since, lambda n: True)[0] == pytest.approx(2.0)
+    assert learning_budget(cfg, 20.0, since, lambda n: False)[0] == 0.0
+    off = AtlasConfig(train_budget_fraction=0.1, learn_where_drafting_pays=False)
+    assert learning_budget(off, 20.0, since, small_only) == (pytest.approx(2.0), {})
+    assert learning_budget(cfg, 20.0, None, small_only)[0] == pytest.approx(2.0)
+    assert learning_budget(cfg, 20.0, since, None)[0] == pytest.approx(2.0)
+
+
+def test_the_controller_judges_where_a_draft_could_pay():
+    """A surely accepted draft token pays where its verification costs less than the
+    step's throughput gives: B / base x slope < 1 (the step-cost model); an unmeasured
+    size could pay; over the batch cap nothing pays."""
+    from atlas_rl.controller import AtlasController
+
+    ctl = AtlasController(max_lookahead=4, speculators=["suffix"], max_batch_size=128)
+    assert ctl.drafting_could_pay(4) and ctl.drafting_could_pay(64)  # not measured yet
+    for _ in range(8):
+        ctl.record_step_time(4, 0, 0.025)   # 4 sequences: 25 ms a step
+        ctl.record_step_time(64, 0, 0.090)  # 64 sequences: 90 ms
+    for d in (4, 8, 16, 32) * 4:  # verification: 0.5 ms a draft token at 4, 2 ms at 64
+        ctl.record_step_time(4, d, 0.025 + 0.001 + 0.0005 * d)
+        ctl.record_step_time(64, d, 0.090 + 0.005 + 0.002 * d)
+    assert ctl.drafting_could_pay(4) and not ctl.drafting_could_pay(64)
+    assert not ctl.drafting_could_pay(256)  # over the cap
+
+
+def test_a_zero_budget_learns_nothing_and_the_engine_reports_its_budget(make_engine,
+                                                                        tiny_model_path,
+                                                                        static_dir):
+    """train_budget_fraction 0: the drafter takes no step (weights bit-equal, nothing
+    published, what it captured waits) while the suffix index still learns. With a
+    budget, the update's budget is the rule's, from the batch's own counters."""
+    from atlas_rl.speculation import learning_budget
+
+    engine = make_engine(tiny_model_path, "atlas", dtype="float32", speculate_always=True,
+                         static_speculator=str(static_dir), train_budget_fraction=0.0)
+    neural = engine.speculators["neural"]
+    saved = _net_state(engine)
+    batch = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=16, seed=0)
+    assert batch.stats["num_draft_tokens"] > 0
+    info = engine.update(batch)
+    assert info["update_budget_seconds"] == 0.0 and "drafter_version" not in info
+    assert all(torch.equal(saved[k], v) for k, v in _net_state(engine).items())
+    assert neural.version == 0 and neural.distiller.buffer.num_rows > 0
+    assert info["index_sequences"] == len(batch)
+    engine.config.train_budget_fraction = 0.1
+    engine.controller.always = False  # the cost model judges (every size unmeasured: pays)
+    before = engine.proposer.counters.copy()
+    batch = engine.generate(PROMPTS, n=2, temperature=1.0, max_tokens=16, seed=1)
+    since = engine.proposer.counters.copy().since(before)
+    expected, why = learning_budget(engine.config, engine._last_rollout_seconds, since,
+                                    engine.controller.drafting_could_pay)
+    info = engine.update(batch)
+    assert info["learn_opportunity"] == pytest.approx(why["learn_opportunity"])
+    assert info["update_budget_seconds"] == pytest.approx(expected)
+    assert info["update_budget_seconds"] <= 0.1 * engine._last_rollout_seconds + 1e-9
+
+
 def test_a_drafter_that_does_not_draft_waits_to_learn(make_engine, tiny_model_path, static_dir):
     """Under `learn_min_drafted_fraction` of drafting request-steps (here: speculation
     capped off), the update trains nothing and says so, and what the drafter captured

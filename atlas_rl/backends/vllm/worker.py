@@ -111,6 +111,7 @@ class WorkerSpeculation:
         self.sampler = None  # the runner's AtlasRejectionSampler (its NaN counters)
         self._generation_seconds = 0.0
         self._last_step: float | None = None
+        self._learn_counters = None  # the proposer's counters at the last learn
         self.metrics = None  # last: its thread reads the fields above
         if fields.get("metrics_file"):
             from atlas_rl.backends.vllm.server_metrics import SnapshotWriter
@@ -150,8 +151,15 @@ class WorkerSpeculation:
         sequences = self.proposer.take_completed()
         if not sequences or not self.learning:
             return {}
-        if budget is None and self.tp_size == 1:
-            budget = self.config.train_budget_fraction * self._generation_seconds
+        now = self.proposer.counters.copy()
+        since = now if self._learn_counters is None else now.since(self._learn_counters)
+        self._learn_counters = now
+        why = {}
+        if budget is None and self.tp_size == 1:  # the rule of `learning_budget`
+            budget, why = speculation_room.learning_budget(
+                self.config, self._generation_seconds,
+                since if since.request_steps > 0 else None,
+                getattr(self.proposer.controller, "drafting_could_pay", None))
         # with tensor parallelism: no clock (budget None = one pass over the new
         # sequences), so that every rank takes the same optimizer steps
         self._generation_seconds = 0.0
@@ -160,6 +168,7 @@ class WorkerSpeculation:
         # inside an engine step vLLM runs under inference mode; training needs autograd
         with torch.inference_mode(False), torch.enable_grad():
             out = speculation_room.learn_all(self.proposer.speculators, sequences, budget)
+        out.update(why)
         self.learns += 1
         self.update_seconds += out.get("update_seconds", 0.0)
         self.last_update = {k: v for k, v in out.items() if isinstance(v, (int, float))}
