@@ -40,6 +40,7 @@ the sampled tokens (mean of -log p). Schema of the results: docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import importlib
 import json
@@ -540,12 +541,18 @@ def build_domain_oracle(cfg: BenchConfig, model_path: str, dtype: str, chat: boo
                 f"{ORACLE_MAX_TOKENS} tokens, {ORACLE_EPOCHS} epochs (cached for later runs)")
             env = {**os.environ, "VLLM_LOGGING_LEVEL": "ERROR"}
             t0 = time.perf_counter()
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+            tail: collections.deque = collections.deque(maxlen=40)
+            with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True, env=env) as proc:
+                for line in proc.stdout:  # its progress, as it comes
+                    tail.append(line.rstrip())
+                    if line.startswith(("budget:", "generate ", "epoch ", "held-out")):
+                        say("domain oracle: " + line.rstrip())
             if proc.returncode != 0:
                 raise RuntimeError(f"the domain oracle's distillation failed (exit "
                                    f"{proc.returncode}); run without it with --methods "
                                    f"(leaving out domain-oracle), or run it yourself: "
-                                   f"{' '.join(cmd)}\n{proc.stderr[-2000:]}")
+                                   f"{' '.join(cmd)}\n" + "\n".join(tail))
             report = json.loads((Path(tmp) / "drafter" / "train_report.json").read_text())
             report["oracle"] = {"domains": {d: len(v) for d, v in rows.items()},
                                 "seconds": time.perf_counter() - t0, "command": cmd[3:]}
@@ -957,6 +964,15 @@ def format_drift(results: dict) -> str:
     return "\n".join(lines)
 
 
+def gate_check_summary(records: dict[str, list[dict]]) -> dict:
+    """The publish gate's decisions checked on the next batch (`drafter_gate_right` of
+    every update of every regime): how many, and the share that were wrong."""
+    right = [r["drafter_gate_right"] for regime in REGIMES for r in records.get(regime, ())
+             if r.get("drafter_gate_right") is not None]
+    return {"gate_checks": len(right),
+            "gate_error_rate": 1.0 - statistics.fmean(right) if right else None}
+
+
 #: the methods the domain-gap summary follows per step, in its columns' order
 DOMAIN_GAP_METHODS = ("atlas-static", "atlas", "domain-oracle", "vllm-ngram", "vllm-suffix")
 
@@ -1027,6 +1043,11 @@ def format_domain_gap(results: dict) -> str:
                              f"{100 * closed:.0f}% of the way to the domain oracle")
                           + f"; worst step {fmt(row['atlas_over_static_worst'])}x"]
         blocks.append("\n".join(lines))
+    atlas = results["methods"].get("atlas", {}).get("summary", {})
+    if atlas.get("gate_checks"):
+        blocks.append(f"atlas's publish gate: {atlas['gate_checks']} decisions checked on the "
+                      f"next batch's held-out rollouts, {100 * atlas['gate_error_rate']:.0f}% "
+                      f"wrong")
     return "\n\n".join(blocks)
 
 
@@ -1352,6 +1373,7 @@ class _BenchRun:
                 [r["acceptance_length"] for r in tail if r["step"] >= d])
         summary["speedup_ci"] = regimes["tail"].get("speedup_ci")
         summary["entropy"] = regimes["tail"].get("entropy")
+        summary.update(gate_check_summary(records))
         if m == "none":
             summary["speedup"] = 1.0
         return {"summary": summary, "regimes": regimes, "steps": _step_rows(records, exact),
@@ -1410,7 +1432,8 @@ def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
     bar = _Progress(units, enabled=progress)
     say = log or bar.log
     not_run = {m: "not installed (pip install arctic-inference)"
-               for m in BENCH_METHODS if m not in available_methods()}
+               for m in BENCH_METHODS
+               if m not in available_methods() and m not in ON_REQUEST_METHODS}
     say(f"methods: {', '.join(methods)}"
         + (f"  (not run: {', '.join(not_run)})" if not_run else ""))
     try:

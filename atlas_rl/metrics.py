@@ -223,7 +223,8 @@ ROLLOUT_METRICS = ("acceptance_length", "acceptance_rate", "lookahead", "tokens_
                    "rollout_seconds")
 #: Figures of the speculator's update (`engine.update` / `engine.learn`) it logs when present.
 UPDATE_METRICS = ("drafter_loss", "drafter_train_seconds", "update_budget_seconds",
-                  "drafter_published", "drafter_published_score", "drafter_candidate_score")
+                  "drafter_published", "drafter_published_score", "drafter_candidate_score",
+                  "drafter_gate_right", "drafter_gate_check_margin", "learn_opportunity")
 
 #: The scalars the TRL integration logs per generation (as METRIC_PREFIX + key).
 TRAINER_METRICS: dict[str, str] = {
@@ -246,6 +247,14 @@ TRAINER_METRICS: dict[str, str] = {
                                "rollouts: EAGLE-3, expected acceptance length of distribution "
                                "drafts; MLP, first-position acceptance over the draft vocabulary",
     "drafter_candidate_score": "the candidate's, on the same rollouts",
+    "drafter_gate_right": "1 if the publish gate's previous decision was right on this "
+                          "batch's held-out rollouts (neither drafter trained on them): the "
+                          "drafter it kept scores at least the one it turned down, else 0",
+    "drafter_gate_check_margin": "the previous candidate's score minus the drafter published "
+                                 "before it, on this batch's held-out rollouts",
+    "learn_opportunity": "share of the request-steps since the last update at batch sizes "
+                         "where a draft could pay: the share of train_budget_fraction the "
+                         "update got",
     "speedup_estimate": "1 + accepted tokens / request-steps: the factor by which "
                         "speculation cut the target's request-steps (an upper bound of the "
                         "speedup; `atlas-rl bench` measures it)",

@@ -159,6 +159,35 @@ def test_the_publish_gate_takes_a_better_candidate_and_refuses_a_worse_one():
     assert all(torch.equal(good[k], v) for k, v in spec.net.state_dict().items())
 
 
+def test_the_gates_decisions_are_checked_on_the_next_batch():
+    """The next gated update scores the last decision's two drafters on its own held-out
+    rows: a known-better candidate that was published is right (positive margin), a
+    wrecked one that was refused is right (negative margin), and the same decisions
+    reversed are counted wrong."""
+    policy = SyntheticPolicy(5)
+    spec = _speculator(policy)
+    _feed(spec, policy, sequences=12)
+    spec.distiller.max_epochs = 30
+    assert spec.learn(time_budget=None)["drafter_published"] == 1.0
+    first = spec.distiller._last_decision
+    spec.distiller.max_epochs = 2
+    _feed(spec, policy, sequences=12)
+    checked = spec.learn(time_budget=None)
+    assert checked["drafter_gate_right"] == 1.0 and checked["drafter_gate_check_margin"] > 0.03
+    before, candidate, _ = first  # the same decision, reversed: wrong on the same rows
+    spec.distiller._last_decision = (before, candidate, False)
+    _feed(spec, policy, sequences=12)
+    assert spec.learn(time_budget=None)["drafter_gate_right"] == 0.0
+    _feed(spec, policy, sequences=12)
+    spec.distiller.optimizer_state, spec.distiller.lr = None, 50.0  # a wrecking candidate
+    spec.distiller.batch_rows, spec.distiller.max_epochs = 1 << 20, 1
+    assert spec.learn(time_budget=None)["drafter_published"] == 0.0
+    spec.distiller.lr, spec.distiller.batch_rows, spec.distiller.max_epochs = 3e-3, 256, 2
+    _feed(spec, policy, sequences=12)
+    refused = spec.learn(time_budget=None)
+    assert refused["drafter_gate_right"] == 1.0 and refused["drafter_gate_check_margin"] < -0.03
+
+
 def test_the_gate_steps_aside_with_too_few_rows_or_when_switched_off():
     policy = SyntheticPolicy(6)
     spec = _speculator(policy)

@@ -10,6 +10,12 @@ the draft vocabulary). Adaptation can then not make the drafter worse on what th
 policy samples now; the held-out rows join the training pool at the next update. The
 split depends on the buffer alone, so ranks holding the same buffer decide alike.
 
+The gate is itself checked: the next gated update scores the two drafters of the last
+decision (the one published before it and the candidate) on its own held-out rows, a
+batch neither trained on, and reports whether the decision was right
+(``drafter_gate_right``, with the two scores' gap ``drafter_gate_check_margin``): its
+error rate against the next batch.
+
 Training is distillation from the policy's own distribution: every target hidden state
 h_{t+1} gives p = softmax(h_{t+1} W^T), so the loss is the cross-entropy of q against p
 restricted to the draft vocabulary (the best q with that support). Rows are
@@ -88,12 +94,16 @@ class Distiller:
         self.rollbacks = 0   # updates not published: diverged, or lost the publish gate
         self.loss_ema: float | None = None
         self.optimizer_state = None
+        # the last gated decision (published before, candidate, published?), kept on the
+        # CPU until the next gated update checks it on its own held-out rows
+        self._last_decision: tuple[dict, dict, bool] | None = None
 
     def reset(self) -> None:
         """Forget the buffer and the optimizer; version 0 (a freshly distilled drafter)."""
         self.buffer.clear()
         self.optimizer_state = None
         self.version = 0
+        self._last_decision = None
 
     def published(self, net: DrafterNet) -> dict:
         """The published drafter (weights and counters), e.g. to broadcast to other ranks."""
@@ -122,9 +132,11 @@ class Distiller:
         if held < self.min_gate_rows or held >= len(tok):
             held = 0
         self.buffer.fresh_rows = 0  # the held-out rows train from the next update on
+        check = {}
         if held:
             held_rows = (h[-held:], tok[-held:], target[-held:])
             h, tok, target = h[:-held], tok[:-held], target[:-held]
+            check = self._check_last_decision(net, embed, head, held_rows)
         work = copy.deepcopy(net)
         opt = torch.optim.AdamW(work.parameters(), lr=self.lr, weight_decay=0.0)
         if self.optimizer_state is not None:
@@ -158,7 +170,8 @@ class Distiller:
                 continue
             break
         stats = {"drafter_train_seconds": time.perf_counter() - start,
-                 "drafter_rows": float(rows_seen), "drafter_buffer_rows": float(n + held)}
+                 "drafter_rows": float(rows_seen), "drafter_buffer_rows": float(n + held),
+                 **check}
         if diverged:
             self.rollbacks += 1  # keep the published weights and the old optimizer
             return {**stats, "drafter_rollback": 1.0, "drafter_rollbacks": float(self.rollbacks)}
@@ -171,6 +184,7 @@ class Distiller:
                 published_score = gate_score(net, embed, head, *held_rows)
                 candidate_score = gate_score(work, embed, head, *held_rows)
                 publish = candidate_score > published_score
+                self._last_decision = (_cpu_state(net), _cpu_state(work), publish)
                 stats.update(drafter_gate_rows=float(held),
                              drafter_published_score=published_score,
                              drafter_candidate_score=candidate_score,
@@ -185,6 +199,28 @@ class Distiller:
         stats["drafter_version"] = float(self.version)
         stats["drafter_rollbacks"] = float(self.rollbacks)
         return stats
+
+
+    def _check_last_decision(self, net: DrafterNet, embed: torch.Tensor, head: torch.Tensor,
+                             rows: Rows) -> dict[str, float]:
+        """Was the last gated decision right on `rows` (a batch neither drafter trained
+        on)? The published-before and candidate drafters scored as the gate scores."""
+        if self._last_decision is None:
+            return {}
+        before, candidate, published = self._last_decision
+        self._last_decision = None
+        judge = copy.deepcopy(net)
+        scores = []
+        for state in (before, candidate):
+            judge.load_state_dict(state)
+            scores.append(gate_score(judge, embed, head, *rows))
+        margin = scores[1] - scores[0]  # > 0: the candidate was the better one
+        right = margin > 0 if published else margin <= 0
+        return {"drafter_gate_right": float(right), "drafter_gate_check_margin": margin}
+
+
+def _cpu_state(net: DrafterNet) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
 
 def _autocast(device: torch.device, policy_dtype: torch.dtype):
