@@ -398,11 +398,22 @@ class AtlasController:
             if self.benched[arm] <= 0:
                 del self.benched[arm]
 
+    #: The per-position acceptance of a good drafter (what EAGLE-3 drafters reach at
+    #: temperature 1: 0.5-0.6): `drafting_could_pay` asks whether one would pay.
+    good_acceptance = 0.6
+
+    def cost_hopeless(self, num_seqs: int) -> bool:
+        """Even a surely accepted draft token cannot pay for its verification at this
+        batch size (its measured base; the slope of the step-cost model)."""
+        base = self.cost.base_seconds(num_seqs)
+        return bool(base) and num_seqs / base * self.cost.spec_cost(num_seqs)[1] >= 1.0
+
     def drafting_could_pay(self, num_seqs: int) -> bool:
-        """Whether a surely accepted draft token pays for its verification at this batch
-        size, by the step-cost model (True while the size's cost is unmeasured; False
-        over the batch cap). The adaptive drafter's learning budget follows it
-        (`speculation.learning_budget`)."""
+        """Whether a good drafter (`good_acceptance` per position, at its best lookahead)
+        would beat no speculation at this batch size, by the step-cost model (True while
+        the size's cost is unmeasured; False over the batch cap). The adaptive drafter's
+        learning budget follows it (`speculation.learning_budget`): where even a good
+        drafter would not pay, learning cannot either."""
         if self.max_batch_size is not None and num_seqs > self.max_batch_size:
             return False
         if self.always:
@@ -410,7 +421,11 @@ class AtlasController:
         base = self.cost.base_seconds(num_seqs)
         if not base:
             return True
-        return num_seqs / base * self.cost.spec_cost(num_seqs)[1] < 1.0
+        overhead, slope = self.cost.spec_cost(num_seqs)
+        a = self.good_acceptance
+        rates = lookahead_goodput([a ** (i + 1) for i in range(self.max_lookahead)],
+                                  num_seqs, base, overhead, slope)
+        return max(rates[1:], default=0.0) > rates[0]
 
     def _worth_drafting(self, num_seqs: int) -> tuple[bool, bool]:
         """(draft this step?, only to probe the cost?). Over the hard batch cap: no. A
@@ -429,7 +444,7 @@ class AtlasController:
             self._since_base[bucket] = 0
             return False, False
         self._since_base[bucket] = since + 1
-        hopeless = (not self.drafting_could_pay(num_seqs)
+        hopeless = (self.cost_hopeless(num_seqs)
                     or self._cut_streak.get(self.cost.bucket(num_seqs), 0) >= self.cut_patience)
         if not hopeless:
             return True, False
@@ -516,24 +531,31 @@ class AtlasController:
         bucket = self.cost.bucket(num_seqs)
         if not any(keep) or tokens / seconds <= num_seqs / base:
             self._cut_streak[bucket] = self._cut_streak.get(bucket, 0) + 1
-            return self._probe(drafts, plan.probe)
+            many = max(1, int(0.1 * base / slope)) if slope > 0 else len(drafts)
+            return self._probe(drafts, plan.probe,
+                               many if self.drafting_could_pay(num_seqs) else 1)
         self._cut_streak[bucket] = 0
         return [d.truncate(k) if k else EMPTY_DRAFT for d, k in zip(drafts, keep)]
 
-    def _probe(self, drafts: list[Draft], planned: bool) -> list[Draft]:
-        """No speculation this step, except one draft token for one request where the
-        plan was a probe or, otherwise, with probability `explore`: a cheap measurement
-        that keeps the cost model current (its estimate of speculation's overhead is
-        otherwise only ever updated by steps that speculate, so a stale, too-high one
-        would never be corrected)."""
+    def _probe(self, drafts: list[Draft], planned: bool, many: int = 1) -> list[Draft]:
+        """No speculation this step, except one draft token where the plan was a probe
+        or, otherwise, with probability `explore`: a cheap measurement that keeps the
+        cost model current (its estimate of speculation's overhead is otherwise only ever
+        updated by steps that speculate, so a stale, too-high one would never be
+        corrected) and the calibration too: for the `many` requests likeliest to accept
+        it. `_goodput_cut` asks for several where a good drafter would pay
+        (`drafting_could_pay`: the cut dropped the drafts for their calibrated
+        acceptance, not for the batch size), as many as verify in 10% of a plain step, so
+        that the calibration's feedback comes that many times as fast while the cut keeps
+        a drafter off (one new to a domain, say); else one."""
         empty = [EMPTY_DRAFT] * len(drafts)
         if not planned and self._rng.random() >= self.explore:
             return empty
         firsts = [(self._cumulative(d)[0], r) for r, d in enumerate(drafts) if d.tokens]
         if not firsts:
             return empty
-        r = max(firsts)[1]
-        empty[r] = drafts[r].truncate(1)
+        for _, r in sorted(firsts, reverse=True)[:many]:
+            empty[r] = drafts[r].truncate(1)
         self.probes += 1
         return empty
 

@@ -9,7 +9,7 @@ import torch
 
 from atlas_rl.controller import ArmCalibration, AtlasController, ConfidenceCalibrator, StepPlan
 from atlas_rl.speculators import Draft, SuffixSpeculator
-from atlas_rl.speculators.base import Arm
+from atlas_rl.speculators.base import EMPTY_DRAFT, Arm
 
 
 def test_drafts_from_learned_rollouts_with_majority_confidence():
@@ -127,6 +127,12 @@ def test_probes_of_one_draft_token_do_not_make_verification_look_free():
         plan = ctl.plan_step(64)
         assert not any(d.tokens for d in ctl.choose_drafts(plan, drafts))
     assert all(ctl.plan_step(64).lookahead == 0 for _ in range(20))  # then not even drafted
+    # a probe there: one token for one request (a good drafter would not pay here)
+    assert not ctl.drafting_could_pay(64)
+    assert sum(len(d) for d in ctl._probe([d[0] for d in drafts], True, 1)) == 1
+    ctl.explore = 1.0
+    plan = ctl.plan_step(64)
+    assert plan.probe and sum(len(d) for d in ctl.choose_drafts(plan, drafts)) == 1
 
 
 def test_controller_picks_no_speculation_when_the_cost_model_says_it_loses():
@@ -187,11 +193,13 @@ def test_probes_correct_a_stale_too_high_cost_estimate():
     drafts = [[Draft([1, 2, 3], [0.9] * 3, source="suffix")] for _ in range(4)]
     probes = 0
     for _ in range(600):
+        before = ctl.probes
         kept = ctl.choose_drafts(StepPlan(4), drafts)
         d = sum(len(k) for k in kept)
-        if d == 1:
+        if ctl.probes > before:  # a probe: one token (at this overhead no drafter would pay)
+            assert d == 1
             probes += 1
-        if d > 1:
+        elif d:
             break
         ctl.record_step_time(4, d, 0.075 + (0.008 + 0.0003 * d if d else 0.0))
     else:
@@ -214,6 +222,35 @@ def test_no_drafting_where_the_cut_keeps_dropping_every_draft():
     plan = ctl.plan_step(4)
     assert plan.lookahead > 0 and plan.probe
     assert sum(len(d) for d in ctl.choose_drafts(plan, drafts)) == 1  # the probe
+
+
+def test_where_drafts_are_cut_for_their_acceptance_probes_ask_every_request():
+    """A drafter new to a domain, under-confident there: its raw confidence (0.1) says
+    it would not be accepted, so the cut drops its drafts in the tail, where a good
+    drafter pays. The probes then draft one token for every request (verification is
+    cheap at 4 sequences: four times the feedback of a one-token probe), and the
+    feedback that it is accepted 60% of the time brings drafting back."""
+    ctl = _fed_controller(base=0.025, overhead=0.0015, slope=0.0005, num_seqs=4)
+    ctl.explore = 0.2
+    assert ctl.drafting_could_pay(4) and not ctl.cost_hopeless(4)
+    rng = random.Random(1)
+    drafts = [[Draft([1, 2, 3], [0.1] * 3, source="suffix")] for _ in range(4)]
+    probe_steps = 0
+    for _ in range(400):
+        before = ctl.probes
+        plan = ctl.plan_step(4)
+        kept = ctl.choose_drafts(plan, drafts) if plan.lookahead else [EMPTY_DRAFT] * 4
+        if ctl.probes > before:
+            assert [len(d) for d in kept] == [1, 1, 1, 1]  # every request, one token
+            probe_steps += 1
+        elif any(d.tokens for d in kept):
+            break  # drafting again
+        for d in kept:
+            if d.tokens:
+                ctl.record_acceptance(d, int(rng.random() < 0.6))
+    else:
+        pytest.fail("drafting never came back")
+    assert probe_steps >= 1
 
 
 def test_goodput_cut_keeps_the_likeliest_positions_first():
