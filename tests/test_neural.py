@@ -188,6 +188,36 @@ def test_the_gates_decisions_are_checked_on_the_next_batch():
     assert refused["drafter_gate_right"] == 1.0 and refused["drafter_gate_check_margin"] < -0.03
 
 
+def test_an_update_trains_on_the_newest_batch_first(monkeypatch):
+    """The first pass of an update takes the rows captured since the last update before
+    the replay buffer's older ones: with a budget of one minibatch (a domain switch, the
+    buffer full of the old domain), that minibatch is the new batch's rows only."""
+    import atlas_rl.speculators.distill as distill
+
+    old, new = SyntheticPolicy(1), SyntheticPolicy(2)
+    spec = _speculator(old)
+    _feed(spec, old, sequences=12, prefix="old")
+    spec.learn(time_budget=None)  # the old domain: trained, no longer fresh
+    spec.distiller.gate = False
+    _feed(spec, new, sequences=2, prefix="new")
+    spec.collect()  # into the buffer: 94 fresh rows
+    fresh = spec.distiller.buffer.fresh_rows
+    assert fresh == 2 * 47
+    rows = spec.distiller.buffer.rows()[1]
+    seen = []
+    real = distill.distill_loss
+    monkeypatch.setattr(distill, "distill_loss",
+                        lambda net, embed, h, tok, target, head: seen.append(tok.clone()) or
+                        real(net, embed, h, tok, target, head))
+    spec.distiller.batch_rows, spec.distiller.max_epochs = fresh, 1
+    spec.learn(time_budget=None)
+    newest = set(range(len(rows) - fresh, len(rows)))
+    assert len(seen[0]) == fresh
+    # the first minibatch holds exactly the new batch's rows (as a multiset of tokens)
+    assert sorted(seen[0].tolist()) == sorted(rows[sorted(newest)].tolist())
+    assert sum(len(t) for t in seen) == len(rows)  # then the rest: one pass over every row
+
+
 def test_the_gate_steps_aside_with_too_few_rows_or_when_switched_off():
     policy = SyntheticPolicy(6)
     spec = _speculator(policy)

@@ -16,6 +16,12 @@ batch neither trained on, and reports whether the decision was right
 (``drafter_gate_right``, with the two scores' gap ``drafter_gate_check_margin``): its
 error rate against the next batch.
 
+Each update's first pass takes the rows captured since the last update first, in a random
+order, then the older ones (the replay buffer), in a random order: a time budget that
+ends the pass early is spent on what the policy samples now (after a domain switch the
+buffer is mostly the old domain, and a uniform order gave the new rows a small share of the
+passes); later passes are uniform.
+
 Training is distillation from the policy's own distribution: every target hidden state
 h_{t+1} gives p = softmax(h_{t+1} W^T), so the loss is the cross-entropy of q against p
 restricted to the draft vocabulary (the best q with that support). Rows are
@@ -128,7 +134,8 @@ class Distiller:
         head = head.clone()
         device = head.device
         h, tok, target = (x.to(device, copy=True) for x in self.buffer.rows())
-        held = min(self.gate_rows, self.buffer.fresh_rows // 4) if self.gate else 0
+        fresh = min(self.buffer.fresh_rows, len(tok))
+        held = min(self.gate_rows, fresh // 4) if self.gate else 0
         if held < self.min_gate_rows or held >= len(tok):
             held = 0
         self.buffer.fresh_rows = 0  # the held-out rows train from the next update on
@@ -143,8 +150,13 @@ class Distiller:
             opt.load_state_dict(self.optimizer_state)
         losses, diverged, rows_seen, slowest = [], False, 0, 0.0
         n = len(tok)
+        newest = min(max(0, fresh - held), n)  # the rows captured since the last update
         for epoch in range(max_epochs):
-            order = to_device(torch.randperm(n, generator=generator), None, device)
+            order = torch.randperm(n, generator=generator)
+            if epoch == 0 and 0 < newest < n:  # this batch's rows first, then the replay
+                order = torch.cat([n - newest + torch.randperm(newest, generator=generator),
+                                   torch.randperm(n - newest, generator=generator)])
+            order = to_device(order, None, device)
             for s in range(0, n, self.batch_rows):
                 t0 = time.perf_counter()
                 if time_budget is not None and rows_seen and t0 - start + slowest > time_budget:
