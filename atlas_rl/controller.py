@@ -182,6 +182,7 @@ class StepCostModel:
         self.base: dict[int, deque] = {}         # bucket -> recent no-draft step seconds
         self.spec: dict[int, _Fit] = {}          # bucket -> fit of T on D (D > 0)
         self.observations = 0
+        self._seen_shapes: set[tuple[int, int]] = set()  # (B, D) of drafting steps seen
 
     @staticmethod
     def bucket(num_seqs: int) -> int:
@@ -200,8 +201,20 @@ class StepCostModel:
         return base + overhead + slope * num_draft_tokens
 
     def add_step(self, num_seqs: int, num_draft_tokens: int, seconds: float) -> None:
+        """One step's wall time. The first step of each drafting shape (B, D) is not
+        counted: the CPU backend builds its kernels for every new number of tokens in a
+        step (2-3x a step, once per process), and the first engine to draft at a batch
+        size pays that on every shape; counted, those steps put the overhead of
+        verification at several times its cost, the cut dropped every draft, and one-token
+        probes took RL steps to correct it (atlas-static and atlas drafted on ~1% of the
+        request-steps of a run's first 4 steps, where an engine built later drafted from
+        the first). No-draft steps have their own guard (`base_seconds`)."""
         if not (seconds > 0 and math.isfinite(seconds)):
             return
+        if num_draft_tokens > 0 and (num_seqs, num_draft_tokens) not in self._seen_shapes:
+            if len(self._seen_shapes) < 65536:  # bounded: B <= 1024 x D <= 64 at most
+                self._seen_shapes.add((num_seqs, num_draft_tokens))
+                return
         expected = self.predict(num_seqs, num_draft_tokens)
         if expected is not None:
             seconds = min(seconds, self.outlier_factor * expected)
@@ -409,11 +422,15 @@ class AtlasController:
         return bool(base) and num_seqs / base * self.cost.spec_cost(num_seqs)[1] >= 1.0
 
     def drafting_could_pay(self, num_seqs: int) -> bool:
-        """Whether a good drafter (`good_acceptance` per position, at its best lookahead)
-        would beat no speculation at this batch size, by the step-cost model (True while
-        the size's cost is unmeasured; False over the batch cap). The adaptive drafter's
-        learning budget follows it (`speculation.learning_budget`): where even a good
-        drafter would not pay, learning cannot either."""
+        """Whether a good drafter (`good_acceptance` per position) would beat no
+        speculation at this batch size: its first position's expected token is worth
+        more than the verification of a draft token for every request, a B x slope /
+        base (the step-cost model's measured base and per-token slope; verification's
+        fixed overhead, which longer drafts amortise and a transient stall inflates, is
+        left out). True while the size's cost is unmeasured; False over the batch cap.
+        The adaptive drafter's learning budget follows it
+        (`speculation.learning_budget`): where even a good drafter would not pay,
+        learning cannot either."""
         if self.max_batch_size is not None and num_seqs > self.max_batch_size:
             return False
         if self.always:
@@ -421,11 +438,7 @@ class AtlasController:
         base = self.cost.base_seconds(num_seqs)
         if not base:
             return True
-        overhead, slope = self.cost.spec_cost(num_seqs)
-        a = self.good_acceptance
-        rates = lookahead_goodput([a ** (i + 1) for i in range(self.max_lookahead)],
-                                  num_seqs, base, overhead, slope)
-        return max(rates[1:], default=0.0) > rates[0]
+        return num_seqs * self.cost.spec_cost(num_seqs)[1] / base < self.good_acceptance
 
     def _worth_drafting(self, num_seqs: int) -> tuple[bool, bool]:
         """(draft this step?, only to probe the cost?). Over the hard batch cap: no. A
@@ -531,31 +544,24 @@ class AtlasController:
         bucket = self.cost.bucket(num_seqs)
         if not any(keep) or tokens / seconds <= num_seqs / base:
             self._cut_streak[bucket] = self._cut_streak.get(bucket, 0) + 1
-            many = max(1, int(0.1 * base / slope)) if slope > 0 else len(drafts)
-            return self._probe(drafts, plan.probe,
-                               many if self.drafting_could_pay(num_seqs) else 1)
+            return self._probe(drafts, plan.probe)
         self._cut_streak[bucket] = 0
         return [d.truncate(k) if k else EMPTY_DRAFT for d, k in zip(drafts, keep)]
 
-    def _probe(self, drafts: list[Draft], planned: bool, many: int = 1) -> list[Draft]:
+    def _probe(self, drafts: list[Draft], planned: bool) -> list[Draft]:
         """No speculation this step, except one draft token where the plan was a probe
         or, otherwise, with probability `explore`: a cheap measurement that keeps the
         cost model current (its estimate of speculation's overhead is otherwise only ever
         updated by steps that speculate, so a stale, too-high one would never be
-        corrected) and the calibration too: for the `many` requests likeliest to accept
-        it. `_goodput_cut` asks for several where a good drafter would pay
-        (`drafting_could_pay`: the cut dropped the drafts for their calibrated
-        acceptance, not for the batch size), as many as verify in 10% of a plain step, so
-        that the calibration's feedback comes that many times as fast while the cut keeps
-        a drafter off (one new to a domain, say); else one."""
+        corrected), for the request likeliest to accept it."""
         empty = [EMPTY_DRAFT] * len(drafts)
         if not planned and self._rng.random() >= self.explore:
             return empty
         firsts = [(self._cumulative(d)[0], r) for r, d in enumerate(drafts) if d.tokens]
         if not firsts:
             return empty
-        for _, r in sorted(firsts, reverse=True)[:many]:
-            empty[r] = drafts[r].truncate(1)
+        r = max(firsts)[1]
+        empty[r] = drafts[r].truncate(1)
         self.probes += 1
         return empty
 
