@@ -200,7 +200,9 @@ class BenchConfig:
         "help": "seed of the prompts, the sampling, the policy and the checks"})
     methods: list[str] = field(default_factory=available_methods, metadata={
         "help": f"comma-separated, from: {', '.join(BENCH_METHODS)} (default: all "
-                f"installed; 'none' always runs)", "type": _comma_list, "metavar": "M1,M2"})
+                f"installed but domain-oracle, which distils a drafter first and runs by "
+                f"default with --workload domain-gap; 'none' always runs)",
+        "type": _comma_list, "metavar": "M1,M2"})
     lr: float = field(default=1e-4, metadata={
         "help": "policy learning rate of the GRPO updates (1e-4: KL from the initial "
                 "policy ~0.01-0.1 nats/token per step, the range of a GRPO run with a KL "

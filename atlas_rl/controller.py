@@ -182,7 +182,6 @@ class StepCostModel:
         self.base: dict[int, deque] = {}         # bucket -> recent no-draft step seconds
         self.spec: dict[int, _Fit] = {}          # bucket -> fit of T on D (D > 0)
         self.observations = 0
-        self._seen_shapes: set[tuple[int, int]] = set()  # (B, D) of drafting steps seen
 
     @staticmethod
     def bucket(num_seqs: int) -> int:
@@ -201,20 +200,8 @@ class StepCostModel:
         return base + overhead + slope * num_draft_tokens
 
     def add_step(self, num_seqs: int, num_draft_tokens: int, seconds: float) -> None:
-        """One step's wall time. The first step of each drafting shape (B, D) is not
-        counted: the CPU backend builds its kernels for every new number of tokens in a
-        step (2-3x a step, once per process), and the first engine to draft at a batch
-        size pays that on every shape; counted, those steps put the overhead of
-        verification at several times its cost, the cut dropped every draft, and one-token
-        probes took RL steps to correct it (atlas-static and atlas drafted on ~1% of the
-        request-steps of a run's first 4 steps, where an engine built later drafted from
-        the first). No-draft steps have their own guard (`base_seconds`)."""
         if not (seconds > 0 and math.isfinite(seconds)):
             return
-        if num_draft_tokens > 0 and (num_seqs, num_draft_tokens) not in self._seen_shapes:
-            if len(self._seen_shapes) < 65536:  # bounded: B <= 1024 x D <= 64 at most
-                self._seen_shapes.add((num_seqs, num_draft_tokens))
-                return
         expected = self.predict(num_seqs, num_draft_tokens)
         if expected is not None:
             seconds = min(seconds, self.outlier_factor * expected)

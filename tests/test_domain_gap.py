@@ -140,3 +140,17 @@ def test_domain_gap_runs_end_to_end_with_its_oracle(tiny_model_path, tmp_path):
     assert [g["domain"] for g in gap] == ["javascript", "code-php"]
     assert all(len(g["per_step"]["domain-oracle"]["acceptance_length"]) == 1 for g in gap)
     assert "The domain gap" in proc.stdout and "code-php (steps 2-2)" in proc.stdout
+
+
+def test_the_gates_error_rate_pools_every_checked_decision():
+    from atlas_rl.bench import gate_check_summary
+
+    records = {"tail": [{"drafter_gate_right": 1.0}, {"drafter_gate_right": 0.0}, {}],
+               "tail_rl": [{"drafter_gate_right": 1.0}, {"drafter_gate_right": 1.0}],
+               "large_batch": []}
+    assert gate_check_summary(records) == {"gate_checks": 4, "gate_error_rate": 0.25}
+    assert gate_check_summary({"tail": [{}]}) == {"gate_checks": 0, "gate_error_rate": None}
+    res = _results({"atlas-static": [1.2] * 4, "atlas": [1.3] * 4})
+    res["methods"]["atlas"]["summary"] = {"gate_checks": 4, "gate_error_rate": 0.25}
+    assert "4 decisions checked on the next batch's held-out rollouts, 25% wrong" in \
+        format_domain_gap(res)

@@ -222,30 +222,6 @@ def test_no_drafting_where_the_cut_keeps_dropping_every_draft():
     assert sum(len(d) for d in ctl.choose_drafts(plan, drafts)) == 1  # the probe
 
 
-def test_the_first_step_of_each_drafting_shape_does_not_count():
-    """The CPU backend builds its kernels for every new number of tokens in a step: the
-    first step of each drafting shape costs 2-3x. The cost model leaves those out, so an
-    engine that is the first in its process to draft does not put verification's
-    overhead at several times its cost (and cut every draft for RL steps)."""
-    from atlas_rl.controller import StepCostModel
-
-    model = StepCostModel()
-    for _ in range(8):
-        model.add_step(4, 0, 0.025)
-    for rnd in range(3):
-        for d in range(1, 13):
-            t = 0.025 + 0.0015 + 0.0005 * d
-            model.add_step(4, d, 3 * t if rnd == 0 else t)  # the first of each shape: 3x
-    overhead, slope = model.spec_cost(4)
-    assert overhead == pytest.approx(0.0015, abs=0.001) and slope == pytest.approx(0.0005, abs=2e-4)
-    counted = StepCostModel()  # what counting them did
-    for _ in range(8):
-        counted.add_step(4, 0, 0.025)
-    counted._seen_shapes = {(4, d) for d in range(1, 13)}
-    for d in range(1, 13):
-        counted.add_step(4, d, 3 * (0.025 + 0.0015 + 0.0005 * d))
-    assert counted.spec_cost(4)[0] > 0.02  # overhead: ~15x the truth
-
 def test_goodput_cut_keeps_the_likeliest_positions_first():
     ctl = _fed_controller(base=0.075, overhead=0.002, slope=0.004, num_seqs=2)
     _train_arm(ctl, "suffix", 0.7)
