@@ -249,7 +249,7 @@ class AtlasRolloutEngine:
         starting = speculation_room.drafter_starting(self.speculators)
         budget, why = speculation_room.learning_budget(
             self.config, rollout_seconds, since,
-            getattr(self.controller, "drafting_could_pay", None))
+            getattr(self.controller, "drafting_could_pay", None), starting)
         waits = (drafted is not None and drafted < self.config.learn_min_drafted_fraction
                  and not starting)
         if waits:  # not drafting: training would cost its budget for nothing

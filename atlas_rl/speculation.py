@@ -99,7 +99,8 @@ def drafter_starting(speculators: dict[str, Speculator]) -> bool:
 
 def learning_budget(config: AtlasConfig, rollout_seconds: float,
                     since: SpecCounters | None,
-                    could_pay: Callable[[int], bool] | None) -> tuple[float, dict]:
+                    could_pay: Callable[[int], bool] | None,
+                    starting: bool = False) -> tuple[float, dict]:
     """The adaptive drafter's training budget in seconds after `rollout_seconds` of
     rollouts, and what decided it. The rule (``learn_where_drafting_pays``):
     ``train_budget_fraction`` of the rollout time, times the share of the request-steps
@@ -109,9 +110,12 @@ def learning_budget(config: AtlasConfig, rollout_seconds: float,
     can pay, so learning there would cost its budget for nothing; where drafts can pay,
     a drafter accepted little is what is missing, so it gets the whole share (a rule on
     the gain so far would starve exactly the drafter that most needs to learn). No
-    counters or no judgement: the whole share."""
+    counters or no judgement, or a drafter that has not drafted yet (`starting`: no
+    static drafter, `drafter_starting`), which must learn from its first batches whatever
+    their size: the whole share."""
     cap = config.train_budget_fraction * rollout_seconds
-    if not config.learn_where_drafting_pays or since is None or could_pay is None:
+    if (not config.learn_where_drafting_pays or since is None or could_pay is None
+            or starting):
         return cap, {}
     weights = [(steps * 2 ** b, could_pay(2 ** b)) for b, steps in enumerate(since.batch_steps)
                if steps]

@@ -165,6 +165,9 @@ def test_the_learning_budget_follows_where_drafting_can_pay():
     assert budget == pytest.approx(2.0 * 160 / 800)
     assert learning_budget(cfg, 20.0, since, lambda n: True)[0] == pytest.approx(2.0)
     assert learning_budget(cfg, 20.0, since, lambda n: False)[0] == 0.0
+    # a drafter that has not drafted yet (no static one) learns its first batches
+    assert learning_budget(cfg, 20.0, since, lambda n: False, starting=True)[0] == \
+        pytest.approx(2.0)
     off = AtlasConfig(train_budget_fraction=0.1, learn_where_drafting_pays=False)
     assert learning_budget(off, 20.0, since, small_only) == (pytest.approx(2.0), {})
     assert learning_budget(cfg, 20.0, None, small_only)[0] == pytest.approx(2.0)

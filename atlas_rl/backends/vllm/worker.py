@@ -159,7 +159,8 @@ class WorkerSpeculation:
             budget, why = speculation_room.learning_budget(
                 self.config, self._generation_seconds,
                 since if since.request_steps > 0 else None,
-                getattr(self.proposer.controller, "drafting_could_pay", None))
+                getattr(self.proposer.controller, "drafting_could_pay", None),
+                speculation_room.drafter_starting(self.proposer.speculators))
         # with tensor parallelism: no clock (budget None = one pass over the new
         # sequences), so that every rank takes the same optimizer steps
         self._generation_seconds = 0.0
