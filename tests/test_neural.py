@@ -392,3 +392,50 @@ def test_a_drafter_without_a_vocabulary_yet_saves_and_loads(tmp_path):
     other.load(tmp_path)
     other.attach_target(policy.embed, policy.embed)
     assert other.vocab is None and not other.ready and other.draft_vocab_size == 24
+
+
+def test_training_runs_its_matmuls_in_bf16_where_the_cpu_has_bf16_units(monkeypatch):
+    """On a CPU with bf16 units the update's matmuls run in bf16 (twice the rows a
+    second) while the weights and AdamW state stay float32, and it learns what float32
+    training learns; without the units (or with ``cpu_bf16=False``) every matmul is
+    float32."""
+    import atlas_rl.speculators.distill as distill
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulDtypes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                self.seen.add(args[-1].dtype)
+            return func(*args, **(kwargs or {}))
+
+    policy = SyntheticPolicy(4)
+    held = _heldout(policy)
+    source = _speculator(policy)
+    _feed(source, policy, sequences=12)
+    rows = source.take_captured()
+
+    def trained(units: bool, cpu_bf16=None):
+        monkeypatch.setattr(distill, "cpu_has_native_bf16", lambda: units)
+        torch.manual_seed(0)
+        spec = _speculator(policy)
+        spec.distiller.gate, spec.distiller.cpu_bf16 = False, cpu_bf16
+        spec.add_captured(rows)
+        spec.collect()
+        with MatmulDtypes() as mode:
+            spec.train(max_epochs=8)
+        assert all(p.dtype == torch.float32 for p in spec.net.parameters())
+        state = spec.distiller.optimizer_state["state"]
+        assert all(v.dtype == torch.float32 for st in state.values() for k, v in st.items()
+                   if k != "step")
+        return mode.seen, spec.evaluate(*held)["accept_distribution"]
+
+    seen_bf16, acc_bf16 = trained(True)
+    seen_f32, acc_f32 = trained(True, cpu_bf16=False)
+    seen_plain, acc_plain = trained(False)
+    assert seen_bf16 == {torch.bfloat16}
+    assert seen_f32 == seen_plain == {torch.float32} and acc_f32 == pytest.approx(acc_plain)
+    assert acc_bf16 == pytest.approx(acc_f32, abs=0.01)

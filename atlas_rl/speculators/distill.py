@@ -28,8 +28,9 @@ restricted to the draft vocabulary (the best q with that support). Rows are
 (h_t, x_{t+1}, h_{t+1}): the hidden state the policy sampled x_{t+1} from, that token,
 and the hidden state at the next position.
 
-Devices: on CUDA with a bf16 policy, training runs under bf16 autocast with float32
-weights and AdamW state; on the CPU everything is float32.
+Devices: training runs under bf16 autocast with float32 weights and AdamW state on CUDA
+with a bf16 policy and on CPUs with bf16 units (twice the rows a second of a budget);
+elsewhere it is float32.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Callable
 import torch
 
 from atlas_rl.kernels.staging import to_device
+from atlas_rl.machine import cpu_has_native_bf16
 from atlas_rl.speculators.drafter_net import DrafterNet
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (h_t, x_{t+1}, h_{t+1})
@@ -95,6 +97,9 @@ class Distiller:
         self.batch_rows = int(batch_rows)
         self.max_epochs = int(max_epochs)
         self.gate = bool(gate)
+        #: bf16 autocast for training on the CPU: None decides by the CPU's bf16 units
+        #: (`_autocast`); False keeps float32
+        self.cpu_bf16: bool | None = None
         self.buffer = DistillBuffer(max_buffer_rows)
         self.version = 0     # bumped whenever new weights are published
         self.rollbacks = 0   # updates not published: diverged, or lost the publish gate
@@ -162,7 +167,7 @@ class Distiller:
                 if time_budget is not None and rows_seen and t0 - start + slowest > time_budget:
                     break  # the next minibatch may take as long as the slowest so far
                 idx = order[s:s + self.batch_rows]
-                with _autocast(device, embed.dtype):
+                with _autocast(device, embed.dtype, self.cpu_bf16):
                     loss = distill_loss(work, embed, h[idx], tok[idx], target[idx], head)
                 value = float(loss.detach())  # a sync per minibatch: divergence and budget
                 limit = 4 * self.loss_ema + 1.0 if self.loss_ema is not None else math.inf
@@ -235,12 +240,18 @@ def _cpu_state(net: DrafterNet) -> dict:
     return {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
 
 
-def _autocast(device: torch.device, policy_dtype: torch.dtype):
-    """bf16 autocast for training on CUDA when the policy is bf16 (matmuls in bf16,
-    softmax and the loss in float32); fp16 policies train in float32 (no loss scaling
-    here), as does the CPU."""
+def _autocast(device: torch.device, policy_dtype: torch.dtype, cpu_bf16: bool | None = None):
+    """bf16 autocast for training (matmuls in bf16, softmax and the loss in float32,
+    weights and AdamW state float32): on CUDA when the policy is bf16 (fp16 policies
+    train in float32: no loss scaling here); on a CPU with bf16 units (AVX512-BF16, AMX)
+    whatever the policy's dtype (`cpu_bf16` None), where it trains twice the rows a second
+    (a 576-wide drafter over a 4,096-token draft vocabulary, 256 rows a minibatch: 39 -> 19
+    ms on an AMD EPYC) and the drafter drafts in bf16 anyway (`NeuralSpeculator.
+    _draft_dtype`); CPUs without them train in float32 (emulated bf16 is slower)."""
     if device.type == "cuda" and policy_dtype == torch.bfloat16:
         return torch.autocast("cuda", dtype=torch.bfloat16)
+    if device.type == "cpu" and (cpu_has_native_bf16() if cpu_bf16 is None else cpu_bf16):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 

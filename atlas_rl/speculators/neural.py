@@ -27,8 +27,9 @@ goes to the verifier (accepted with probability 1 - TV(p, q)); otherwise the dra
 q's argmax, one-hot (accepted with probability p(x)).
 
 Devices: the drafter lives where the policy's embedding does (``attach_target``). On CUDA
-with a bf16 policy it drafts with bf16 matmuls (softmax and sampling in float32) and
-trains with float32 weights under bf16 autocast; on the CPU everything is float32. The
+with a bf16 policy, and on a CPU with bf16 units whatever the policy's dtype, it drafts
+with bf16 matmuls (softmax and sampling in float32) and trains with float32 weights under
+bf16 autocast; on other CPUs everything is float32. The
 drafting step waits for the device once per `propose` call: the Draft contract hands
 tokens and confidences back as Python lists (docs/gpu.md lists the host syncs).
 """
