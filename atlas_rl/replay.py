@@ -46,6 +46,7 @@ RECIPE_DEFAULTS = {
     "batch_rows": 256,
     "max_buffer_rows": 16384,
     "gate": True,            # AtlasConfig.drafter_publish_gate
+    "gate_z": 2.0,           # Distiller.gate_z: refuse a candidate worse by this many SEs
     "budget_s": 0.34,        # seconds of training per batch (the tail's 10% here)
     "count_decay": 0.7,      # NeuralSpeculator.COUNT_DECAY
     "refresh_margin": 0.01,  # NeuralSpeculator.REFRESH_MARGIN
@@ -197,7 +198,7 @@ def policy_tensors(model: str) -> tuple[torch.Tensor, torch.Tensor]:
 
     from atlas_rl.models import resolve_model
 
-    m = AutoModelForCausalLM.from_pretrained(resolve_model(model), torch_dtype=torch.float32)
+    m = AutoModelForCausalLM.from_pretrained(resolve_model(model), dtype=torch.float32)
     embed = m.get_input_embeddings().weight.detach().clone()
     head = m.get_output_embeddings().weight.detach().clone()
     del m
@@ -216,6 +217,7 @@ def load_drafter(directory: str | None, embed: torch.Tensor, head: torch.Tensor,
                             batch_rows=r.get("batch_rows"), max_epochs=r.get("max_epochs"),
                             frozen=recipe is None, seed=seed, gate=r.get("gate"))
     spec.distiller.cpu_bf16 = r.get("cpu_bf16")
+    spec.distiller.gate_z = float(r.get("gate_z"))
     spec.COUNT_DECAY = r.get("count_decay")
     spec.REFRESH_MARGIN = r.get("refresh_margin")
     if directory is not None:

@@ -76,16 +76,18 @@ def test_drafter_learns_the_policy_distribution_and_publishes_new_weights():
         stats = spec.learn(time_budget=None)
         versions.append(stats["drafter_version"])
         published.append(stats["drafter_published"])
-        # the gate judged on the batch's held-out rows, and published only a better candidate
+        # the gate judged on the batch's held-out rows, and refused only a candidate worse
+        # than the published drafter by more than gate_z standard errors
         assert stats["drafter_gate_rows"] >= Distiller.min_gate_rows
-        assert (stats["drafter_candidate_score"] > stats["drafter_published_score"]) == \
+        margin = stats["drafter_candidate_score"] - stats["drafter_published_score"]
+        assert (margin > -Distiller.gate_z * stats["drafter_gate_se"]) == \
             (stats["drafter_published"] == 1.0)
     after = spec.evaluate(*held)
     # distribution drafts: 1 - TV(p, q) rises well above where it started
     assert after["accept_distribution"] > before["accept_distribution"] + 0.15, (before, after)
-    # most candidates are published (8 or more of 12 in 29 of 30 runs, 7 in one: the
-    # gate's near ties go either way with run-to-run float differences)
-    assert versions == sorted(versions) and versions[-1] == sum(published) >= 7
+    # most candidates are published (near ties are, since the gate refuses only a
+    # candidate worse beyond the held-out rows' noise)
+    assert versions == sorted(versions) and versions[-1] == sum(published) >= 9
     assert spec.rollbacks == 12 - sum(published)
     assert any(not torch.equal(old_net[k], v) for k, v in spec.net.state_dict().items())
     # the proposer's next drafts come from the published weights
@@ -439,3 +441,23 @@ def test_training_runs_its_matmuls_in_bf16_where_the_cpu_has_bf16_units(monkeypa
     assert seen_bf16 == {torch.bfloat16}
     assert seen_f32 == seen_plain == {torch.float32} and acc_f32 == pytest.approx(acc_plain)
     assert acc_bf16 == pytest.approx(acc_f32, abs=0.01)
+
+
+def test_the_gate_refuses_a_candidate_only_when_it_is_worse_beyond_the_rows_noise():
+    from atlas_rl.speculators.distill import gate_publishes, paired_se
+
+    g = torch.Generator().manual_seed(0)
+    published = torch.rand(256, generator=g)
+    noise = 0.05 * torch.randn(256, generator=g)
+    noise -= noise.mean()  # the differences' mean is exactly the shift
+    slightly = published - 0.002 + noise          # lower, within the noise: published
+    ok, se = gate_publishes(slightly, published, z=2.0)
+    assert ok and 0.002 < 2 * se < 0.05
+    assert not gate_publishes(slightly, published, z=0.0)[0]  # z = 0: any loss refuses
+    worse = published - 0.05 + noise              # lower beyond the noise: refused
+    assert not gate_publishes(worse, published, z=2.0)[0]
+    assert gate_publishes(published + 0.01, published, z=2.0)[0]
+    # the standard error of the mean from blocks of rows: 8 blocks of 32 rows
+    blocks = torch.arange(8.0).repeat_interleave(32)
+    assert paired_se(blocks) == pytest.approx(float(torch.arange(8.0).std() / 8 ** 0.5))
+    assert paired_se(torch.ones(40)) == 0.0  # one block: no estimate, no margin

@@ -4,9 +4,10 @@ receive.
 
 The publish gate: an update trains a candidate on the buffer less the newest rows' last
 quarter (at most `gate_rows`: the end of the batch just captured, whole sequences but
-for one), and publishes it only if its acceptance on those held-out rows beats the
+for one), and publishes it unless its acceptance on those held-out rows falls below the
 published drafter's (a distribution draft's first position, against the policy's p over
-the draft vocabulary). Adaptation can then not make the drafter worse on what the
+the draft vocabulary) by more than `gate_z` standard errors of the paired difference: a
+candidate worse beyond the batch's noise is refused, one within it is published. Adaptation can then not make the drafter worse on what the
 policy samples now; the held-out rows join the training pool at the next update. The
 split depends on the buffer alone, so ranks holding the same buffer decide alike.
 
@@ -90,6 +91,15 @@ class Distiller:
     #: `min_gate_rows` (too few to judge on: the candidate is published as before).
     gate_rows = 512
     min_gate_rows = 64
+    #: A candidate is refused only when it scores below the published drafter by more
+    #: than this many standard errors of the rows' paired differences (blocks of
+    #: `gate_block` consecutive rows: neighbouring positions of a completion are not
+    #: independent). 0: refused whenever it scores lower, however little. Replayed on a
+    #: domain gap (`atlas_rl.replay`), refusing at 0 cost 2-11 points of the way from the
+    #: frozen drafter to the domain oracle: most refusals were a batch's noise, and each
+    #: one threw an update's learning away.
+    gate_z = 2.0
+    gate_block = 32
 
     def __init__(self, lr: float = 1e-3, max_buffer_rows: int = 16384, batch_rows: int = 256,
                  max_epochs: int = 2, gate: bool = True):
@@ -198,9 +208,13 @@ class Distiller:
             stats["drafter_loss"] = mean
             publish = True
             if held:
-                published_score = gate_score(net, embed, head, *held_rows)
-                candidate_score = gate_score(work, embed, head, *held_rows)
-                publish = candidate_score > published_score
+                published_rows = gate_row_scores(net, embed, head, *held_rows)
+                candidate_rows = gate_row_scores(work, embed, head, *held_rows)
+                published_score = float(published_rows.mean())
+                candidate_score = float(candidate_rows.mean())
+                publish, se = gate_publishes(candidate_rows, published_rows, self.gate_z,
+                                             self.gate_block)
+                stats["drafter_gate_se"] = se
                 self._last_decision = (_cpu_state(net), _cpu_state(work), publish)
                 stats.update(drafter_gate_rows=float(held),
                              drafter_published_score=published_score,
@@ -256,20 +270,51 @@ def _autocast(device: torch.device, policy_dtype: torch.dtype, cpu_bf16: bool | 
 
 
 @torch.no_grad()
-def gate_score(net: DrafterNet, embed: torch.Tensor, head: torch.Tensor, h, tok, target,
-               chunk: int = 256) -> float:
-    """The publish gate's score of `net` on held-out rows: the mean acceptance of a
-    distribution draft at the first position, sum_v min(p_v, q_v), with the policy's p
-    over the draft vocabulary's head rows `head` [|S|, d] (the distribution training
-    targets; the same for every candidate, so the comparison is fair)."""
+def gate_row_scores(net: DrafterNet, embed: torch.Tensor, head: torch.Tensor, h, tok, target,
+                    chunk: int = 256) -> torch.Tensor:
+    """The publish gate's score of `net` on each held-out row [rows] (CPU, float32): the
+    acceptance of a distribution draft at the first position, sum_v min(p_v, q_v), with
+    the policy's p over the draft vocabulary's head rows `head` [|S|, d] (the
+    distribution training targets; the same for every candidate, so the comparison is
+    fair)."""
     head = head.float()
-    total = 0.0
+    out = []
     for s in range(0, len(tok), chunk):
         p = torch.softmax(target[s:s + chunk].float() @ head.T, dim=-1)
         y = net(h[s:s + chunk].float(), embed.detach().index_select(0, tok[s:s + chunk]).float())
         q = torch.softmax(y.float() @ head.T, dim=-1)
-        total += float(torch.minimum(p, q).sum())
-    return total / max(1, len(tok))
+        out.append(torch.minimum(p, q).sum(-1).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def gate_score(net: DrafterNet, embed: torch.Tensor, head: torch.Tensor, h, tok, target,
+               chunk: int = 256) -> float:
+    """The mean of `gate_row_scores`: the gate's score of `net` on held-out rows."""
+    rows = gate_row_scores(net, embed, head, h, tok, target, chunk)
+    return float(rows.mean()) if len(rows) else 0.0
+
+
+def gate_publishes(candidate: torch.Tensor, published: torch.Tensor, z: float,
+                   block: int = 32) -> tuple[bool, float]:
+    """The gate's decision on the two drafters' per-row scores of the same held-out rows
+    (`gate_row_scores`): publish unless the candidate's mean falls below the published
+    drafter's by more than `z` standard errors of the paired difference (z = 0: unless it
+    is lower at all). Returns (publish, the standard error)."""
+    diff = candidate - published
+    se = paired_se(diff, block)
+    margin = float(diff.mean()) if len(diff) else 0.0
+    return (margin > -z * se if z > 0 else margin > 0), se
+
+
+def paired_se(diff: torch.Tensor, block: int = 32) -> float:
+    """The standard error of mean(diff) over rows, from the spread of its means over
+    blocks of `block` consecutive rows (the rows of one completion are correlated); 0
+    with fewer than two blocks."""
+    n = len(diff) // block
+    if n < 2:
+        return 0.0
+    means = diff[: n * block].view(n, block).mean(1)
+    return float(means.std() / n ** 0.5)
 
 
 def distill_loss(net: DrafterNet, embed: torch.Tensor, h, tok, target, head) -> torch.Tensor:
