@@ -240,9 +240,10 @@ TRAINER_METRICS: dict[str, str] = {
     "update_budget_seconds": "the training time the update was allowed (a share of the "
                              "rollout time)",
     "drafter_rollbacks": "times an adaptive drafter's update was not published: it diverged "
-                         "or did not beat the published drafter (cumulative)",
-    "drafter_published": "1 if that update's candidate drafter was published (it beat the "
-                         "published one on held-out rollouts of the batch), else 0",
+                         "or lost the publish gate (cumulative)",
+    "drafter_published": "1 if that update's candidate drafter was published (on held-out "
+                         "rollouts of the batch it beat the published one (EAGLE-3), or was "
+                         "not below it by more than two standard errors (MLP)), else 0",
     "drafter_published_score": "the published drafter's score on the batch's held-out "
                                "rollouts: EAGLE-3, expected acceptance length of distribution "
                                "drafts; MLP, first-position acceptance over the draft vocabulary",
