@@ -305,6 +305,13 @@ def paired_ratio(a: torch.Tensor, b: torch.Tensor, seed: int = 0, block: int = 3
     return float(a[:n].sum() / b[:n].sum()), lo, hi
 
 
+#: What a replay does not do as the engine does (every result carries it).
+DIFFERENCES = ("the policy takes no GRPO steps between batches",
+               "the adaptive drafter learns every batch (the tail's learning budget share 1.0)",
+               "the large batches are not replayed",
+               "drafting is scored in float32 (bf16 in the engine on CPUs with bf16 units)",
+               "later draft positions are teacher-forced on the tokens the policy sampled")
+
 #: What each drafter is scored by, per row: first-position acceptance, and the expected
 #: tokens of a verification at `LOOKAHEAD` draft tokens
 LOOKAHEAD = 3
@@ -355,7 +362,8 @@ def replay(batches: list[CapturedBatch], embed: torch.Tensor, head: torch.Tensor
     for b in batches:
         p = policy_probs(b, head)
         fixed_rows.append({name: _row_scores(s, b, p) for name, s in fixed.items()})
-    out = {"lookahead": LOOKAHEAD, "steps": [], "recipes": {}}
+    out = {"lookahead": LOOKAHEAD, "differs_from_the_engine": DIFFERENCES, "steps": [],
+           "recipes": {}}
     groups = _by_step(batches)
     for idx in groups:
         b = batches[idx[0]]
