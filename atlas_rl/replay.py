@@ -12,17 +12,16 @@ it sampled, so the comparison is paired and its interval is over hundreds of pos
 batch: a recipe of adaptation (learning rate, passes, budget, replay, the draft
 vocabulary's refresh) is judged in minutes, not in a 19-minute benchmark.
 
-What is scored: the first draft position's acceptance of a distribution draft, sum_v
-min(p_v, q_v) with the policy's full-vocabulary p (so the draft vocabulary's coverage
-counts), the measure of the publish gate and of `atlas-rl train-speculator`'s held-out
-figures. Expected acceptance length follows it: with per-position acceptance a the
-tokens a verification yields grow as 1 + a + a^2 + ...
+What is scored (`drafter_acceptance`): a distribution draft's acceptance at draft
+positions 1..`LOOKAHEAD`, sum_v min(p_v, q_v) with the policy's full-vocabulary p (so
+the draft vocabulary's coverage counts); reported as the first position's (the measure
+of the publish gate and of `atlas-rl train-speculator`'s held-out figures) and as the
+expected tokens of a verification at the lookahead.
 
-What differs from the engine (said in every report): the policy does not take GRPO
-steps between batches (the runs of record found policy drift of a GRPO run's size moves
-acceptance by 0-3%, the prompts by 17-20%); the adaptive drafter learns every batch (the
-engine's learning budget gives the tail the whole share, `learn_opportunity` 1.0); the
-large batches are not replayed.
+What differs from the engine is `DIFFERENCES`, carried by every result (the runs of
+record found policy drift of a GRPO run's size moves acceptance by 0-3%, the prompts by
+17-20%; in the tail the engine's learning budget gives the whole share,
+`learn_opportunity` 1.0).
 
     python scripts/replay_adaptation.py --recipe default --recipe lr3e-3:lr=3e-3
 """
@@ -150,7 +149,8 @@ def capture_path(cfg: ReplayConfig, model_path: str, directory: Path | None = No
     key = hashlib.sha256(json.dumps({"cfg": asdict(cfg), "files": files,
                                      "model": str(Path(model_path).resolve())},
                                     sort_keys=True).encode()).hexdigest()[:16]
-    return (directory or cache_dir() / "replay") / f"{Path(model_path).name}-{'+'.join(cfg.domains)}-{key}.pt"
+    name = f"{Path(model_path).name}-{'+'.join(cfg.domains)}-{key}.pt"
+    return (directory or cache_dir() / "replay") / name
 
 
 def capture(cfg: ReplayConfig, say: Callable[[str], None] = print,
@@ -262,8 +262,7 @@ def drafter_acceptance(spec, b: CapturedBatch, p: torch.Tensor, lookahead: int =
     out = torch.zeros(n, lookahead)
     if spec.vocab is None or n == 0:
         return out
-    vocab = spec.vocab.to(p.device)
-    head_sub = spec._head.float().index_select(0, vocab)
+    vocab, head_sub = spec.draft_head_rows()  # the draft vocabulary and its head rows
     embed = spec._embed
     cont = continues(b)
     rows = torch.arange(n)
@@ -284,9 +283,9 @@ def drafter_acceptance(spec, b: CapturedBatch, p: torch.Tensor, lookahead: int =
     return out
 
 
-def expected_length(alpha: torch.Tensor) -> torch.Tensor:
+def expected_lengths(alpha: torch.Tensor) -> torch.Tensor:
     """Per row, the expected tokens of a verification at this lookahead (the bonus token
-    included): 1 + sum_j prod_{i<=j} alpha_i."""
+    included): 1 + sum_j prod_{i<=j} alpha_i (`distill.expected_length`, row-wise)."""
     return 1.0 + torch.cumprod(alpha, dim=1).sum(1)
 
 
@@ -320,7 +319,7 @@ METRICS = ("accept1", "length")
 
 def _row_scores(spec, b: CapturedBatch, p: torch.Tensor) -> dict[str, torch.Tensor]:
     alpha = drafter_acceptance(spec, b, p, LOOKAHEAD)
-    return {"accept1": alpha[:, 0], "length": expected_length(alpha)}
+    return {"accept1": alpha[:, 0], "length": expected_lengths(alpha)}
 
 
 def step_summary(scores: dict[str, dict[str, torch.Tensor]], seed: int = 0) -> dict:
@@ -332,11 +331,17 @@ def step_summary(scores: dict[str, dict[str, torch.Tensor]], seed: int = 0) -> d
         row = {name: float(v[m].mean()) for name, v in scores.items()}
         if "adaptive" in scores:
             row["vs_static"] = list(paired_ratio(scores["adaptive"][m], scores["static"][m], seed))
-            if "oracle" in scores and row["oracle"] - row["static"] > 1e-9:
-                row["share_of_way"] = (row["adaptive"] - row["static"]) / \
-                    (row["oracle"] - row["static"])
+            _add_share(row)
         out[m] = row
     return out
+
+
+def _add_share(means: dict) -> None:
+    """The adaptive drafter's share of the way from the static one to the oracle, where
+    the oracle is above the static one."""
+    if "oracle" in means and means["oracle"] - means["static"] > 1e-9:
+        means["share_of_way"] = (means["adaptive"] - means["static"]) / \
+            (means["oracle"] - means["static"])
 
 
 def _by_step(batches: list[CapturedBatch]) -> list[list[int]]:
@@ -365,10 +370,10 @@ def replay(batches: list[CapturedBatch], embed: torch.Tensor, head: torch.Tensor
     out = {"lookahead": LOOKAHEAD, "differs_from_the_engine": DIFFERENCES, "steps": [],
            "recipes": {}}
     groups = _by_step(batches)
-    for idx in groups:
+    fixed_by_step = [{name: {m: torch.cat([fixed_rows[i][name][m] for i in idx])
+                             for m in METRICS} for name in fixed} for idx in groups]
+    for idx, cat in zip(groups, fixed_by_step):
         b = batches[idx[0]]
-        cat = {name: {m: torch.cat([fixed_rows[i][name][m] for i in idx]) for m in METRICS}
-               for name in fixed}
         out["steps"].append({"step": b.step, "domain": b.domain,
                              "rows": sum(len(batches[i].tok) for i in idx),
                              **step_summary(cat, seed)})
@@ -383,17 +388,14 @@ def replay(batches: list[CapturedBatch], embed: torch.Tensor, head: torch.Tensor
             spec._foreign_tokens = [b.sampled]  # every token the batch sampled
             upd = spec.learn(time_budget=recipe.get("budget_s"))
             updates.append({"step": b.step, **{k: upd[k] for k in (
-                "drafter_rows", "drafter_published",
-                "drafter_train_seconds",
+                "drafter_rows", "drafter_published", "drafter_train_seconds",
                 "draft_vocab_coverage", "draft_vocab_refreshed") if k in upd}})
         steps = []
-        for idx in groups:
+        for idx, cat in zip(groups, fixed_by_step):
             b = batches[idx[0]]
-            cat = {name: {m: torch.cat([fixed_rows[i][name][m] for i in idx])
-                          for m in METRICS} for name in fixed}
-            cat["adaptive"] = {m: torch.cat([adaptive_rows[i][m] for i in idx])
-                               for m in METRICS}
-            steps.append({"step": b.step, "domain": b.domain, **step_summary(cat, seed)})
+            adaptive = {m: torch.cat([adaptive_rows[i][m] for i in idx]) for m in METRICS}
+            steps.append({"step": b.step, "domain": b.domain,
+                          **step_summary({**cat, "adaptive": adaptive}, seed)})
         out["recipes"][recipe.name] = {"settings": {k: recipe.get(k) for k in RECIPE_DEFAULTS},
                                        "steps": steps, "updates": updates,
                                        "seconds": time.perf_counter() - t0}
@@ -448,27 +450,26 @@ def domain_summary(result: dict, recipe: str, metric: str = "length") -> list[di
         for part, sel in (("first", mine[:half]), ("second", mine[half:] or mine[:half])):
             means = {k: sum(r[k] for r in sel) / len(sel)
                      for k in ("static", "adaptive", "oracle") if k in sel[0]}
-            if "oracle" in means and means["oracle"] - means["static"] > 1e-9:
-                means["share_of_way"] = (means["adaptive"] - means["static"]) / \
-                    (means["oracle"] - means["static"])
+            _add_share(means)
             entry[part] = means
         out.append(entry)
     return out
 
 
+def _half(means: dict) -> str:
+    share = means.get("share_of_way")
+    return (f"{means['static']:.3f} {means['adaptive']:.3f} "
+            f"{means.get('oracle', float('nan')):.3f} "
+            f"({'-' if share is None else f'{share:.0%}'})")
+
+
 def format_domain_summary(result: dict, metric: str = "length") -> str:
+    """`domain_summary` of every recipe, a line per domain."""
     lines = [f"per domain, first / second half of its steps ({metric}): static, adaptive, "
              f"oracle, share of the way; the last step's adaptive/static"]
     for name in result["recipes"]:
         for e in domain_summary(result, name, metric):
-            f, s = e["first"], e["second"]
-
-            def part(x):
-                share = x.get("share_of_way")
-                return (f"{x['static']:.3f} {x['adaptive']:.3f} {x.get('oracle', float('nan')):.3f}"
-                        f" ({'-' if share is None else f'{share:.0%}'})")
-
             r, lo, hi = e["last_vs_static"]
-            lines.append(f"  {name:<16} {e['domain']:<12} {part(f)} | {part(s)} | last "
-                         f"{r:.3f} ({lo:.3f}-{hi:.3f})")
+            lines.append(f"  {name:<16} {e['domain']:<12} {_half(e['first'])} | "
+                         f"{_half(e['second'])} | last {r:.3f} ({lo:.3f}-{hi:.3f})")
     return "\n".join(lines)

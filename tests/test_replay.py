@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from atlas_rl.replay import (CapturedBatch, Recipe, ReplayConfig, by_domain_step, capture,
-                             continues, drafter_acceptance, expected_length, format_replay,
+                             continues, drafter_acceptance, expected_lengths, format_replay,
                              load_drafter, paired_ratio, policy_probs, replay)
 from atlas_rl.speculators.distill import acceptance
 
@@ -98,7 +98,7 @@ def test_first_position_is_the_distribution_drafts_acceptance_and_later_ones_cha
     assert continues(b).tolist() == ([True] * 7 + [False]) * 4
     assert (alpha[7::8, 1:] == 0).all() and (alpha[6::8, 2] == 0).all()
     assert (alpha[6::8, 1] > 0).all()
-    assert torch.equal(expected_length(torch.tensor([[0.5, 0.5, 1.0]])), torch.tensor([2.0]))
+    assert torch.equal(expected_lengths(torch.tensor([[0.5, 0.5, 1.0]])), torch.tensor([2.0]))
 
 
 def test_replay_scores_each_batch_before_learning_it_and_adaptation_learns(tmp_path):

@@ -7,8 +7,9 @@ quarter (at most `gate_rows`: the end of the batch just captured, whole sequence
 for one), and publishes it unless its acceptance on those held-out rows falls below the
 published drafter's (a distribution draft's first position, against the policy's p over
 the draft vocabulary) by more than `gate_z` standard errors of the paired difference: a
-candidate worse beyond the batch's noise is refused, one within it is published. Adaptation can then not make the drafter worse on what the
-policy samples now; the held-out rows join the training pool at the next update. The
+candidate worse beyond the batch's noise is refused, one within it is published.
+Adaptation can then not make the drafter worse, beyond that noise, on what the policy
+samples now; the held-out rows join the training pool at the next update. The
 split depends on the buffer alone, so ranks holding the same buffer decide alike.
 
 The gate is itself checked: the next gated update scores the two drafters of the last
