@@ -1048,7 +1048,7 @@ def format_domain_gap(results: dict) -> str:
     atlas = results["methods"].get("atlas", {}).get("summary", {})
     if atlas.get("gate_checks"):
         blocks.append(f"atlas's publish gate: {atlas['gate_checks']} decisions checked on the "
-                      f"next batch's held-out rollouts, {100 * atlas['gate_error_rate']:.0f}% "
+                      f"next batch's rollouts, {100 * atlas['gate_error_rate']:.0f}% "
                       f"wrong")
     return "\n\n".join(blocks)
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 SPECULATION_METHODS = ("atlas", "atlas-static", "none", "vllm-ngram", "vllm-suffix")
 LOGPROBS_MODES = ("processed_logprobs", "raw_logprobs")
 VERIFIERS = ("atlas", "vllm")
+PUBLISH_GATES = ("next-batch", "held-out", "off")
 
 
 @dataclass
@@ -45,14 +46,18 @@ class AtlasConfig:
     drafter_lr: float = field(default=1e-3, metadata={
         "help": "Learning rate (AdamW) of the adaptive drafter's online distillation (the "
                 "EAGLE-3 drafter, a distilled decoder layer, fine-tunes at a third of it)."})
-    drafter_publish_gate: bool = field(default=True, metadata={
-        "help": "Publish an adaptive drafter's update only if it holds up against the "
-                "published drafter on held-out rollouts of the batch (the MLP drafter: the "
-                "batch's last rows, first-position acceptance, refused only when lower by "
-                "more than two standard errors; EAGLE-3: expected acceptance length, "
-                "refused when lower). Off: every update that does not diverge is published "
-                "(replayed on a domain gap, off adapted 2-4 points of the way to a domain "
-                "oracle further: scripts/replay_adaptation.py)."})
+    drafter_publish_gate: str = field(default="next-batch", metadata={
+        "help": "How an adaptive drafter's update is judged on rollouts it has not trained "
+                "on. 'next-batch' (MLP drafter): every update trains on the whole batch and "
+                "is published; the next update first scores it against the drafter it "
+                "replaced on the new batch and rolls back if it is lower by more than two "
+                "standard errors (nothing held out; a bad update drafts for one batch). "
+                "'held-out': the update trains without the batch's last quarter and is "
+                "published unless it scores lower there (the MLP drafter: by more than two "
+                "standard errors; the EAGLE-3 drafter, whose gate is always this one: at "
+                "all). 'off' (or false): every update that does not diverge is published. "
+                "true: the default. Replayed on domain gaps the three adapt alike, within "
+                "2-4 points of the way to a domain oracle (scripts/replay_adaptation.py)."})
     train_budget_fraction: float = field(default=0.1, metadata={
         "help": "The adaptive drafter trains after each rollout batch for at most this "
                 "share of the batch's rollout time (measured and reported). 0: it never "
@@ -150,6 +155,7 @@ class AtlasConfig:
             raise ValueError("cpu_kv_cache_gib must be a number of GiB >= 0.0625 (64 MiB), "
                              f"got {self.cpu_kv_cache_gib}")
         check_history_budget(self.max_history_tokens)
+        self.drafter_publish_gate = publish_gate(self.drafter_publish_gate)
         self.ngram_sizes = tuple(int(n) for n in self.ngram_sizes)
 
     def to_dict(self) -> dict:
@@ -173,6 +179,8 @@ class AtlasConfig:
             raise ValueError(f"{where}: unknown field(s) {', '.join(map(repr, unknown))}; "
                              f"valid fields: {', '.join(known)}")
         for name, value in values.items():
+            if name == "drafter_publish_gate" and isinstance(value, bool):
+                continue  # true / false, as before it named its kinds (`publish_gate`)
             if not _type_ok(value, hints[name]):
                 raise ValueError(f"{where}: field {name!r} must be {_type_name(hints[name])}, "
                                  f"got {type(value).__name__} {value!r}")
@@ -196,6 +204,22 @@ def parse_field_settings(items, flag: str = "--set") -> dict:
         except json.JSONDecodeError:
             fields_[key] = raw
     return fields_
+
+
+def publish_gate(gate: str | bool) -> str:
+    """A publish gate setting as one of `PUBLISH_GATES` (true: the default, "next-batch";
+    false: "off"); anything else is refused, naming the choices."""
+    if isinstance(gate, bool):
+        return PUBLISH_GATES[0] if gate else "off"
+    mode = str(gate).strip().lower().replace("_", "-")
+    mode = {"true": PUBLISH_GATES[0], "on": PUBLISH_GATES[0], "false": "off",
+            "none": "off"}.get(mode, mode)
+    if mode not in PUBLISH_GATES:
+        raise ValueError(f"drafter_publish_gate {gate!r} is not one of "
+                         f"{', '.join(PUBLISH_GATES)} (or true/false): 'next-batch' judges "
+                         f"each update on the next batch, 'held-out' on a held-out quarter of "
+                         f"its own, 'off' publishes every update")
+    return mode
 
 
 def _type_ok(value, tp) -> bool:

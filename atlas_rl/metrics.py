@@ -224,7 +224,8 @@ ROLLOUT_METRICS = ("acceptance_length", "acceptance_rate", "lookahead", "tokens_
 #: Figures of the speculator's update (`engine.update` / `engine.learn`) it logs when present.
 UPDATE_METRICS = ("drafter_loss", "drafter_train_seconds", "update_budget_seconds",
                   "drafter_published", "drafter_published_score", "drafter_candidate_score",
-                  "drafter_gate_right", "drafter_gate_check_margin", "learn_opportunity")
+                  "drafter_replaced_score", "drafter_rolled_back", "drafter_gate_right",
+                  "drafter_gate_check_margin", "learn_opportunity")
 
 #: The scalars the TRL integration logs per generation (as METRIC_PREFIX + key).
 TRAINER_METRICS: dict[str, str] = {
@@ -241,18 +242,30 @@ TRAINER_METRICS: dict[str, str] = {
                              "rollout time)",
     "drafter_rollbacks": "times an adaptive drafter's update was not published: it diverged "
                          "or lost the publish gate (cumulative)",
-    "drafter_published": "1 if that update's candidate drafter was published (on held-out "
-                         "rollouts of the batch it beat the published one (EAGLE-3), or was "
-                         "not below it by more than two standard errors (MLP)), else 0",
-    "drafter_published_score": "the published drafter's score on the batch's held-out "
-                               "rollouts: EAGLE-3, expected acceptance length of distribution "
-                               "drafts; MLP, first-position acceptance over the draft vocabulary",
-    "drafter_candidate_score": "the candidate's, on the same rollouts",
+    "drafter_published": "1 if that update's drafter was published: with the default "
+                         "'next-batch' gate every update that does not diverge is (the next "
+                         "update judges it); with 'held-out', if on held-out rollouts of the "
+                         "batch it was not below the published one by more than two standard "
+                         "errors (MLP) or beat it (EAGLE-3), else 0",
+    "drafter_published_score": "the published drafter's score on rollouts it has not trained "
+                               "on ('next-batch': this batch, before training on it; "
+                               "'held-out': the batch's held-out rollouts): EAGLE-3, expected "
+                               "acceptance length of distribution drafts; MLP, first-position "
+                               "acceptance over the draft vocabulary",
+    "drafter_candidate_score": "'held-out': the candidate's, on the same rollouts",
+    "drafter_replaced_score": "'next-batch': the score of the drafter the last update "
+                              "replaced, on the same rollouts",
+    "drafter_rolled_back": "'next-batch': 1 if the last update scored below the drafter it "
+                           "replaced by more than two standard errors on this batch and was "
+                           "undone, else 0",
     "drafter_gate_right": "1 if the publish gate's previous decision was right on this "
-                          "batch's held-out rollouts (neither drafter trained on them): the "
-                          "drafter it kept scores at least the one it turned down, else 0",
-    "drafter_gate_check_margin": "the previous candidate's score minus the drafter published "
-                                 "before it, on this batch's held-out rollouts",
+                          "batch's rollouts (neither drafter trained on them): the drafter it "
+                          "kept scores at least the one it turned down (for 'next-batch': "
+                          "the update it published scores at least the drafter it "
+                          "replaced), else 0",
+    "drafter_gate_check_margin": "the later drafter's score minus the earlier one's on those "
+                                 "rollouts (the candidate or update minus the drafter "
+                                 "published before it)",
     "learn_opportunity": "share of the request-steps since the last update at batch sizes "
                          "where a draft could pay: the share of train_budget_fraction the "
                          "update got",

@@ -44,7 +44,7 @@ RECIPE_DEFAULTS = {
     "max_epochs": 2,         # passes over the buffer per update, within the budget
     "batch_rows": 256,
     "max_buffer_rows": 16384,
-    "gate": True,            # AtlasConfig.drafter_publish_gate
+    "gate": "next-batch",    # AtlasConfig.drafter_publish_gate: next-batch, held-out, off
     "gate_z": 2.0,           # Distiller.gate_z: refuse a candidate worse by this many SEs
     "budget_s": 0.34,        # seconds of training per batch (the tail's 10% here)
     "count_decay": 0.7,      # NeuralSpeculator.COUNT_DECAY
@@ -80,11 +80,14 @@ class Recipe:
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"recipe {text!r}: expected FIELD=VALUE, got {item!r}")
+            key = key.strip()
             try:
-                settings[key.strip()] = json.loads(value)
+                settings[key] = json.loads(value)
             except json.JSONDecodeError:
-                raise ValueError(f"recipe {text!r}: {key}'s value {value!r} is not a number "
-                                 f"or true/false") from None
+                if not isinstance(RECIPE_DEFAULTS.get(key), str):
+                    raise ValueError(f"recipe {text!r}: {key}'s value {value!r} is not a "
+                                     f"number or true/false") from None
+                settings[key] = value.strip()  # a word: the setting checks it
         return cls(name.strip() or "default", settings)
 
 
@@ -389,6 +392,7 @@ def replay(batches: list[CapturedBatch], embed: torch.Tensor, head: torch.Tensor
             upd = spec.learn(time_budget=recipe.get("budget_s"))
             updates.append({"step": b.step, **{k: upd[k] for k in (
                 "drafter_rows", "drafter_published", "drafter_train_seconds",
+                "drafter_rolled_back", "drafter_gate_right", "drafter_gate_check_margin",
                 "draft_vocab_coverage", "draft_vocab_refreshed") if k in upd}})
         steps = []
         for idx, cat in zip(groups, fixed_by_step):

@@ -53,7 +53,8 @@ def build_speculators(config: AtlasConfig, model_path: str, static: bool) -> dic
         # a distilled decoder layer fine-tunes at a third of the MLP drafter's rate
         specs["neural"] = Eagle3Speculator.from_dir(path, frozen=static, seed=cfg.seed,
                                                     lr=cfg.drafter_lr / 3,
-                                                    gate=cfg.drafter_publish_gate)
+                                                    # its gate is the held-out one
+                                                    gate=cfg.drafter_publish_gate != "off")
         logger.info("atlas-rl: static EAGLE-3 drafter from %s", path)
         return specs
     neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr, frozen=static,

@@ -131,12 +131,14 @@ def test_set_gives_every_engine_an_atlas_config_field_and_refuses_a_bad_one():
         ["--set", "drafter_publish_gate=false", "--set", "explore=0.02", "--max-lookahead", "4"]))
     assert cfg.atlas_settings == ["drafter_publish_gate=false", "explore=0.02"]
     engines = engine_config(cfg, 0.5)
-    assert engines.drafter_publish_gate is False and engines.explore == 0.02
+    assert engines.drafter_publish_gate == "off" and engines.explore == 0.02
     assert engines.max_lookahead == 4 and engines.cpu_kv_cache_gib == 0.5
-    assert engine_config(BenchConfig(), 0.5).drafter_publish_gate is True  # the default
+    assert engine_config(BenchConfig(), 0.5).drafter_publish_gate == "next-batch"  # the default
     with pytest.raises(ValueError, match="unknown field.*'nope'.*valid fields: max_lookahead"):
         BenchConfig(atlas_settings=["nope=1"])
-    with pytest.raises(ValueError, match="'drafter_publish_gate' must be bool, got str 'maybe'"):
+    with pytest.raises(ValueError, match="'max_lookahead' must be int, got str 'maybe'"):
+        BenchConfig(atlas_settings=["max_lookahead=maybe"])
+    with pytest.raises(ValueError, match="drafter_publish_gate 'maybe' is not one of"):
         BenchConfig(atlas_settings=["drafter_publish_gate=maybe"])
     with pytest.raises(ValueError, match="--set takes FIELD=VALUE"):
         BenchConfig(atlas_settings=["explore"])

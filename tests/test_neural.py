@@ -70,25 +70,30 @@ def test_drafter_learns_the_policy_distribution_and_publishes_new_weights():
     spec.capture("live", hs, toks, 0)
     old_net = {k: v.clone() for k, v in spec.net.state_dict().items()}
     (draft_before,) = spec.propose(["live"], [[0] * 11], [4])
-    versions, published = [], []
-    for _ in range(12):
+    versions, rolled_back = [], []
+    for i in range(12):
         _feed(spec, policy)
         stats = spec.learn(time_budget=None)
         versions.append(stats["drafter_version"])
-        published.append(stats["drafter_published"])
-        # the gate judged on the batch's held-out rows, and refused only a candidate worse
-        # than the published drafter by more than gate_z standard errors
-        assert stats["drafter_gate_rows"] >= Distiller.min_gate_rows
-        margin = stats["drafter_candidate_score"] - stats["drafter_published_score"]
-        assert (margin > -Distiller.gate_z * stats["drafter_gate_se"]) == \
-            (stats["drafter_published"] == 1.0)
+        assert stats["drafter_published"] == 1.0  # every update, judged by the next one
+        if i == 0:
+            assert "drafter_gate_rows" not in stats  # nothing published yet to judge
+            continue
+        # the gate judged the last update on this batch (neither drafter trained on it)
+        # and rolled it back only where it scored below the drafter it replaced by more
+        # than gate_z standard errors
+        assert stats["drafter_gate_rows"] == 8 * 47
+        margin = stats["drafter_published_score"] - stats["drafter_replaced_score"]
+        assert margin == pytest.approx(stats["drafter_gate_check_margin"], abs=1e-6)
+        assert (margin < -Distiller.gate_z * stats["drafter_gate_se"]) == \
+            (stats["drafter_rolled_back"] == 1.0)
+        rolled_back.append(stats["drafter_rolled_back"])
     after = spec.evaluate(*held)
     # distribution drafts: 1 - TV(p, q) rises well above where it started
     assert after["accept_distribution"] > before["accept_distribution"] + 0.15, (before, after)
-    # most candidates are published (near ties are, since the gate refuses only a
-    # candidate worse beyond the held-out rows' noise)
-    assert versions == sorted(versions) and versions[-1] == sum(published) >= 9
-    assert spec.rollbacks == 12 - sum(published)
+    # learning on the policy's own rollouts: updates are kept (a roll-back is a new version)
+    assert versions == sorted(versions) and versions[-1] == 12 + sum(rolled_back)
+    assert sum(rolled_back) <= 2 and spec.rollbacks == sum(rolled_back)
     assert any(not torch.equal(old_net[k], v) for k, v in spec.net.state_dict().items())
     # the proposer's next drafts come from the published weights
     (draft_after,) = spec.propose(["live"], [[0] * 11], [4])
@@ -137,7 +142,7 @@ def test_the_publish_gate_takes_a_better_candidate_and_refuses_a_worse_one():
     learning rate that wrecks the weights): the first is published, the second is not,
     and the published weights, version and optimizer state stay as they were."""
     policy = SyntheticPolicy(5)
-    spec = _speculator(policy)
+    spec = _speculator(policy, gate="held-out")
     _feed(spec, policy, sequences=12)
     spec.distiller.max_epochs = 30  # the candidate trains to the policy: known better
     better = spec.learn(time_budget=None)
@@ -167,7 +172,7 @@ def test_the_gates_decisions_are_checked_on_the_next_batch():
     wrecked one that was refused is right (negative margin), and the same decisions
     reversed are counted wrong."""
     policy = SyntheticPolicy(5)
-    spec = _speculator(policy)
+    spec = _speculator(policy, gate="held-out")
     _feed(spec, policy, sequences=12)
     spec.distiller.max_epochs = 30
     assert spec.learn(time_budget=None)["drafter_published"] == 1.0
@@ -222,12 +227,12 @@ def test_an_update_trains_on_the_newest_batch_first(monkeypatch):
 
 def test_the_gate_steps_aside_with_too_few_rows_or_when_switched_off():
     policy = SyntheticPolicy(6)
-    spec = _speculator(policy)
+    spec = _speculator(policy, gate="held-out")
     _feed(spec, policy, sequences=2, length=24)  # 46 rows: a quarter is too few to judge
     stats = spec.learn(time_budget=None)
     assert "drafter_gate_rows" not in stats and stats["drafter_version"] == 1.0
     off = _speculator(policy)
-    off.distiller.gate = False
+    off.distiller.gate = "off"
     _feed(off, policy, sequences=12)
     stats = off.learn(time_budget=None)
     assert "drafter_gate_rows" not in stats and stats["drafter_buffer_rows"] == 12 * 47
@@ -461,3 +466,55 @@ def test_the_gate_refuses_a_candidate_only_when_it_is_worse_beyond_the_rows_nois
     blocks = torch.arange(8.0).repeat_interleave(32)
     assert paired_se(blocks) == pytest.approx(float(torch.arange(8.0).std() / 8 ** 0.5))
     assert paired_se(torch.ones(40)) == 0.0  # one block: no estimate, no margin
+
+
+def test_the_next_batch_gate_rolls_back_a_worse_update_and_keeps_a_better_one():
+    """The "next-batch" gate (the default) withholds no rows: each update trains on the
+    whole buffer and publishes; the next update first judges the published drafter
+    against the one it replaced on the batch just captured. A known-better update (the
+    policy's rollouts, many passes) is kept and counted right; a known-worse one (one
+    step at a learning rate that wrecks the weights) is rolled back exactly, weights and
+    optimizer state, and counted wrong."""
+    policy = SyntheticPolicy(5)
+    spec = _speculator(policy)
+    assert spec.distiller.gate == "next-batch"
+    _feed(spec, policy, sequences=12)
+    spec.distiller.max_epochs = 30  # known better than the untrained drafter
+    first = spec.learn(time_budget=None)
+    assert first["drafter_rows"] == 30 * 12 * 47  # nothing held out
+    assert "drafter_gate_right" not in first and spec.version == 1
+    spec.distiller.max_epochs = 2
+    _feed(spec, policy, sequences=12)
+    kept = spec.learn(time_budget=None)
+    assert kept["drafter_rolled_back"] == 0.0 and kept["drafter_gate_right"] == 1.0
+    assert kept["drafter_gate_rows"] == 12 * 47
+    assert kept["drafter_published_score"] > kept["drafter_replaced_score"] + 0.03
+    good = {k: v.clone() for k, v in spec.net.state_dict().items()}
+    # one wrecking step, published (this gate judges it only on the next batch)
+    _feed(spec, policy, sequences=12)
+    spec.distiller.optimizer_state, spec.distiller.lr = None, 50.0
+    spec.distiller.batch_rows, spec.distiller.max_epochs = 1 << 20, 1
+    spec.learn(time_budget=None)
+    assert any(not torch.equal(good[k], v) for k, v in spec.net.state_dict().items())
+    version, rollbacks = spec.version, spec.rollbacks
+    _feed(spec, policy, sequences=12)
+    spec.distiller.max_epochs = 0  # judge only: what the gate leaves is what drafts next
+    back = spec.learn(time_budget=None)
+    assert back["drafter_rolled_back"] == 1.0 and back["drafter_gate_right"] == 0.0
+    assert back["drafter_published_score"] < back["drafter_replaced_score"] - 0.05
+    assert back["drafter_gate_check_margin"] < -2 * back["drafter_gate_se"]
+    assert all(torch.equal(good[k], v) for k, v in spec.net.state_dict().items())
+    assert spec.rollbacks == rollbacks + 1 and spec.version == version + 1  # new weights
+
+
+def test_the_publish_gate_setting_names_its_choices():
+    from atlas_rl.config import AtlasConfig, publish_gate
+
+    assert [publish_gate(g) for g in (True, False, "next-batch", "held_out", "off", "true")] == \
+        ["next-batch", "off", "next-batch", "held-out", "off", "next-batch"]
+    assert AtlasConfig().drafter_publish_gate == "next-batch"
+    assert AtlasConfig.from_dict({"drafter_publish_gate": False}).drafter_publish_gate == "off"
+    assert Distiller(gate="held-out").gate == "held-out" and Distiller(gate=False).gate == "off"
+    with pytest.raises(ValueError, match=r"drafter_publish_gate 'sometimes' is not one of "
+                                         r"next-batch, held-out, off"):
+        AtlasConfig(drafter_publish_gate="sometimes")

@@ -11,6 +11,7 @@ import torch
 from atlas_rl.replay import (CapturedBatch, Recipe, ReplayConfig, by_domain_step, capture,
                              continues, drafter_acceptance, expected_lengths, format_replay,
                              load_drafter, paired_ratio, policy_probs, replay)
+from atlas_rl.config import AtlasConfig
 from atlas_rl.speculators.distill import acceptance
 
 
@@ -25,6 +26,9 @@ def test_recipes_parse_and_name_what_they_cannot_set():
         Recipe.parse("x:lr")
     with pytest.raises(ValueError, match="not a number"):
         Recipe.parse("x:lr=fast")
+    # the gate is a word (AtlasConfig.drafter_publish_gate), the engine's by default
+    assert Recipe.parse("g:gate=held-out").get("gate") == "held-out"
+    assert Recipe.parse("default").get("gate") == AtlasConfig().drafter_publish_gate
 
 
 def test_paired_ratio_and_its_interval():

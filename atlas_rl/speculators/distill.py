@@ -2,21 +2,31 @@
 rollback, the publish gate, held-out evaluation, and the published weights other ranks
 receive.
 
-The publish gate: an update trains a candidate on the buffer less the newest rows' last
-quarter (at most `gate_rows`: the end of the batch just captured, whole sequences but
-for one), and publishes it unless its acceptance on those held-out rows falls below the
-published drafter's (a distribution draft's first position, against the policy's p over
-the draft vocabulary) by more than `gate_z` standard errors of the paired difference: a
-candidate worse beyond the batch's noise is refused, one within it is published.
-Adaptation can then not make the drafter worse, beyond that noise, on what the policy
-samples now; the held-out rows join the training pool at the next update. The
-split depends on the buffer alone, so ranks holding the same buffer decide alike.
+The publish gate judges the drafter on rows it has not trained on, in one of two ways
+(`Distiller.gate`):
 
-The gate is itself checked: the next gated update scores the two drafters of the last
-decision (the one published before it and the candidate) on its own held-out rows, a
-batch neither trained on, and reports whether the decision was right
-(``drafter_gate_right``, with the two scores' gap ``drafter_gate_check_margin``): its
-error rate against the next batch.
+- ``"next-batch"`` (the default): every update trains on the whole buffer and publishes
+  its candidate; the next update, before it trains, scores the published drafter and the
+  one it replaced on the batch just captured (which neither has seen) and rolls back to
+  the replaced one where the published drafter scores below it by more than `gate_z`
+  standard errors of the paired difference (a distribution draft's first-position
+  acceptance against the policy's p over the draft vocabulary). Nothing is held back from
+  training, and a decision is judged on the whole batch (up to `judge_rows`), not a
+  quarter of it; the price is that a bad update drafts for one batch before it is undone.
+- ``"held-out"``: an update trains a candidate on the buffer less the newest rows' last
+  quarter (at most `gate_rows`: the end of the batch just captured, whole sequences but
+  for one), and publishes it unless its acceptance on those held-out rows falls below the
+  published drafter's by more than `gate_z` standard errors; the held-out rows join the
+  training pool at the next update. Its decisions are themselves checked: the next gated
+  update scores the two drafters of the last decision on its own held-out rows and
+  reports whether the decision was right.
+
+Either way adaptation cannot make the drafter worse, beyond a batch's noise, on what the
+policy samples now for longer than a batch, and the check is reported per update
+(``drafter_gate_right``: the decision was right on a batch neither drafter trained on;
+``drafter_gate_check_margin``: the later drafter's score minus the earlier one's). The
+decisions depend on the buffer alone, so ranks holding the same buffer decide alike.
+``"off"``: every update that does not diverge is published.
 
 Each update's first pass takes the rows captured since the last update first, in a random
 order, then the older ones (the replay buffer), in a random order: a time budget that
@@ -46,6 +56,7 @@ from typing import Callable
 
 import torch
 
+from atlas_rl.config import PUBLISH_GATES, publish_gate
 from atlas_rl.kernels.staging import to_device
 from atlas_rl.machine import cpu_has_native_bf16
 from atlas_rl.speculators.drafter_net import DrafterNet
@@ -87,10 +98,13 @@ class Distiller:
     into it; a loss that turns NaN or explodes leaves the published weights as they were
     (a rollback, counted)."""
 
-    #: The publish gate: held-out rows from the end of the newest batch, at most this many
-    #: (a quarter of the batch's rows), and no gate when that would be fewer than
-    #: `min_gate_rows` (too few to judge on: the candidate is published as before).
+    #: The publish gates (`GATES`, the module's docstring). "held-out": rows from the end
+    #: of the newest batch, at most `gate_rows` (a quarter of the batch's rows);
+    #: "next-batch": the newest batch's last `judge_rows` at most. No judgement on fewer
+    #: than `min_gate_rows` (too few to judge on: the candidate is published as before).
+    GATES = PUBLISH_GATES
     gate_rows = 512
+    judge_rows = 2048
     min_gate_rows = 64
     #: A candidate is refused only when it scores below the published drafter by more
     #: than this many standard errors of the rows' paired differences (blocks of
@@ -103,11 +117,11 @@ class Distiller:
     gate_block = 32
 
     def __init__(self, lr: float = 1e-3, max_buffer_rows: int = 16384, batch_rows: int = 256,
-                 max_epochs: int = 2, gate: bool = True):
+                 max_epochs: int = 2, gate: str | bool = "next-batch"):
         self.lr = float(lr)
         self.batch_rows = int(batch_rows)
         self.max_epochs = int(max_epochs)
-        self.gate = bool(gate)
+        self.gate = gate
         #: bf16 autocast for training on the CPU: None decides by the CPU's bf16 units
         #: (`_autocast`); False keeps float32
         self.cpu_bf16: bool | None = None
@@ -119,13 +133,25 @@ class Distiller:
         # the last gated decision (published before, candidate, published?), kept on the
         # CPU until the next gated update checks it on its own held-out rows
         self._last_decision: tuple[dict, dict, bool] | None = None
+        # "next-batch": the drafter the last publication replaced and its optimizer state,
+        # on the CPU until the next update judges the two on its batch
+        self._replaced: tuple[dict, dict | None] | None = None
+
+    @property
+    def gate(self) -> str:
+        """The publish gate, one of `GATES` (set as one of them, or True / False)."""
+        return self._gate
+
+    @gate.setter
+    def gate(self, value: str | bool) -> None:
+        self._gate = publish_gate(value)
 
     def reset(self) -> None:
         """Forget the buffer and the optimizer; version 0 (a freshly distilled drafter)."""
         self.buffer.clear()
         self.optimizer_state = None
         self.version = 0
-        self._last_decision = None
+        self._last_decision = self._replaced = None
 
     def published(self, net: DrafterNet) -> dict:
         """The published drafter (weights and counters), e.g. to broadcast to other ranks."""
@@ -151,11 +177,16 @@ class Distiller:
         device = head.device
         h, tok, target = (x.to(device, copy=True) for x in self.buffer.rows())
         fresh = min(self.buffer.fresh_rows, len(tok))
-        held = min(self.gate_rows, fresh // 4) if self.gate else 0
+        held = min(self.gate_rows, fresh // 4) if self.gate == "held-out" else 0
         if held < self.min_gate_rows or held >= len(tok):
             held = 0
         self.buffer.fresh_rows = 0  # the held-out rows train from the next update on
         check = {}
+        if self.gate == "next-batch":  # judged before training, outside its budget (as
+            # the held-out gate judges after it)
+            check = self._judge_last_publication(net, embed, head, fresh,
+                                                 (h[-fresh:], tok[-fresh:], target[-fresh:]))
+            start = time.perf_counter()
         if held:
             held_rows = (h[-held:], tok[-held:], target[-held:])
             h, tok, target = h[:-held], tok[:-held], target[:-held]
@@ -221,7 +252,11 @@ class Distiller:
                              drafter_published_score=published_score,
                              drafter_candidate_score=candidate_score,
                              drafter_published=float(publish))
+            if self.gate == "next-batch":  # published; judged by the next update
+                stats["drafter_published"] = 1.0
             if publish:
+                if self.gate == "next-batch":
+                    self._replaced = (_cpu_state(net), self.optimizer_state)
                 net.load_state_dict(work.state_dict())
                 self.optimizer_state = opt.state_dict()
                 self.version += 1
@@ -232,6 +267,36 @@ class Distiller:
         stats["drafter_rollbacks"] = float(self.rollbacks)
         return stats
 
+
+    def _judge_last_publication(self, net: DrafterNet, embed: torch.Tensor,
+                                head: torch.Tensor, fresh: int, rows: Rows) -> dict[str, float]:
+        """The "next-batch" gate: the published drafter against the one it replaced, on the
+        newest batch's rows (`rows`, the last `fresh` of the buffer: neither has trained on
+        them); rolls back to the replaced one (weights and optimizer state) where the
+        published one scores lower by more than `gate_z` standard errors."""
+        if self._replaced is None or fresh < self.min_gate_rows:
+            return {}
+        n = min(fresh, self.judge_rows)
+        rows = tuple(x[-n:] for x in rows)
+        before_state, before_opt = self._replaced
+        self._replaced = None
+        before = copy.deepcopy(net)
+        before.load_state_dict(before_state)
+        published_rows = gate_row_scores(net, embed, head, *rows)
+        before_rows = gate_row_scores(before, embed, head, *rows)
+        keep, se = gate_publishes(published_rows, before_rows, self.gate_z, self.gate_block)
+        margin = float((published_rows - before_rows).mean())
+        stats = {"drafter_gate_rows": float(n), "drafter_gate_se": se,
+                 "drafter_published_score": float(published_rows.mean()),
+                 "drafter_replaced_score": float(before_rows.mean()),
+                 "drafter_gate_right": float(margin > 0), "drafter_gate_check_margin": margin,
+                 "drafter_rolled_back": float(not keep)}
+        if not keep:  # new weights for whoever drafts with them: a new version
+            net.load_state_dict(before_state)
+            self.optimizer_state = before_opt
+            self.rollbacks += 1
+            self.version += 1
+        return stats
 
     def _check_last_decision(self, net: DrafterNet, embed: torch.Tensor, head: torch.Tensor,
                              rows: Rows) -> dict[str, float]:

@@ -115,7 +115,7 @@ class NeuralSpeculator(HiddenStateSpeculator):
 
     def __init__(self, draft_vocab_size: int = 4096, lr: float = 1e-3,
                  max_buffer_rows: int = 16384, batch_rows: int = 256, max_epochs: int = 2,
-                 frozen: bool = False, seed: int = 0, gate: bool = True):
+                 frozen: bool = False, seed: int = 0, gate: str | bool = "next-batch"):
         if draft_vocab_size < 2:
             raise ValueError(f"draft_vocab_size must be >= 2, got {draft_vocab_size}")
         self.draft_vocab_size = int(draft_vocab_size)
