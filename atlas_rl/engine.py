@@ -15,7 +15,6 @@ from atlas_rl import speculation as speculation_room
 from atlas_rl.config import SPECULATION_METHODS, AtlasConfig
 from atlas_rl.metrics import (
     SpecCounters,
-    drafted_fraction,
     oracle_acceptance_length,
     summarize,
     summarize_arms,
@@ -243,23 +242,10 @@ class AtlasRolloutEngine:
         return update
 
     def _learn(self, sequences: list[list[int]], rollout_seconds: float, skip=()) -> dict:
-        since = self._counters_since_learn()
-        drafted = None if since is None else drafted_fraction(since.lookahead_hist,
-                                                              since.request_steps)
-        starting = speculation_room.drafter_starting(self.speculators)
-        budget, why = speculation_room.learning_budget(
-            self.config, rollout_seconds, since,
-            getattr(self.controller, "drafting_could_pay", None), starting)
-        waits = (drafted is not None and drafted < self.config.learn_min_drafted_fraction
-                 and not starting)
-        if waits:  # not drafting: training would cost its budget for nothing
-            skip = tuple(skip) + ("neural",)
-        out = speculation_room.learn_all(self.speculators, sequences, budget, skip)
-        out.update(why)
-        if drafted is not None:
-            out["drafted_fraction"] = drafted
-        if waits and "neural" in self.speculators:
-            out["drafter_update_waits"] = 1.0
+        out = speculation_room.learn_update(
+            self.config, self.speculators, sequences, rollout_seconds,
+            self._counters_since_learn(), getattr(self.controller, "drafting_could_pay", None),
+            skip)
         self._totals["update_seconds"] += out["update_seconds"]
         return out
 

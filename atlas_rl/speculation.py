@@ -15,7 +15,7 @@ from pathlib import Path
 
 from atlas_rl.config import AtlasConfig
 from atlas_rl.controller import AtlasController
-from atlas_rl.metrics import SpecCounters
+from atlas_rl.metrics import SpecCounters, drafted_fraction
 from atlas_rl.speculators import NeuralSpeculator, SuffixSpeculator
 from atlas_rl.speculators.base import Speculator
 from atlas_rl.speculators.eagle3 import Eagle3Speculator, is_eagle3_dir
@@ -125,6 +125,34 @@ def learning_budget(config: AtlasConfig, rollout_seconds: float,
         return cap, {}
     share = sum(w for w, pays in weights if pays) / total
     return cap * share, {"learn_opportunity": share}
+
+
+def learn_update(config: AtlasConfig, speculators: dict[str, Speculator],
+                 sequences: list[list[int]], rollout_seconds: float,
+                 since: SpecCounters | None, could_pay: Callable[[int], bool] | None,
+                 skip: Sequence[str] = ()) -> dict:
+    """One update after `rollout_seconds` of rollouts, as an engine and a server both
+    learn: the budget of `learning_budget`, and no training of the neural drafter where
+    the controller drafted on under ``learn_min_drafted_fraction`` of the request-steps
+    since the last update (`since`) unless it is starting: a drafter that is not drafting
+    gains nothing from training, so its update would cost its budget for nothing (what it
+    captured waits in its buffer). Returns `learn_all`'s stats with what decided them
+    (``learn_opportunity``, ``drafted_fraction``, ``drafter_update_waits``)."""
+    drafted = None if since is None else drafted_fraction(since.lookahead_hist,
+                                                          since.request_steps)
+    starting = drafter_starting(speculators)
+    budget, why = learning_budget(config, rollout_seconds, since, could_pay, starting)
+    waits = (drafted is not None and drafted < config.learn_min_drafted_fraction
+             and not starting)
+    if waits:
+        skip = (*skip, "neural")
+    out = learn_all(speculators, sequences, budget, skip)
+    out.update(why)
+    if drafted is not None:
+        out["drafted_fraction"] = drafted
+    if waits and "neural" in speculators:
+        out["drafter_update_waits"] = 1.0
+    return out
 
 
 def learn_all(speculators: dict[str, Speculator], sequences: list[list[int]],

@@ -179,6 +179,11 @@ def test_stock_vllm_llm_speculates_with_atlas_learns_and_saves(real_model_path, 
     time.sleep(1.2)  # the engine ran dry: the next wave's first step learns
     llm.generate(PROMPTS[:1], SamplingParams(temperature=1.0, max_tokens=8))
     assert atlas.worker.learns == 1
+    # the server learns by the engine's rule (`speculation.learn_update`): it drafted on
+    # every request-step here, so its drafter trained instead of waiting
+    assert atlas.worker.last_update["drafted_fraction"] > 0.5
+    assert "drafter_update_waits" not in atlas.worker.last_update
+    assert atlas.worker.last_update["drafter_version"] >= 1
     saved = json.loads((state / "atlas_config.json").read_text())
     assert saved["model"] == real_model_path and saved["speculation"] == "atlas"
     assert saved["speculators"] == list(atlas.speculators)

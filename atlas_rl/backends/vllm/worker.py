@@ -154,22 +154,19 @@ class WorkerSpeculation:
         now = self.proposer.counters.copy()
         since = now if self._learn_counters is None else now.since(self._learn_counters)
         self._learn_counters = now
-        why = {}
-        if budget is None and self.tp_size == 1:  # the rule of `learning_budget`
-            budget, why = speculation_room.learning_budget(
-                self.config, self._generation_seconds,
-                since if since.request_steps > 0 else None,
-                getattr(self.proposer.controller, "drafting_could_pay", None),
-                speculation_room.drafter_starting(self.proposer.speculators))
-        # with tensor parallelism: no clock (budget None = one pass over the new
-        # sequences), so that every rank takes the same optimizer steps
-        self._generation_seconds = 0.0
+        seconds, self._generation_seconds = self._generation_seconds, 0.0
         import torch
 
         # inside an engine step vLLM runs under inference mode; training needs autograd
         with torch.inference_mode(False), torch.enable_grad():
-            out = speculation_room.learn_all(self.proposer.speculators, sequences, budget)
-        out.update(why)
+            if budget is None and self.tp_size == 1:  # the engine's rule (`learn_update`)
+                out = speculation_room.learn_update(
+                    self.config, self.proposer.speculators, sequences, seconds,
+                    since if since.request_steps > 0 else None,
+                    getattr(self.proposer.controller, "drafting_could_pay", None))
+            else:  # an explicit budget; or tensor parallelism: no clock (budget None =
+                # one pass over the new sequences), so every rank takes the same steps
+                out = speculation_room.learn_all(self.proposer.speculators, sequences, budget)
         self.learns += 1
         self.update_seconds += out.get("update_seconds", 0.0)
         self.last_update = {k: v for k, v in out.items() if isinstance(v, (int, float))}
