@@ -72,8 +72,9 @@ class AtlasConfig:
                 "a better drafter is what is missing, it gets the whole share. Off: the "
                 "whole share after every batch."})
     learn_min_drafted_fraction: float = field(default=0.05, metadata={
-        "help": "The neural drafter trains after a batch only if the controller drafted on "
-                "at least this share of the request-steps since the last update: a drafter "
+        "help": "The neural drafter trains after a batch (in an engine and in a server "
+                "alike) only if the controller drafted on at least this share of the "
+                "request-steps since the last update: a drafter "
                 "that is not drafting (e.g. batches too large for speculation to pay) costs "
                 "its training budget for nothing. What it captured meanwhile waits in its "
                 "replay buffer; the suffix index always learns (it is cheap). 0: always train."})

@@ -308,7 +308,8 @@ BENCH_RECORD_KEYS = ("tokens_per_s", "rollout_seconds", "num_tokens", "num_compl
                      "sample_seconds", "propose_seconds", "draft_seconds")
 #: ... the speculator update's figures kept there ...
 BENCH_UPDATE_KEYS = UPDATE_METRICS + ("drafter_rollback", "drafter_version", "index_tokens",
-                                      "history_tokens")
+                                      "history_tokens", "drafted_fraction",
+                                      "drafter_update_waits")
 #: ... a method's per-step rows (tail regime) ...
 BENCH_STEP_KEYS = ("step", "domain", "epoch", "tokens_per_s", "speedup", "acceptance_length",
                    "speedup_estimate", "acceptance_rate", "lookahead", "oracle_acceptance_length",

@@ -89,13 +89,22 @@ def build_controller(config: AtlasConfig, speculators: dict[str, Speculator]) ->
         always=config.speculate_always, seed=config.seed)
 
 
+#: Updates a neural drafter without a static start gets whatever the controller did
+#: (`drafter_starting`). One was not enough: on Gemma 3 270M (no drafter of ours) a
+#: drafter trained on one batch was too weak for the controller to draft with, so under
+#: the drafted-fraction rule it waited four steps before its second update.
+STARTING_UPDATES = 8
+
+
 def drafter_starting(speculators: dict[str, Speculator]) -> bool:
-    """The neural drafter has never drafted: no static drafter and no update published
-    yet (or no draft vocabulary). It learns from the first batches whatever the
-    controller did: else it would never start."""
+    """The neural drafter is starting: no static drafter and fewer than
+    `STARTING_UPDATES` updates published (or no draft vocabulary yet). It learns from
+    the first batches whatever the controller did: a drafter too weak to be drafted with
+    would otherwise never get better."""
     neural = speculators.get("neural")
     return isinstance(neural, NeuralSpeculator) and (
-        neural.vocab is None or (neural.version == 0 and neural.vocab_source != "static"))
+        neural.vocab is None
+        or (neural.version < STARTING_UPDATES and neural.vocab_source != "static"))
 
 
 def learning_budget(config: AtlasConfig, rollout_seconds: float,

@@ -174,6 +174,44 @@ def test_the_learning_budget_follows_where_drafting_can_pay():
     assert learning_budget(cfg, 20.0, since, None)[0] == pytest.approx(2.0)
 
 
+def test_a_drafter_without_a_static_start_learns_its_first_updates_whatever_was_drafted():
+    """`drafter_starting`: no draft vocabulary yet, or fewer than STARTING_UPDATES
+    updates of a drafter that did not start from a static one; never a static drafter.
+    While starting, `learn_update` trains it though the controller drafted nothing."""
+    from atlas_rl.config import AtlasConfig
+    from atlas_rl.metrics import SpecCounters
+    from atlas_rl.speculation import STARTING_UPDATES, drafter_starting, learn_update
+    from atlas_rl.speculators import NeuralSpeculator
+
+    g = torch.Generator().manual_seed(0)
+    embed = torch.randn(300, 16, generator=g)
+    neural = NeuralSpeculator(draft_vocab_size=64)
+    neural.attach_target(embed, embed)
+    assert neural.vocab is None and drafter_starting({"neural": neural})
+    neural.set_vocab_from_counts(torch.arange(300.0))
+    neural.vocab_source = "rollouts"
+    neural.distiller.version = STARTING_UPDATES - 1
+    assert drafter_starting({"neural": neural})
+    neural.distiller.version = STARTING_UPDATES
+    assert not drafter_starting({"neural": neural})
+    neural.distiller.version, neural.vocab_source = 0, "static"
+    assert not drafter_starting({"neural": neural})
+    # starting: trains though nothing was drafted (under learn_min_drafted_fraction)
+    neural.vocab_source, neural.distiller.version = "rollouts", 1
+    hidden = torch.randn(40, 16, generator=g)
+    neural.capture("r", hidden, torch.randint(0, 300, (40,), generator=g).tolist(), 0)
+    neural.finish("r")
+    idle = SpecCounters(request_steps=100, lookahead_hist=[100], batch_steps=[0, 0, 25])
+    out = learn_update(AtlasConfig(), {"neural": neural}, [], 10.0, idle, lambda n: True)
+    assert out["drafted_fraction"] == 0.0 and "drafter_update_waits" not in out
+    assert neural.version == 2
+    neural.distiller.version = STARTING_UPDATES  # started: the same update waits
+    neural.capture("s", hidden, torch.randint(0, 300, (40,), generator=g).tolist(), 0)
+    neural.finish("s")
+    out = learn_update(AtlasConfig(), {"neural": neural}, [], 10.0, idle, lambda n: True)
+    assert out["drafter_update_waits"] == 1.0 and neural.version == STARTING_UPDATES
+
+
 def test_the_controller_judges_where_a_draft_could_pay():
     """A surely accepted draft token pays where its verification costs less than the
     step's throughput gives: B / base x slope < 1 (the step-cost model); an unmeasured
