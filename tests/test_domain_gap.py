@@ -152,5 +152,5 @@ def test_the_gates_error_rate_pools_every_checked_decision():
     assert gate_check_summary({"tail": [{}]}) == {"gate_checks": 0, "gate_error_rate": None}
     res = _results({"atlas-static": [1.2] * 4, "atlas": [1.3] * 4})
     res["methods"]["atlas"]["summary"] = {"gate_checks": 4, "gate_error_rate": 0.25}
-    assert "4 decisions checked on the next batch's held-out rollouts, 25% wrong" in \
+    assert "4 decisions checked on the next batch's rollouts, 25% wrong" in \
         format_domain_gap(res)

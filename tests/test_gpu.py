@@ -401,7 +401,7 @@ def test_drafter_trains_on_cuda_under_bf16_autocast():
             torch.cat([torch.tensor(t[:-1]) for _, t in held]),
             torch.cat([h[1:] for h, _ in held]))
     before = spec.evaluate(*held)["accept_distribution"]
-    versions, published = [], []
+    versions, published, rolled_back = [], [], []
     for step in range(12):
         for i in range(8):
             hs, toks = policy.rollout(48)
@@ -412,9 +412,11 @@ def test_drafter_trains_on_cuda_under_bf16_autocast():
         stats = spec.learn(time_budget=None)
         versions.append(stats["drafter_version"])
         published.append(stats.get("drafter_published", 1.0))
-    # the publish gate holds back a candidate that is not better (tests/test_neural.py):
-    # versions count the published ones, and most are
-    assert versions == sorted(versions) and versions[-1] == sum(published) >= 6, versions
+        rolled_back.append(stats.get("drafter_rolled_back", 0.0))
+    # the publish gate undoes an update worse on the next batch (tests/test_neural.py):
+    # versions count the published updates and the roll-backs, and most updates stay
+    assert versions == sorted(versions), versions
+    assert versions[-1] == sum(published) + sum(rolled_back) and sum(rolled_back) <= 3, versions
     after = spec.evaluate(*held)["accept_distribution"]
     assert after > before + 0.1, (before, after)
     params = list(spec.net.parameters())
