@@ -507,6 +507,28 @@ def test_the_next_batch_gate_rolls_back_a_worse_update_and_keeps_a_better_one():
     assert spec.rollbacks == rollbacks + 1 and spec.version == version + 1  # new weights
 
 
+def test_training_leaves_the_saved_optimizer_state_as_it_was():
+    """An update starts from the saved optimizer state without changing it: AdamW steps
+    its moments in place, and the saved state is what a refused candidate or a roll-back
+    returns to, so it must still be the state that made the published drafter."""
+    import copy
+
+    policy = SyntheticPolicy(7)
+    spec = _speculator(policy, gate="off")
+    _feed(spec, policy)
+    spec.learn(time_budget=None)
+    saved = spec.distiller.optimizer_state
+    snapshot = copy.deepcopy(saved)
+    _feed(spec, policy)
+    spec.learn(time_budget=None)  # trains from `saved`
+    assert spec.distiller.optimizer_state is not saved
+    for k, state in snapshot["state"].items():
+        for name, value in state.items():
+            assert torch.equal(saved["state"][k][name], value), (k, name)
+    moved = spec.distiller.optimizer_state["state"][0]["exp_avg"]
+    assert not torch.equal(moved, saved["state"][0]["exp_avg"])  # the update did train
+
+
 def test_the_publish_gate_setting_names_its_choices():
     from atlas_rl.config import AtlasConfig, publish_gate
 

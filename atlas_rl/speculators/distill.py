@@ -184,8 +184,7 @@ class Distiller:
         check = {}
         if self.gate == "next-batch":  # judged before training, outside its budget (as
             # the held-out gate judges after it)
-            check = self._judge_last_publication(net, embed, head, fresh,
-                                                 (h[-fresh:], tok[-fresh:], target[-fresh:]))
+            check = self._judge_last_publication(net, embed, head, fresh, (h, tok, target))
             start = time.perf_counter()
         if held:
             held_rows = (h[-held:], tok[-held:], target[-held:])
@@ -194,7 +193,10 @@ class Distiller:
         work = copy.deepcopy(net)
         opt = torch.optim.AdamW(work.parameters(), lr=self.lr, weight_decay=0.0)
         if self.optimizer_state is not None:
-            opt.load_state_dict(self.optimizer_state)
+            # a copy: AdamW steps its loaded moments in place, and the saved state must stay
+            # the one that made the published drafter (a refused candidate or a roll-back
+            # goes back to it)
+            opt.load_state_dict(copy.deepcopy(self.optimizer_state))
         losses, diverged, rows_seen, slowest = [], False, 0, 0.0
         n = len(tok)
         newest = min(max(0, fresh - held), n)  # the rows captured since the last update
@@ -271,7 +273,7 @@ class Distiller:
     def _judge_last_publication(self, net: DrafterNet, embed: torch.Tensor,
                                 head: torch.Tensor, fresh: int, rows: Rows) -> dict[str, float]:
         """The "next-batch" gate: the published drafter against the one it replaced, on the
-        newest batch's rows (`rows`, the last `fresh` of the buffer: neither has trained on
+        newest batch's rows (the last `fresh` of the buffer's `rows`: neither has trained on
         them); rolls back to the replaced one (weights and optimizer state) where the
         published one scores lower by more than `gate_z` standard errors."""
         if self._replaced is None or fresh < self.min_gate_rows:
