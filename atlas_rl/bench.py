@@ -8,7 +8,8 @@ A run is a sequence of RL steps. Each step:
    never saw; with ``workload="epochs"`` the same prompts come back every
    ``epoch_steps`` steps);
 2. for each regime, runs every method on the same prompts with the same seeds, in an
-   order that rotates from step to step:
+   order that rotates from step to step (the large batches' from one large batch to the
+   next):
    - ``tail``: one prompt's group of at most 4 completions (the stretch where an RL
      step waits on its last running sequences; every step), generated to a fixed length
      (EOS ignored), so that every method does the same work at the same batch size: the
@@ -54,6 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from atlas_rl.machine import release_freed_memory
 from atlas_rl.metrics import (
     BENCH_RECORD_KEYS,
     BENCH_REGIME_KEYS,
@@ -593,18 +595,6 @@ def _as_engine_prompt(prompt, has_chat_template: bool, warned: list):
     return "\n\n".join(m["content"] for m in prompt) + "\n"
 
 
-def release_freed_memory() -> None:
-    """Hand the allocator's freed pages back to the OS (glibc keeps them otherwise): the
-    benchmark holds five engines' KV caches beside the policy, and the update's logits
-    peaks left behind would push a 24 GiB machine into reclaiming its page cache."""
-    import ctypes
-
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
-
-
 # --- the policy that drifts --------------------------------------------------------
 
 def reinforce_backward(model, completions, advantages: Sequence[float],
@@ -1112,6 +1102,13 @@ def engine_config(cfg: BenchConfig, kv_cache_gib: float):
                                  where="atlas-rl bench --set")
 
 
+def rotation(methods: Sequence[str], nth: int) -> list[str]:
+    """The order the methods run a regime in, its `nth` time: rotated by one each time, so
+    that over k times (k methods) each runs first once."""
+    k = len(methods)
+    return [methods[(i + nth) % k] for i in range(k)]
+
+
 class _BenchRun:
     """One benchmark run, phase by phase: `build` the engines and the policy; per step
     (`step`): the `rollouts` of every regime, `check_exactness`, `update_policy`; then
@@ -1222,18 +1219,21 @@ class _BenchRun:
         drawn = _step_prompts(pool, cfg.prompt_slot(step), cfg.prompts_per_step + 2)
         self.domains[step] = domain
         tail_p, large_p, probe_p = drawn[0], drawn[1:-1], drawn[-1]
-        k = len(self.methods)
-        order = [self.methods[(i + step) % k] for i in range(k)]
+        order = rotation(self.methods, step)
         n_tail = min(cfg.completions, cfg.tail_sequences)
         jobs = [("tail_rl", [tail_p], n_tail, cfg.max_tokens, False),
                 ("tail", [tail_p], n_tail, cfg.max_tokens, True)]
+        orders = [order, order]
         if step in self.lb_steps:
             jobs.append(("large_batch", large_p, cfg.completions, cfg.large_batch_max_tokens,
                          False))
+            # rotated by the large batches' own count: on every other step (the default)
+            # the step's rotation would put the same method first every time
+            orders.append(rotation(self.methods, self.lb_steps.index(step)))
         step_seed = cfg.seed * 1_000_003 + step * 101
         tail_batches = {}
         for j, job in enumerate(jobs):
-            batches = self.rollouts(step, domain, order, job, step_seed + j)
+            batches = self.rollouts(step, domain, orders[j], job, step_seed + j)
             if job[0] == "tail_rl":
                 tail_batches = batches
         self.check_exactness(step, order, tail_batches, probe_p)

@@ -160,6 +160,9 @@ class AtlasRolloutEngine:
             import shutil
 
             shutil.rmtree(directory, ignore_errors=True)
+        from atlas_rl.machine import release_freed_memory
+
+        release_freed_memory()  # what the engine freed, back to the OS
 
     @property
     def speculator(self):

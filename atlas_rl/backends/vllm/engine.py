@@ -133,6 +133,10 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: b
             "mode frees GPU memory between generations, and vLLM's CPU backend has no "
             "device memory to free and cannot sleep (vLLM refuses it there). Leave it off "
             "on a CPU; on a GPU atlas-rl keeps its drafters across sleep and wake-up")
+    if on_cpu and config.cpu_reuse_freed_memory:  # before the engine's processes start
+        from atlas_rl import machine
+
+        machine.reuse_freed_memory()
     kwargs = dict(
         model=model_path,
         dtype=config.dtype or default_dtype(on_cpu),

@@ -160,6 +160,7 @@ def plan(argv: list[str], environ=None) -> tuple[list[str], dict[str, str]]:
     vllm_argv = ["serve", model, "--host", args.host, "--port", str(args.port),
                  "--logprobs-mode", "processed_logprobs", "--max-logprobs", "-1",
                  "--middleware", GUARD_CLASS]
+    extra_env: dict[str, str] = {}
     if args.speculation != "none":
         from atlas_rl.backends.vllm.plugin import speculative_config
 
@@ -177,6 +178,10 @@ def plan(argv: list[str], environ=None) -> tuple[list[str], dict[str, str]]:
             if name in fields and serving.get(name) is None:
                 serving[name] = fields.pop(name)
         args.state_dir = serving["state_dir"]
+        if fields.get("cpu_reuse_freed_memory") is False:
+            from atlas_rl.machine import SYSTEM_ALLOCATOR_ENV
+
+            extra_env[SYSTEM_ALLOCATOR_ENV] = "1"
         try:
             spec = speculative_config(args.speculation, **serving, **fields)
         except (ValueError, TypeError) as e:
@@ -204,7 +209,7 @@ def plan(argv: list[str], environ=None) -> tuple[list[str], dict[str, str]]:
              "max_tokens_limit": args.max_tokens_limit, "max_n": args.max_n,
              "weight_transfer": backend,
              "state_root": _realpath(args.state_root or args.state_dir)}
-    env = {"VLLM_SERVER_DEV_MODE": "1", ENV: json.dumps(guard)}
+    env = {"VLLM_SERVER_DEV_MODE": "1", ENV: json.dumps(guard), **extra_env}
     return vllm_argv + extra, env
 
 
@@ -330,7 +335,11 @@ def _available_memory() -> int:
 def main(argv: list[str]) -> int:
     try:
         vllm_argv, env = plan(argv)
+        os.environ.update(env)
         if _cpu_only():
+            from atlas_rl import machine
+
+            machine.reuse_freed_memory()  # vLLM's engine core inherits it
             flags, line = size_kv_cache(vllm_argv)
             vllm_argv += flags
             if line:
@@ -338,7 +347,6 @@ def main(argv: list[str]) -> int:
     except ServeError as e:
         print(f"atlas-rl serve: {e}", file=sys.stderr)
         return 2
-    os.environ.update(env)
     from atlas_rl.compat import run_vllm_cli
 
     return run_vllm_cli(vllm_argv)
