@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 from atlas_rl import ranks
 from atlas_rl import speculation as speculation_room
 from atlas_rl.config import SPECULATION_METHODS, AtlasConfig
+from atlas_rl.machine import generating, one_off_allocations, release_freed_memory
 from atlas_rl.metrics import (
     SpecCounters,
     oracle_acceptance_length,
@@ -103,6 +104,11 @@ class AtlasRolloutEngine:
         else:  # adopt an engine built elsewhere (e.g. by TRL) with our speculative config
             self.model_path = model
             self.llm = llm
+        if not self.multiprocess and self.config.cpu_reuse_freed_memory and backend.on_cpu():
+            # freed blocks kept for the engine steps, not for the trainer beside it
+            from atlas_rl.machine import reuse_while_generating
+
+            reuse_while_generating()
         self.tokenizer = self.llm.get_tokenizer()
         # problems that would ruin rollouts (a BOS the tokenizer forgets, an end-of-turn
         # token that is no EOS): fixed here for prompts atlas-rl tokenizes, said once
@@ -160,8 +166,6 @@ class AtlasRolloutEngine:
             import shutil
 
             shutil.rmtree(directory, ignore_errors=True)
-        from atlas_rl.machine import release_freed_memory
-
         release_freed_memory()  # what the engine freed, back to the OS
 
     @property
@@ -349,7 +353,8 @@ class AtlasRolloutEngine:
         self.begin_batch()
         before = self._snapshot()
         start = time.perf_counter()
-        outputs = self.llm.generate(requests, params, use_tqdm=False)
+        with generating():  # the engine steps reuse freed blocks (machine.py)
+            outputs = self.llm.generate(requests, params, use_tqdm=False)
         seconds = time.perf_counter() - start
 
         completions = []
@@ -460,9 +465,11 @@ class AtlasRolloutEngine:
         if self.multiprocess:  # the worker checks, loads and re-points its drafter
             self._weight_sync.sync(weights)
             return
-        self._weight_sync.sync(weights, copy=copy)
-        if self.proposer is not None:  # the drafter re-reads the policy's embedding and head
-            self.proposer.policy_weights_changed(self._backend.model_runner(self.llm).get_model())
+        with one_off_allocations():  # vLLM's reload: large blocks, each allocated once
+            self._weight_sync.sync(weights, copy=copy)
+            if self.proposer is not None:  # the drafter re-reads the policy's embedding, head
+                self.proposer.policy_weights_changed(
+                    self._backend.model_runner(self.llm).get_model())
 
     def save(self, directory: str | Path) -> None:
         """Every speculator's state (safetensors + JSON) and the controller's

@@ -361,11 +361,11 @@ def test_quick_run_schema(quick_run):
         assert m["exactness"]["judged_in"] == "float32"
     assert results["machine"]["dtype"] == "float32"
     assert isinstance(results["machine"]["cpu_bf16_units"], bool)
-    # the engines were built on the CPU: freed blocks are reused (machine.reuse_freed_memory)
-    from atlas_rl.machine import _glibc
+    # in-process CPU engines beside the policy's trainer: freed blocks reused while generating
+    from atlas_rl.machine import WHILE_GENERATING, _glibc
 
     if _glibc() is not None:
-        assert results["machine"]["allocator"] == "glibc, freed blocks reused"
+        assert results["machine"]["allocator"] == WHILE_GENERATING
     steps = results["methods"]["none"]["steps"]
     assert [s["domain"] for s in steps] == ["math", "javascript"]  # the drift
     assert results["config"]["drift_step"] == 1

@@ -1,6 +1,8 @@
-"""The host allocator setting (`machine.reuse_freed_memory`): what it promises is that a
-freed block over glibc's mmap threshold is reused without page faults, in this process and
-in the processes it starts; and that an allocator the user chose is left alone. Each check
+"""The host allocator setting (`atlas_rl.machine`): what it promises is that a freed block
+over glibc's mmap threshold is reused without page faults where an engine generates (all
+the time in a process that only generates and the processes it starts; while generating
+in one that also trains), that a weight sync's blocks are not kept, and that an allocator
+the user chose is left alone. Each check
 runs in a fresh interpreter: the setting is process-wide."""
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ pytestmark = pytest.mark.skipif(machine._glibc() is None, reason="needs glibc")
 PROBE = r"""
 import json, os, resource, subprocess, sys
 from atlas_rl import machine
-state = machine.reuse_freed_memory() if sys.argv[1] == "reuse" else machine.allocator()
+state = (machine.reuse_freed_memory() if sys.argv[1] in ("reuse", "one-off")
+         else machine.allocator())
 def faults():
     import ctypes
     libc = ctypes.CDLL("libc.so.6")
@@ -35,6 +38,21 @@ def faults():
         libc.free(ctypes.c_void_p(p))
         counts.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     return sum(counts[1:])
+if sys.argv[1] == "while-generating":
+    state = machine.reuse_while_generating()
+    before = faults()
+    with machine.generating():
+        with machine.generating():  # re-entrant
+            inner = faults()
+        inside = faults()
+    print(json.dumps({"before": before, "inside": inside + inner, "after": faults(),
+                      "state": state}))
+    raise SystemExit
+if sys.argv[1] == "one-off":
+    with machine.one_off_allocations():
+        inside = faults()
+    print(json.dumps({"inside": inside, "after": faults(), "state": state}))
+    raise SystemExit
 if sys.argv[1] == "child":
     print(json.dumps({"faults": faults(), "state": state}))
 else:
@@ -60,11 +78,27 @@ def test_freed_blocks_are_reused_without_page_faults_here_and_in_child_processes
     # the system default maps the block afresh each round: a fault per page
     assert system["faults"] >= PAGES and system["child"]["faults"] >= PAGES
     kept = _probe("reuse")
-    assert kept["state"] == "glibc, freed blocks reused"
+    assert kept["state"] == machine.REUSED
     assert kept["faults"] < PAGES // 20
     # vLLM's engine core and workers are child processes: they inherit the setting
-    assert kept["child"]["state"] == "glibc, freed blocks reused"
+    assert kept["child"]["state"] == machine.REUSED
     assert kept["child"]["faults"] < PAGES // 20
+
+
+def test_a_process_that_also_trains_reuses_freed_blocks_while_generating_only():
+    got = _probe("while-generating")
+    assert got["state"] == machine.WHILE_GENERATING
+    assert got["before"] >= PAGES  # a trainer's step: large blocks mapped, as glibc does
+    assert got["inside"] < PAGES // 10  # the engine steps: kept and reused
+    assert got["after"] >= PAGES  # handed back when the generate call ends
+
+
+def test_a_stretch_of_one_off_allocations_maps_its_blocks_and_reuse_resumes_after():
+    # a weight sync's blocks are allocated once: kept, they only added to the peak
+    got = _probe("one-off")
+    assert got["state"] == machine.REUSED
+    assert got["inside"] >= PAGES  # mapped afresh each round, as the system does
+    assert got["after"] < PAGES  # kept again (the first round faults the trimmed pages)
 
 
 @pytest.mark.parametrize("env, named", [

@@ -261,7 +261,10 @@ METRIC_KEYS = ROLLOUT_METRICS  # the rollout stats logged as atlas/<key> (atlas_
 def _wrap_generate_single_turn(original):
     @functools.wraps(original)
     def _generate_single_turn(self, *args, **kwargs):
-        out = original(self, *args, **kwargs)
+        from atlas_rl.machine import generating
+
+        with generating():  # a colocated engine's steps reuse freed blocks (machine.py)
+            out = original(self, *args, **kwargs)
         vg = getattr(self, "vllm_generation", None)
         engine = getattr(vg, "atlas_engine", None)
         pending = _PENDING.pop(vg, None) if vg is not None else None

@@ -4,10 +4,11 @@ Weight sync: `weight_sync`. Every hook into vLLM is installed through `hooks` (t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
-from atlas_rl import compat
+from atlas_rl import compat, machine
 from atlas_rl.backends.vllm import hooks
 from atlas_rl.backends.vllm.hooks import PROPOSER_CLASS, model_runner  # noqa: F401 (re-exported)
 from atlas_rl.config import AtlasConfig
@@ -73,6 +74,13 @@ def cpu_kv_cache_gib_for(model_path: str, dtype: str, batches, block_size: int =
     return max(per_token * need * margin / (1 << 30), 1 / 16)
 
 
+def on_cpu() -> bool:
+    """vLLM runs on the CPU backend here."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
 def default_dtype(on_cpu: bool) -> str:
     # Measured on a 2-core AVX-512 Xeon without bf16 units: float32 decodes ~2x faster
     # than emulated bfloat16 at batch 16 (docs/dtypes.md).
@@ -133,10 +141,6 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: b
             "mode frees GPU memory between generations, and vLLM's CPU backend has no "
             "device memory to free and cannot sleep (vLLM refuses it there). Leave it off "
             "on a CPU; on a GPU atlas-rl keeps its drafters across sleep and wake-up")
-    if on_cpu and config.cpu_reuse_freed_memory:  # before the engine's processes start
-        from atlas_rl import machine
-
-        machine.reuse_freed_memory()
     kwargs = dict(
         model=model_path,
         dtype=config.dtype or default_dtype(on_cpu),
@@ -168,7 +172,10 @@ def build_llm(model_path: str, method: str, config: AtlasConfig, multiprocess: b
                 "multiprocess=True, but an in-process vLLM engine already ran in this "
                 "process and vLLM froze its environment (VLLM_ENABLE_V1_MULTIPROCESSING=0): "
                 "build multiprocess engines before in-process ones, or in another process")
-    llm = LLM(**kwargs)
+    reuse = machine.engine_processes_reuse_freed_memory() if (
+        multiprocess and on_cpu and config.cpu_reuse_freed_memory) else contextlib.nullcontext()
+    with reuse:  # the engine core process keeps freed blocks for its steps (machine.py)
+        llm = LLM(**kwargs)
     if not multiprocess:  # else the worker applies them where its kernels live
         compat.install_vllm_fixes_after_build(llm)
     return llm

@@ -367,11 +367,14 @@ class FileWeightTransferEngine(_Engine):
                                   f"the server keeps serving its current weights:\n{shown}")
 
     def finish_weight_update(self) -> None:
+        from atlas_rl.machine import one_off_allocations
+
         staged, self.staged = self.staged, []
         try:
             if staged:
-                self.sync.load(staged, owned=True)  # rolled back if the load fails
-                _drafter_follows(self.model)
+                with one_off_allocations():  # vLLM's reload: large blocks, allocated once
+                    self.sync.load(staged, owned=True)  # rolled back if the load fails
+                    _drafter_follows(self.model)
         finally:
             self._delete_files()
 
