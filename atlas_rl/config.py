@@ -113,12 +113,14 @@ class AtlasConfig:
         "help": "KV cache size in GiB on the CPU backend (vLLM's kv_cache_memory_bytes; "
                 "fractions allowed, e.g. 0.5), unless VLLM_CPU_KVCACHE_SPACE is set."})
     cpu_reuse_freed_memory: bool = field(default=True, metadata={
-        "help": "On the CPU backend, have glibc's malloc keep freed blocks for reuse "
-                "(process-wide, and in the engine processes vLLM starts): otherwise every "
-                "step's [requests, vocabulary] logits-sized tensors over 32 MiB are mapped "
-                "and page-faulted afresh; at 64 sequences and a 262k vocabulary sampling "
-                "took 3x its time. Off: the system's default. An allocator you chose "
-                "(LD_PRELOAD, MALLOC_* or GLIBC_TUNABLES) is left as it is."})
+        "help": "On the CPU backend, have glibc's malloc keep freed blocks for reuse where "
+                "the engine steps run: otherwise every step's [requests, vocabulary] "
+                "tensors over 32 MiB are mapped and page-faulted afresh (at 64 sequences "
+                "and a 262k vocabulary sampling took 3x its time). An in-process engine "
+                "keeps them while it generates only, so a trainer beside it peaks as "
+                "before; a multiprocess engine's core process all the time. Off: the "
+                "system's default. An allocator you chose (LD_PRELOAD, MALLOC_* or "
+                "GLIBC_TUNABLES) is left as it is."})
     allow_nonfinite_weights: bool = field(default=False, metadata={
         "help": "Let sync_weights load weights with NaN or inf values. Off by default: a "
                 "diverged policy update would otherwise yield garbage rollouts (e.g. one "

@@ -171,8 +171,8 @@ def reuse_while_generating() -> str:
     """Keep freed blocks for reuse in this process while it generates (`generating`),
     and map large ones outside it: for a process that also trains (see the comment
     above). Idempotent; returns `allocator()`; leaves what `reuse_freed_memory` leaves."""
-    if _allocator.get("state") in (REUSED, WHILE_GENERATING):
-        return _allocator["state"]
+    if allocator() in (REUSED, WHILE_GENERATING):  # REUSED: inherited or set here
+        return allocator()
     why, libc = _not_applicable()
     if why:
         _allocator["state"] = why
