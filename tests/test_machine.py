@@ -129,3 +129,22 @@ def test_the_large_batches_rotate_by_their_own_count():
     for nth in range(3):
         assert sorted(rotation(methods, nth)) == sorted(methods)
     assert {rotation(methods, nth)[0] for nth in range(3)} == set(methods)
+
+
+def test_the_sampler_profile_shows_fewer_page_faults_with_freed_blocks_kept():
+    # scripts/profile_sampler.py, the figure BENCHMARKS.md quotes, at a vocabulary whose
+    # [64, vocabulary] float32 tensors (33.5 MB) are over glibc's largest mmap threshold
+    pytest.importorskip("vllm")
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "profile_sampler.py"
+    out = subprocess.run([sys.executable, str(script), "--vocab", "131072", "--requests", "64",
+                          "--repeats", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:6] for line in out.stdout.splitlines()
+            if line.startswith("| ") and "ms" in line}
+    assert set(rows) == {"system", machine.REUSED}, out.stdout
+    faults = {k: [float(v[1].replace(",", "")), float(v[3].replace(",", ""))]
+              for k, v in rows.items()}
+    # a step with one drafted request: its verification's copies page-faulted afresh
+    assert faults[machine.REUSED][1] < faults["system"][1] / 4, out.stdout
