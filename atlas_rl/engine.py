@@ -13,7 +13,12 @@ from typing import Any, Mapping, Sequence
 from atlas_rl import ranks
 from atlas_rl import speculation as speculation_room
 from atlas_rl.config import SPECULATION_METHODS, AtlasConfig
-from atlas_rl.machine import generating, one_off_allocations, release_freed_memory
+from atlas_rl.machine import (
+    generating,
+    one_off_allocations,
+    release_freed_memory,
+    reuse_while_generating,
+)
 from atlas_rl.metrics import (
     SpecCounters,
     oracle_acceptance_length,
@@ -105,10 +110,7 @@ class AtlasRolloutEngine:
             self.model_path = model
             self.llm = llm
         if not self.multiprocess and self.config.cpu_reuse_freed_memory and backend.on_cpu():
-            # freed blocks kept for the engine steps, not for the trainer beside it
-            from atlas_rl.machine import reuse_while_generating
-
-            reuse_while_generating()
+            reuse_while_generating()  # freed blocks kept for the engine steps, not the trainer
         self.tokenizer = self.llm.get_tokenizer()
         # problems that would ruin rollouts (a BOS the tokenizer forgets, an end-of-turn
         # token that is no EOS): fixed here for prompts atlas-rl tokenizes, said once

@@ -23,7 +23,8 @@ def cpu_has_native_bf16() -> bool:
 
 def machine_info(dtype: str) -> dict:
     """The machine a figure ran on: CPU (and whether it has bf16 units), cores, GPU,
-    versions, the engine's dtype and the host allocator's setting (`allocator`). Every figure atlas-rl reports carries it."""
+    versions, the engine's dtype and the host allocator's setting (`allocator`). Every
+    figure atlas-rl reports carries it."""
     import torch
 
     try:
@@ -79,6 +80,7 @@ SYSTEM_ALLOCATOR_ENV = "ATLAS_RL_SYSTEM_ALLOCATOR"
 _allocator: dict = {"depth": 0}
 
 
+@functools.cache  # every generate call asks
 def _glibc():
     import ctypes
 

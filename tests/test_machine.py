@@ -139,7 +139,8 @@ def test_the_sampler_profile_shows_fewer_page_faults_with_freed_blocks_kept():
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "profile_sampler.py"
     out = subprocess.run([sys.executable, str(script), "--vocab", "131072", "--requests", "64",
-                          "--repeats", "2"], capture_output=True, text=True, timeout=600)
+                          "--repeats", "2"], capture_output=True, text=True, timeout=600,
+                         check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2:6] for line in out.stdout.splitlines()
             if line.startswith("| ") and "ms" in line}
