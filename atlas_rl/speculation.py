@@ -17,7 +17,7 @@ from atlas_rl.config import AtlasConfig
 from atlas_rl.controller import AtlasController
 from atlas_rl.metrics import SpecCounters, drafted_fraction
 from atlas_rl.speculators import NeuralSpeculator, SuffixSpeculator
-from atlas_rl.speculators.base import Speculator
+from atlas_rl.speculators.base import Speculator, Stop
 from atlas_rl.speculators.eagle3 import Eagle3Speculator, is_eagle3_dir
 from atlas_rl.speculators.neural import static_speculator_dir
 
@@ -165,12 +165,14 @@ def learn_update(config: AtlasConfig, speculators: dict[str, Speculator],
 
 
 def learn_all(speculators: dict[str, Speculator], sequences: list[list[int]],
-              budget: float | None, skip: Sequence[str] = ()) -> dict:
+              budget: float | None, skip: Sequence[str] = (), stop: Stop | None = None
+              ) -> dict:
     """Every speculator learns `sequences` (prompt + completion each) within one time
     budget in seconds: each gets what the ones before it left. None: no clock (each
     learns one pass; deterministic, as tensor-parallel ranks need). A budget of 0: the
     neural drafter does not train (what it captured waits); the suffix index, which
-    costs next to nothing, still learns."""
+    costs next to nothing, still learns. `stop`: training ends early once it is set (a
+    server's idle-time learner)."""
     start = time.perf_counter()
     out = {}
     if budget is not None and budget <= 0:
@@ -178,7 +180,9 @@ def learn_all(speculators: dict[str, Speculator], sequences: list[list[int]],
     for name, spec in speculators.items():
         if name not in skip:
             left = None if budget is None else max(0.0, budget - (time.perf_counter() - start))
-            out.update(spec.learn(sequences, time_budget=left))
+            # `stop` only where one is given: a speculator of the user's may predate it
+            extra = {} if stop is None else {"stop": stop}
+            out.update(spec.learn(sequences, time_budget=left, **extra))
         else:
             keep_captured(spec)
     seconds = time.perf_counter() - start

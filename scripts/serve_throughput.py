@@ -235,15 +235,17 @@ def load(args) -> dict:
 
     model = resolve_model(args.model)
     texts = _texts(model, args.clients * args.requests)
+    methods = _load_methods(args.methods)
     logs = {m: open(os.path.join(tempfile.gettempdir(), f"serve-load-{m}.log"), "w")
-            for m in ("none", "atlas")}
-    servers = {m: _start_serve(model, m, logs[m]) for m in ("none", "atlas")}
+            for m in methods}
+    servers = {m: _start_serve(model, m, logs[m], args.set) for m in methods}
     rows = []
     try:
         for m, (_, base) in servers.items():  # warm-up
             _timed_requests(base, model, texts[:2], 2, 1, 16, 999)
         for r in range(args.rounds):
-            order = ("none", "atlas") if r % 2 == 0 else ("atlas", "none")
+            k = r % len(methods)  # rotated: each method goes first as often
+            order = methods[k:] + methods[:k]
             row = {"round": r}
             for m in order:
                 lat, errors, incomplete, tokens, wall = _timed_requests(
@@ -252,22 +254,49 @@ def load(args) -> dict:
                           "error_samples": errors[:3], "incomplete": incomplete,
                           "tokens": tokens, "seconds": wall, "tokens_per_s": tokens / wall,
                           "p50_s": _pct(lat, 0.5), "p99_s": _pct(lat, 0.99)}
+                if m != "none":
+                    row[m]["idle_wait_s"] = _wait_quiet(servers[m][1])
             rows.append(row)
             print(json.dumps(row), flush=True)
         from atlas_rl.backends.vllm.server_metrics import read_metrics
 
-        metrics = read_metrics(servers["atlas"][1])
+        metrics = {m: read_metrics(servers[m][1]) for m in methods if m != "none"}
     finally:
         _stop(servers.values())
     summary = {m: {k: statistics.median(r[m][k] for r in rows)
-                   for k in ("tokens_per_s", "p50_s", "p99_s")} for m in ("none", "atlas")}
+                   for k in ("tokens_per_s", "p50_s", "p99_s")} for m in methods}
     for m in summary:
         summary[m]["errors"] = sum(r[m]["errors"] for r in rows)
         summary[m]["incomplete"] = sum(r[m]["incomplete"] for r in rows)
+    ratios = {m: statistics.median(r[m]["tokens_per_s"] / r["none"]["tokens_per_s"]
+                                   for r in rows) for m in methods if m != "none"}
     return {"part": "load", "rows": rows, "summary": summary,
-            "median_ratio": statistics.median(r["atlas"]["tokens_per_s"] /
-                                              r["none"]["tokens_per_s"] for r in rows),
-            "atlas_metrics": metrics}
+            "median_ratio": ratios.get("atlas"), "median_ratios": ratios,
+            "atlas_metrics": metrics.get("atlas"), "server_metrics": metrics}
+
+
+def _load_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in methods if m not in ("none", "atlas", "atlas-static")]
+    if bad or "none" not in methods or len(set(methods)) != len(methods):
+        raise SystemExit(f"--methods {text!r}: a comma-separated list of distinct "
+                         "none, atlas, atlas-static, with none in it (the baseline)")
+    return methods
+
+
+def _wait_quiet(base, timeout: float = 120.0) -> float:
+    """Seconds until the server is quiet: no online update running or waiting (an idle
+    server learns; the next round, on whichever server, starts when it is done, so no
+    server's round shares the CPU with another's learning)."""
+    from atlas_rl.backends.vllm.server_metrics import read_metrics
+
+    start = time.perf_counter()
+    while time.perf_counter() - start < timeout:
+        m = read_metrics(base)
+        if not m.get("learning_now", 0) and not m.get("learning_waiting", 0):
+            break
+        time.sleep(0.2)
+    return time.perf_counter() - start
 
 
 def _tree_rss(pid) -> int:
@@ -343,10 +372,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--clients", type=int, default=4)
     ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                    help="soak: an AtlasConfig field for the server (repeatable), e.g. "
-                         "small memory bounds to see them reached")
+                    help="soak, load: an AtlasConfig field for the atlas servers (repeatable), "
+                         "e.g. small memory bounds to see them reached")
     ap.add_argument("--speculation", default="atlas", choices=("atlas", "atlas-static", "none"),
                     help="soak: the server's speculation")
+    ap.add_argument("--methods", default="none,atlas",
+                    help="load: the servers' speculation, comma-separated, none among them")
     ap.add_argument("--requests", type=int, default=None,
                     help="load: requests per client (default 6); soak: in all (default 320)")
     ap.add_argument("--out", default=None)

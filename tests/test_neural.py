@@ -274,6 +274,34 @@ def test_training_stops_before_its_budget_not_after(monkeypatch):
     assert stats["drafter_train_seconds"] <= 1.0
 
 
+def test_an_update_ends_at_its_next_minibatch_once_stopped_and_publishes_what_it_trained():
+    """`stop` (a server's idle learner, when the engine steps again): set before the
+    update, nothing is trained and the rows stay fresh for the next one; set during it,
+    the update ends before its next minibatch and what it trained is published."""
+    import threading
+
+    policy = SyntheticPolicy(5)
+    spec = _speculator(policy, batch_rows=8, gate="off")
+    _feed(spec, policy, sequences=40)
+    stop = threading.Event()
+    stop.set()
+    assert spec.learn(stop=stop).get("drafter_rows", 0) == 0
+    assert spec.version == 0 and spec.distiller.buffer.fresh_rows > 0
+    stop.clear()
+    before = {k: v.clone() for k, v in spec.net.state_dict().items()}
+    steps = []
+
+    def progress(epoch, start, n, loss):  # called after each minibatch
+        steps.append(start)
+        if len(steps) == 2:
+            stop.set()
+
+    stats = spec.train(time_budget=None, max_epochs=2, progress=progress, stop=stop)
+    assert stats["drafter_rows"] == 2 * 8 and len(steps) == 2
+    assert spec.version == 1  # published as far as it got
+    assert any(not torch.equal(before[k], v) for k, v in spec.net.state_dict().items())
+
+
 def test_save_load_roundtrip(tmp_path):
     policy = SyntheticPolicy(4)
     spec = _speculator(policy)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -167,10 +168,11 @@ def test_stock_vllm_llm_speculates_with_atlas_learns_and_saves(real_model_path, 
     del baseline
     state = tmp_path / "state"
     llm = _stock_llm(real_model_path, monkeypatch, False, state_dir=str(state), learn_every=64,
-                     speculate_always=True)
+                     speculate_always=True, learn_when_idle=False)  # learning in the steps
     keep_alive.append(llm)
     atlas = proposer(llm)
     assert atlas is not None and atlas.worker is not None and atlas.controller is not None
+    assert atlas.worker.idle is None
     got = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=24))
     assert [list(o.outputs[0].token_ids) for o in got] == [c.completion_ids for c in want]
     assert atlas.counters.num_drafts > 0
@@ -187,6 +189,67 @@ def test_stock_vllm_llm_speculates_with_atlas_learns_and_saves(real_model_path, 
     saved = json.loads((state / "atlas_config.json").read_text())
     assert saved["model"] == real_model_path and saved["speculation"] == "atlas"
     assert saved["speculators"] == list(atlas.speculators)
+
+
+@pytest.mark.slow
+def test_a_stock_vllm_worker_learns_while_idle_and_its_next_step_stops_the_learner(
+        real_model_path, monkeypatch, keep_alive):
+    """The default for a server (`worker.IdleLearner`): completed sequences wait for a
+    gap instead of being learnt in a step; once the engine has been idle for
+    IDLE_SECONDS, a thread learns them all (the requests vLLM has not yet reported
+    finished too) in one full update; the next engine step stops a learner that is still
+    learning, waits for it, and generates as before; what the early finish took is not
+    learnt twice."""
+    from vllm import SamplingParams
+
+    from atlas_rl.backends.vllm import hooks
+    from atlas_rl.backends.vllm.engine import proposer
+    from atlas_rl.backends.vllm.worker import DEFER_UPDATES, IDLE_SECONDS
+
+    llm = _stock_llm(real_model_path, monkeypatch, False, learn_every=4, speculate_always=True)
+    keep_alive.append(llm)
+    atlas = proposer(llm)
+    work, idle = atlas.worker, atlas.worker.idle
+    assert idle is not None and hooks.status()["idle_learning"] == "applied"
+    greedy = SamplingParams(temperature=0.0, max_tokens=16)
+    want = [list(o.outputs[0].token_ids) for o in llm.generate(PROMPTS, greedy)]
+    sampled = SamplingParams(temperature=1.0, max_tokens=24, n=4, seed=1)
+    llm.generate(PROMPTS, sampled)
+    llm.generate(PROMPTS, sampled)  # its steps see 8+ completed >= learn_every: deferred
+    assert work.learns == 0 and 4 * DEFER_UPDATES > 18
+    waiting = idle.waiting()
+    assert waiting == 2 + 8 + 8  # every sequence, reported finished or not
+    deadline = time.monotonic() + 60
+    while work.learns == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert work.learns == 1 and idle.updates == 1 and idle.stopped == 0
+    assert work.last_update["idle_update"] == 1.0
+    assert work.last_update["drafter_version"] >= 1 and work.last_update["drafter_rows"] > 0
+    assert idle.waiting() == 0 and not atlas.completed
+    assert idle.seconds > 0
+
+    # a learner still learning when a step begins is stopped, and the step waits for it
+    started, seen = threading.Event(), []
+
+    def long_update(budget=None, stop=None):
+        started.set()
+        while not stop.is_set():
+            time.sleep(0.005)
+        seen.append(time.monotonic())
+        return {"idle_update": 1.0}
+
+    work.learn = long_update
+    try:
+        llm.generate(PROMPTS, sampled)
+        assert started.wait(IDLE_SECONDS + 10)
+        got = llm.generate(PROMPTS, greedy)
+    finally:
+        del work.learn  # the class's again
+    assert seen and idle.stopped == 1  # stopped by the step; generation went on, exact
+    assert [list(o.outputs[0].token_ids) for o in got] == want
+    deadline = time.monotonic() + 60  # its last update done before the next test runs
+    while (idle.waiting() or idle.learning) and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 @pytest.mark.slow

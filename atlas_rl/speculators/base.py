@@ -13,12 +13,23 @@ import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Literal, Sequence
+from typing import ClassVar, Literal, Protocol, Sequence
 
 import torch
 
 ONE_HOT, DISTRIBUTION = "one-hot", "distribution"
 DraftKind = Literal["one-hot", "distribution"]
+
+
+class Stop(Protocol):
+    """Tells a learning loop to end early (a `threading.Event`): checked between its
+    optimizer steps, so it ends within one of them."""
+
+    def is_set(self) -> bool: ...
+
+
+def stopped(stop: Stop | None) -> bool:
+    return stop is not None and stop.is_set()
 
 
 @dataclass(frozen=True)
@@ -117,10 +128,12 @@ class Speculator(ABC):
     def finish(self, key: str) -> None:
         """Request ``key`` ended; forget its per-request state."""
 
-    def learn(self, sequences: Sequence[Sequence[int]], time_budget: float | None = None
-              ) -> dict[str, float]:
+    def learn(self, sequences: Sequence[Sequence[int]], time_budget: float | None = None,
+              stop: Stop | None = None) -> dict[str, float]:
         """Learn from finished rollouts (prompt + completion token ids), within
-        `time_budget` seconds where learning takes time. Returns stats."""
+        `time_budget` seconds where learning takes time, and ending early once `stop` is
+        set (a server's idle-time learner, when the engine needs the CPU again). Returns
+        stats."""
         return {}
 
     def begin_batch(self) -> None:

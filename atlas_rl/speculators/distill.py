@@ -59,6 +59,7 @@ import torch
 from atlas_rl.config import PUBLISH_GATES, publish_gate
 from atlas_rl.kernels.staging import to_device
 from atlas_rl.machine import cpu_has_native_bf16
+from atlas_rl.speculators.base import Stop, stopped
 from atlas_rl.speculators.drafter_net import DrafterNet
 
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (h_t, x_{t+1}, h_{t+1})
@@ -165,11 +166,16 @@ class Distiller:
 
     def train(self, net: DrafterNet, embed: torch.Tensor, head: torch.Tensor,
               generator: torch.Generator, time_budget: float | None = None,
-              max_epochs: int = 1, progress: Callable | None = None) -> dict[str, float]:
+              max_epochs: int = 1, progress: Callable | None = None,
+              stop: Stop | None = None) -> dict[str, float]:
         """Distil on the buffer: shuffled rows, up to `max_epochs` passes or the time
-        budget (stopping before it, one minibatch at least). `head`: the LM head rows of
-        the draft vocabulary [|S|, d]. Publishes into `net` unless the loss diverged or
-        the candidate loses the publish gate (the module's docstring)."""
+        budget (stopping before it, one minibatch at least), or until `stop` is set
+        (checked before each minibatch: what was trained by then is published, as at the
+        end of a budget). `head`: the LM head rows of the draft vocabulary [|S|, d].
+        Publishes into `net` unless the loss diverged or the candidate loses the publish
+        gate (the module's docstring)."""
+        if stopped(stop):  # before anything: the rows stay fresh for the next update
+            return {}
         start = time.perf_counter()
         # Copies: tensors made under vLLM's inference mode cannot enter autograd. The
         # buffer may sit on the CPU (the proposer copies hidden states there): one move.
@@ -210,6 +216,8 @@ class Distiller:
                 t0 = time.perf_counter()
                 if time_budget is not None and rows_seen and t0 - start + slowest > time_budget:
                     break  # the next minibatch may take as long as the slowest so far
+                if stopped(stop):
+                    break
                 idx = order[s:s + self.batch_rows]
                 with _autocast(device, embed.dtype, self.cpu_bf16):
                     loss = distill_loss(work, embed, h[idx], tok[idx], target[idx], head)

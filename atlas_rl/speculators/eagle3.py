@@ -33,7 +33,7 @@ import torch
 
 from atlas_rl.kernels.sampling import inverse_cdf
 from atlas_rl.machine import cpu_has_native_bf16
-from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, HiddenStateSpeculator
+from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, HiddenStateSpeculator, Stop, stopped
 from atlas_rl.speculators.distill import (expected_length, unrolled_acceptance, unrolled_loss,
                                           vocab_targets)
 from atlas_rl.speculators.drafter_net import Eagle3Net
@@ -425,7 +425,8 @@ class Eagle3Speculator(HiddenStateSpeculator):
         net.train(was)
         return expected_length(acc["distribution"])
 
-    def learn(self, sequences=(), time_budget: float | None = None) -> dict[str, float]:
+    def learn(self, sequences=(), time_budget: float | None = None,
+              stop: Stop | None = None) -> dict[str, float]:
         if self.frozen or not self.ready:
             self._done, self._streams = [], {}
             return {}
@@ -453,7 +454,8 @@ class Eagle3Speculator(HiddenStateSpeculator):
         losses, slowest, diverged = [], 0.0, False
         while True:  # newest rollouts first, each minibatch half new, half replayed
             t0 = time.perf_counter()
-            if time_budget is not None and (t0 - start + slowest > time_budget):
+            if (time_budget is not None and (t0 - start + slowest > time_budget)
+                    or stopped(stop)):
                 break
             half = max(1, self.batch_rollouts // 2)
             part = self._rng.sample(fresh, min(half, len(fresh)))

@@ -49,7 +49,7 @@ from atlas_rl.kernels.rejection import cuda_graphs_enabled
 from atlas_rl.kernels.sampling import inverse_cdf
 from atlas_rl.kernels.staging import staged_on, to_device
 from atlas_rl.machine import cpu_has_native_bf16
-from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, HiddenStateSpeculator
+from atlas_rl.speculators.base import EMPTY_DRAFT, Draft, HiddenStateSpeculator, Stop
 from atlas_rl.speculators.distill import Distiller, Rows, acceptance
 from atlas_rl.speculators.drafter_net import DrafterNet
 
@@ -524,9 +524,11 @@ class NeuralSpeculator(HiddenStateSpeculator):
         if state.get("token_counts") is not None:  # every rank saves the same state
             self.token_counts = state["token_counts"].clone()
 
-    def learn(self, sequences=(), time_budget: float | None = None) -> dict[str, float]:
+    def learn(self, sequences=(), time_budget: float | None = None,
+              stop: Stop | None = None) -> dict[str, float]:
         """Train on the hidden states captured since the last call (the batch's rollouts;
-        `sequences` themselves are not needed), for at most `time_budget` seconds."""
+        `sequences` themselves are not needed), for at most `time_budget` seconds, ending
+        early once `stop` is set."""
         if self.frozen or self._embed is None or self.net is None:
             self._done, self._streams = [], {}
             return {}
@@ -537,15 +539,16 @@ class NeuralSpeculator(HiddenStateSpeculator):
             return dict(self._vocab_stats)
         if time_budget is not None:  # collecting the capture came out of the budget
             time_budget = max(0.0, time_budget - (time.perf_counter() - start))
-        stats = self.train(time_budget=time_budget, max_epochs=self.distiller.max_epochs)
+        stats = self.train(time_budget=time_budget, max_epochs=self.distiller.max_epochs,
+                           stop=stop)
         return {**stats, **self._vocab_stats}
 
     def train(self, time_budget: float | None = None, max_epochs: int = 1,
-              progress=None) -> dict[str, float]:
+              progress=None, stop: Stop | None = None) -> dict[str, float]:
         """Distil on the buffer (`Distiller.train`) and publish into this drafter."""
         return self.distiller.train(self.net, self._embed, self._sub_head(), self._generator,
                                     time_budget=time_budget, max_epochs=max_epochs,
-                                    progress=progress)
+                                    progress=progress, stop=stop)
 
     def evaluate(self, h: torch.Tensor, tok: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
         """First-position acceptance on held-out rows (`distill.acceptance`)."""

@@ -583,7 +583,7 @@ class SuffixSpeculator(Speculator):
 
     # --- learning ------------------------------------------------------------------
 
-    def learn(self, sequences, time_budget=None) -> dict[str, float]:
+    def learn(self, sequences, time_budget=None, stop=None) -> dict[str, float]:
         if self.frozen:
             return {}
         sequences = [_as_list(s) for s in sequences]

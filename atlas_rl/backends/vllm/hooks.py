@@ -22,6 +22,8 @@ aux_hidden_states      runner.use_aux_hidden_state_outputs (+ the model's atlas 
                        own set_aux_hidden_state_layers)                               with EAGLE-3
 failed_requests        runner.sample_tokens (instance); Scheduler.        atlas       atlas engines
                        update_from_output (class)
+idle_learning          runner.execute_model, runner.sample_tokens (inst.) atlas       atlas servers
+                                                                                      (one rank)
 step_times             runner.execute_model, runner.sample_tokens (inst.) measurement every engine
 spec_counters          engine.logger_manager.record (instance)            measurement every engine
 layerwise_reset        LAYERWISE_INFO[layer].load_numel (state reset)     rollback    failed syncs
@@ -131,6 +133,11 @@ HOOKS: tuple[Hook, ...] = (
          "carries them to the scheduler",
          "signature changed: such requests are counted (atlas_nonfinite_rows) and the "
          "engine's generate call still fails on their NaN logprobs; a server returns them"),
+    Hook("idle_learning", "model_runner.execute_model / sample_tokens (instance)",
+         "atlas", "atlas servers learning by themselves (one rank)",
+         "a server learns while its engine is idle (`worker.IdleLearner`): a step's start "
+         "stops the learner and waits for its optimizer step; its end starts the idle clock",
+         "keeps working: plain wrappers (without them the worker learns in its steps only)"),
     Hook("step_times", "model_runner.execute_model / sample_tokens (instance)",
          "measurement", "every engine",
          "where an engine step's time goes (forward vs sampling+drafting)",

@@ -253,6 +253,7 @@ class AtlasProposer:
         self.worker = None
         self.completed: list[list[int]] = []
         self._sequences: dict[str, list[int]] | None = None
+        self._finished_early: set[str] = set()  # by `finish_tracked`, before vLLM said
 
     def track_completed(self) -> None:
         """Collect each request's prompt + sampled tokens; finished ones go to
@@ -274,6 +275,27 @@ class AtlasProposer:
             spec.begin_batch()
         self.begin_batch()
         self._pending.clear()
+
+    def finish_tracked(self) -> None:
+        """The engine has gone idle (no step for a while: vLLM steps while any request
+        runs or waits), so every request still tracked has finished; vLLM reports the
+        last ones only at its next step. Finish them now (their sequences completed,
+        their per-request state released), and ignore that report when it comes."""
+        for rid in list(self._sequences or ()):
+            seq = self._sequences.pop(rid)
+            if seq:
+                self.completed.append(seq)
+            self._finish(rid)
+            self._finished_early.add(rid)
+
+    def _finish(self, rid) -> None:
+        self._pending.pop(rid, None)
+        self._started.discard(rid)
+        for spec in self.speculators.values():
+            try:
+                spec.finish(rid)
+            except Exception as e:  # noqa: BLE001 (never into vLLM)
+                self.speculator_failed(spec, e)
 
     def attach(self, speculators: dict[str, Speculator] | Speculator,
                controller: AtlasController) -> None:
@@ -320,7 +342,11 @@ class AtlasProposer:
         """vLLM is going to sleep (hook ``sleep_mode``). Level 2 discards the device memory
         allocated while the model loaded, the drafters' weights included: their state goes
         to the host first (`state()` copies to the CPU). Level 1 keeps a host copy of that
-        memory itself, so there is nothing to do."""
+        memory itself, so there is nothing to do. The idle learner (a server's) waits
+        until the weights are back."""
+        idle = getattr(self.worker, "idle", None)
+        if idle is not None:
+            idle.hold(True)
         if level >= 2:
             self._asleep = {name: spec.state() for name, spec in self.speculators.items()
                             if isinstance(spec, HiddenStateSpeculator)}
@@ -336,6 +362,9 @@ class AtlasProposer:
         for name, (tensors, meta) in saved.items():
             self.speculators[name].load_state(tensors, meta)
         self._reread_policy()
+        idle = getattr(self.worker, "idle", None)
+        if idle is not None:
+            idle.hold(False)
 
     def drafter_reads_policy(self) -> bool | None:
         """Whether every drafter reads the served policy's current embedding and LM head
@@ -374,17 +403,14 @@ class AtlasProposer:
             if ctx.num_scheduled_tokens == len(ctx.req_ids) + drafted:
                 self.controller.record_step_time(len(ctx.req_ids), drafted, now - self._step_end)
         for rid in ctx.finished:
-            self._pending.pop(rid, None)
-            self._started.discard(rid)
+            if rid in self._finished_early:
+                self._finished_early.discard(rid)
+                continue
             if self._sequences is not None:
                 seq = self._sequences.pop(rid, None)
                 if seq:
                     self.completed.append(seq)
-            for spec in self.speculators.values():
-                try:
-                    spec.finish(rid)
-                except Exception as e:  # noqa: BLE001 (never into vLLM)
-                    self.speculator_failed(spec, e)
+            self._finish(rid)
         if self.worker is not None:
             try:
                 self.worker.on_step(len(ctx.req_ids))
@@ -458,6 +484,7 @@ class AtlasProposer:
 
     def _begin_request(self, rid: str, context, prompt_len: int) -> None:
         self._started.add(rid)
+        self._finished_early.discard(rid)  # it was not finished after all: tracked anew
         if not 0 < prompt_len <= len(context):
             return
         prompt = context[:prompt_len]

@@ -72,24 +72,28 @@ def learn(worker, budget: float | None = None, batch_done: bool = False) -> dict
     between generate calls): the ones vLLM has not reported finished yet (it does so at
     the next step) count as completed too."""
     proposer = proposer_of(worker)
-    if batch_done:
-        proposer.end_batch()
-    return proposer.worker.learn(budget)
+    with proposer.worker.paused():
+        if batch_done:
+            proposer.end_batch()
+        return proposer.worker.learn(budget)
 
 
 def save(worker, directory: str) -> bool:
     """Rank 0 writes the state (atomically); True where this worker wrote."""
     if _rank(worker) != 0:
         return False
-    proposer_of(worker).worker.save(directory)
+    work = proposer_of(worker).worker
+    with work.paused():
+        work.save(directory)
     return True
 
 
 def load(worker, directory: str) -> int:
     """Every rank loads the state; returns the published drafter version."""
     work = proposer_of(worker).worker
-    work.load(directory)
-    return work.published_version()
+    with work.paused():
+        work.load(directory)
+        return work.published_version()
 
 
 def digest(worker) -> str:
@@ -98,7 +102,9 @@ def digest(worker) -> str:
     state)."""
     from atlas_rl.speculation import state_digest
 
-    return state_digest(proposer_of(worker).speculators)
+    proposer = proposer_of(worker)
+    with proposer.worker.paused():
+        return state_digest(proposer.speculators)
 
 
 class RemoteProposer:

@@ -37,7 +37,10 @@ COUNTERS = (
     ("request_steps", "decode request-steps the proposer saw"),
     ("speculator_errors", "speculator failures (each degraded that step to no drafts)"),
     ("updates", "online updates of the speculators"),
-    ("update_seconds", "seconds spent in online updates"),
+    ("update_seconds", "seconds spent in online updates (in the engine's steps or idle)"),
+    ("idle_updates", "of the online updates, those learnt while the engine was idle"),
+    ("idle_update_seconds", "seconds spent learning while the engine was idle (free time)"),
+    ("idle_updates_stopped", "idle updates an engine step cut short"),
     ("propose_seconds", "seconds spent in the proposer"),
     ("nonfinite_logit_rows", "logits rows found NaN or inf where tokens were drawn (a "
                              "diverged policy)"),
@@ -49,6 +52,8 @@ GAUGES = (
     ("published_version", "the adaptive drafter's published version"),
     ("drafter_loss", "the last update's drafter loss"),
     ("restored", "1 if the speculators were loaded from the state directory at start"),
+    ("learning_now", "1 while the idle learner is learning"),
+    ("learning_waiting", "sequences the idle learner will learn at the next idle moment"),
     ("state_fingerprint", "the last saved or loaded speculator state's sha256, first 52 "
                           "bits: equal values, equal speculators"),
 )
@@ -72,6 +77,11 @@ def snapshot(proposer, work) -> dict:
             "lookahead": list(c.lookahead_hist),
             "engine_steps_by_batch": list(c.batch_steps),
             "drafting_steps_by_batch": list(c.batch_drafting_steps)}
+    idle = work.idle
+    if idle is not None:
+        snap.update(idle_updates=idle.updates, idle_update_seconds=idle.seconds,
+                    idle_updates_stopped=idle.stopped, learning_now=int(idle.learning),
+                    learning_waiting=idle.waiting())
     if work.fingerprint is not None:
         snap["state_fingerprint"] = work.fingerprint
     if "drafter_loss" in work.last_update:
@@ -196,6 +206,11 @@ def read_metrics(base_url: str, api_key: str | None = None, timeout: float = 10.
            "acceptance_rate": accepted / tokens if tokens else 0.0,
            "update_seconds": get("update_seconds") or 0.0,
            "updates": get("updates") or 0.0,
+           "idle_updates": get("idle_updates") or 0.0,
+           "idle_update_seconds": get("idle_update_seconds") or 0.0,
+           "idle_updates_stopped": get("idle_updates_stopped") or 0.0,
+           "learning_now": get("learning_now") or 0.0,
+           "learning_waiting": get("learning_waiting") or 0.0,
            "speculator_errors": get("speculator_errors") or 0.0,
            "drafter_version": get("published_version") or 0.0}
     i = 0

@@ -369,10 +369,14 @@ class FileWeightTransferEngine(_Engine):
     def finish_weight_update(self) -> None:
         from atlas_rl.machine import one_off_allocations
 
+        from atlas_rl.backends.vllm.worker import learning_paused
+
         staged, self.staged = self.staged, []
         try:
             if staged:
-                with one_off_allocations():  # vLLM's reload: large blocks, allocated once
+                # vLLM's reload: large blocks, allocated once; the idle learner, which
+                # reads the policy's embedding, waits
+                with one_off_allocations(), learning_paused():
                     self.sync.load(staged, owned=True)  # rolled back if the load fails
                     _drafter_follows(self.model)
         finally:

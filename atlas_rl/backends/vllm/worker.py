@@ -9,12 +9,22 @@ directory if one was named.
   atlas hooks on this runner, the state directory's speculators if it holds any (a
   state from another model, or one that does not load, stops the worker: a server does
   not start half-configured).
-- *Learning* (`WorkerSpeculation.maybe_learn`, at the start of an engine step): the
+- *Learning in idle time* (`IdleLearner`, ``learn_when_idle``, the default with one
+  rank): once the engine has run no step for `IDLE_SECONDS`, every request it tracked has
+  finished, and a daemon thread learns them, a full update (no time budget: the engine
+  has nothing else to do). The next engine step stops it: the step waits for the
+  learner's current optimizer step (tens of milliseconds) and runs alone on the CPU, and
+  what was trained by then is published. A server with gaps between waves of requests (a
+  rollout server while its trainer trains, most real traffic) then learns for free.
+- *Learning in the step* (`WorkerSpeculation.on_step`, where a step proposes): the
   completed sequences (prompt + output, collected by the proposer) are learnt once
-  ``learn_every`` of them are waiting, or when a new wave of requests starts after the
-  engine ran dry; the budget is ``train_budget_fraction`` of the generation time since
-  the last learn, spent inside that step (the step waits: the cost is bounded by the
-  budget, and the metrics show it).
+  ``learn_every`` of them are waiting (``learn_every x DEFER_UPDATES`` while the idle
+  learner is on: they wait for a gap, and a server that never idles still learns), or,
+  without the idle learner, when a new wave of requests starts after the engine ran dry;
+  the budget is the engine's rule (`speculation.learn_update`: ``train_budget_fraction``
+  of the generation time since the last learn where drafting could pay, nothing for a
+  drafter that is not drafting), spent inside that step (the step waits: the cost is
+  bounded by the budget, and the metrics show it).
 - *State*: saved after every learn that changed something and on `save`, written beside
   and swapped in (`speculation.save_state`), so a crash mid-save leaves the previous
   state loadable.
@@ -30,7 +40,9 @@ but every rank verifies them against its own draft distribution q.)
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -42,12 +54,18 @@ logger = logging.getLogger(__name__)
 
 ADDITIONAL_CONFIG_KEY = "atlas_rl"
 IDLE_SECONDS = 1.0  # a gap between engine steps this long: the engine ran dry
+#: With the idle learner on, an update in the step waits until this many updates' worth
+#: of completed sequences (``learn_every`` each) are waiting: they are learnt in the next
+#: gap for free, unless the traffic never leaves one.
+DEFER_UPDATES = 8
 SERVING_FIELDS = {
     "speculation": "'atlas' (learns online, the default) or 'atlas-static' (frozen)",
     "state_dir": "a directory to load the speculators from at start and save them to",
     "learn_every": "learn once this many completed sequences wait (default 16)",
     "auto_learn": "learn in the worker when due (default true; false: only when asked, "
                   "e.g. by AtlasRolloutEngine.update through collective_rpc)",
+    "learn_when_idle": "learn while the engine is idle, stopping at its next step (default "
+                       "true; one rank only; false: only in the steps, by the budget rule)",
     "metrics_file": "where the worker writes its counters for /metrics (set by the plugin)",
 }
 
@@ -75,6 +93,10 @@ def parse_atlas_fields(values, where: str = "speculative config 'atlas'") -> dic
     auto_learn = values.pop("auto_learn", True)
     if not isinstance(auto_learn, bool):
         raise ValueError(f"{where}: field 'auto_learn' must be true or false, got {auto_learn!r}")
+    learn_when_idle = values.pop("learn_when_idle", True)
+    if not isinstance(learn_when_idle, bool):
+        raise ValueError(f"{where}: field 'learn_when_idle' must be true or false, got "
+                         f"{learn_when_idle!r}")
     metrics_file = values.pop("metrics_file", None)
     if metrics_file is not None and not isinstance(metrics_file, str):
         raise ValueError(f"{where}: field 'metrics_file' must be a path string, got "
@@ -86,7 +108,8 @@ def parse_atlas_fields(values, where: str = "speculative config 'atlas'") -> dic
             raise ValueError(f"{e}; serving fields: {', '.join(SERVING_FIELDS)}") from None
         raise
     return {"speculation": speculation, "state_dir": state_dir, "learn_every": learn_every,
-            "auto_learn": auto_learn, "metrics_file": metrics_file, "config": config.to_dict()}
+            "auto_learn": auto_learn, "learn_when_idle": learn_when_idle,
+            "metrics_file": metrics_file, "config": config.to_dict()}
 
 
 class WorkerSpeculation:
@@ -99,6 +122,7 @@ class WorkerSpeculation:
         self.state_dir = fields.get("state_dir")
         self.learn_every = int(fields.get("learn_every", 16))
         self.auto_learn = bool(fields.get("auto_learn", True))
+        self.learn_when_idle = bool(fields.get("learn_when_idle", True))
         self.model_path = model_path
         self.tp_size = tp_size
         self.learns = 0
@@ -112,6 +136,9 @@ class WorkerSpeculation:
         self._generation_seconds = 0.0
         self._last_step: float | None = None
         self._learn_counters = None  # the proposer's counters at the last learn
+        # learning while the engine is idle (`IdleLearner`, started by `setup_in_worker`
+        # once the runner's steps are marked)
+        self.idle: IdleLearner | None = None
         self.metrics = None  # last: its thread reads the fields above
         if fields.get("metrics_file"):
             from atlas_rl.backends.vllm.server_metrics import SnapshotWriter
@@ -122,18 +149,30 @@ class WorkerSpeculation:
     def learning(self) -> bool:
         return self.speculation == "atlas"
 
+    @property
+    def wants_idle_learning(self) -> bool:
+        """One rank only (a timed or interrupted update is the one thing that could set
+        ranks apart), and only where the worker learns by itself."""
+        return self.learning and self.auto_learn and self.learn_when_idle and self.tp_size == 1
+
+    def paused(self):
+        """A context in which the idle learner does not run (the speculators are the
+        caller's alone): an RPC that reads or replaces them, a weight update."""
+        return self.idle.paused() if self.idle is not None else contextlib.nullcontext()
+
     def on_step(self, num_live: int) -> None:
-        """Called at the start of every engine step: counts generation time, learns
-        when due (enough completed sequences, or the first step after the engine ran
-        dry: a new wave of requests)."""
+        """Called in every engine step that proposes, before drafting: counts generation
+        time, learns when due (enough completed sequences, or, without the idle learner,
+        the first step after the engine ran dry: a new wave of requests)."""
         now = time.perf_counter()
         idle = self._last_step is not None and now - self._last_step > IDLE_SECONDS
         if self._last_step is not None and not idle:
             self._generation_seconds += now - self._last_step
         self._last_step = now
         waiting = len(self.proposer.completed)
-        if self.auto_learn and self.learning and waiting and (waiting >= self.learn_every
-                                                              or idle):
+        due = waiting >= self.learn_every * (DEFER_UPDATES if self.idle is not None else 1)
+        if self.auto_learn and self.learning and waiting and (
+                due or (idle and self.idle is None)):
             try:
                 self.learn()
             except Exception as e:  # noqa: BLE001 (an update never stops generation)
@@ -145,9 +184,11 @@ class WorkerSpeculation:
                                    type(e).__name__, e)
             self._last_step = time.perf_counter()
 
-    def learn(self, budget: float | None = None) -> dict:
+    def learn(self, budget: float | None = None, stop=None) -> dict:
         """Learn the completed sequences now (budget in seconds; default the configured
-        share of the generation time since the last learn)."""
+        share of the generation time since the last learn). `stop` (the idle learner's):
+        a full update, no budget and no rule (the engine is idle: it costs nothing),
+        ended early once `stop` is set."""
         sequences = self.proposer.take_completed()
         if not sequences or not self.learning:
             return {}
@@ -159,7 +200,10 @@ class WorkerSpeculation:
 
         # inside an engine step vLLM runs under inference mode; training needs autograd
         with torch.inference_mode(False), torch.enable_grad():
-            if budget is None and self.tp_size == 1:  # the engine's rule (`learn_update`)
+            if stop is not None:
+                out = speculation_room.learn_all(self.proposer.speculators, sequences, None,
+                                                 stop=stop)
+            elif budget is None and self.tp_size == 1:  # the engine's rule (`learn_update`)
                 out = speculation_room.learn_update(
                     self.config, self.proposer.speculators, sequences, seconds,
                     since if since.request_steps > 0 else None,
@@ -169,6 +213,8 @@ class WorkerSpeculation:
                 out = speculation_room.learn_all(self.proposer.speculators, sequences, budget)
         self.learns += 1
         self.update_seconds += out.get("update_seconds", 0.0)
+        if stop is not None:
+            out["idle_update"] = 1.0
         self.last_update = {k: v for k, v in out.items() if isinstance(v, (int, float))}
         if self.state_dir:
             self.save(self.state_dir)
@@ -199,7 +245,153 @@ class WorkerSpeculation:
         return int(getattr(neural, "version", 0) or 0)
 
 
+class IdleLearner:
+    """Learns while the engine is idle, from a daemon thread, and never while it steps.
+
+    The engine marks each step (`step_begins` where vLLM's runner starts one, before its
+    forward; `step_ends` where it has returned its output): a step waits at its start
+    for the learner's current optimizer step (`stop` is checked before each one) and
+    runs alone. Once no step has run for `IDLE_SECONDS` the engine has no request left
+    (vLLM steps while any runs or waits), so the requests the proposer still tracks
+    have finished (vLLM would report them at its next step), and the learner learns
+    them with the completed ones: a full update (`WorkerSpeculation.learn` with `stop`),
+    published as far as it got if a step stopped it. RPCs that read or replace the
+    speculators, and weight updates, run inside `paused`."""
+
+    POLL_SECONDS = 0.1
+
+    def __init__(self, work: WorkerSpeculation):
+        self.work = work
+        self.lock = threading.Lock()   # held while learning; a step takes it to start
+        self.stop = threading.Event()  # set: the learner ends at its next optimizer step
+        self.stepping = False          # between `step_begins` and `step_ends`
+        self.held = False              # `hold`: vLLM is asleep
+        self.last_active = time.perf_counter()
+        self.learning = False
+        self.updates = 0     # idle updates, and of them the ones a step cut short
+        self.stopped = 0
+        self.seconds = 0.0
+        self.errors = 0
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start the learner's thread (once the engine's steps are marked)."""
+        self._thread = threading.Thread(target=self._loop, name="atlas-rl-idle-learner",
+                                        daemon=True)
+        self._thread.start()
+
+    # --- the engine's side ---------------------------------------------------------------
+
+    def step_begins(self) -> None:
+        self.stepping = True
+        self.last_active = time.perf_counter()
+        self.stop.set()  # always: the learner may be about to start
+        with self.lock:  # the learner's current optimizer step ends first
+            self.stop.clear()
+
+    def step_ends(self) -> None:
+        self.stepping = False
+        self.last_active = time.perf_counter()
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.stop.set()
+        with self.lock:
+            self.stop.clear()
+            yield
+        self.last_active = time.perf_counter()
+
+    def hold(self, on: bool) -> None:
+        """No idle learning while `on` (vLLM asleep: the weights it reads may be gone)."""
+        with self.paused():
+            self.held = on
+
+    # --- the learner's side ----------------------------------------------------------
+
+    def waiting(self) -> int:
+        """Sequences that an idle update would learn: completed, or tracked by a
+        request of an engine that has gone idle."""
+        proposer = self.work.proposer
+        return len(proposer.completed) + len(getattr(proposer, "_sequences", None) or ())
+
+    def _idle(self) -> bool:
+        return (not self.stepping and not self.held
+                and time.perf_counter() - self.last_active >= IDLE_SECONDS)
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.POLL_SECONDS)
+            if not self._idle() or not self.waiting():
+                continue
+            with self.lock:
+                if not self._idle() or self.stop.is_set():
+                    continue  # a step began meanwhile
+                self.learning = True
+                start = time.perf_counter()
+                try:
+                    self.work.proposer.finish_tracked()
+                    out = self.work.learn(stop=self.stop)
+                    self.updates += bool(out)
+                    self.stopped += bool(out) and self.stop.is_set()
+                except Exception as e:  # noqa: BLE001 (never into vLLM; serving goes on)
+                    self.errors += 1
+                    if self.errors == 1:
+                        logger.warning("atlas-rl: an idle-time update failed (%s: %s); "
+                                       "drafting goes on with the published speculators. "
+                                       "Later failures are counted, not logged.",
+                                       type(e).__name__, e)
+                finally:
+                    self.seconds += time.perf_counter() - start
+                    self.learning = False
+
+
+def attach_step_marks(runner, idle: IdleLearner) -> bool:
+    """Mark where the runner's steps begin and end for `idle` (hook ``idle_learning``):
+    ``execute_model`` begins a step; it ends where ``execute_model`` returns an output,
+    or, where it returns None (vLLM then samples in ``sample_tokens``), where
+    ``sample_tokens`` returns."""
+    from atlas_rl.backends.vllm import hooks
+
+    execute, sample = getattr(runner, "execute_model", None), getattr(runner, "sample_tokens",
+                                                                      None)
+    if execute is None:
+        hooks.record("idle_learning", "not applied: the runner has no execute_model; the "
+                                      "worker learns in its steps only")
+        return False
+
+    def execute_model(*args, **kwargs):
+        idle.step_begins()
+        try:
+            out = execute(*args, **kwargs)
+        except BaseException:
+            idle.step_ends()
+            raise
+        if out is not None or sample is None:
+            idle.step_ends()
+        return out
+
+    hooks.patch(runner, "execute_model", execute_model, key="idle_learning")
+    if sample is not None:
+        def sample_tokens(*args, **kwargs):
+            try:
+                return sample(*args, **kwargs)
+            finally:
+                idle.step_ends()
+
+        hooks.patch(runner, "sample_tokens", sample_tokens, key="idle_learning")
+    hooks.record("idle_learning", "applied")
+    return True
+
+
 _CURRENT: dict = {"proposer": None}
+
+
+def learning_paused():
+    """The idle learner of this process's proposer paused (a context; nothing to pause
+    where there is none): for what replaces the policy's weights or the speculators."""
+    proposer = _CURRENT["proposer"]
+    work = getattr(proposer, "worker", None)
+    return work.paused() if work is not None else contextlib.nullcontext()
 
 
 def current_proposer():
@@ -239,6 +431,11 @@ def setup_in_worker(runner, proposer) -> bool:
     compat.install_vllm_fixes()
     compat.install_vllm_fixes_after_build(None)
     install_atlas(runner, proposer, work.config.verifier)
+    if work.wants_idle_learning:
+        idle = IdleLearner(work)
+        if attach_step_marks(runner, idle):
+            work.idle = idle
+            idle.start()
     work.sampler = getattr(runner, "rejection_sampler", None)
     _log_where_vllm_logs()
     if work.state_dir and (Path(work.state_dir) / speculation_room.STATE_FILE).is_file():
