@@ -483,10 +483,12 @@ def test_the_server_holds_under_load_faults_and_bad_input(real_model_path, serve
     # raises degrades to no drafts and is counted
     with Server(real_model_path, free_port, tmp_path, "--state-dir", str(state), env=env,
                 name="restart") as server:
-        server.request("/v1/completions", {"model": model, "prompt": PROMPT, "max_tokens": 4,
-                                           "temperature": 0})
-        time.sleep(1.0)
-        samples = server.metrics()
+        # read before any request: a request's sequence is learnt in the idle time after it
+        # (a new version), so the state restored is the one to compare
+        deadline = time.monotonic() + 30
+        while (samples := server.metrics()).get("atlas_restored") != 1.0 \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
         assert samples["atlas_restored"] == 1.0
         assert samples["atlas_published_version"] == saved["published_version"]
         plain = server.request("/v1/completions", {"model": model, "prompt": PROMPT,

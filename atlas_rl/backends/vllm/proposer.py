@@ -253,7 +253,6 @@ class AtlasProposer:
         self.worker = None
         self.completed: list[list[int]] = []
         self._sequences: dict[str, list[int]] | None = None
-        self._finished_early: set[str] = set()  # by `finish_tracked`, before vLLM said
 
     def track_completed(self) -> None:
         """Collect each request's prompt + sampled tokens; finished ones go to
@@ -276,21 +275,26 @@ class AtlasProposer:
         self.begin_batch()
         self._pending.clear()
 
-    def finish_tracked(self) -> None:
-        """The engine has gone idle (no step for a while: vLLM steps while any request
-        runs or waits), so every request still tracked has finished; vLLM reports the
-        last ones only at its next step. Finish them now (their sequences completed,
-        their per-request state released), and ignore that report when it comes."""
-        for rid in list(self._sequences or ()):
-            seq = self._sequences.pop(rid)
-            if seq:
-                self.completed.append(seq)
+    def finish_noted(self) -> None:
+        """Finish now the requests vLLM reported finished in steps that did not propose
+        (its flush of the last ones, when the engine had no other work; otherwise the
+        next step's context carries them): their sequences completed, their
+        per-request state released. An idle worker learns them without waiting for the
+        next request."""
+        for rid in self.take_finished():
             self._finish(rid)
-            self._finished_early.add(rid)
+
+    def noted_sequences(self) -> int:
+        """Sequences of requests reported finished that `finish_noted` would complete."""
+        return sum(1 for rid in self._finished_noted if rid in (self._sequences or ()))
 
     def _finish(self, rid) -> None:
         self._pending.pop(rid, None)
         self._started.discard(rid)
+        if self._sequences is not None:
+            seq = self._sequences.pop(rid, None)
+            if seq:
+                self.completed.append(seq)
         for spec in self.speculators.values():
             try:
                 spec.finish(rid)
@@ -403,13 +407,6 @@ class AtlasProposer:
             if ctx.num_scheduled_tokens == len(ctx.req_ids) + drafted:
                 self.controller.record_step_time(len(ctx.req_ids), drafted, now - self._step_end)
         for rid in ctx.finished:
-            if rid in self._finished_early:
-                self._finished_early.discard(rid)
-                continue
-            if self._sequences is not None:
-                seq = self._sequences.pop(rid, None)
-                if seq:
-                    self.completed.append(seq)
             self._finish(rid)
         if self.worker is not None:
             try:
@@ -484,7 +481,6 @@ class AtlasProposer:
 
     def _begin_request(self, rid: str, context, prompt_len: int) -> None:
         self._started.add(rid)
-        self._finished_early.discard(rid)  # it was not finished after all: tracked anew
         if not 0 < prompt_len <= len(context):
             return
         prompt = context[:prompt_len]

@@ -53,7 +53,8 @@ GAUGES = (
     ("drafter_loss", "the last update's drafter loss"),
     ("restored", "1 if the speculators were loaded from the state directory at start"),
     ("learning_now", "1 while the idle learner is learning"),
-    ("learning_waiting", "sequences the idle learner will learn at the next idle moment"),
+    ("learning_waiting", "sequences the idle learner will learn at the next idle moment (+1 "
+                         "for an update a step cut short)"),
     ("state_fingerprint", "the last saved or loaded speculator state's sha256, first 52 "
                           "bits: equal values, equal speculators"),
 )
@@ -81,7 +82,7 @@ def snapshot(proposer, work) -> dict:
     if idle is not None:
         snap.update(idle_updates=idle.updates, idle_update_seconds=idle.seconds,
                     idle_updates_stopped=idle.stopped, learning_now=int(idle.learning),
-                    learning_waiting=idle.waiting())
+                    learning_waiting=idle.pending())
     if work.fingerprint is not None:
         snap["state_fingerprint"] = work.fingerprint
     if "drafter_loss" in work.last_update:

@@ -10,12 +10,14 @@ directory if one was named.
   state from another model, or one that does not load, stops the worker: a server does
   not start half-configured).
 - *Learning in idle time* (`IdleLearner`, ``learn_when_idle``, the default with one
-  rank): once the engine has run no step for `IDLE_SECONDS`, every request it tracked has
-  finished, and a daemon thread learns them, a full update (no time budget: the engine
-  has nothing else to do). The next engine step stops it: the step waits for the
-  learner's current optimizer step (tens of milliseconds) and runs alone on the CPU, and
-  what was trained by then is published. A server with gaps between waves of requests (a
-  rollout server while its trainer trains, most real traffic) then learns for free.
+  rank): once the engine has run no step for `IDLE_LEARN_SECONDS`, a daemon thread
+  learns the completed sequences (with the ones vLLM reported finished in its last,
+  non-proposing flush step), a full update (no time budget: the engine has nothing else
+  to do). The next engine step stops it: the step waits for the learner's current
+  optimizer step (tens of milliseconds) and runs alone on the CPU, what was trained by
+  then is published, and the rest is trained in the next gap. A server with gaps between
+  waves of requests (a rollout server while its trainer trains, most real traffic) then
+  learns for free.
 - *Learning in the step* (`WorkerSpeculation.on_step`, where a step proposes): the
   completed sequences (prompt + output, collected by the proposer) are learnt once
   ``learn_every`` of them are waiting (``learn_every x DEFER_UPDATES`` while the idle
@@ -54,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 ADDITIONAL_CONFIG_KEY = "atlas_rl"
 IDLE_SECONDS = 1.0  # a gap between engine steps this long: the engine ran dry
+#: A gap this long lets the idle learner start: steps follow each other within
+#: milliseconds while requests run, and a learner started in a gap that was not one
+#: costs the next step one optimizer step's wait.
+IDLE_LEARN_SECONDS = 0.25
 #: With the idle learner on, an update in the step waits until this many updates' worth
 #: of completed sequences (``learn_every`` each) are waiting: they are learnt in the next
 #: gap for free, unless the traffic never leaves one.
@@ -184,13 +190,14 @@ class WorkerSpeculation:
                                    type(e).__name__, e)
             self._last_step = time.perf_counter()
 
-    def learn(self, budget: float | None = None, stop=None) -> dict:
+    def learn(self, budget: float | None = None, stop=None, resume: bool = False) -> dict:
         """Learn the completed sequences now (budget in seconds; default the configured
         share of the generation time since the last learn). `stop` (the idle learner's):
         a full update, no budget and no rule (the engine is idle: it costs nothing),
-        ended early once `stop` is set."""
+        ended early once `stop` is set; `resume`: even with no new sequence (the last
+        idle update was cut short: its rows wait in the drafter's buffer)."""
         sequences = self.proposer.take_completed()
-        if not sequences or not self.learning:
+        if not (sequences or (resume and stop is not None)) or not self.learning:
             return {}
         now = self.proposer.counters.copy()
         since = now if self._learn_counters is None else now.since(self._learn_counters)
@@ -251,12 +258,12 @@ class IdleLearner:
     The engine marks each step (`step_begins` where vLLM's runner starts one, before its
     forward; `step_ends` where it has returned its output): a step waits at its start
     for the learner's current optimizer step (`stop` is checked before each one) and
-    runs alone. Once no step has run for `IDLE_SECONDS` the engine has no request left
-    (vLLM steps while any runs or waits), so the requests the proposer still tracks
-    have finished (vLLM would report them at its next step), and the learner learns
-    them with the completed ones: a full update (`WorkerSpeculation.learn` with `stop`),
-    published as far as it got if a step stopped it. RPCs that read or replace the
-    speculators, and weight updates, run inside `paused`."""
+    runs alone. Once no step has run for `IDLE_LEARN_SECONDS`, the learner learns the
+    completed sequences and those of the requests vLLM reported finished in its last
+    step (`AtlasProposer.finish_noted`): a full update (`WorkerSpeculation.learn` with
+    `stop`), published as far as it got if a step stopped it; the rows it did not reach
+    are trained in the next gap. RPCs that read or replace the speculators, and weight
+    updates, run inside `paused`; vLLM asleep holds it (`hold`)."""
 
     POLL_SECONDS = 0.1
 
@@ -272,6 +279,7 @@ class IdleLearner:
         self.stopped = 0
         self.seconds = 0.0
         self.errors = 0
+        self._resume = False  # the last update was cut short: train on in the next gap
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -309,19 +317,24 @@ class IdleLearner:
     # --- the learner's side ----------------------------------------------------------
 
     def waiting(self) -> int:
-        """Sequences that an idle update would learn: completed, or tracked by a
-        request of an engine that has gone idle."""
+        """Sequences that an idle update would learn: completed, or of requests vLLM
+        reported finished in a step that did not propose."""
         proposer = self.work.proposer
-        return len(proposer.completed) + len(getattr(proposer, "_sequences", None) or ())
+        return len(proposer.completed) + proposer.noted_sequences()
+
+    def pending(self) -> int:
+        """What the next idle moment will learn: the waiting sequences, plus one where
+        the last idle update was cut short (it trains on where it stopped)."""
+        return self.waiting() + int(self._resume)
 
     def _idle(self) -> bool:
         return (not self.stepping and not self.held
-                and time.perf_counter() - self.last_active >= IDLE_SECONDS)
+                and time.perf_counter() - self.last_active >= IDLE_LEARN_SECONDS)
 
     def _loop(self) -> None:
         while True:
             time.sleep(self.POLL_SECONDS)
-            if not self._idle() or not self.waiting():
+            if not self._idle() or not self.pending():
                 continue
             with self.lock:
                 if not self._idle() or self.stop.is_set():
@@ -329,10 +342,12 @@ class IdleLearner:
                 self.learning = True
                 start = time.perf_counter()
                 try:
-                    self.work.proposer.finish_tracked()
-                    out = self.work.learn(stop=self.stop)
+                    self.work.proposer.finish_noted()
+                    out = self.work.learn(stop=self.stop, resume=self._resume)
+                    cut = bool(out) and self.stop.is_set()
                     self.updates += bool(out)
-                    self.stopped += bool(out) and self.stop.is_set()
+                    self.stopped += cut
+                    self._resume = cut
                 except Exception as e:  # noqa: BLE001 (never into vLLM; serving goes on)
                     self.errors += 1
                     if self.errors == 1:
