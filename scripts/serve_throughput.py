@@ -5,12 +5,16 @@ rollout server (`atlas-rl serve`, issue 19) under load and over a soak.
     python scripts/serve_throughput.py serve  [--rounds 6] [--clients 4] [--out FILE]
     python scripts/serve_throughput.py engine [--rounds 4] [--out FILE]
     python scripts/serve_throughput.py load   [--rounds 3] [--clients 8] [--requests 6]
+                                              [--methods none,atlas-static,atlas]
     python scripts/serve_throughput.py soak   [--requests 320] [--clients 4]
 
-load: `atlas-rl serve --speculation none` and `--speculation atlas`, both up, one sent
-requests at a time, order alternating by round; each round = --clients threads x
---requests requests (one prompt, n completions, temperature 1, --max-tokens); per round:
-errors, incomplete completions, throughput, p50/p99 request latency; medians over rounds.
+load: `atlas-rl serve --speculation none` and `--speculation atlas` (--methods: also
+atlas-static), all up, one sent requests at a time, the order rotated by round; each
+round = --clients threads x --requests requests (one prompt, n completions, temperature
+1, --max-tokens); after an atlas server's round the next starts only once that server
+has finished learning in its idle time (`idle_wait_s`), so no round shares the CPU with
+another server's update; per round: errors, incomplete completions, throughput, p50/p99
+request latency; medians over rounds, and each method's median ratio to none.
 soak: one server (--speculation, default atlas), --requests requests from --clients threads, in windows of 40:
 each window's throughput and the server's resident memory (the process tree's RSS).
 
