@@ -248,6 +248,23 @@ def test_a_stock_vllm_worker_learns_while_idle_and_its_next_step_stops_the_learn
         del work.learn  # the class's again
     assert seen and idle.stopped == 1  # stopped by the step; generation went on, exact
     assert [list(o.outputs[0].token_ids) for o in got] == want
+
+    # an idle update that raises is counted, and serving goes on
+    def failing_update(budget=None, stop=None, resume=False):
+        raise RuntimeError("drafter update failed")
+
+    errors = work.update_errors
+    work.learn = failing_update
+    try:
+        llm.generate(PROMPTS, sampled)
+        deadline = time.monotonic() + 30
+        while work.update_errors == errors and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = llm.generate(PROMPTS, greedy)
+    finally:
+        del work.learn
+    assert work.update_errors == errors + 1
+    assert [list(o.outputs[0].token_ids) for o in got] == want
     deadline = time.monotonic() + 60  # its last update done before the next test runs
     while (idle.pending() or idle.learning) and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -53,8 +53,8 @@ GAUGES = (
     ("drafter_loss", "the last update's drafter loss"),
     ("restored", "1 if the speculators were loaded from the state directory at start"),
     ("learning_now", "1 while the idle learner is learning"),
-    ("learning_waiting", "sequences the idle learner will learn at the next idle moment (+1 "
-                         "for an update a step cut short)"),
+    ("learning_waiting", ("sequences the idle learner will learn at the next idle moment "
+                          "(+1 for an update a step cut short)")),
     ("state_fingerprint", "the last saved or loaded speculator state's sha256, first 52 "
                           "bits: equal values, equal speculators"),
 )

@@ -367,9 +367,8 @@ class FileWeightTransferEngine(_Engine):
                                   f"the server keeps serving its current weights:\n{shown}")
 
     def finish_weight_update(self) -> None:
-        from atlas_rl.machine import one_off_allocations
-
         from atlas_rl.backends.vllm.worker import learning_paused
+        from atlas_rl.machine import one_off_allocations
 
         staged, self.staged = self.staged, []
         try:

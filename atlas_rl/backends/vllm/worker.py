@@ -182,13 +182,17 @@ class WorkerSpeculation:
             try:
                 self.learn()
             except Exception as e:  # noqa: BLE001 (an update never stops generation)
-                self.update_errors += 1
-                if self.update_errors == 1:
-                    logger.warning("atlas-rl: the online update failed (%s: %s); drafting "
-                                   "goes on with the published speculators. Later failures "
-                                   "are counted (update_errors), not logged.",
-                                   type(e).__name__, e)
+                self.update_failed(e)
             self._last_step = time.perf_counter()
+
+    def update_failed(self, e: Exception) -> None:
+        """An online update raised: counted (``update_errors``), logged the first time;
+        drafting goes on with the published speculators."""
+        self.update_errors += 1
+        if self.update_errors == 1:
+            logger.warning("atlas-rl: the online update failed (%s: %s); drafting goes on "
+                           "with the published speculators. Later failures are counted "
+                           "(update_errors), not logged.", type(e).__name__, e)
 
     def learn(self, budget: float | None = None, stop=None, resume: bool = False) -> dict:
         """Learn the completed sequences now (budget in seconds; default the configured
@@ -278,7 +282,6 @@ class IdleLearner:
         self.updates = 0     # idle updates, and of them the ones a step cut short
         self.stopped = 0
         self.seconds = 0.0
-        self.errors = 0
         self._resume = False  # the last update was cut short: train on in the next gap
         self._thread: threading.Thread | None = None
 
@@ -349,12 +352,8 @@ class IdleLearner:
                     self.stopped += cut
                     self._resume = cut
                 except Exception as e:  # noqa: BLE001 (never into vLLM; serving goes on)
-                    self.errors += 1
-                    if self.errors == 1:
-                        logger.warning("atlas-rl: an idle-time update failed (%s: %s); "
-                                       "drafting goes on with the published speculators. "
-                                       "Later failures are counted, not logged.",
-                                       type(e).__name__, e)
+                    self._resume = False  # not retried: its sequences are gone
+                    self.work.update_failed(e)
                 finally:
                     self.seconds += time.perf_counter() - start
                     self.learning = False
