@@ -467,6 +467,11 @@ def test_the_server_holds_under_load_faults_and_bad_input(real_model_path, serve
         time.sleep(1.0)
         before_kill = server.metrics()
         assert before_kill["atlas_updates_total"] >= 1
+        # most of them in the gaps between requests (the server learns while idle), none
+        # left waiting
+        assert before_kill["atlas_idle_updates_total"] >= 1
+        assert before_kill["atlas_idle_update_seconds_total"] > 0
+        assert before_kill["atlas_learning_now"] == 0
         server.stop(signal.SIGKILL)  # no goodbye: the state on disk is what survives
 
     saved = json.loads((state / "atlas_config.json").read_text())
