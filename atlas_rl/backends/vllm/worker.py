@@ -445,11 +445,6 @@ def setup_in_worker(runner, proposer) -> bool:
     compat.install_vllm_fixes()
     compat.install_vllm_fixes_after_build(None)
     install_atlas(runner, proposer, work.config.verifier)
-    if work.wants_idle_learning:
-        idle = IdleLearner(work)
-        if attach_step_marks(runner, idle):
-            work.idle = idle
-            idle.start()
     work.sampler = getattr(runner, "rejection_sampler", None)
     _log_where_vllm_logs()
     if work.state_dir and (Path(work.state_dir) / speculation_room.STATE_FILE).is_file():
@@ -457,8 +452,15 @@ def setup_in_worker(runner, proposer) -> bool:
         work.restored = True
         logger.info("atlas-rl: speculators restored from %s (published version %d)",
                     work.state_dir, work.published_version())
-    logger.info("atlas-rl: speculating in this worker (%s; speculators %s)",
-                work.speculation, ", ".join(speculators))
+    if work.wants_idle_learning:  # last: its thread may touch the speculators from now on
+        idle = IdleLearner(work)
+        if attach_step_marks(runner, idle):
+            work.idle = idle
+            idle.start()
+    logger.info("atlas-rl: speculating in this worker (%s; speculators %s; learning %s)",
+                work.speculation, ", ".join(speculators),
+                "in idle time" if work.idle is not None else "never (frozen)"
+                if not work.learning else "in the steps" if work.auto_learn else "when asked")
     return True
 
 
