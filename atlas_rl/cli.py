@@ -369,7 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="load the speculators from here at start, save them here after "
                          "every update (atomic)")
     sc.add_argument("--learn-every", type=int, default=None,
-                    help="learn once this many completed requests wait (default 16)")
+                    help="learn in a step once this many completed requests wait (default 16; 8x that "
+                         "while the worker learns in the engine's idle time, --set "
+                         "learn_when_idle=false to switch that off)")
     sc.add_argument("--max-lookahead", type=int, default=None, help="default 8")
     sc.add_argument("--drafter", choices=("auto", "eagle3", "mlp"), default=None)
     sc.add_argument("--set", action="append", metavar="FIELD=VALUE",

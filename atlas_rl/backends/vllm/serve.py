@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="POST /atlas/save and /atlas/load take directories under this one "
                         "only (relative ones resolve under it; default: --state-dir; with "
                         "neither they are refused)")
-    p.add_argument("--learn-every", type=int, default=None)
+    p.add_argument("--learn-every", type=int, default=None,
+                   help="learn in a step once this many completed requests wait (default "
+                        "16; 8x that while the worker learns in the engine's idle time, "
+                        "--set learn_when_idle=false to switch that off)")
     p.add_argument("--set", action="append", metavar="FIELD=VALUE", default=[],
                    help="any AtlasConfig field (repeatable), e.g. --set max_lookahead=4")
     p.add_argument("--weight-transfer", choices=("auto", "atlas_files", "nccl", "none"),

@@ -67,7 +67,8 @@ DEFER_UPDATES = 8
 SERVING_FIELDS = {
     "speculation": "'atlas' (learns online, the default) or 'atlas-static' (frozen)",
     "state_dir": "a directory to load the speculators from at start and save them to",
-    "learn_every": "learn once this many completed sequences wait (default 16)",
+    "learn_every": "learn in a step once this many completed sequences wait (default 16; "
+                   "x DEFER_UPDATES while the idle learner is on)",
     "auto_learn": "learn in the worker when due (default true; false: only when asked, "
                   "e.g. by AtlasRolloutEngine.update through collective_rpc)",
     "learn_when_idle": "learn while the engine is idle, stopping at its next step (default "
