@@ -8,10 +8,11 @@ Three parts, all learned online on the machine it runs on:
   positions being accepted), from the accept/reject feedback.
 - `StepCostModel`: the wall time of an engine step as a function of the running
   sequences (a bucket per power of two) and the draft tokens verified:
-  T(B, D) = base_B + [D > 0] overhead_B + slope_B D, fitted from the measured steps
+  T(B, D) = base_b(B) + [D > 0] overhead_b + slope_b D, fitted from the measured steps
   with exponential forgetting. `base` is what a step costs without speculation (the
-  median of the bucket's recent steps without drafts; one step in 64 goes without drafts
-  to keep measuring it);
+  median of the bucket's recent steps without drafts, each moved to B along the cost of
+  one more sequence, which B's moves within the bucket measure; one step in 64 goes
+  without drafts to keep measuring it);
   `overhead` what verification costs at all (vLLM's rejection sampler path); `slope`
   the price of one more verified token (near zero while the forward is memory-bound,
   about base/B once it is compute-bound).
@@ -168,19 +169,32 @@ class _Fit:
 
 
 class StepCostModel:
-    """Seconds per engine step vs running sequences B and verified draft tokens D."""
+    """Seconds per engine step vs running sequences B and verified draft tokens D.
 
-    #: No-draft steps per batch-size bucket whose median is the base cost (the most recent).
+    Per batch-size bucket (a power of two), a step without drafts costs
+    base(B) = level + row_cost * B, and one with D > 0 draft tokens costs base(B) +
+    overhead + slope * D. B moves inside a bucket (a server's requests come and go, the
+    tail's sequences finish one by one), and the steps that draft are not at the B of
+    the ones that do not: comparing a drafting step at 13 sequences with a base measured
+    at 16 made verification look free (a loaded server here: its drafting steps ran at
+    B ~13, 82-88 ms, its plain ones at B ~16, 81 ms, and the fit's overhead and slope
+    clamped towards 0). So each drafting step is compared with the base at its own B."""
+
+    #: No-draft steps per batch-size bucket kept to measure the base (the most recent).
     base_window = 32
 
     #: The prior's draft-token cost as a share of a sequence token's average cost.
     prior_slope_factor = 0.8
 
+    #: Pairs of no-draft steps at different B whose weight equals the row cost's prior.
+    row_cost_prior_pairs = 8
+
     def __init__(self, decay: float = 0.98, prior_strength: float = 1.0):
         self.decay = decay
         self.prior_strength = prior_strength
-        self.base: dict[int, deque] = {}         # bucket -> recent no-draft step seconds
-        self.spec: dict[int, _Fit] = {}          # bucket -> fit of T on D (D > 0)
+        self.base: dict[int, deque] = {}   # bucket -> recent (B, seconds) of no-draft steps
+        self.spec: dict[int, _Fit] = {}    # bucket -> fit of (seconds - base(B)) on D (D > 0)
+        self._levels: dict[int, tuple[float, float]] = {}  # bucket -> (level, row cost)
         self.observations = 0
 
     @staticmethod
@@ -208,26 +222,72 @@ class StepCostModel:
         b = self.bucket(num_seqs)
         self.observations += 1
         if num_draft_tokens == 0:
-            self.base.setdefault(b, deque(maxlen=self.base_window)).append(seconds)
-        else:
-            self.spec.setdefault(b, _Fit(self.decay)).add(float(num_draft_tokens), seconds)
+            self.base.setdefault(b, deque(maxlen=self.base_window)).append(
+                (int(num_seqs), seconds))
+            self._levels.pop(b, None)
+            return
+        base = self.base_seconds(num_seqs)
+        if base is not None:  # what drafting added, at this step's own B
+            self.spec.setdefault(b, _Fit(self.decay)).add(float(num_draft_tokens),
+                                                          seconds - base)
+
+    def _level(self, bucket: int) -> tuple[float, float] | None:
+        """(level, row cost) of a bucket: base(B) = level + row cost * B (cached until
+        the bucket's next no-draft step)."""
+        cached = self._levels.get(bucket)
+        if cached is not None:
+            return cached
+        steps = self.base.get(bucket)
+        if not steps:
+            return None
+        row = self._row_cost(steps)
+        shifted = [t - row * b for b, t in steps]
+        level = statistics.median(shifted) if len(shifted) >= 8 else min(shifted)
+        self._levels[bucket] = (level, row)
+        return level, row
+
+    def _row_cost(self, steps) -> float:
+        """What one more sequence adds to a step without drafts: the median slope over
+        pairs of the bucket's recent no-draft steps at different B (Theil-Sen: a stalled
+        step or two do not move it), shrunk towards the prior (`prior_slope_factor` of
+        the average token's cost) by `row_cost_prior_pairs`, and never above the
+        average token's cost."""
+        steps = list(steps)
+        typical_b = statistics.median(b for b, _ in steps)
+        typical_t = statistics.median(t for _, t in steps)
+        average = typical_t / max(typical_b, 1)
+        prior = self.prior_slope_factor * typical_t / max(typical_b, 16)
+        slopes = [(t1 - t2) / (b1 - b2) for i, (b1, t1) in enumerate(steps)
+                  for b2, t2 in steps[i + 1:] if b1 != b2]
+        if not slopes:
+            return prior
+        k = self.row_cost_prior_pairs * self.prior_strength
+        row = (len(slopes) * statistics.median(slopes) + k * prior) / (len(slopes) + k)
+        return min(max(row, 0.0), average)
 
     def base_seconds(self, num_seqs: int) -> float | None:
-        """What a step of this batch-size bucket costs without speculation, or None
-        until one was measured. Never extrapolated from another bucket: decoding is
-        memory-bound at small batches and compute-bound at large ones, so a guess from
-        the tail's 4 sequences would put a 64-sequence step at 16x its cost, and make
-        speculation there look nearly free.
+        """What a step of `num_seqs` sequences costs without speculation, or None until
+        a step of its batch-size bucket was measured. Never extrapolated from another
+        bucket: decoding is memory-bound at small batches and compute-bound at large
+        ones, so a guess from the tail's 4 sequences would put a 64-sequence step at 16x
+        its cost, and make speculation there look nearly free.
 
-        The median of the bucket's recent no-draft steps, not a mean: the first steps at
-        a new batch size are the slow ones (oneDNN creates its kernels for each new
+        Within the bucket, the recent no-draft steps are each moved to `num_seqs` along
+        the row cost (`_row_cost`), and their median taken, not a mean: the first steps
+        at a new batch size are the slow ones (oneDNN creates its kernels for each new
         shape: 2-3x a step here), and a base inflated by them made verification look
         free (the fit's overhead and slope clamp at 0 below it) for the whole run. While
         fewer than 8 were seen, their minimum (a stall only ever adds time)."""
-        steps = self.base.get(self.bucket(num_seqs))
-        if not steps:
+        fit = self._level(self.bucket(num_seqs))
+        if fit is None:
             return None
-        return statistics.median(steps) if len(steps) >= 8 else min(steps)
+        level, row = fit
+        return level + row * num_seqs
+
+    def row_cost(self, num_seqs: int) -> float | None:
+        """Seconds one more sequence adds to a step of this size without drafts."""
+        fit = self._level(self.bucket(num_seqs))
+        return None if fit is None else fit[1]
 
     def base_count(self, num_seqs: int) -> int:
         """No-draft steps measured (recently) in this batch size's bucket."""
@@ -250,21 +310,30 @@ class StepCostModel:
         fit = self.spec.get(self.bucket(num_seqs))
         if fit is None:
             return 0.05 * base, prior_slope
-        intercept, slope = fit.solve(1.05 * base, prior_slope, self.prior_strength)
-        return max(0.0, intercept - base), max(slope, 0.0)
+        overhead, slope = fit.solve(0.05 * base, prior_slope, self.prior_strength)
+        return max(0.0, overhead), max(slope, 0.0)
 
     def to_dict(self) -> dict:
-        return {"base_steps": {str(k): list(v) for k, v in self.base.items()},
-                "spec": {str(k): [f.w, f.sx, f.sy, f.sxx, f.sxy] for k, f in self.spec.items()}}
+        return {"base_sized": {str(k): [list(x) for x in v] for k, v in self.base.items()},
+                "spec_added": {str(k): [f.w, f.sx, f.sy, f.sxx, f.sxy]
+                               for k, f in self.spec.items()}}
 
     def load_dict(self, d: dict) -> None:
-        self.base = {int(k): deque(map(float, v), maxlen=self.base_window)
-                     for k, v in d.get("base_steps", {}).items()}
-        for k, (w, total) in d.get("base", {}).items():  # saved before base_steps: a mean
+        self.base, self.spec, self._levels = {}, {}, {}
+        for k, v in d.get("base_sized", {}).items():
+            self.base[int(k)] = deque(((int(b), float(t)) for b, t in v),
+                                      maxlen=self.base_window)
+        # Saved before the base knew B (the bucket's largest B stands in): the plain
+        # steps' seconds, or earlier still their mean. Fits of that time regressed whole
+        # step times, not what drafting added, and are not loaded.
+        for k, v in d.get("base_steps", {}).items():
+            self.base.setdefault(int(k), deque(((2 ** int(k), float(t)) for t in v),
+                                               maxlen=self.base_window))
+        for k, (w, total) in d.get("base", {}).items():
             if w > 0:
-                self.base.setdefault(int(k), deque([total / w], maxlen=self.base_window))
-        self.spec = {}
-        for k, v in d.get("spec", {}).items():
+                self.base.setdefault(int(k), deque([(2 ** int(k), total / w)],
+                                                   maxlen=self.base_window))
+        for k, v in d.get("spec_added", {}).items():
             f = _Fit(self.decay)
             f.w, f.sx, f.sy, f.sxx, f.sxy = v
             self.spec[int(k)] = f
@@ -298,6 +367,11 @@ class AtlasController:
     #: Share of steps on which one draft position past the useful ones is drafted, so
     #: that the calibration of the next position keeps being measured.
     explore_position = 0.25
+    #: The drafting steps' value (`_record_value`): a bucket whose drafting steps were
+    #: worth less than nothing on average over the last ~1 / (1 - value_decay) of them,
+    #: and over at least `min_value_steps`, drafts only on explore-rate probes.
+    value_decay = 0.9
+    min_value_steps = 8
 
     def __init__(self, max_lookahead: int, speculators: list[str], explore: float = 0.05,
                  collapse_rate: float = 0.03, cooldown_steps: int = 200,
@@ -321,6 +395,7 @@ class AtlasController:
         self._draft_times: dict[str, deque] = {}
         self._position_times: dict[str, deque] = {}
         self._cut_streak: dict[int, int] = {}  # batch bucket -> steps the cut dropped all drafts
+        self._value: dict[int, list[float]] = {}  # batch bucket -> [decayed sum, weight, steps]
         self._since_base: dict[int, int] = {}  # batch bucket -> steps planned since a no-draft one
         self.steps = 0
         self._rng = random.Random(seed)
@@ -432,7 +507,8 @@ class AtlasController:
         batch size whose cost without speculation was never measured: no, measure it
         first (a step or two per power-of-two bucket, once), since every decision
         compares against it. Where even a surely accepted draft token cannot pay for its
-        verification, or the goodput cut has dropped every draft for a while: only on
+        verification, or the goodput cut has dropped every draft for a while, or the
+        drafting steps are worth less than nothing on average (`drafting_loses`): only on
         explore-rate steps, and those probe the cost."""
         if self.max_batch_size is not None and num_seqs > self.max_batch_size:
             return False, False
@@ -445,7 +521,8 @@ class AtlasController:
             return False, False
         self._since_base[bucket] = since + 1
         hopeless = (self.cost_hopeless(num_seqs)
-                    or self._cut_streak.get(self.cost.bucket(num_seqs), 0) >= self.cut_patience)
+                    or self._cut_streak.get(bucket, 0) >= self.cut_patience
+                    or self.drafting_loses(num_seqs))
         if not hopeless:
             return True, False
         probe = self._rng.random() < self.explore
@@ -517,7 +594,11 @@ class AtlasController:
             return [d.truncate(sum(p >= 0.25 for p in self._cumulative(d))) if d.tokens else d
                     for d in drafts]
         overhead, slope = cost
-        overhead += sum(self.draft_seconds.get(s, 0.0) for s in {d.source for d in drafts if d.tokens})
+        # the drafting passes this step ran (every planned speculator's), and those of the
+        # speculators whose drafts are in play (what keeping them is charged)
+        drafting = sum(self.draft_seconds.get(s, 0.0) for s in plan.speculators)
+        in_play = sum(self.draft_seconds.get(s, 0.0) for s in {d.source for d in drafts if d.tokens})
+        overhead += in_play
         gains = sorted(((p, r) for r, d in enumerate(drafts) if d.tokens
                         for p in self._cumulative(d)), reverse=True)
         tokens, seconds = float(num_seqs), base + overhead
@@ -531,9 +612,38 @@ class AtlasController:
         bucket = self.cost.bucket(num_seqs)
         if not any(keep) or tokens / seconds <= num_seqs / base:
             self._cut_streak[bucket] = self._cut_streak.get(bucket, 0) + 1
+            self._record_value(bucket, -drafting)
             return self._probe(drafts, plan.probe)
         self._cut_streak[bucket] = 0
+        # what no speculation would take for these tokens, less what this step takes
+        self._record_value(bucket, tokens * base / num_seqs - seconds - max(0.0, drafting - in_play))
         return [d.truncate(k) if k else EMPTY_DRAFT for d, k in zip(drafts, keep)]
+
+    def _record_value(self, bucket: int, seconds_saved: float) -> None:
+        value = self._value.setdefault(bucket, [0.0, 0.0, 0])
+        d = self.value_decay
+        value[0] = d * value[0] + (1 - d) * seconds_saved
+        value[1] = d * value[1] + (1 - d)
+        value[2] += 1
+
+    def drafting_value(self, num_seqs: int) -> float | None:
+        """Seconds a drafting step of this batch size saved, by the cost model, on
+        recent average (None before any): the kept drafts' expected tokens at the
+        no-speculation rate, less the step's verification and its drafting pass. A step
+        whose drafts the cut dropped saved minus its drafting pass: that pass runs for
+        every request before the cut sees a single confidence, so a batch size where
+        only a rare draft pays (a loaded server's 16 sequences on a 2-core CPU, where a
+        draft token costs ~0.6 of a sequence's token and the drafter's first tokens are
+        accepted ~0.4 of the time) pays it on every step it plans drafting on."""
+        value = self._value.get(self.cost.bucket(num_seqs))
+        return None if value is None or value[1] <= 0 else value[0] / value[1]
+
+    def drafting_loses(self, num_seqs: int) -> bool:
+        """The drafting steps of this batch size were worth less than nothing on
+        average, over at least `min_value_steps` of them (`drafting_value`)."""
+        value = self._value.get(self.cost.bucket(num_seqs))
+        return (value is not None and value[2] >= self.min_value_steps
+                and value[0] / value[1] < 0)
 
     def _probe(self, drafts: list[Draft], planned: bool) -> list[Draft]:
         """No speculation this step, except one draft token where the plan was a probe

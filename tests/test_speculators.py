@@ -105,6 +105,90 @@ def test_cost_model_recovers_the_step_cost():
     assert overhead == pytest.approx(0.008, abs=1.6e-3) and slope == pytest.approx(0.0003, abs=1e-4)
 
 
+def test_the_cost_model_compares_a_drafting_step_with_the_base_at_its_own_batch_size():
+    """B moves inside a bucket (requests come and go), and the steps that draft are not at
+    the B of those that do not: here plain steps at 14-16 sequences, drafting steps at
+    10-13. Measured on a loaded server, a base taken at ~16 made drafting steps at ~13
+    look as cheap as plain ones (overhead and slope fitted towards 0). The base moves
+    along what one more sequence costs, and the drafting steps' overhead and slope come
+    out as they are."""
+    def truth(b, d):
+        return 0.040 + 0.0025 * b + (0.002 + 0.0025 * d if d else 0.0)
+
+    ctl = AtlasController(max_lookahead=8, speculators=["suffix"], explore=0.0)
+    rng = random.Random(0)
+    for i in range(120):
+        b = (16, 15, 14)[i % 3]
+        ctl.record_step_time(b, 0, truth(b, 0) * (1 + 0.01 * rng.uniform(-1, 1)))
+        b, d = 10 + i % 4, 1 + i % 6
+        ctl.record_step_time(b, d, truth(b, d) * (1 + 0.01 * rng.uniform(-1, 1)))
+    cost = ctl.cost
+    assert cost.row_cost(12) == pytest.approx(0.0025, rel=0.2)
+    assert cost.base_seconds(12) == pytest.approx(truth(12, 0), rel=0.02)
+    assert cost.base_seconds(16) == pytest.approx(truth(16, 0), rel=0.02)
+    overhead, slope = cost.spec_cost(12)
+    assert overhead == pytest.approx(0.002, abs=0.0012)
+    assert slope == pytest.approx(0.0025, rel=0.25)
+    for d in (1, 3, 6):
+        assert cost.predict(11, d) == pytest.approx(truth(11, d), rel=0.02)
+    # saved and loaded: the same model
+    again = AtlasController(max_lookahead=8, speculators=["suffix"], explore=0.0)
+    again.load_state_dict(ctl.state_dict())
+    assert again.cost.predict(11, 3) == pytest.approx(cost.predict(11, 3), rel=1e-9)
+    # a state saved before the base knew B: its plain steps load (at the bucket's top B),
+    # its fits of whole step times do not (they are not what drafting added)
+    old = AtlasController(max_lookahead=8, speculators=["suffix"], explore=0.0)
+    old.load_state_dict({"cost": {"base_steps": {"4": [0.08] * 10},
+                                  "spec": {"4": [10.0, 30.0, 0.9, 100.0, 2.7]}}})
+    assert old.cost.base_seconds(16) == pytest.approx(0.08)
+    assert old.cost.spec_cost(16)[0] == pytest.approx(0.05 * 0.08)
+
+
+def test_a_batch_size_whose_drafting_steps_lose_on_average_stops_drafting():
+    """The drafting pass runs for every request before the cut sees a confidence. At 16
+    sequences here a draft token costs ~0.4 of a sequence's token and the pass 3.7 ms: a
+    step with four confident drafts gains ~5 ms, and one with none loses the pass. When
+    one step in four has them, every other step pays the pass for nothing: the cut never
+    drops everything for `cut_patience` steps in a row, but the drafting steps lose on
+    average, and the controller stops planning them. Where every step has them, it
+    keeps drafting."""
+    def controller():
+        ctl = AtlasController(max_lookahead=4, speculators=["suffix"], explore=0.0)
+        for i in range(60):
+            ctl.record_step_time(16, 0, 0.08)
+            d = 1 + i % 8
+            ctl.record_step_time(16, d, 0.08 + 0.002 + 0.0019 * d)
+        for _ in range(5):
+            ctl.record_draft_time("suffix", 0.0037)
+        _train_arm(ctl, "suffix", 0.9, conf=0.95)
+        _train_arm(ctl, "suffix", 0.1, conf=0.1)
+        return ctl
+
+    def drafts(confident):
+        return [[Draft([1], [0.95 if r < confident else 0.1], source="suffix")]
+                for r in range(16)]
+
+    ctl = controller()
+    planned = 0
+    for i in range(60):
+        plan = ctl.plan_step(16)
+        if plan.lookahead:
+            planned += 1
+            kept = ctl.choose_drafts(plan, drafts(4 if planned % 4 == 1 else 0))
+            assert sum(len(d) for d in kept) in (0, 4)
+    assert ctl.drafting_loses(16) and ctl.drafting_value(16) < 0
+    assert planned < 25
+    assert all(ctl.plan_step(16).lookahead == 0 for _ in range(50))
+
+    ctl = controller()
+    for _ in range(60):
+        plan = ctl.plan_step(16)
+        assert plan.lookahead > 0 or ctl._since_base.get(4) == 0  # but the base's re-measuring
+        if plan.lookahead:
+            assert sum(len(d) for d in ctl.choose_drafts(plan, drafts(4))) == 4
+    assert not ctl.drafting_loses(16) and ctl.drafting_value(16) > 0
+
+
 def test_probes_of_one_draft_token_do_not_make_verification_look_free():
     """A compute-bound 64-sequence batch: a draft token costs about what a sequence's
     token costs (base / 64). The probes measure steps with one draft token only, and each
