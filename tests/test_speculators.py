@@ -189,6 +189,27 @@ def test_a_batch_size_whose_drafting_steps_lose_on_average_stops_drafting():
     assert not ctl.drafting_loses(16) and ctl.drafting_value(16) > 0
 
 
+def test_drafts_the_cost_model_expects_less_than_the_margin_from_are_not_verified():
+    """The cut keeps a step's drafts only where the cost model expects them to raise
+    tokens per second by `min_gain` (3%) at least: one draft accepted 60% of the time at
+    16 sequences (+1.3% by the model) is not verified, two accepted 90% of the time
+    (+6%) are."""
+    ctl = AtlasController(max_lookahead=4, speculators=["suffix"], explore=0.0)
+    for i in range(60):
+        ctl.record_step_time(16, 0, 0.08)
+        d = 1 + i % 8
+        ctl.record_step_time(16, d, 0.08 + 0.0019 * d)
+    _train_arm(ctl, "suffix", 0.9, conf=0.95)
+    _train_arm(ctl, "suffix", 0.6, conf=0.6)
+    plan = StepPlan(16)
+    one = [[Draft([1], [0.6], source="suffix")]] + [[] for _ in range(15)]
+    assert not any(d.tokens for d in ctl.choose_drafts(plan, one))
+    two = [[Draft([1], [0.95], source="suffix")] for _ in range(2)] + [[] for _ in range(14)]
+    assert sum(len(d) for d in ctl.choose_drafts(plan, two)) == 2
+    ctl.min_gain = 0.0  # without the margin, the first is verified too
+    assert sum(len(d) for d in ctl.choose_drafts(plan, one)) == 1
+
+
 def test_probes_of_one_draft_token_do_not_make_verification_look_free():
     """A compute-bound 64-sequence batch: a draft token costs about what a sequence's
     token costs (base / 64). The probes measure steps with one draft token only, and each
