@@ -23,7 +23,10 @@ Three parts, all learned online on the machine it runs on:
   the batch (TLT's rule):
   draft positions are added in order of their probability of being accepted while each
   adds more expected tokens than it costs in time at the current throughput, and the
-  whole plan is dropped unless it beats no speculation, which is always a choice. Some
+  whole plan is dropped unless it beats no speculation, which is always a choice, by a
+  margin (`min_gain`); a batch size whose drafting steps were worth less than nothing on
+  average stops drafting but for probes (`drafting_value`: the drafting pass is paid
+  before the cut sees a confidence). Some
   exploration keeps every arm's estimate fresh, so the controller notices when the
   adaptive speculator has become better; an arm whose measured acceptance collapses is
   benched for a while and then probed again. Feedback arrives through
