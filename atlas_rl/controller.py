@@ -379,7 +379,7 @@ class AtlasController:
     #: expect of a step's drafts for the cut to keep any: its errors are not symmetric.
     #: On a loaded server's 16 sequences on a 2-core AMD EPYC the model expected small
     #: gains that did not come (atlas-static 0.96-0.97x no speculation in the five load
-    #: runs where it drafted 900-4,700 times, 0.98-1.0x in those where it drafted under
+    #: runs where it drafted 715-4,700 times, 0.98-1.0x in those where it drafted under
     #: 110 times: an accepted token of one of a request's n sequences does not free its
     #: slot until its siblings finish, and steps with prompt chunks are not measured).
     min_gain = 0.03
