@@ -652,9 +652,9 @@ class AtlasController:
     def drafting_loses(self, num_seqs: int) -> bool:
         """The drafting steps of this batch size were worth less than nothing on
         average, over at least `min_value_steps` of them (`drafting_value`)."""
-        value = self._value.get(self.cost.bucket(num_seqs))
-        return (value is not None and value[2] >= self.min_value_steps
-                and value[0] / value[1] < 0)
+        value = self.drafting_value(num_seqs)
+        steps = self._value.get(self.cost.bucket(num_seqs), (0, 0, 0))[2]
+        return value is not None and steps >= self.min_value_steps and value < 0
 
     def _probe(self, drafts: list[Draft], planned: bool) -> list[Draft]:
         """No speculation this step, except one draft token where the plan was a probe
