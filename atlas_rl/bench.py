@@ -466,6 +466,7 @@ def domain_pool(domain: str, seed: int, most: int = 4096) -> list:
 ORACLE_MAX_TOKENS = 160
 ORACLE_EPOCHS = 8
 ORACLE_EAGLE3_SECONDS = 600.0
+ORACLE_LOSS = "tv"  # the MLP oracle's loss (AtlasConfig.drafter_loss's default)
 
 
 def oracle_prompts(cfg: BenchConfig) -> dict[str, list]:
@@ -497,6 +498,8 @@ def oracle_command(cfg: BenchConfig, model_path: str, prompt_files: list[str],
            "--dtype", dtype]
     if kind == "eagle3":
         cmd += ["--time-budget", str(ORACLE_EAGLE3_SECONDS)]
+    else:  # the loss the static drafter and atlas's updates train on
+        cmd += ["--loss", ORACLE_LOSS]
     return cmd
 
 
@@ -525,7 +528,9 @@ def build_domain_oracle(cfg: BenchConfig, model_path: str, dtype: str, chat: boo
     key_src = json.dumps({"model": str(Path(model_path).resolve()), "files": weights,
                           "rows": rows, "completions": cfg.oracle_completions,
                           "max_tokens": ORACLE_MAX_TOKENS, "epochs": ORACLE_EPOCHS,
-                          "drafter": cfg.drafter, "dtype": dtype, "seed": cfg.seed},
+                          "drafter": cfg.drafter, "dtype": dtype, "seed": cfg.seed,
+                          # distilled on TV since 2026-12-05 (before: the cross-entropy)
+                          **({} if cfg.drafter == "eagle3" else {"loss": ORACLE_LOSS})},
                          sort_keys=True)
     key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
     out = cache_dir() / "oracles" / f"{Path(model_path).name}-{'+'.join(rows)}-{key}"

@@ -103,7 +103,7 @@ def _cmd_train_speculator(args) -> int:
             model=args.model, prompts=args.prompts, out=args.out, num_prompts=args.num_prompts,
             completions=args.completions, max_tokens=args.max_tokens, epochs=args.epochs,
             draft_vocab_size=args.draft_vocab_size or 4096, lr=args.lr or 2e-3, seed=args.seed,
-            dtype=args.dtype))
+            dtype=args.dtype, loss=args.loss))
     except (FileNotFoundError, ValueError) as e:
         print(f"atlas-rl: {e}", file=sys.stderr)
         return 2
@@ -344,6 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--draft-vocab-size", type=int, default=None,
                     help="default 8192 (eagle3) / 4096 (mlp)")
     ts.add_argument("--lr", type=float, default=None, help="default 5e-4 (eagle3) / 2e-3 (mlp)")
+    ts.add_argument("--loss", choices=("tv", "ce"), default="tv",
+                    help="mlp: tv (default; total variation, what acceptance is, plus 0.1 x "
+                         "the cross-entropy) or ce (the cross-entropy); eagle3 trains on tv")
     ts.add_argument("--time-budget", type=float, default=1800.0,
                     help="eagle3: seconds of training after generation (default 1800)")
     ts.add_argument("--device", default="cpu",

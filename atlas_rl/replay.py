@@ -50,6 +50,7 @@ RECIPE_DEFAULTS = {
     "count_decay": 0.7,      # NeuralSpeculator.COUNT_DECAY
     "refresh_margin": 0.01,  # NeuralSpeculator.REFRESH_MARGIN
     "vocab_prior": 1.0,      # counts a static drafter's vocabulary starts with, per token
+    "loss": "tv",            # AtlasConfig.drafter_loss: tv or ce
     "cpu_bf16": None,        # training under bf16 autocast on the CPU (None: where it has
                              # bf16 units, `distill._autocast`)
 }
@@ -220,6 +221,7 @@ def load_drafter(directory: str | None, embed: torch.Tensor, head: torch.Tensor,
                             batch_rows=r.get("batch_rows"), max_epochs=r.get("max_epochs"),
                             frozen=recipe is None, seed=seed, gate=r.get("gate"))
     spec.distiller.cpu_bf16 = r.get("cpu_bf16")
+    spec.distiller.loss = r.get("loss")
     spec.distiller.gate_z = float(r.get("gate_z"))
     spec.COUNT_DECAY = r.get("count_decay")
     spec.REFRESH_MARGIN = r.get("refresh_margin")

@@ -58,7 +58,8 @@ def build_speculators(config: AtlasConfig, model_path: str, static: bool) -> dic
         logger.info("atlas-rl: static EAGLE-3 drafter from %s", path)
         return specs
     neural = NeuralSpeculator(cfg.draft_vocab_size, lr=cfg.drafter_lr, frozen=static,
-                              seed=cfg.seed, gate=cfg.drafter_publish_gate)
+                              seed=cfg.seed, gate=cfg.drafter_publish_gate,
+                              loss=cfg.drafter_loss)
     if path is not None and (path / "neural.json").is_file():
         neural.load(path)
         logger.info("atlas-rl: static drafter from %s", path)

@@ -33,6 +33,7 @@ class TrainSpeculatorConfig:
     epochs: int = 8
     draft_vocab_size: int = 4096
     lr: float = 2e-3
+    loss: str = "tv"            # AtlasConfig.drafter_loss: "tv" or "ce"
     holdout: float = 0.05
     seed: int = 0
     dtype: str | None = None
@@ -72,11 +73,12 @@ def train_static(cfg: TrainSpeculatorConfig, progress: bool = True) -> dict:
     neural = engine.speculators["neural"]
     neural.distiller.buffer.max_rows = 10**9
     neural.distiller.lr = cfg.lr
+    neural.distiller.loss = cfg.loss
     counts = torch.zeros(engine.vocab_size)
     say(f"budget: {len(prompts)} prompts x {cfg.completions} completions x <= {cfg.max_tokens} "
         f"tokens = up to {len(prompts) * cfg.completions * cfg.max_tokens:,} token-positions of "
         f"{cfg.model}'s own temperature-1 rollouts, then {cfg.epochs} epochs of distillation "
-        f"(draft vocabulary: the {cfg.draft_vocab_size} most frequent tokens)", flush=True)
+        f"({cfg.loss} loss; draft vocabulary: the {cfg.draft_vocab_size} most frequent tokens)", flush=True)
     start = time.perf_counter()
     rows = 0
     for i in range(0, len(prompts), cfg.batch_prompts):

@@ -21,6 +21,7 @@ from atlas_rl.bench import (
     oracle_command,
     oracle_prompts,
 )
+from atlas_rl.config import AtlasConfig
 from atlas_rl.workloads import domain_prompts
 
 
@@ -82,6 +83,7 @@ def test_the_oracle_distils_on_its_domains_only_and_never_on_the_runs_prompts():
     assert cmd[cmd.index("--num-prompts") + 1] == "80"
     assert cmd[cmd.index("--drafter") + 1] == "mlp"  # the default drafter's architecture
     assert cmd[cmd.index("--prompts") + 1] == "/t/javascript.jsonl"
+    assert cmd[cmd.index("--loss") + 1] == AtlasConfig().drafter_loss  # atlas's own loss
     eagle = BenchConfig(workload="domain-gap", drafter="eagle3")
     cmd = oracle_command(eagle, "/m", [], 1, "/out", "float32")
     assert cmd[cmd.index("--drafter") + 1] == "eagle3" and "--time-budget" in cmd

@@ -214,8 +214,8 @@ def test_an_update_trains_on_the_newest_batch_first(monkeypatch):
     seen = []
     real = distill.distill_loss
     monkeypatch.setattr(distill, "distill_loss",
-                        lambda net, embed, h, tok, target, head: seen.append(tok.clone()) or
-                        real(net, embed, h, tok, target, head))
+                        lambda net, embed, h, tok, target, head, *kind: seen.append(tok.clone())
+                        or real(net, embed, h, tok, target, head, *kind))
     spec.distiller.batch_rows, spec.distiller.max_epochs = fresh, 1
     spec.learn(time_budget=None)
     newest = set(range(len(rows) - fresh, len(rows)))
@@ -568,3 +568,81 @@ def test_the_publish_gate_setting_names_its_choices():
     with pytest.raises(ValueError, match=r"drafter_publish_gate 'sometimes' is not one of "
                                          r"next-batch, held-out, off"):
         AtlasConfig(drafter_publish_gate="sometimes")
+
+
+def test_the_tv_loss_is_what_a_distribution_draft_loses_of_acceptance():
+    """`distill_loss(kind="tv")` is 1 - sum_v min(p_v, q_v) (the first-position acceptance
+    of a distribution draft, over the draft vocabulary) plus 0.1 x the cross-entropy, which
+    is `kind="ce"`; an unknown kind is refused by the config, naming the choices."""
+    from atlas_rl.config import AtlasConfig
+    from atlas_rl.speculators import distill
+
+    policy = SyntheticPolicy(8)
+    spec = _speculator(policy)
+    _feed(spec, policy, sequences=2)
+    spec.collect()
+    h, tok, target = spec.distiller.buffer.rows()
+    head = policy.embed
+    with torch.no_grad():
+        q = torch.softmax(spec.net(h, head[tok]) @ head.T, -1)
+        p = torch.softmax(target @ head.T, -1)
+        accept = torch.minimum(p, q).sum(-1).mean()
+        ce = -(p * q.log()).sum(-1).mean()
+        tv = distill.distill_loss(spec.net, head, h, tok, target, head, "tv")
+        assert distill.distill_loss(spec.net, head, h, tok, target, head, "ce") == \
+            pytest.approx(float(ce), rel=1e-5)
+    assert float(tv) == pytest.approx(float(1 - accept + 0.1 * ce), rel=1e-5)
+    assert 0 < float(accept) < 1  # an untrained drafter: neither term is trivially zero
+    assert AtlasConfig().drafter_loss == "tv" and spec.distiller.loss == "tv"
+    assert AtlasConfig(drafter_loss="CE").drafter_loss == "ce"
+    with pytest.raises(ValueError, match=r"drafter_loss 'kl' is not one of tv, ce"):
+        AtlasConfig(drafter_loss="kl")
+    with pytest.raises(ValueError, match=r"drafter_loss 'kl'"):
+        Distiller(loss="kl")
+
+
+def test_the_engine_trains_its_drafter_on_the_configured_loss(tmp_path):
+    from atlas_rl.config import AtlasConfig
+    from atlas_rl.speculation import build_speculators
+
+    for kind in ("tv", "ce"):
+        specs = build_speculators(AtlasConfig(drafter_loss=kind, static_speculator="none"),
+                                  str(tmp_path), static=False)
+        assert specs["neural"].distiller.loss == kind
+
+
+def test_a_drafter_saved_under_another_loss_does_not_judge_the_new_one_by_its_average(tmp_path):
+    """The divergence check compares a minibatch's loss with 4 x the loss's running average
+    + 1. A drafter distilled on TV (~0.5 a row) and adapted on the cross-entropy (several
+    nats): the saved average is of another quantity, so the first update starts its own
+    instead of being rolled back by it. Saved before the average carried its kind: "ce"."""
+    import json
+
+    policy = SyntheticPolicy(9)
+    spec = _speculator(policy, gate="off")  # TV, the default
+    _feed(spec, policy)
+    spec.learn(time_budget=None)
+    assert spec.distiller.loss_ema_kind == "tv" and spec.distiller.loss_ema < 1
+    spec.save(tmp_path)
+    meta = json.loads((tmp_path / "neural.json").read_text())
+    assert meta["loss_ema_kind"] == "tv"
+    meta["loss_ema"] = 0.05  # a TV average under which any cross-entropy looks diverged
+    (tmp_path / "neural.json").write_text(json.dumps(meta))
+    adapted = _speculator(policy, loss="ce", gate="off")
+    adapted.load(tmp_path)
+    assert adapted.distiller.loss_ema_kind == "tv"
+    version = adapted.version
+    _feed(adapted, policy)
+    stats = adapted.learn(time_budget=None)
+    assert "drafter_rollback" not in stats and adapted.version == version + 1
+    assert adapted.distiller.loss_ema_kind == "ce" and adapted.distiller.loss_ema > 1.2
+    # an average of its own kind still guards it: a cross-entropy average of 0.05 rolls a
+    # cross-entropy update back
+    adapted.distiller.loss_ema = 0.05
+    _feed(adapted, policy)
+    assert adapted.learn(time_budget=None).get("drafter_rollback") == 1.0
+    del meta["loss_ema_kind"]  # as saved before the TV loss: a cross-entropy average
+    (tmp_path / "neural.json").write_text(json.dumps(meta))
+    old = _speculator(policy)
+    old.load(tmp_path)
+    assert old.distiller.loss_ema_kind == "ce"

@@ -115,12 +115,14 @@ class NeuralSpeculator(HiddenStateSpeculator):
 
     def __init__(self, draft_vocab_size: int = 4096, lr: float = 1e-3,
                  max_buffer_rows: int = 16384, batch_rows: int = 256, max_epochs: int = 2,
-                 frozen: bool = False, seed: int = 0, gate: str | bool = "next-batch"):
+                 frozen: bool = False, seed: int = 0, gate: str | bool = "next-batch",
+                 loss: str = "tv"):
         if draft_vocab_size < 2:
             raise ValueError(f"draft_vocab_size must be >= 2, got {draft_vocab_size}")
         self.draft_vocab_size = int(draft_vocab_size)
         self.frozen = bool(frozen)
-        self.distiller = Distiller(lr, max_buffer_rows, batch_rows, max_epochs, gate=gate)
+        self.distiller = Distiller(lr, max_buffer_rows, batch_rows, max_epochs, gate=gate,
+                                   loss=loss)
         self.net: DrafterNet | None = None
         self.vocab: torch.Tensor | None = None  # draft vocabulary (token ids), sorted
         self._embed = self._head = self._head_sub = None
@@ -569,7 +571,8 @@ class NeuralSpeculator(HiddenStateSpeculator):
         d = self.distiller
         meta = {"hidden_size": self.net.hidden_size, "draft_vocab_size": self.draft_vocab_size,
                 "vocab_source": self.vocab_source,
-                "lr": d.lr, "version": d.version, "rollbacks": d.rollbacks, "loss_ema": d.loss_ema}
+                "lr": d.lr, "version": d.version, "rollbacks": d.rollbacks, "loss_ema": d.loss_ema,
+                "loss_ema_kind": d.loss_ema_kind}
         return tensors, meta
 
     def load_state(self, tensors, meta) -> None:
@@ -588,6 +591,7 @@ class NeuralSpeculator(HiddenStateSpeculator):
         d.version = int(meta.get("version", 0))
         d.rollbacks = int(meta.get("rollbacks", 0))
         d.loss_ema = meta.get("loss_ema")
+        d.loss_ema_kind = meta.get("loss_ema_kind", "ce")  # saved before the TV loss: ce
         d.optimizer_state = None
         self._head_stale = True
         if self._embed is not None:
