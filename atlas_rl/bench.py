@@ -55,6 +55,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from atlas_rl.config import AtlasConfig
 from atlas_rl.machine import release_freed_memory
 from atlas_rl.metrics import (
     BENCH_RECORD_KEYS,
@@ -466,7 +467,8 @@ def domain_pool(domain: str, seed: int, most: int = 4096) -> list:
 ORACLE_MAX_TOKENS = 160
 ORACLE_EPOCHS = 8
 ORACLE_EAGLE3_SECONDS = 600.0
-ORACLE_LOSS = "tv"  # the MLP oracle's loss (AtlasConfig.drafter_loss's default)
+#: the MLP oracle's loss: atlas's own (`AtlasConfig.drafter_loss`'s default)
+ORACLE_LOSS = AtlasConfig.drafter_loss
 
 
 def oracle_prompts(cfg: BenchConfig) -> dict[str, list]:

@@ -344,7 +344,9 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--draft-vocab-size", type=int, default=None,
                     help="default 8192 (eagle3) / 4096 (mlp)")
     ts.add_argument("--lr", type=float, default=None, help="default 5e-4 (eagle3) / 2e-3 (mlp)")
-    ts.add_argument("--loss", choices=("tv", "ce"), default="tv",
+    from atlas_rl.config import DRAFTER_LOSSES
+
+    ts.add_argument("--loss", choices=DRAFTER_LOSSES, default=DRAFTER_LOSSES[0],
                     help="mlp: tv (default; total variation, what acceptance is, plus 0.1 x "
                          "the cross-entropy) or ce (the cross-entropy); eagle3 trains on tv")
     ts.add_argument("--time-budget", type=float, default=1800.0,
