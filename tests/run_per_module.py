@@ -23,6 +23,10 @@ from pathlib import Path
 
 PEAK = re.compile(r"atlas-rl: peak RSS of this pytest process: ([0-9.]+) GiB")
 COUNTS = re.compile(r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)")
+# what a failing module's output says of its failures, repeated at the end of the run: a
+# CI log keeps its head and tail, and the middle, where a module failed, may be cut
+FAILURE_LINE = re.compile(r"^(E   |FAILED |ERROR |tests/\S+\.py:\d+: )")
+FAILURE_LINES = 60
 
 
 def main(argv: list[str]) -> int:
@@ -33,6 +37,7 @@ def main(argv: list[str]) -> int:
     totals: dict[str, int] = {}
     peaks: list[tuple[float, str]] = []
     failed: list[tuple[str, int]] = []
+    failures: dict[str, list[str]] = {}
     seconds: list[tuple[float, str]] = []
     start = time.perf_counter()
     for i, module in enumerate(modules, 1):
@@ -58,6 +63,7 @@ def main(argv: list[str]) -> int:
         print(f"=== {module}: exit {rc} in {seconds[-1][0]:.0f} s", flush=True)
         if rc != 0:
             failed.append((module, rc))
+            failures[module] = [line.rstrip() for line in out if FAILURE_LINE.match(line)]
     minutes = (time.perf_counter() - start) / 60
     counts = ", ".join(f"{n} {kind}" for kind, n in totals.items())
     print(f"\n=== {len(modules)} modules, one pytest process each: {counts or 'no tests'} "
@@ -71,6 +77,12 @@ def main(argv: list[str]) -> int:
     for module, rc in failed:
         if rc != 5:
             print(f"FAILED module: {module} (pytest exit {rc})")
+            lines = failures.get(module, [])
+            for line in lines[:FAILURE_LINES]:
+                print(f"    {line}")
+            if len(lines) > FAILURE_LINES:
+                print(f"    ... {len(lines) - FAILURE_LINES} more lines: see the module's "
+                      "output above")
     real = [(m, rc) for m, rc in failed if rc != 5]  # 5: this module collected nothing
     if real:                                           # (all deselected by -k or -m)
         return real[0][1]
