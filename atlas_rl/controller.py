@@ -17,9 +17,11 @@ Three parts, all learned online on the machine it runs on:
   the price of one more verified token (near zero while the forward is memory-bound,
   about base/B once it is compute-bound).
 - `AtlasController`: per step, `plan_step` decides before any drafting which speculators
-  run, for how many positions, in which draft kind per request, and whether the step
-  only probes the cost; `choose_drafts` then takes each request's best draft (the arm
-  whose calibrated expected accepted tokens is largest) and makes a goodput cut across
+  run, for how many positions, in which draft kind per request (a speculator that drafts
+  both kinds from one lookup, the suffix index, makes both, and the request keeps the
+  better), and whether the step only probes the cost; `choose_drafts` then takes each
+  request's best draft (the arm whose calibrated expected accepted tokens is largest)
+  and makes a goodput cut across
   the batch (TLT's rule):
   draft positions are added in order of their probability of being accepted while each
   adds more expected tokens than it costs in time at the current throughput, and the
@@ -43,6 +45,7 @@ import math
 import random
 import statistics
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from atlas_rl.speculators.base import DISTRIBUTION, EMPTY_DRAFT, Arm, Draft
@@ -350,6 +353,7 @@ class StepPlan:
     lookahead: int = 0                # longest draft any request may get (0: none)
     speculators: list[str] = field(default_factory=list)   # the ones to run this step
     sample: dict[str, list[bool]] = field(default_factory=dict)  # per speculator and request: distribution draft?
+    both: set[str] = field(default_factory=set)  # speculators that draft each request both ways
     lookaheads: dict[str, int] = field(default_factory=dict)     # per speculator: draft steps
     probe: bool = False               # speculation does not pay here: at most one probe token
 
@@ -386,9 +390,13 @@ class AtlasController:
 
     def __init__(self, max_lookahead: int, speculators: list[str], explore: float = 0.05,
                  collapse_rate: float = 0.03, cooldown_steps: int = 200,
-                 max_batch_size: int | None = None, always: bool = False, seed: int = 0):
+                 max_batch_size: int | None = None, always: bool = False, seed: int = 0,
+                 both_kinds: Iterable[str] = ()):
         self.max_lookahead = int(max_lookahead)
         self.speculators = list(speculators)
+        # speculators whose one call drafts both kinds (`Speculator.drafts_both_kinds`):
+        # the kind is chosen per request from the two drafts' calibrated values
+        self.both_kinds = set(both_kinds) & set(self.speculators)
         self.arms = [a for s in self.speculators for a in Arm.both(s)]
         self.calibration = {a: ArmCalibration(self.max_lookahead) for a in self.arms}
         self.cost = StepCostModel()
@@ -471,6 +479,9 @@ class AtlasController:
             other = [a for a in usable if a != best]
             plan.speculators.append(spec)
             plan.lookaheads[spec] = k
+            if spec in self.both_kinds and len(usable) == 2:
+                # both drafts are made; `choose_drafts` keeps the one worth more
+                plan.both.add(spec)
             plan.sample[spec] = [
                 (other[0] if other and self._rng.random() < self.explore else best
                  ).draft_kind == DISTRIBUTION

@@ -71,25 +71,29 @@ def test_failing_speculator_degrades_to_no_drafts(atlas, baseline):
     def boom(*args, **kwargs):
         raise RuntimeError("speculator exploded")
 
+    def break_(spec):  # both ways of drafting (the suffix index drafts through propose_both)
+        spec.propose = spec.propose_both = boom
+
+    def mend(spec):  # the instance attributes go: the class's methods again
+        del spec.propose, spec.propose_both
+
     ref = baseline.generate(PROMPTS, temperature=0.0, max_tokens=32)
     # One speculator failing: the other still drafts, nothing is lost.
-    original = atlas.speculators["suffix"].propose
-    atlas.speculators["suffix"].propose = boom
+    break_(atlas.speculators["suffix"])
     try:
         batch = atlas.generate(PROMPTS, temperature=0.0, max_tokens=32)
     finally:
-        atlas.speculators["suffix"].propose = original
+        mend(atlas.speculators["suffix"])
     assert batch.stats["speculator_errors"] > 0 and batch.stats["drafts_neural"] + batch.stats["drafts_neural-dist"] == 1.0
     assert batch.completion_ids == ref.completion_ids
     # All of them failing: no drafts, the same rollouts.
-    originals = {name: spec.propose for name, spec in atlas.speculators.items()}
     for spec in atlas.speculators.values():
-        spec.propose = boom
+        break_(spec)
     try:
         batch = atlas.generate(PROMPTS, temperature=0.0, max_tokens=32)
     finally:
-        for name, f in originals.items():
-            atlas.speculators[name].propose = f
+        for spec in atlas.speculators.values():
+            mend(spec)
     assert batch.stats["speculator_errors"] > 0
     assert batch.stats["num_draft_tokens"] == 0
     assert all(len(c.completion_ids) > 0 for c in batch)

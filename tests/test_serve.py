@@ -23,7 +23,7 @@ KEY = "test-key-123"
 PROMPT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"
 
 # A fault the test switches on from outside: while the flag file exists, every
-# speculator's propose raises (installed in each server process by sitecustomize).
+# speculator's propose and propose_both raise (installed in each server process by sitecustomize).
 FAULT_SITECUSTOMIZE = '''
 import os
 _flag = os.environ.get("ATLAS_RL_TEST_FAULT_FLAG")
@@ -38,6 +38,7 @@ if _flag:
                     return original(self, *args, **kwargs)
                 return propose
             _cls.propose = _make(_cls.propose)
+            _cls.propose_both = _make(_cls.propose_both)
     except Exception:
         pass
 '''

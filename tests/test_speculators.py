@@ -407,6 +407,55 @@ def test_suffix_distribution_draft_samples_from_the_continuations_it_hands_over(
     assert not onehot.is_distribution and onehot.tokens == [3, 4]
 
 
+def test_suffix_drafts_both_kinds_from_one_lookup():
+    """`propose_both`: per request the majority draft (one-hot, as `propose` makes it)
+    and a distribution draft over the same continuations; nothing where nothing matches."""
+    spec = SuffixSpeculator(ngram_sizes=(2,))
+    assert spec.drafts_both_kinds
+    spec.learn([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6, 7], [1, 2, 3, 4]])
+    spec.begin_batch()
+    (onehot, dist), (none1, none2) = spec.propose_both(["a", "b"], [[9, 1, 2], [8, 8]], [2, 2])
+    assert not onehot.is_distribution and onehot.tokens == [3, 4]
+    assert onehot.confidence == spec.propose(["c"], [[9, 1, 2]], [2])[0].confidence
+    assert dist.is_distribution and dist.source == onehot.source == "suffix"
+    assert dict(zip(dist.q_ids[0].tolist(), dist.q[0].tolist())) == pytest.approx({3: 0.75, 6: 0.25})
+    assert not none1.tokens and not none2.tokens
+
+
+def test_the_kind_of_draft_is_chosen_per_request_where_both_are_drafted():
+    """A speculator that drafts both kinds in one call (`both_kinds`): the plan asks for
+    both, and each request keeps the draft its arm's calibration values more. Without
+    it, one kind per step is drafted: the arm that looks better over all requests."""
+    def controller(onehot_rate, dist_rate, both=("suffix",)):
+        ctl = AtlasController(max_lookahead=4, speculators=["suffix"], explore=0.0,
+                              both_kinds=both)
+        _train_arm(ctl, "suffix", onehot_rate, conf=0.45)
+        _train_arm(ctl, "suffix-dist", dist_rate, conf=0.45)
+        ctl.always = True  # no cost model fed here: the choice of kind alone
+        return ctl
+
+    def pair():
+        return [Draft([3, 4], [0.45, 0.45], source="suffix"),
+                Draft([6, 7], [0.45, 0.45], torch.tensor([[3, 6], [7, 0]]),
+                      torch.tensor([[0.5, 0.5], [1.0, 0.0]]), source="suffix")]
+
+    ctl = controller(0.3, 0.8)
+    plan = ctl.plan_step(4)
+    assert plan.both == {"suffix"}
+    assert all(d.is_distribution for d in ctl.choose_drafts(plan, [pair() for _ in range(4)]))
+    ctl = controller(0.8, 0.3)
+    chosen = ctl.choose_drafts(ctl.plan_step(4), [pair() for _ in range(4)])
+    assert all(d.tokens == [3, 4] and not d.is_distribution for d in chosen)
+
+    single = controller(0.3, 0.8, both=())
+    plan = single.plan_step(4)
+    assert plan.both == set() and plan.sample["suffix"] == [True] * 4  # one kind, the better
+    ctl = controller(0.3, 0.8)  # a benched kind is not drafted
+    ctl.benched[Arm("suffix", "distribution")] = 10
+    plan = ctl.plan_step(4)
+    assert plan.both == set() and plan.sample["suffix"] == [False] * 4
+
+
 def test_frozen_suffix_index_does_not_learn():
     spec = SuffixSpeculator(ngram_sizes=(2,), frozen=True)
     assert spec.learn([[1, 2, 3, 4]]) == {}

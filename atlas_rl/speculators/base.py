@@ -103,6 +103,11 @@ class Speculator(ABC):
     name: ClassVar[str] = "speculator"
     #: whether the proposer hands it the policy's hidden states (`HiddenStateSpeculator`)
     uses_hidden_states: ClassVar[bool] = False
+    #: whether `propose_both` drafts each request both ways, one-hot and as a
+    #: distribution draft, for about the cost of one (a suffix lookup is shared by both;
+    #: a neural drafter's passes are not). The controller then picks the kind per request
+    #: by its calibrated value, instead of one kind per speculator and step.
+    drafts_both_kinds: ClassVar[bool] = False
 
     @abstractmethod
     def propose(self, keys: Sequence[str], contexts: Sequence[Sequence[int]],
@@ -115,6 +120,13 @@ class Speculator(ABC):
         distribution draft (tokens sampled from q, q in the Draft) where the speculator
         can; otherwise, or with ``sample=None``, one-hot.
         """
+
+    def propose_both(self, keys: Sequence[str], contexts: Sequence[Sequence[int]],
+                     max_lengths: Sequence[int]) -> list[tuple[Draft, Draft]]:
+        """Per request, its one-hot draft and its distribution draft (either may be
+        empty), where `drafts_both_kinds`; as `propose` otherwise."""
+        raise NotImplementedError(f"{type(self).__name__} drafts one kind per call "
+                                  "(drafts_both_kinds is False): call propose")
 
     def begin_request(self, key: str, prompt: Sequence[int]) -> None:
         """Request ``key`` starts: its contexts begin with the token ids ``prompt`` (its

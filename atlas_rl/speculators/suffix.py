@@ -471,6 +471,22 @@ class SuffixSpeculator(Speculator):
                           if max_len > 0 else EMPTY_DRAFT)
         return drafts
 
+    drafts_both_kinds = True
+
+    def propose_both(self, keys, contexts, max_lengths) -> list[tuple[Draft, Draft]]:
+        """Both drafts of each request from one lookup: the majority branch (one-hot)
+        and a draft sampled from the same continuations (their q to the verifier)."""
+        self._retire()
+        seqs = [self._sync_live(key, context) for key, context in zip(keys, contexts)]
+        pairs = []
+        for key, seq, max_len in zip(keys, seqs, max_lengths):
+            conts, from_history = self._continuations(key, seq, max_len) if max_len > 0 \
+                else ([], False)
+            pairs.append((self._from(conts, max_len, False, from_history),
+                          self._from(conts, max_len, True, from_history)) if conts
+                         else (EMPTY_DRAFT, EMPTY_DRAFT))
+        return pairs
+
     def _sync_live(self, key, context) -> list[int]:
         seq = self._live.seqs.get(key)
         have = 0 if seq is None else len(seq)
@@ -487,11 +503,18 @@ class SuffixSpeculator(Speculator):
         return seq
 
     def _draft(self, key, seq: list[int], max_len: int, sample: bool = False) -> Draft:
+        conts, from_history = self._continuations(key, seq, max_len)
+        return self._from(conts, max_len, sample, from_history) if conts else EMPTY_DRAFT
+
+    def _continuations(self, key, seq: list[int], max_len: int) -> tuple[list, bool]:
+        """What the draft follows: the continuations of the context's longest matching
+        tail in the request's history, else in the global corpus; and whether they
+        came from its history."""
         request = self._requests.get(key)
         if request is not None:
-            draft = self._draft_from_history(key, request[0], seq, max_len, sample)
-            if draft.tokens:
-                return draft
+            conts = self._history_continuations(key, request[0], seq, max_len)
+            if conts:
+                return conts, True
         exclude = (key, len(seq))  # the context's own tail has no continuation yet
         for n in reversed(self._live.ngram_sizes):
             if len(seq) < n:
@@ -500,11 +523,10 @@ class SuffixSpeculator(Speculator):
             conts = self._live.continuations(gram, max_len, exclude)
             conts += self._past.continuations(gram, max_len)
             if conts:
-                return self._from(conts, max_len, sample)
-        return EMPTY_DRAFT
+                return conts, False
+        return [], False
 
-    def _draft_from_history(self, key, pkey: str, seq: list[int], max_len: int,
-                            sample: bool) -> Draft:
+    def _history_continuations(self, key, pkey: str, seq: list[int], max_len: int) -> list:
         """The longest match of the context's tail among the prompt's own completions:
         its live siblings' (newest first) and its earlier ones. Its own completion is
         no history (the global stage matches it)."""
@@ -518,8 +540,8 @@ class SuffixSpeculator(Speculator):
             if corpus is not None:
                 conts += corpus.index.continuations(gram, max_len)
             if conts:
-                return self._from(conts, max_len, sample, from_history=True)
-        return EMPTY_DRAFT
+                return conts
+        return []
 
     def _from(self, conts: list[list[int]], max_len: int, sample: bool,
               from_history: bool = False) -> Draft:

@@ -527,18 +527,24 @@ class AtlasProposer:
             spec = self.speculators[name]
             k = plan.lookaheads.get(name, plan.lookahead)
             t0 = time.perf_counter()
+            lengths = [min(m, k) for m in max_lens]
             try:
-                drafts = spec.propose(live.keys, live.contexts, [min(m, k) for m in max_lens],
-                                      sample=plan.sample[name])
+                if name in plan.both:  # one-hot and distribution, from one lookup
+                    drafts = [d for pair in spec.propose_both(live.keys, live.contexts, lengths)
+                              for d in pair]
+                    owners = [i for i in range(len(live.keys)) for _ in range(2)]
+                else:
+                    drafts = spec.propose(live.keys, live.contexts, lengths,
+                                          sample=plan.sample[name])
+                    owners = range(len(live.keys))
             except Exception as e:  # noqa: BLE001 (one speculator failing leaves the others)
                 self.speculator_failed(spec, e)
                 continue
-            self.controller.record_draft_time(name, time.perf_counter() - t0,
-                                              max(min(m, k) for m in max_lens))
-            for cands, d in zip(candidates, drafts):
+            self.controller.record_draft_time(name, time.perf_counter() - t0, max(lengths))
+            for i, d in zip(owners, drafts):
                 if d.tokens:
                     d.source = d.source or name
-                    cands.append(d)
+                    candidates[i].append(d)
         drafts = self.controller.choose_drafts(plan, candidates)
         drafts = [d.truncate(min(self.num_speculative_tokens, m)) for d, m in zip(drafts, max_lens)]
         self.counters.draft_seconds += time.perf_counter() - start
