@@ -89,29 +89,44 @@ def test_the_oracle_distils_on_its_domains_only_and_never_on_the_runs_prompts():
     assert cmd[cmd.index("--drafter") + 1] == "eagle3" and "--time-budget" in cmd
 
 
-def _results(al: dict[str, list[float]], steps=4, starts=(0, 2)):
-    methods = {m: {"steps": [{"step": s, "acceptance_length": v[s],
-                              "speedup_estimate": v[s] * 0.9} for s in range(steps)]}
-               for m, v in al.items()}
+def _results(tps: dict[str, list[float]], steps=4, starts=(0, 2), al=None):
+    """Tokens per request-step per method and step; acceptance lengths `al` (default:
+    the frozen drafter's highest, as it is where it drafts only where it is sure)."""
+    al = al or {m: [x + (1.0 if m == "atlas-static" else 0.1) for x in v] for m, v in tps.items()}
+    methods = {m: {"steps": [{"step": s, "acceptance_length": al[m][s],
+                              "speedup_estimate": v[s]} for s in range(steps)]}
+               for m, v in tps.items()}
     return {"config": {"workload": "domain-gap", "steps": steps, "phase_starts": list(starts),
                        "domains": ["javascript", "code-php"]}, "methods": methods}
 
 
 def test_domain_gap_summary_places_atlas_between_the_frozen_drafter_and_the_oracle():
+    """Judged in tokens per request-step, not in acceptance length: here the frozen
+    drafter's acceptance length is the highest (it drafts only where it is sure), and
+    the summary still places atlas by what the drafts bought over every request-step."""
     res = _results({"atlas-static": [1.2, 1.2, 1.5, 1.4], "atlas": [1.1, 1.4, 1.5, 1.6],
                     "domain-oracle": [1.6, 1.6, 1.9, 1.8]})
     js, php = domain_gap_summary(res)
     assert js["steps"] == [1, 2] and php["steps"] == [3, 4]
-    assert js["per_step"]["atlas"]["acceptance_length"] == [1.1, 1.4]
+    assert js["measure"] == "tokens_per_request_step"
+    assert js["per_step"]["atlas"]["acceptance_length"] == pytest.approx([1.2, 1.5])
+    assert js["per_step"]["atlas"]["tokens_per_request_step"] == [1.1, 1.4]
     assert js["atlas_over_static_last"] == pytest.approx(1.4 / 1.2)
     assert js["gap_closed_last"] == pytest.approx((1.4 - 1.2) / (1.6 - 1.2))
     assert js["atlas_over_static_worst"] == pytest.approx(1.1 / 1.2)
     assert php["gap_closed_last"] == pytest.approx(0.5)
+    # the second half: the mean of the domain's later steps (here its last one)
+    half = dict(js["second_half"])
+    assert half.pop("steps") == [2, 2]
+    assert half == pytest.approx({"atlas-static": 1.2, "atlas": 1.4, "domain-oracle": 1.6})
+    assert js["gap_closed_second_half"] == pytest.approx(0.5)
     # an oracle no better than the frozen drafter leaves the share undefined
     flat = _results({"atlas-static": [1.2] * 4, "atlas": [1.3] * 4, "domain-oracle": [1.21] * 4})
     assert domain_gap_summary(flat)[0]["gap_closed_last"] is None
+    assert domain_gap_summary(flat)[0]["gap_closed_second_half"] is None
     text = format_domain_gap(res)
     assert "javascript (steps 1-2)" in text and "50% of the way to the domain oracle" in text
+    assert "second half (steps 2-2) atlas-static 1.20, atlas 1.40, domain-oracle 1.60" in text
     assert domain_gap_summary({"config": {"workload": "drift"}, "methods": {}}) is None
 
 
