@@ -1031,9 +1031,15 @@ def _share_of_the_way(atlas: float, static: float, oracle: float | None) -> floa
     return (atlas - static) / (oracle - static)
 
 
+def _way(closed: float | None) -> str:
+    return ("the oracle not above atlas-static" if closed is None else
+            f"{100 * closed:.0f}% of the way to the domain oracle")
+
+
 def format_domain_gap(results: dict) -> str:
     """The domain-gap summary as a table per domain (acceptance length, tokens per
-    request-step in brackets), then atlas's standing at the domain's last step."""
+    request-step in brackets), then atlas's standing in tokens per request-step at the
+    domain's last step and over its second half."""
     summary = domain_gap_summary(results)
     if not summary:
         return ""
@@ -1055,19 +1061,15 @@ def format_domain_gap(results: dict) -> str:
                     cells.append("-")
             lines.append(f"| {row['steps'][0] + j} | " + " | ".join(cells) + " |")
         if "atlas_over_static_last" in row:
-            def way(closed):
-                return ("the oracle not above atlas-static" if closed is None else
-                        f"{100 * closed:.0f}% of the way to the domain oracle")
-
             half = row["second_half"]
             lines += ["", f"in tokens per request-step (every request-step counts; an "
                           f"acceptance length counts drafting steps only): last step atlas "
                           f"{fmt(row['atlas_over_static_last'])}x atlas-static, "
-                          f"{way(row['gap_closed_last'])}; worst step "
+                          f"{_way(row['gap_closed_last'])}; worst step "
                           f"{fmt(row['atlas_over_static_worst'])}x; second half (steps "
                           f"{half['steps'][0]}-{half['steps'][1]}) "
                           + ", ".join(f"{m} {fmt(half[m])}" for m in names if m in half)
-                          + f": {way(row['gap_closed_second_half'])}"]
+                          + f": {_way(row['gap_closed_second_half'])}"]
         blocks.append("\n".join(lines))
     atlas = results["methods"].get("atlas", {}).get("summary", {})
     if atlas.get("gate_checks"):
