@@ -124,7 +124,8 @@ class Speculator(ABC):
     def propose_both(self, keys: Sequence[str], contexts: Sequence[Sequence[int]],
                      max_lengths: Sequence[int]) -> list[tuple[Draft, Draft]]:
         """Per request, its one-hot draft and its distribution draft (either may be
-        empty), where `drafts_both_kinds`; as `propose` otherwise."""
+        empty). Part of the contract only where `drafts_both_kinds` is True (the
+        controller asks no other speculator for it); the others draft one kind per call."""
         raise NotImplementedError(f"{type(self).__name__} drafts one kind per call "
                                   "(drafts_both_kinds is False): call propose")
 

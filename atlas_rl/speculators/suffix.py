@@ -26,6 +26,8 @@ agree give 0.8.
 With ``sample`` set for a request, the draft is a distribution draft instead: each token
 is sampled from the empirical distribution of the continuations still in agreement, and
 that distribution goes to the verifier (1 - TV(p, q) acceptance instead of p(token)).
+`propose_both` makes both drafts of a request from one lookup, and the controller keeps
+the one it values more.
 """
 
 from __future__ import annotations
@@ -462,9 +464,7 @@ class SuffixSpeculator(Speculator):
     # --- drafting ------------------------------------------------------------------
 
     def propose(self, keys, contexts, max_lengths, sample=None) -> list[Draft]:
-        self._retire()
-        # Every request's context first, so that siblings see each other's latest tokens.
-        seqs = [self._sync_live(key, context) for key, context in zip(keys, contexts)]
+        seqs = self._begin_drafting(keys, contexts)
         drafts = []
         for i, (key, seq, max_len) in enumerate(zip(keys, seqs, max_lengths)):
             drafts.append(self._draft(key, seq, max_len, bool(sample and sample[i]))
@@ -476,8 +476,7 @@ class SuffixSpeculator(Speculator):
     def propose_both(self, keys, contexts, max_lengths) -> list[tuple[Draft, Draft]]:
         """Both drafts of each request from one lookup: the majority branch (one-hot)
         and a draft sampled from the same continuations (their q to the verifier)."""
-        self._retire()
-        seqs = [self._sync_live(key, context) for key, context in zip(keys, contexts)]
+        seqs = self._begin_drafting(keys, contexts)
         pairs = []
         for key, seq, max_len in zip(keys, seqs, max_lengths):
             conts, from_history = self._continuations(key, seq, max_len) if max_len > 0 \
@@ -486,6 +485,12 @@ class SuffixSpeculator(Speculator):
                           self._from(conts, max_len, True, from_history)) if conts
                          else (EMPTY_DRAFT, EMPTY_DRAFT))
         return pairs
+
+    def _begin_drafting(self, keys, contexts) -> list[list[int]]:
+        """Retire what is due, then bring every request's context up to date first, so
+        that siblings see each other's latest tokens; the contexts, as the index holds them."""
+        self._retire()
+        return [self._sync_live(key, context) for key, context in zip(keys, contexts)]
 
     def _sync_live(self, key, context) -> list[int]:
         seq = self._live.seqs.get(key)
