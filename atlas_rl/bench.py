@@ -1019,8 +1019,64 @@ def domain_gap_summary(results: dict) -> list[dict] | None:
             row["gap_closed_second_half"] = _share_of_the_way(
                 row["second_half"]["atlas"], row["second_half"][BENCH_STATIC_METHOD],
                 row["second_half"].get("domain-oracle"))
+            seed = c.get("seed") if isinstance(c.get("seed"), int) else 0  # pooled: a list
+            row.update(_second_half_intervals(methods, lo + half, hi, seed=seed))
         out.append(row)
     return out
+
+
+def _second_half_intervals(methods: dict, lo: int, hi: int, seed: int = 0,
+                           level: float = INTERVAL_LEVEL,
+                           samples: int = BOOTSTRAP_SAMPLES) -> dict:
+    """Over steps [lo, hi) of the tail: atlas's tokens per request-step over atlas-static's
+    and its share of the way to the domain oracle, both from the counts pooled over every
+    (run, step) (the runs of a pooled result, `pool_results`; one run otherwise), each with
+    the `level` percentile interval of `samples` bootstrap resamplings of the (run, step)
+    units (a resampled unit keeps every method's record of it: they ran the same prompts).
+    Empty where a method's records lack token counts (results written before they were kept)."""
+    names = ("atlas", BENCH_STATIC_METHOD, "domain-oracle")
+    units: dict[tuple, dict] = {}
+    for m in names:
+        if m not in methods:
+            continue
+        for run, rows in enumerate(methods[m].get("run_steps") or [methods[m]["steps"]]):
+            for r in rows:
+                rec = r.get("regimes", {}).get("tail")
+                if lo <= r["step"] < hi and rec and rec.get("num_tokens"):
+                    units.setdefault((run, r["step"]), {})[m] = rec
+    units = [u for u in units.values() if "atlas" in u and BENCH_STATIC_METHOD in u]
+    if not units:
+        return {}
+    oracle = all("domain-oracle" in u for u in units)
+
+    def figures(sample) -> tuple[float | None, float | None]:
+        tps = {m: tokens_per_request_step([u[m] for u in sample])
+               for m in (names if oracle else names[:2])}
+        a, st = tps["atlas"], tps[BENCH_STATIC_METHOD]
+        ratio = a / st if a and st else None
+        share = _share_of_the_way(a, st, tps.get("domain-oracle")) if a and st else None
+        return ratio, share
+
+    ratio, share = figures(units)
+    rng = random.Random(seed)
+    boots = [figures([rng.choice(units) for _ in units]) for _ in range(samples)]
+    out = {"second_half_units": len(units),
+           "atlas_over_static_second_half": ratio,
+           "atlas_over_static_second_half_ci": _percentiles([b[0] for b in boots], level)}
+    if oracle:
+        out["gap_closed_second_half_pooled"] = share
+        out["gap_closed_second_half_ci"] = _percentiles([b[1] for b in boots], level)
+    return out
+
+
+def _percentiles(values: list, level: float) -> list | None:
+    """The two-sided `level` percentile interval of ``values`` (None entries dropped; None
+    where under half of them are left, e.g. the oracle rarely above atlas-static)."""
+    xs = sorted(v for v in values if v is not None)
+    if len(xs) < max(1, len(values) // 2):
+        return None
+    tail = (1.0 - level) / 2
+    return [xs[int(tail * (len(xs) - 1))], xs[int(round((1.0 - tail) * (len(xs) - 1)))]]
 
 
 def _share_of_the_way(atlas: float, static: float, oracle: float | None) -> float | None:
@@ -1070,6 +1126,16 @@ def format_domain_gap(results: dict) -> str:
                           f"{half['steps'][0]}-{half['steps'][1]}) "
                           + ", ".join(f"{m} {fmt(half[m])}" for m in names if m in half)
                           + f": {_way(row['gap_closed_second_half'])}"]
+            if row.get("atlas_over_static_second_half_ci"):
+                lo_, hi_ = row["atlas_over_static_second_half_ci"]
+                lines[-1] += (f"; over its {row['second_half_units']} (run, step) units "
+                              f"atlas {fmt(row['atlas_over_static_second_half'])}x atlas-static "
+                              f"({fmt(lo_)}-{fmt(hi_)})")
+                if row.get("gap_closed_second_half_ci") and \
+                        row.get("gap_closed_second_half_pooled") is not None:
+                    lo_, hi_ = row["gap_closed_second_half_ci"]
+                    lines[-1] += (f", {100 * row['gap_closed_second_half_pooled']:.0f}% of the "
+                                  f"way ({100 * lo_:.0f}-{100 * hi_:.0f}%)")
         blocks.append("\n".join(lines))
     atlas = results["methods"].get("atlas", {}).get("summary", {})
     if atlas.get("gate_checks"):
@@ -1494,6 +1560,191 @@ def _write(results: dict, out: str | None, plot: str | None) -> None:
         from atlas_rl.plots import plot_bench
 
         plot_bench(results, plot)
+
+
+# --- several runs of one command, pooled -------------------------------------------
+
+#: the config fields that may differ between runs pooled as one: the seed (and the domain
+#: oracle it distils, where there is one), and which peers were not installed
+POOL_FREE_CONFIG = ("seed", "domain_oracle", "not_run")
+#: the machine fields that must agree (the commit too, where both runs recorded it)
+POOL_MACHINE = ("cpu", "cpu_bf16_units", "cores", "gpu", "torch", "vllm", "dtype")
+#: a regime record's fields that add up over runs; the rest are averaged
+_POOL_SUMS = ("rollout_seconds", "num_tokens", "num_completions", "num_drafts",
+              "num_draft_tokens", "num_accepted_tokens", "engine_steps", "forward_seconds",
+              "sample_seconds", "propose_seconds", "draft_seconds")
+
+
+def pool_results(runs: Sequence[dict], names: Sequence[str] | None = None) -> dict:
+    """Several runs of one `atlas-rl bench` command (the same config but the seed, the same
+    kind of machine, dtype and commit) as one run of all their steps, so that a 10% effect
+    can be told from run-to-run noise.
+
+    Each regime's speedup is pooled over every (run, step) of every run, with its
+    bootstrap interval over those units (`speedup_interval`: it resamples runs' steps, so
+    what differs between runs widens it); tokens per request-step likewise. A method is
+    exact only where it was exact in every run. The per-step rows (``steps``) hold each
+    step's mean over the runs (tokens per request-step from the runs' pooled counts; each
+    regime's record with its counts and seconds summed), so the tables, the plot and the
+    domain-gap summary read a pooled result as they read one run; every run's own rows stay
+    under ``run_steps``, and the domain-gap summary's second-half figures take their
+    interval over the (run, step) units. ``pooled`` names the runs with their own headline
+    figures. Raises ValueError, naming the field, where the runs are not of one command."""
+    runs = list(runs)
+    names = list(names) if names is not None else [f"run {i + 1}" for i in range(len(runs))]
+    if len(runs) < 2:
+        raise ValueError(f"pooling needs two or more runs of one command, got {len(runs)}: "
+                         f"run the same `atlas-rl bench` command again (with another "
+                         f"--seed, or the same) and pass every results JSON")
+    _check_poolable(runs, names)
+    first = runs[0]
+    seed = first["config"].get("seed") or 0
+    methods = {}
+    for m in first["methods"]:
+        per_run = [r["methods"][m] for r in runs]
+        exact = all(x["exactness"]["exact"] for x in per_run)
+        records = {reg: _run_records(per_run, reg) for reg in REGIMES}
+        base = {reg: _run_records([r["methods"]["none"] for r in runs], reg) for reg in REGIMES}
+        regimes = {reg: summarize_regime(records[reg], exact, base[reg], seed=seed)
+                   for reg in REGIMES if records[reg]}
+        summary = {k: regimes["tail"][k] for k in BENCH_SUMMARY_KEYS}
+        summary["speedup_ci"] = regimes["tail"].get("speedup_ci")
+        summary["entropy"] = regimes["tail"].get("entropy")
+        d = first["config"].get("drift_step")
+        if d is not None:
+            tail = records["tail"]
+            summary["acceptance_length_pre_drift"] = median(
+                [r.get("acceptance_length") for r in tail if r["step"][1] < d])
+            summary["acceptance_length_post_drift"] = median(
+                [r.get("acceptance_length") for r in tail if r["step"][1] >= d])
+        checks = [(x["summary"].get("gate_checks") or 0, x["summary"].get("gate_error_rate"))
+                  for x in per_run]
+        n_checks = sum(n for n, _ in checks)
+        summary["gate_checks"] = n_checks
+        summary["gate_error_rate"] = (sum(n * e for n, e in checks if n and e is not None)
+                                      / n_checks if n_checks else None)
+        if m == "none":
+            summary["speedup"] = 1.0
+        exactness = {"exact": exact, "runs": [x["exactness"] for x in per_run]}
+        time_ = {k: sum((x.get("time") or {}).get(k, 0.0) or 0.0 for x in per_run)
+                 for k in (per_run[0].get("time") or {})}
+        methods[m] = {"summary": summary, "regimes": regimes,
+                      "steps": _pooled_step_rows([x["steps"] for x in per_run], exact),
+                      "run_steps": [x["steps"] for x in per_run],
+                      "exactness": exactness, "time": time_}
+    out = {"machine": first["machine"], "config": dict(first["config"]),
+           "policy": first.get("policy"), "drift": first.get("drift"), "methods": methods,
+           "total_seconds": sum(r.get("total_seconds") or 0.0 for r in runs),
+           "pooled": {"runs": [
+               {"name": n, "seed": r["config"].get("seed"),
+                "commit": r["machine"].get("commit"),
+                "speedup": {m: (x["summary"].get("speedup"), x["summary"].get("speedup_ci"))
+                            for m, x in r["methods"].items()}}
+               for n, r in zip(names, runs)]}}
+    out["config"]["seed"] = [r["config"].get("seed") for r in runs]
+    out["domain_gap"] = domain_gap_summary(out)
+    if out["domain_gap"]:
+        per_run = [domain_gap_summary(r) or [] for r in runs]
+        for i, row in enumerate(out["domain_gap"]):
+            row["runs"] = [{k: rows[i].get(k) for k in (
+                "atlas_over_static_last", "atlas_over_static_worst", "second_half",
+                "gap_closed_second_half")} for rows in per_run if i < len(rows)]
+    return out
+
+
+def _check_poolable(runs: list[dict], names: list[str]) -> None:
+    """Refuse runs that are not of one command on one kind of machine and one commit."""
+    first, name0 = runs[0], names[0]
+    for run, name in zip(runs[1:], names[1:]):
+        a, b = first["config"], run["config"]
+        for k in sorted(set(a) | set(b)):
+            if k not in POOL_FREE_CONFIG and a.get(k) != b.get(k):
+                raise ValueError(f"{name0} and {name} are not runs of one command: config "
+                                 f"{k!r} is {a.get(k)!r} against {b.get(k)!r}; pool only runs "
+                                 f"of the same `atlas-rl bench` command (the seed may differ)")
+        ma, mb = first["machine"], run["machine"]
+        for k in POOL_MACHINE:
+            if ma.get(k) != mb.get(k):
+                raise ValueError(f"{name0} and {name} ran on different machines or stacks: "
+                                 f"{k} {ma.get(k)!r} against {mb.get(k)!r}; a speedup "
+                                 f"pooled over them would be neither's")
+        ca, cb = ma.get("commit"), mb.get("commit")
+        if ca and cb and ca != cb:
+            raise ValueError(f"{name0} and {name} ran different code: commit {ca} against "
+                             f"{cb}; pool runs of one commit")
+        if set(first["methods"]) != set(run["methods"]):
+            raise ValueError(f"{name0} and {name} ran different methods: "
+                             f"{sorted(first['methods'])} against {sorted(run['methods'])}")
+
+
+def _run_records(per_run: list[dict], regime: str) -> list[dict]:
+    """One regime's step records of every run, each keyed by (run, step)."""
+    return [{**row["regimes"][regime], "step": (i, row["step"])}
+            for i, x in enumerate(per_run) for row in x["steps"]
+            if regime in row.get("regimes", {})]
+
+
+def _pooled_step_rows(run_rows: list[list[dict]], exact: bool) -> list[dict]:
+    """Per step, the runs' rows as one: numbers averaged (tokens per request-step from the
+    pooled counts), each regime's record with counts and seconds summed."""
+    by_step: dict[int, list[dict]] = {}
+    for rows in run_rows:
+        for r in rows:
+            by_step.setdefault(r["step"], []).append(r)
+    out = []
+    for step in sorted(by_step):
+        rows = by_step[step]
+        row = _pooled_record(rows, sums=())
+        row.update(step=step, domain=rows[0].get("domain"), epoch=rows[0].get("epoch"))
+        regimes = {}
+        for reg in REGIMES:
+            recs = [r["regimes"][reg] for r in rows if reg in r.get("regimes", {})]
+            if recs:
+                regimes[reg] = _pooled_record(recs, sums=_POOL_SUMS)
+                regimes[reg]["step"] = step
+                secs = regimes[reg].get("rollout_seconds")
+                if secs and regimes[reg].get("num_tokens"):
+                    regimes[reg]["tokens_per_s"] = regimes[reg]["num_tokens"] / secs
+        row["regimes"] = regimes
+        if "tail" in regimes:
+            row["speedup_estimate"] = tokens_per_request_step(
+                [r["regimes"]["tail"] for r in rows if "tail" in r.get("regimes", {})])
+        if not exact:
+            row["speedup"] = None
+        out.append(row)
+    return out
+
+
+def _pooled_record(recs: list[dict], sums: Sequence[str]) -> dict:
+    """Records as one: the fields in ``sums`` added, other numbers averaged over the
+    records that have them (lists element-wise where of one length), the rest the first's."""
+    out = {}
+    for k in dict.fromkeys(k for r in recs for k in r):
+        vals = [r.get(k) for r in recs if r.get(k) is not None]
+        if not vals:
+            out[k] = None
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in vals):
+            out[k] = sum(vals) if k in sums else statistics.fmean(vals)
+        elif all(isinstance(v, list) for v in vals) and len({len(v) for v in vals}) == 1 \
+                and all(isinstance(x, (int, float)) for v in vals for x in v):
+            out[k] = [statistics.fmean(col) for col in zip(*vals)]
+        else:
+            out[k] = vals[0]
+    return out
+
+
+def pool_headline(results: dict) -> str:
+    """What was pooled: the runs, their seeds and commits, each run's tail speedups."""
+    pooled = results.get("pooled")
+    if not pooled:
+        return ""
+    lines = [f"pooled: {len(pooled['runs'])} runs of one command, every (run, step) a unit of "
+             f"the bootstrap; each run's tail speedup:"]
+    for r in pooled["runs"]:
+        lines.append(f"  {r['name']} (seed {r['seed']}, commit {r['commit'] or 'not recorded'}): "
+                     + ", ".join(f"{m} {format_speedup(*v)}" for m, v in r["speedup"].items()
+                                 if m != "none"))
+    return "\n".join(lines)
 
 
 def _bf16_units(mach: dict) -> str:

@@ -111,15 +111,7 @@ def _cmd_train_speculator(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from atlas_rl.bench import (
-        BenchConfig,
-        format_domain_gap,
-        format_drift,
-        format_table,
-        format_time_table,
-        headline,
-        run_bench,
-    )
+    from atlas_rl.bench import BenchConfig, run_bench
 
     try:
         cfg = BenchConfig.from_args(args)
@@ -131,8 +123,50 @@ def _cmd_bench(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"atlas-rl bench: {e}", file=sys.stderr)
         return 2
+    return _print_bench(results, args.out, args.plot)
+
+
+def _cmd_bench_pool(args) -> int:
+    import json
+
+    from atlas_rl.bench import _write, pool_results
+
+    runs = []
+    for path in args.runs:
+        try:
+            runs.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"atlas-rl bench-pool: cannot read {path!r} as `atlas-rl bench` results: "
+                  f"{e}", file=sys.stderr)
+            return 2
+        if not isinstance(runs[-1], dict) or "methods" not in runs[-1]:
+            print(f"atlas-rl bench-pool: {path!r} is not an `atlas-rl bench` results JSON "
+                  f"(it has no 'methods')", file=sys.stderr)
+            return 2
+    try:
+        results = pool_results(runs, names=args.runs)
+    except ValueError as e:
+        print(f"atlas-rl bench-pool: {e}", file=sys.stderr)
+        return 2
+    _write(results, args.out, args.plot)
+    return _print_bench(results, args.out, args.plot)
+
+
+def _print_bench(results: dict, out: str | None, plot: str | None) -> int:
+    """The tables of a run (or of runs pooled); 1 where a method was not exact."""
+    from atlas_rl.bench import (
+        format_domain_gap,
+        format_drift,
+        format_table,
+        format_time_table,
+        headline,
+        pool_headline,
+    )
+
     print()
     print(headline(results))
+    if pooled := pool_headline(results):
+        print(pooled)
     print()
     print(format_table(results))
     print()
@@ -158,8 +192,8 @@ def _cmd_bench(args) -> int:
     print("exactness: " + ("every method exact (greedy identity on a probe per step; "
                            "sampled tokens vs the policy: KS and logprobs)" if not bad else
                            f"NOT EXACT: {', '.join(bad)} (no speedup reported for them)"))
-    if args.out:
-        print(f"results: {args.out}" + (f"  plot: {args.plot}" if args.plot else ""))
+    if out:
+        print(f"results: {out}" + (f"  plot: {plot}" if plot else ""))
     return 1 if bad else 0
 
 
@@ -179,6 +213,21 @@ def _add_bench_parser(sub) -> None:
     bench.add_argument("--plot", default=None, help="write the PNG plot here")
     bench.add_argument("--no-progress", action="store_true", help="no progress bar")
     bench.set_defaults(func=_cmd_bench)
+
+    pool = sub.add_parser(
+        "bench-pool", help="several runs of one `atlas-rl bench` command pooled as one: "
+                           "speedups and the domain gap with intervals over runs and steps",
+        description="Reads the results JSONs of two or more runs of the same `atlas-rl bench` "
+                    "command (the seed may differ; the machine kind, dtype and commit may "
+                    "not), pools every (run, step) as a unit of the bootstrap and prints the "
+                    "bench's tables for the pool, with each run's own tail speedups. Run-to-run "
+                    "noise is what one run's interval leaves out: pool runs to judge a 10% "
+                    "effect.")
+    pool.add_argument("runs", nargs="+", metavar="RESULTS_JSON",
+                      help="results of `atlas-rl bench --out` (two or more)")
+    pool.add_argument("--out", default=None, help="write the pooled results JSON here")
+    pool.add_argument("--plot", default=None, help="write the pooled PNG plot here")
+    pool.set_defaults(func=_cmd_bench_pool)
 
 
 def _cmd_speculative_config(args) -> int:

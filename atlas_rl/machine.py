@@ -8,6 +8,8 @@ import contextlib
 import functools
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 
 @functools.cache  # read once: the drafter asks again after every weight sync
@@ -23,8 +25,8 @@ def cpu_has_native_bf16() -> bool:
 
 def machine_info(dtype: str) -> dict:
     """The machine a figure ran on: CPU (and whether it has bf16 units), cores, GPU,
-    versions, the engine's dtype and the host allocator's setting (`allocator`). Every
-    figure atlas-rl reports carries it."""
+    versions (atlas-rl's own and its commit: `code_revision`), the engine's dtype and the
+    host allocator's setting (`allocator`). Every figure atlas-rl reports carries it."""
     import torch
 
     try:
@@ -45,7 +47,34 @@ def machine_info(dtype: str) -> dict:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
     return {"cpu": cpu, "cpu_bf16_units": cpu_has_native_bf16(), "cores": os.cpu_count(),
             "gpu": gpu, "python": platform.python_version(), "torch": torch.__version__,
-            "vllm": vllm_version, "dtype": dtype, "allocator": allocator()}
+            "vllm": vllm_version, "dtype": dtype, "allocator": allocator(),
+            **code_revision()}
+
+
+@functools.cache
+def code_revision() -> dict:
+    """atlas-rl's version and, where it runs from a git checkout, the commit
+    (``<sha>+dirty`` where tracked files differ from it; None elsewhere, e.g. a wheel):
+    what `atlas-rl bench-pool` checks before it pools runs."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        atlas_version = version("atlas-rl")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        atlas_version = None
+    root = Path(__file__).resolve().parent.parent
+    commit = None
+    if (root / ".git").exists():
+        try:
+            def git(*args: str) -> str:
+                return subprocess.run(["git", "-C", str(root), *args], capture_output=True,
+                                      text=True, timeout=10, check=True).stdout.strip()
+            commit = git("rev-parse", "--short=7", "HEAD")
+            if git("status", "--porcelain", "--untracked-files=no"):
+                commit += "+dirty"
+        except (OSError, subprocess.SubprocessError):
+            commit = None
+    return {"atlas_rl": atlas_version, "commit": commit}
 
 
 # --- the host allocator -----------------------------------------------------------------
