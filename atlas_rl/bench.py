@@ -1076,7 +1076,7 @@ def _percentiles(values: list, level: float) -> list | None:
     if len(xs) < max(1, len(values) // 2):
         return None
     tail = (1.0 - level) / 2
-    return [xs[int(tail * (len(xs) - 1))], xs[int(round((1.0 - tail) * (len(xs) - 1)))]]
+    return [xs[int(tail * (len(xs) - 1))], xs[round((1.0 - tail) * (len(xs) - 1))]]
 
 
 def _share_of_the_way(atlas: float, static: float, oracle: float | None) -> float | None:
@@ -1738,8 +1738,8 @@ def pool_headline(results: dict) -> str:
     pooled = results.get("pooled")
     if not pooled:
         return ""
-    lines = [f"pooled: {len(pooled['runs'])} runs of one command, every (run, step) a unit of "
-             f"the bootstrap; each run's tail speedup:"]
+    lines = [(f"pooled: {len(pooled['runs'])} runs of one command, every (run, step) a unit "
+              f"of the bootstrap; each run's tail speedup:")]
     for r in pooled["runs"]:
         lines.append(f"  {r['name']} (seed {r['seed']}, commit {r['commit'] or 'not recorded'}): "
                      + ", ".join(f"{m} {format_speedup(*v)}" for m, v in r["speedup"].items()
