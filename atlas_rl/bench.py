@@ -1548,11 +1548,12 @@ def run_bench(cfg: BenchConfig, out: str | None = None, plot: str | None = None,
         results = run.results(t_start, not_run)
     finally:
         bar.close()
-    _write(results, out, plot)
+    write_results(results, out, plot)
     return results
 
 
-def _write(results: dict, out: str | None, plot: str | None) -> None:
+def write_results(results: dict, out: str | None, plot: str | None) -> None:
+    """The results JSON at `out` and the plot at `plot` (each where given)."""
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(results, indent=2))
@@ -1653,7 +1654,13 @@ def pool_results(runs: Sequence[dict], names: Sequence[str] | None = None) -> di
 
 
 def _check_poolable(runs: list[dict], names: list[str]) -> None:
-    """Refuse runs that are not of one command on one kind of machine and one commit."""
+    """Refuse runs that are not of one command on one kind of machine and one commit, and
+    one run given twice (its steps would count twice and narrow every interval)."""
+    for i, run in enumerate(runs):
+        for j in range(i):
+            if runs[j] == run:
+                raise ValueError(f"{names[j]} and {names[i]} are the same run (identical "
+                                 f"results): pool different runs of the command")
     first, name0 = runs[0], names[0]
     for run, name in zip(runs[1:], names[1:]):
         a, b = first["config"], run["config"]

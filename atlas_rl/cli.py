@@ -129,7 +129,7 @@ def _cmd_bench(args) -> int:
 def _cmd_bench_pool(args) -> int:
     import json
 
-    from atlas_rl.bench import _write, pool_results
+    from atlas_rl.bench import pool_results, write_results
 
     runs = []
     for path in args.runs:
@@ -148,7 +148,7 @@ def _cmd_bench_pool(args) -> int:
     except ValueError as e:
         print(f"atlas-rl bench-pool: {e}", file=sys.stderr)
         return 2
-    _write(results, args.out, args.plot)
+    write_results(results, args.out, args.plot)
     return _print_bench(results, args.out, args.plot)
 
 

@@ -134,6 +134,8 @@ def test_runs_of_different_commands_machines_or_code_are_refused():
     other["machine"]["commit"] = "def5678"
     with pytest.raises(ValueError, match="commit abc1234 against def5678"):
         pool_results([base, other])
+    with pytest.raises(ValueError, match="b.json are the same run"):
+        pool_results([base, copy.deepcopy(base)], names=["a.json", "b.json"])
     other = _reseeded(base, 1)
     del other["methods"]["atlas"]
     with pytest.raises(ValueError, match="different methods"):
