@@ -852,11 +852,8 @@ def speedup_interval(records: list[dict], base_records: list[dict], seed: int = 
 
     point = pooled(pairs)
     rng = random.Random(seed)
-    boots = sorted(pooled([rng.choice(pairs) for _ in pairs]) for _ in range(samples))
-    tail = (1.0 - level) / 2
-    lo = boots[int(tail * (samples - 1))]
-    hi = boots[int(round((1.0 - tail) * (samples - 1)))]
-    return point, [lo, hi]
+    boots = [pooled([rng.choice(pairs) for _ in pairs]) for _ in range(samples)]
+    return point, _percentiles(boots, level)
 
 
 def sampled_entropy(completions) -> float | None:
@@ -1601,11 +1598,11 @@ def pool_results(runs: Sequence[dict], names: Sequence[str] | None = None) -> di
     first = runs[0]
     seed = first["config"].get("seed") or 0
     methods = {}
+    base = {reg: _run_records([r["methods"]["none"] for r in runs], reg) for reg in REGIMES}
     for m in first["methods"]:
         per_run = [r["methods"][m] for r in runs]
         exact = all(x["exactness"]["exact"] for x in per_run)
         records = {reg: _run_records(per_run, reg) for reg in REGIMES}
-        base = {reg: _run_records([r["methods"]["none"] for r in runs], reg) for reg in REGIMES}
         regimes = {reg: summarize_regime(records[reg], exact, base[reg], seed=seed)
                    for reg in REGIMES if records[reg]}
         summary = {k: regimes["tail"][k] for k in BENCH_SUMMARY_KEYS}
