@@ -106,6 +106,11 @@ BOOTSTRAP_SAMPLES = 2000
 # counts only where the float32 policy separates the two tokens by more than the tolerance.
 LOGPROB_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5}
 LOGPROB_STATISTIC = {"float32": "max", "bfloat16": "p99"}
+# And where bfloat16 itself takes more than that from every token (a policy GRPO moved
+# to low entropy: p99 4.2 nats for `none` itself; code: 0.66), a method passes whose
+# errors are no more than this many times none's (the same engine and dtype, no
+# speculation), at the mean and the 99th percentile (measured: 0.92-1.11x none's).
+LOGPROB_RELATIVE_SLACK = 1.5
 # What --quick changes: two steps (one per domain; with epochs, the second revisits the
 # first's prompts), short completions (and one large batch, on the last step:
 # `BenchConfig.quick_preset`).
@@ -1447,11 +1452,21 @@ class _BenchRun:
         out = {"greedy_mismatch_steps": self.greedy_fail[m],
                "greedy_near_ties": self.greedy_ties[m], "judged_in": self.dtype}
         if self.cfg.temperature > 0:
-            check = sampling_check(torch.cat(self.pit[m][0]), torch.cat(self.pit[m][1]))
+            def check_of(method):
+                return sampling_check(torch.cat(self.pit[method][0]),
+                                      torch.cat(self.pit[method][1]))
+
+            check = check_of(m)
             statistic = LOGPROB_STATISTIC[self.dtype]
+            within = check.passed(1e-3, self.tol, statistic)
             out.update(check.as_dict(), logprob_tolerance=self.tol,
-                       logprob_judged_on=statistic,
-                       distribution_ok=check.passed(1e-3, self.tol, statistic))
+                       logprob_judged_on=statistic, logprob_within_tolerance=within,
+                       distribution_ok=within)
+            if self.dtype != "float32" and "none" in self.pit:
+                # past the tolerance, beside what the dtype costs no speculation
+                out["logprob_judged_against"] = "none"
+                out["distribution_ok"] = within or check.passed_beside(
+                    check_of("none"), 1e-3, LOGPROB_RELATIVE_SLACK)
         else:
             out["distribution_ok"] = True  # greedy: identity is the whole check
         out["exact"] = not self.greedy_fail[m] and out["distribution_ok"]

@@ -44,6 +44,19 @@ class SamplingCheck:
         err = self.logprob_max_abs_err if statistic == "max" else self.logprob_p99_abs_err
         return self.ks_pvalue > alpha and err < logprob_tol
 
+    def passed_beside(self, reference: "SamplingCheck", alpha: float = 1e-3,
+                      slack: float = 1.5) -> bool:
+        """Uniform PIT values (KS p above alpha) and logprob errors no more than `slack`
+        times the `reference`'s, at the mean and at the 99th percentile: the judge of a
+        lower precision, where the reference is the same engine without speculation in
+        the same dtype (its errors against the float32 policy are what the dtype costs,
+        not speculation). A verifier that handed back another distribution's logprobs
+        would be off on most tokens (the mean), one off on a few on the 99th percentile.
+        NaN anywhere fails."""
+        ok = self.ks_pvalue > alpha
+        return bool(ok and self.logprob_mean_abs_err <= slack * reference.logprob_mean_abs_err
+                    and self.logprob_p99_abs_err <= slack * reference.logprob_p99_abs_err)
+
 
 def last_logits(model, ids, k: int):
     """The logits of the last ``k`` positions of ``ids`` [1, L]: [k, vocab], computed for

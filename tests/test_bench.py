@@ -468,6 +468,49 @@ def test_every_cli_help_renders(capsys):
         assert "usage:" in capsys.readouterr().out
 
 
+def test_the_bf16_judge_reads_each_method_beside_no_speculation():
+    """Where bfloat16 itself takes more than the tolerance from every engine (a policy
+    GRPO moved to low entropy: `none` p99 4.2 nats), a method passes whose logprob errors
+    are like `none`'s in the same run, and fails where they are off throughout (another
+    distribution's logprobs), off on a few tokens more than none's, NaN, or not uniform.
+    float32 keeps the absolute judge alone."""
+    import types
+
+    import torch
+
+    from atlas_rl.bench import LOGPROB_STATISTIC, LOGPROB_TOLERANCE, _BenchRun
+
+    gen = torch.Generator().manual_seed(0)
+    u = (torch.arange(3000, dtype=torch.float64) + 0.5) / 3000
+    dtype_cost = torch.rand(3000, generator=gen, dtype=torch.float64) ** 20 * 5.0  # p99 ~4, mean ~0.24
+    like_none = dtype_cost[torch.randperm(3000, generator=gen)] * 1.1
+    off_throughout = dtype_cost + 0.5
+    off_on_a_few = dtype_cost.clone()
+    off_on_a_few[:120] += 8.0
+    with_nan = like_none.clone()
+    with_nan[3] = float("nan")
+
+    def run(dtype, methods):
+        r = _BenchRun.__new__(_BenchRun)
+        r.cfg, r.dtype, r.tol = types.SimpleNamespace(temperature=1.0), dtype, LOGPROB_TOLERANCE[dtype]
+        r.pit = {m: ([pit], [err]) for m, (pit, err) in methods.items()}
+        r.greedy_fail = {m: [] for m in methods}
+        r.greedy_ties = {m: [] for m in methods}
+        return r
+
+    bf16 = run("bfloat16", {"none": (u, dtype_cost), "alike": (u, like_none),
+                            "off": (u, off_throughout), "few": (u, off_on_a_few),
+                            "nan": (u, with_nan), "skewed": (u ** 2, like_none)})
+    verdicts = {m: bf16.exactness(m) for m in bf16.pit}
+    assert not verdicts["alike"]["logprob_within_tolerance"]  # the absolute judge alone fails it
+    assert verdicts["alike"]["exact"] and verdicts["none"]["exact"]
+    assert verdicts["alike"]["logprob_judged_against"] == "none"
+    assert LOGPROB_STATISTIC["bfloat16"] == verdicts["alike"]["logprob_judged_on"]
+    assert not any(verdicts[m]["exact"] for m in ("off", "few", "nan", "skewed"))
+    f32 = run("float32", {"none": (u, dtype_cost), "alike": (u, like_none)})
+    assert not f32.exactness("alike")["exact"] and "logprob_judged_against" not in f32.exactness("alike")
+
+
 def test_the_bf16_logprob_judge_reads_the_99th_percentile():
     """bfloat16 puts the odd token deep in its distribution's tail nats off the float32
     policy in every engine (3.0 nats, one token in ~2,000, vLLM's own included): the bench

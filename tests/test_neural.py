@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from atlas_rl.speculators import NeuralSpeculator
+from atlas_rl.speculators.base import EMPTY_DRAFT
 from atlas_rl.speculators.distill import Distiller
 
 V, D = 96, 32
@@ -115,6 +116,35 @@ def test_distribution_draft_hands_over_the_q_it_sampled_from():
     assert torch.allclose(d.q.sum(-1), torch.ones(3), atol=1e-5)
     for i, t in enumerate(d.tokens):  # confidence is q(token), the token is in the support
         assert d.q[i, (d.q_ids[i] == t).nonzero()[0, 0]] == pytest.approx(d.confidence[i])
+
+
+def test_the_drafter_drafts_each_request_both_ways_in_one_pass():
+    """`propose_both`: per request the one-hot draft `propose` makes (q's argmax, no q)
+    and a distribution draft with the q it sampled from, whose first position is drawn
+    from the same q as the one-hot's; a request without a captured state gets neither."""
+    policy = SyntheticPolicy(3)
+    spec = _speculator(policy)
+    _feed(spec, policy, sequences=4)
+    spec.learn(time_budget=None)
+    for key in ("a", "b"):
+        hs, toks = policy.rollout(6)
+        spec.capture(key, hs, toks, 0)
+    assert spec.drafts_both_kinds
+    keys, lengths = ["a", "missing", "b"], [3, 3, 2]
+    pairs = spec.propose_both(keys, [[0] * 7] * 3, lengths)
+    single = spec.propose(keys, [[0] * 7] * 3, lengths)
+    assert pairs[1] == (EMPTY_DRAFT, EMPTY_DRAFT) and not single[1].tokens
+    for (one_hot, dist), alone, n in zip(pairs, single, lengths):
+        if not alone.tokens:
+            continue
+        assert one_hot.tokens == alone.tokens and not one_hot.is_distribution
+        assert one_hot.confidence == pytest.approx(alone.confidence)
+        assert dist.is_distribution and len(dist) == n and dist.q.shape == (n, V)
+        # the two drafts start from the same state: the same q at their first position
+        assert float(dist.q[0].max()) == pytest.approx(one_hot.confidence[0], abs=1e-6)
+        assert int(dist.q_ids[0][dist.q[0].argmax()]) == one_hot.tokens[0]
+        for i, t in enumerate(dist.tokens):
+            assert dist.q[i, (dist.q_ids[i] == t).nonzero()[0, 0]] == pytest.approx(dist.confidence[i])
 
 
 def test_diverging_training_rolls_back_to_the_last_good_weights():

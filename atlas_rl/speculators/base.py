@@ -105,8 +105,10 @@ class Speculator(ABC):
     uses_hidden_states: ClassVar[bool] = False
     #: whether `propose_both` drafts each request both ways, one-hot and as a
     #: distribution draft, for about the cost of one (a suffix lookup is shared by both;
-    #: a neural drafter's passes are not). The controller then picks the kind per request
-    #: by its calibrated value, instead of one kind per speculator and step.
+    #: the MLP drafter drafts its rows twice in one pass, bound at a tail's few requests
+    #: by reading its head; an EAGLE-3 drafter's per-request key/value history is not
+    #: doubled). The controller then picks the kind per request by its calibrated value,
+    #: instead of one kind per speculator and step.
     drafts_both_kinds: ClassVar[bool] = False
 
     @abstractmethod
