@@ -46,6 +46,7 @@ import functools
 import importlib
 import json
 import logging
+import math
 import os
 import random
 import statistics
@@ -1219,13 +1220,18 @@ class _BenchRun:
     `results`."""
 
     def __init__(self, cfg: BenchConfig, bar: _Progress, say: Callable[[str], None]):
+        from atlas_rl.machine import code_revision
+
         self.cfg, self.bar, self.say = cfg, bar, say
+        # the code that runs: read now, not when the results are written (a checkout
+        # edited during a half-hour run would otherwise name the edit)
+        self.revision = code_revision()
         self.methods = cfg.methods
         self.lb_steps = cfg.resolved_large_batch_steps()
         self.records = {m: {r: [] for r in REGIMES} for m in self.methods}
         self.pit = {m: ([], []) for m in self.methods}
-        self.greedy_fail = {m: [] for m in self.methods}
-        self.greedy_ties = {m: [] for m in self.methods}
+        # where a method's greedy probe first left none's: {"step", "position", "margin"}
+        self.greedy_divergences = {m: [] for m in self.methods}
         self.updates: list[dict] = []
         self.totals = {m: {k: 0.0 if k.endswith("_seconds") else 0 for k in BENCH_TIME_KEYS}
                        for m in self.methods}
@@ -1395,13 +1401,9 @@ class _BenchRun:
             ref, got = probe["none"].completions[0], probe[m].completions[0]
             div = greedy_divergence_margin(self.policy.model, ref.prompt_ids,
                                            ref.completion_ids, got.completion_ids)
-            if div is not None:
-                at = {"step": step, "position": div[0], "margin": div[1]}
-                # float32: any difference fails; lower precisions: a near-tie is not one
-                if self.dtype != "float32" and div[1] <= self.tol:
-                    self.greedy_ties[m].append(at)
-                else:
-                    self.greedy_fail[m].append(step)
+            if div is not None:  # judged at the end (`greedy_tie_tolerance`)
+                self.greedy_divergences[m].append(
+                    {"step": step, "position": div[0], "margin": div[1]})
             self.bar.advance(f"step {step + 1}/{cfg.steps} exactness {m}")
 
     def update_policy(self, step: int, tail_prompt, none_batch) -> None:
@@ -1449,13 +1451,19 @@ class _BenchRun:
 
         from atlas_rl.exactness import sampling_check
 
-        out = {"greedy_mismatch_steps": self.greedy_fail[m],
-               "greedy_near_ties": self.greedy_ties[m], "judged_in": self.dtype}
-        if self.cfg.temperature > 0:
-            def check_of(method):
-                return sampling_check(torch.cat(self.pit[method][0]),
-                                      torch.cat(self.pit[method][1]))
+        def check_of(method):
+            return sampling_check(torch.cat(self.pit[method][0]),
+                                  torch.cat(self.pit[method][1]))
 
+        sampled = self.cfg.temperature > 0
+        tie = self.greedy_tie_tolerance(check_of("none") if sampled and "none" in self.pit
+                                        else None)
+        divergences = self.greedy_divergences[m]
+        out = {"greedy_mismatch_steps": [d["step"] for d in divergences if d["margin"] > tie],
+               "greedy_mismatches": [d for d in divergences if d["margin"] > tie],
+               "greedy_near_ties": [d for d in divergences if d["margin"] <= tie],
+               "greedy_tie_tolerance": tie, "judged_in": self.dtype}
+        if sampled:
             check = check_of(m)
             statistic = LOGPROB_STATISTIC[self.dtype]
             within = check.passed(1e-3, self.tol, statistic)
@@ -1469,8 +1477,21 @@ class _BenchRun:
                     check_of("none"), 1e-3, LOGPROB_RELATIVE_SLACK)
         else:
             out["distribution_ok"] = True  # greedy: identity is the whole check
-        out["exact"] = not self.greedy_fail[m] and out["distribution_ok"]
+        out["exact"] = not out["greedy_mismatch_steps"] and out["distribution_ok"]
         return out
+
+    def greedy_tie_tolerance(self, none_check=None) -> float:
+        """The float32 policy's margin between two tokens (nats) at or below which a
+        greedy probe's first difference from `none` is a near-tie the dtype flips, not a
+        divergence: none in float32 (any difference fails); in a lower precision the
+        dtype's logprob tolerance, or, where the dtype moved `none`'s own logprobs further
+        in this run (``none_check``: its `SamplingCheck` against the float32 policy), twice
+        their 99th-percentile error: a margin is the difference of two logits, each off
+        by as much."""
+        if self.dtype == "float32":
+            return 0.0
+        measured = 0.0 if none_check is None else 2.0 * none_check.logprob_p99_abs_err
+        return max(self.tol, measured) if math.isfinite(measured) else self.tol
 
     def method_results(self, m: str) -> dict:
         exactness = self.exactness(m)
@@ -1515,7 +1536,7 @@ class _BenchRun:
         cfg = self.cfg
         methods_out = {m: self.method_results(m) for m in self.methods}
         out = {
-            "machine": machine_info(self.dtype),
+            "machine": {**machine_info(self.dtype), **self.revision},
             "config": {**asdict(cfg), "large_batch_steps": self.lb_steps,
                        "drift_step": cfg.drift_step,
                        "phase_starts": cfg.phase_starts,

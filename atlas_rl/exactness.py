@@ -44,7 +44,7 @@ class SamplingCheck:
         err = self.logprob_max_abs_err if statistic == "max" else self.logprob_p99_abs_err
         return self.ks_pvalue > alpha and err < logprob_tol
 
-    def passed_beside(self, reference: "SamplingCheck", alpha: float = 1e-3,
+    def passed_beside(self, reference: SamplingCheck, alpha: float = 1e-3,
                       slack: float = 1.5) -> bool:
         """Uniform PIT values (KS p above alpha) and logprob errors no more than `slack`
         times the `reference`'s, at the mean and at the 99th percentile: the judge of a

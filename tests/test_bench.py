@@ -494,8 +494,7 @@ def test_the_bf16_judge_reads_each_method_beside_no_speculation():
         r = _BenchRun.__new__(_BenchRun)
         r.cfg, r.dtype, r.tol = types.SimpleNamespace(temperature=1.0), dtype, LOGPROB_TOLERANCE[dtype]
         r.pit = {m: ([pit], [err]) for m, (pit, err) in methods.items()}
-        r.greedy_fail = {m: [] for m in methods}
-        r.greedy_ties = {m: [] for m in methods}
+        r.greedy_divergences = {m: [] for m in methods}
         return r
 
     bf16 = run("bfloat16", {"none": (u, dtype_cost), "alike": (u, like_none),
@@ -509,6 +508,22 @@ def test_the_bf16_judge_reads_each_method_beside_no_speculation():
     assert not any(verdicts[m]["exact"] for m in ("off", "few", "nan", "skewed"))
     f32 = run("float32", {"none": (u, dtype_cost), "alike": (u, like_none)})
     assert not f32.exactness("alike")["exact"] and "logprob_judged_against" not in f32.exactness("alike")
+
+    # Greedy probes: a first difference where the float32 policy's two tokens are closer
+    # than twice none's 99th-percentile logprob error is a near-tie the dtype flipped; a
+    # wider one fails. In float32 any difference fails.
+    none_p99 = verdicts["none"]["logprob_p99_abs_err"]
+    bf16.greedy_divergences["alike"] = [{"step": 3, "position": 5, "margin": 1.8 * none_p99},
+                                        {"step": 7, "position": 2, "margin": 2.2 * none_p99}]
+    judged = bf16.exactness("alike")
+    assert judged["greedy_tie_tolerance"] == pytest.approx(2 * none_p99)
+    assert [d["step"] for d in judged["greedy_near_ties"]] == [3]
+    assert judged["greedy_mismatch_steps"] == [7] and not judged["exact"]
+    quiet = run("bfloat16", {"none": (u, dtype_cost * 0.01), "alike": (u, like_none * 0.01)})
+    assert quiet.greedy_tie_tolerance(None) == LOGPROB_TOLERANCE["bfloat16"]
+    assert quiet.exactness("alike")["greedy_tie_tolerance"] == LOGPROB_TOLERANCE["bfloat16"]
+    f32.greedy_divergences["alike"] = [{"step": 0, "position": 1, "margin": 1e-4}]
+    assert f32.exactness("alike")["greedy_mismatch_steps"] == [0]
 
 
 def test_the_bf16_logprob_judge_reads_the_99th_percentile():
