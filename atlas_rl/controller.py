@@ -45,7 +45,7 @@ import math
 import random
 import statistics
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from atlas_rl.speculators.base import DISTRIBUTION, EMPTY_DRAFT, Arm, Draft
@@ -391,12 +391,14 @@ class AtlasController:
     def __init__(self, max_lookahead: int, speculators: list[str], explore: float = 0.05,
                  collapse_rate: float = 0.03, cooldown_steps: int = 200,
                  max_batch_size: int | None = None, always: bool = False, seed: int = 0,
-                 both_kinds: Iterable[str] = ()):
+                 both_kinds: Iterable[str] | Mapping[str, int | None] = ()):
         self.max_lookahead = int(max_lookahead)
         self.speculators = list(speculators)
         # speculators whose one call drafts both kinds (`Speculator.drafts_both_kinds`):
-        # the kind is chosen per request from the two drafts' calibrated values
-        self.both_kinds = set(both_kinds) & set(self.speculators)
+        # the kind is chosen per request from the two drafts' calibrated values, up to the
+        # batch size each names (`Speculator.both_kinds_max_batch`; None: any)
+        limits = both_kinds if isinstance(both_kinds, Mapping) else dict.fromkeys(both_kinds)
+        self.both_kinds = {s: limits[s] for s in limits if s in self.speculators}
         self.arms = [a for s in self.speculators for a in Arm.both(s)]
         self.calibration = {a: ArmCalibration(self.max_lookahead) for a in self.arms}
         self.cost = StepCostModel()
@@ -479,7 +481,9 @@ class AtlasController:
             other = [a for a in usable if a != best]
             plan.speculators.append(spec)
             plan.lookaheads[spec] = k
-            if spec in self.both_kinds and len(usable) == 2:
+            limit = self.both_kinds.get(spec, 0)
+            if spec in self.both_kinds and len(usable) == 2 and (limit is None
+                                                                or num_seqs <= limit):
                 # both drafts are made; `choose_drafts` keeps the one worth more
                 plan.both.add(spec)
             plan.sample[spec] = [

@@ -88,7 +88,8 @@ def build_controller(config: AtlasConfig, speculators: dict[str, Speculator]) ->
         max_lookahead=config.max_lookahead, speculators=list(speculators),
         explore=config.explore, max_batch_size=config.max_speculation_batch_size,
         always=config.speculate_always, seed=config.seed,
-        both_kinds=[name for name, spec in speculators.items() if spec.drafts_both_kinds])
+        both_kinds={name: spec.both_kinds_max_batch for name, spec in speculators.items()
+                    if spec.drafts_both_kinds})
 
 
 #: Updates a neural drafter without a static start gets whatever the controller did

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from atlas_rl.controller import ArmCalibration, AtlasController, ConfidenceCalibrator, StepPlan
-from atlas_rl.speculators import Draft, SuffixSpeculator
+from atlas_rl.speculators import Draft, NeuralSpeculator, SuffixSpeculator
 from atlas_rl.speculators.base import Arm
 
 
@@ -454,6 +454,16 @@ def test_the_kind_of_draft_is_chosen_per_request_where_both_are_drafted():
     ctl.benched[Arm("suffix", "distribution")] = 10
     plan = ctl.plan_step(4)
     assert plan.both == set() and plan.sample["suffix"] == [False] * 4
+
+    # A speculator whose two kinds cost twice the rows drafts both up to the batch it
+    # names (`both_kinds_max_batch`), one kind per step above it
+    limited = controller(0.3, 0.8, both={"suffix": 8})
+    assert limited.plan_step(8).both == {"suffix"}
+    plan = limited.plan_step(9)
+    assert plan.both == set() and plan.sample["suffix"] == [True] * 9
+    assert controller(0.3, 0.8, both={"suffix": None}).plan_step(64).both == {"suffix"}
+    assert NeuralSpeculator.drafts_both_kinds and NeuralSpeculator.both_kinds_max_batch == 16
+    assert SuffixSpeculator.both_kinds_max_batch is None  # one lookup makes both
 
 
 def test_frozen_suffix_index_does_not_learn():

@@ -110,6 +110,9 @@ class Speculator(ABC):
     #: doubled). The controller then picks the kind per request by its calibrated value,
     #: instead of one kind per speculator and step.
     drafts_both_kinds: ClassVar[bool] = False
+    #: the largest batch (requests in the step) at which it drafts both kinds; above it
+    #: the controller asks for one kind per step (None: any batch, where both cost one)
+    both_kinds_max_batch: ClassVar[int | None] = None
 
     @abstractmethod
     def propose(self, keys: Sequence[str], contexts: Sequence[Sequence[int]],

@@ -349,8 +349,11 @@ class NeuralSpeculator(HiddenStateSpeculator):
     #: (the domain gap in bfloat16 on an Intel Xeon, 2026-12-05: 46-75% of request-steps
     #: drafted against 91-98% for the drafter drafting distributions). At a tail's few
     #: requests the pass is bound by reading the head, so twice the rows cost little more:
-    #: 4 requests x 3 positions in bfloat16 on that Xeon, 1.62 ms one kind, 1.88 ms both.
+    #: 4 requests x 3 positions in bfloat16 on that Xeon, 1.62 ms one kind, 1.88 ms both;
+    #: 16 requests 2.00 ms and 2.57 ms. Past 16 requests the matrix products, not the head's
+    #: read, set the time, and twice the rows cost up to twice as much: one kind per step.
     drafts_both_kinds = True
+    both_kinds_max_batch = 16
 
     def propose_both(self, keys, contexts, max_lengths) -> list[tuple[Draft, Draft]]:
         """Per request its one-hot draft (q's argmax at each position) and its
