@@ -1598,8 +1598,9 @@ def write_results(results: dict, out: str | None, plot: str | None) -> None:
 
 # --- several runs of one command, pooled -------------------------------------------
 
-#: the config fields that may differ between runs pooled as one: the seed (and the domain
-#: oracle it distils, where there is one), and which peers were not installed
+#: the config fields that may differ between runs pooled as one: the seed (the engine's
+#: too, and the domain oracle it distils, where there is one), and which peers were not
+#: installed
 POOL_FREE_CONFIG = ("seed", "domain_oracle", "not_run")
 #: the machine fields that must agree (the commit too, where both runs recorded it)
 POOL_MACHINE = ("cpu", "cpu_bf16_units", "cores", "gpu", "torch", "vllm", "dtype")
@@ -1696,9 +1697,9 @@ def _check_poolable(runs: list[dict], names: list[str]) -> None:
                                  f"results): pool different runs of the command")
     first, name0 = runs[0], names[0]
     for run, name in zip(runs[1:], names[1:]):
-        a, b = first["config"], run["config"]
+        a, b = _poolable_config(first["config"]), _poolable_config(run["config"])
         for k in sorted(set(a) | set(b)):
-            if k not in POOL_FREE_CONFIG and a.get(k) != b.get(k):
+            if a.get(k) != b.get(k):
                 raise ValueError(f"{name0} and {name} are not runs of one command: config "
                                  f"{k!r} is {a.get(k)!r} against {b.get(k)!r}; pool only runs "
                                  f"of the same `atlas-rl bench` command (the seed may differ)")
@@ -1715,6 +1716,15 @@ def _check_poolable(runs: list[dict], names: list[str]) -> None:
         if set(first["methods"]) != set(run["methods"]):
             raise ValueError(f"{name0} and {name} ran different methods: "
                              f"{sorted(first['methods'])} against {sorted(run['methods'])}")
+
+
+def _poolable_config(config: dict) -> dict:
+    """A run's config less what may differ between runs pooled as one
+    (`POOL_FREE_CONFIG`), the engine's seed included (--seed sets it)."""
+    out = {k: v for k, v in config.items() if k not in POOL_FREE_CONFIG}
+    if isinstance(out.get("engine"), dict):
+        out["engine"] = {k: v for k, v in out["engine"].items() if k != "seed"}
+    return out
 
 
 def _run_records(per_run: list[dict], regime: str) -> list[dict]:

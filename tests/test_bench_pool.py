@@ -26,8 +26,11 @@ def real_run() -> dict:
 
 
 def _reseeded(run: dict, seed: int) -> dict:
+    """The run as `atlas-rl bench --seed` would name another: its engines' seed too."""
     out = copy.deepcopy(run)
     out["config"]["seed"] = seed
+    if isinstance(out["config"].get("engine"), dict):
+        out["config"]["engine"]["seed"] = seed
     return out
 
 
@@ -126,6 +129,14 @@ def test_runs_of_different_commands_machines_or_code_are_refused():
     other["config"]["steps"] = 16
     with pytest.raises(ValueError, match="config 'steps' is 8 against 16"):
         pool_results([base, other], names=["a.json", "b.json"])
+    other = _reseeded(base, 1)
+    other["config"]["engine"] = {"seed": 1, "max_lookahead": 4}
+    base_engine = copy.deepcopy(base)
+    base_engine["config"]["engine"] = {"seed": 0, "max_lookahead": 8}
+    with pytest.raises(ValueError, match="config 'engine'"):  # a setting, not the seed
+        pool_results([base_engine, other])
+    other["config"]["engine"]["max_lookahead"] = 8
+    assert pool_results([base_engine, other])["config"]["seed"] == [0, 1]
     other = _reseeded(base, 1)
     other["machine"]["cpu"] = "another CPU"
     with pytest.raises(ValueError, match="different machines"):

@@ -179,6 +179,19 @@ def test_a_batch_size_whose_drafting_steps_lose_on_average_stops_drafting():
     assert ctl.drafting_loses(16) and ctl.drafting_value(16) < 0
     assert planned < 25
     assert all(ctl.plan_step(16).lookahead == 0 for _ in range(50))
+    # The drafter published new weights: their drafts are measured afresh, and where
+    # they lose too, drafting stops again
+    ctl.speculator_changed("suffix")
+    assert not ctl.drafting_loses(16) and ctl.drafting_value(16) is None
+    again = 0
+    for _ in range(60):
+        plan = ctl.plan_step(16)
+        if plan.lookahead:
+            again += 1
+            ctl.choose_drafts(plan, drafts(0))
+    assert 0 < again <= ctl.cut_patience + 1 and ctl.plan_step(16).lookahead == 0
+    ctl.speculator_changed("another")  # not one of its speculators: nothing forgotten
+    assert ctl.plan_step(16).lookahead == 0
 
     ctl = controller()
     for _ in range(60):
@@ -540,3 +553,26 @@ def test_lookahead_goodput_is_tokens_over_seconds():
     assert g[0] == pytest.approx(4 / 0.08)
     assert g[1] == pytest.approx(4 * 1.5 / (0.08 + 0.004 + 0.004 + 0.002))
     assert g[2] == pytest.approx(4 * 1.75 / (0.08 + 0.004 + 2 * (0.004 + 0.002)))
+
+
+def test_the_proposer_tells_the_controller_of_a_drafter_s_new_weights():
+    """Each step the proposer compares every speculator's weights version with the last
+    step's: a moved one (an update published) reaches `speculator_changed`; the first
+    sight of a version, or one that did not move, does not."""
+    import types
+
+    from atlas_rl.backends.vllm.proposer import AtlasProposer
+
+    changed = []
+    proposer = AtlasProposer.__new__(AtlasProposer)
+    proposer.controller = types.SimpleNamespace(speculator_changed=changed.append)
+    drafter = types.SimpleNamespace(version=3)
+    proposer.speculators = {"neural": drafter, "suffix": SuffixSpeculator(ngram_sizes=(2,))}
+    proposer._versions = {}
+    proposer._note_new_weights()
+    proposer._note_new_weights()
+    assert changed == []
+    drafter.version = 4
+    proposer._note_new_weights()
+    proposer._note_new_weights()
+    assert changed == ["neural"]

@@ -230,6 +230,7 @@ class AtlasProposer:
         self.controller: AtlasController | None = None
         self.target_model = None
         self.counters = SpecCounters()
+        self._versions: dict[str, int] = {}  # speculator -> the weights' version last seen
         self._pending: dict[str, Draft] = {}  # req_id -> Draft handed to vLLM last step
         self._started: set[str] = set()  # req_ids announced with `begin_request`
         self._context: StepContext | None = None
@@ -429,6 +430,7 @@ class AtlasProposer:
             live = self._record_acceptance(ctx, sampled_token_ids, num_tokens_no_spec,
                                            token_ids_cpu)
             self._capture_hidden_states(ctx, live, num_tokens_no_spec)
+            self._note_new_weights()
             plan = self.controller.plan_step(len(live.keys))
             self.counters.record_batch(len(live.keys), plan.lookahead > 0)
             if self._device_path(ctx):
@@ -512,6 +514,18 @@ class AtlasProposer:
         for spec in readers:
             spec.capture_batch(live.keys, hidden, live.sampled, first, starts,
                                aux=aux if getattr(spec, "uses_aux_hidden_states", False) else None)
+
+    def _note_new_weights(self) -> None:
+        """Tell the controller of a speculator that published new weights since the last
+        step (its ``version`` moved): it looks afresh at the batch sizes where drafting
+        had stopped paying (`AtlasController.speculator_changed`)."""
+        for name, spec in self.speculators.items():
+            version = getattr(spec, "version", None)
+            if version is None:
+                continue
+            if self._versions.get(name, version) != version:
+                self.controller.speculator_changed(name)
+            self._versions[name] = version
 
     # --- 5. drafting -----------------------------------------------------------------
 
