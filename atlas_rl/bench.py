@@ -1456,11 +1456,12 @@ class _BenchRun:
                                   torch.cat(self.pit[method][1]))
 
         sampled = self.cfg.temperature > 0
-        tie = self.greedy_tie_tolerance(check_of("none") if sampled and "none" in self.pit
-                                        else None)
+        none_check = check_of("none") if sampled and "none" in self.pit else None
+        tie = self.greedy_tie_tolerance(none_check)
         divergences = self.greedy_divergences[m]
-        out = {"greedy_mismatch_steps": [d["step"] for d in divergences if d["margin"] > tie],
-               "greedy_mismatches": [d for d in divergences if d["margin"] > tie],
+        mismatches = [d for d in divergences if d["margin"] > tie]
+        out = {"greedy_mismatch_steps": [d["step"] for d in mismatches],
+               "greedy_mismatches": mismatches,
                "greedy_near_ties": [d for d in divergences if d["margin"] <= tie],
                "greedy_tie_tolerance": tie, "judged_in": self.dtype}
         if sampled:
@@ -1470,11 +1471,11 @@ class _BenchRun:
             out.update(check.as_dict(), logprob_tolerance=self.tol,
                        logprob_judged_on=statistic, logprob_within_tolerance=within,
                        distribution_ok=within)
-            if self.dtype != "float32" and "none" in self.pit:
+            if self.dtype != "float32" and none_check is not None:
                 # past the tolerance, beside what the dtype costs no speculation
                 out["logprob_judged_against"] = "none"
                 out["distribution_ok"] = within or check.passed_beside(
-                    check_of("none"), 1e-3, LOGPROB_RELATIVE_SLACK)
+                    none_check, 1e-3, LOGPROB_RELATIVE_SLACK)
         else:
             out["distribution_ok"] = True  # greedy: identity is the whole check
         out["exact"] = not out["greedy_mismatch_steps"] and out["distribution_ok"]

@@ -497,9 +497,8 @@ class AtlasController:
             other = [a for a in usable if a != best]
             plan.speculators.append(spec)
             plan.lookaheads[spec] = k
-            limit = self.both_kinds.get(spec, 0)
-            if spec in self.both_kinds and len(usable) == 2 and (limit is None
-                                                                or num_seqs <= limit):
+            if spec in self.both_kinds and len(usable) == 2 and (
+                    self.both_kinds[spec] is None or num_seqs <= self.both_kinds[spec]):
                 # both drafts are made; `choose_drafts` keeps the one worth more
                 plan.both.add(spec)
             plan.sample[spec] = [
