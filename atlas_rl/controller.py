@@ -84,6 +84,14 @@ class ConfidenceCalibrator:
         b = self._bucket(c)
         return (self.accepted[b] + s * overall) / (self.trials[b] + s)
 
+    def best_rate(self) -> float:
+        """The largest `calibrate` over the buckets (at each bucket's middle confidence):
+        the best acceptance this arm has shown at this position."""
+        s, n = self.prior_strength, self.num_buckets
+        total_a, total_t = sum(self.accepted), sum(self.trials)
+        return max((a + s * (total_a + s * (b + 0.5) / n) / (total_t + s)) / (t + s)
+                   for b, (a, t) in enumerate(zip(self.accepted, self.trials)))
+
     def add_trial(self, c: float, accepted: bool) -> None:
         b = self._bucket(c)
         self.trials[b] += 1
@@ -420,6 +428,8 @@ class AtlasController:
         self._value: dict[int, list[float]] = {}  # batch bucket -> [decayed sum, weight, steps]
         self._since_base: dict[int, int] = {}  # batch bucket -> steps planned since a no-draft one
         self.steps = 0
+        self._acceptances = 0  # drafts whose acceptance was recorded
+        self._best_acceptance: tuple | None = None  # (its key, `best_acceptance`)
         self._rng = random.Random(seed)
 
     # --- feedback ---------------------------------------------------------------------
@@ -432,6 +442,7 @@ class AtlasController:
         if cal is None:
             return
         cal.add_draft(draft.confidence, num_accepted)
+        self._acceptances += 1
         rate = cal.recent_rate
         if rate is not None and rate < self.collapse_rate and arm not in self.benched:
             self.benched[arm] = self.cooldown_steps
@@ -519,10 +530,48 @@ class AtlasController:
     good_acceptance = 0.6
 
     def cost_hopeless(self, num_seqs: int) -> bool:
-        """Even a surely accepted draft token cannot pay for its verification at this
-        batch size (its measured base; the slope of the step-cost model)."""
+        """Drafting cannot pay at this batch size even at its best: were every request
+        to draft at the best acceptance any usable arm has shown (`best_acceptance`),
+        at whichever lookahead did best, the step's measured verification cost (the
+        step-cost model's overhead and slope; drafting itself counted as free) would
+        leave it short of no speculation's tokens per second by `min_gain`
+        (`lookahead_goodput`). Then the drafting pass, which runs before the cut sees a
+        confidence, is not paid at all (but for explore-rate probes). Where the
+        verification of a batch's drafts costs more than the acceptance any arm shows
+        can earn back (64 sequences on a 2-core CPU: a fixed ~9 ms and ~1.5 ms a draft
+        token on a ~120 ms step, against a first position accepted ~0.3-0.9 of the
+        time), this closes drafting from the start instead of after `cut_patience`
+        steps of drafting passes the cut drops, and a drafter's new weights
+        (`speculator_changed`) do not re-open it until its arms show more."""
         base = self.cost.base_seconds(num_seqs)
-        return bool(base) and num_seqs / base * self.cost.spec_cost(num_seqs)[1] >= 1.0
+        cost = self.cost.spec_cost(num_seqs)
+        if not base or cost is None:
+            return False
+        overhead, slope = cost
+        if num_seqs / base * slope >= 1.0:  # not even a surely accepted token pays
+            return True
+        goodput = lookahead_goodput(self.best_acceptance(), num_seqs, base, overhead, slope)
+        return max(goodput[1:], default=0.0) <= (1 + self.min_gain) * goodput[0]
+
+    def best_acceptance(self) -> list[float]:
+        """Per draft position, the probability that it is accepted (all positions before
+        it too) were each position drafted at the best acceptance any usable arm has
+        shown there: the largest calibrated acceptance over its confidence buckets (each
+        bucket shrunk towards the arm's rate, `ConfidenceCalibrator.calibrate`: an arm
+        that has shown nothing keeps its prior, the bucket's confidence). An upper bound
+        on what choosing per request among the arms' drafts can expect."""
+        key = (self._acceptances, frozenset(self.benched))
+        if self._best_acceptance is not None and self._best_acceptance[0] == key:
+            return self._best_acceptance[1]
+        arms = [a for a in self.arms if a not in self.benched]
+        out, run = [], 1.0
+        for pos in range(self.max_lookahead if arms else 0):
+            run *= max(self.calibration[a].positions[pos].best_rate() for a in arms)
+            if run < 1e-3:
+                break
+            out.append(run)
+        self._best_acceptance = (key, out)
+        return out
 
     def drafting_could_pay(self, num_seqs: int) -> bool:
         """Whether a good drafter (`good_acceptance` per position) would beat no
@@ -547,8 +596,9 @@ class AtlasController:
         """(draft this step?, only to probe the cost?). Over the hard batch cap: no. A
         batch size whose cost without speculation was never measured: no, measure it
         first (a step or two per power-of-two bucket, once), since every decision
-        compares against it. Where even a surely accepted draft token cannot pay for its
-        verification, or the goodput cut has dropped every draft for a while, or the
+        compares against it. Where drafting cannot pay even at the best acceptance the
+        arms have shown (`cost_hopeless`), or the goodput cut has dropped every draft for
+        a while, or the
         drafting steps are worth less than nothing on average (`drafting_loses`): only on
         explore-rate steps, and those probe the cost."""
         if self.max_batch_size is not None and num_seqs > self.max_batch_size:
@@ -722,6 +772,7 @@ class AtlasController:
         self.draft_position_seconds.update(d.get("draft_position_seconds", {}))
         self.benched = {arms[k]: int(v) for k, v in d.get("benched", {}).items() if k in arms}
         self.collapses = int(d.get("collapses", 0))
+        self._best_acceptance = None
 
 
 def lookahead_goodput(acceptance: list[float], num_seqs: int, base: float, overhead: float,

@@ -251,6 +251,34 @@ def test_probes_of_one_draft_token_do_not_make_verification_look_free():
     assert plan.probe and sum(len(d) for d in ctl.choose_drafts(plan, drafts)) == 1
 
 
+def test_no_drafting_pass_where_even_the_best_acceptance_shown_cannot_pay():
+    """64 sequences on a 2-core CPU: verification costs a fixed 9 ms and ~1.4 ms a draft
+    token on a 110 ms step. At the best acceptance the arms have shown (0.7), no
+    lookahead beats no speculation, so the speculators are not run at all from the first
+    step (before: a drafting pass over every request for `cut_patience` steps, each
+    dropped by the cut, and again after every publish of the adaptive drafter). At 4
+    sequences the same arms draft."""
+    ctl = AtlasController(max_lookahead=8, speculators=["suffix"], explore=0.0)
+    for _ in range(40):
+        ctl.record_step_time(64, 0, 0.11)
+        ctl.record_step_time(4, 0, 0.03)
+    for d in range(1, 25):
+        ctl.record_step_time(64, d, 0.11 + 0.009 + 0.0014 * d)
+        ctl.record_step_time(4, d, 0.03 + 0.002 + 0.0003 * d)
+    _train_arm(ctl, "suffix", 0.7)
+    _train_arm(ctl, "suffix-dist", 0.5)
+    best = ctl.best_acceptance()
+    assert 0.65 <= best[0] < 0.85 and best[1] < best[0]
+    assert ctl.cost_hopeless(64) and not ctl.cost_hopeless(4)
+    assert all(ctl.plan_step(64).lookahead == 0 for _ in range(20))
+    ctl.speculator_changed("suffix")  # new weights: the bound still holds
+    assert ctl.plan_step(64).lookahead == 0
+    assert ctl.plan_step(4).lookahead > 0
+    # an arm that has shown more re-opens it: a surely accepted arm pays even here
+    _train_arm(ctl, "suffix", 1.0, n=2000, conf=0.95)
+    assert not ctl.cost_hopeless(64)
+
+
 def test_controller_picks_no_speculation_when_the_cost_model_says_it_loses():
     # Large batch, compute-bound: a draft token costs what a sequence's token costs.
     ctl = _fed_controller(base=0.15, overhead=0.01, slope=0.15 / 64 * 1.2, num_seqs=64)
