@@ -365,6 +365,7 @@ class StepPlan:
     both: set[str] = field(default_factory=set)  # speculators that draft each request both ways
     lookaheads: dict[str, int] = field(default_factory=dict)     # per speculator: draft steps
     probe: bool = False               # speculation does not pay here: at most one probe token
+    closed: str | None = None         # why drafting is closed (`metrics.CLOSED_REASONS`)
 
 
 class AtlasController:
@@ -494,8 +495,8 @@ class AtlasController:
         longest draft worth making, before any drafting is done."""
         self.steps += 1
         self._tick_bench()
-        speculate, probe = self._worth_drafting(num_seqs)
-        plan = StepPlan(num_seqs, probe=probe)
+        speculate, probe, closed = self._worth_drafting(num_seqs)
+        plan = StepPlan(num_seqs, probe=probe, closed=closed)
         if not speculate:
             return plan
         for spec in self.speculators:
@@ -592,8 +593,9 @@ class AtlasController:
             return True
         return num_seqs * self.cost.spec_cost(num_seqs)[1] / base < self.good_acceptance
 
-    def _worth_drafting(self, num_seqs: int) -> tuple[bool, bool]:
-        """(draft this step?, only to probe the cost?). Over the hard batch cap: no. A
+    def _worth_drafting(self, num_seqs: int) -> tuple[bool, bool, str | None]:
+        """(draft this step?, only to probe the cost?, why drafting is closed: one of
+        `metrics.CLOSED_REASONS`, or None where it is open). Over the hard batch cap: no. A
         batch size whose cost without speculation was never measured: no, measure it
         first (a step or two per power-of-two bucket, once), since every decision
         compares against it. Where drafting cannot pay even at the best acceptance the
@@ -602,22 +604,22 @@ class AtlasController:
         drafting steps are worth less than nothing on average (`drafting_loses`): only on
         explore-rate steps, and those probe the cost."""
         if self.max_batch_size is not None and num_seqs > self.max_batch_size:
-            return False, False
+            return False, False, "cap"
         if self.always:
-            return True, False
+            return True, False, None
         bucket = self.cost.bucket(num_seqs)
         since = self._since_base.get(bucket, 0)
         if self.cost.base_count(num_seqs) < self.min_base_steps or since >= self.base_refresh_steps:
             self._since_base[bucket] = 0
-            return False, False
+            return False, False, "base"
         self._since_base[bucket] = since + 1
-        hopeless = (self.cost_hopeless(num_seqs)
-                    or self._cut_streak.get(bucket, 0) >= self.cut_patience
-                    or self.drafting_loses(num_seqs))
-        if not hopeless:
-            return True, False
+        closed = ("cost" if self.cost_hopeless(num_seqs)
+                  else "cut" if self._cut_streak.get(bucket, 0) >= self.cut_patience
+                  else "value" if self.drafting_loses(num_seqs) else None)
+        if closed is None:
+            return True, False, None
         probe = self._rng.random() < self.explore
-        return probe, probe
+        return probe, probe, closed
 
     def _position_floor(self, num_seqs: int, speculator: str | None = None) -> float:
         """The cumulative acceptance probability below which one more draft position

@@ -25,6 +25,7 @@ from atlas_rl.metrics import (
     summarize,
     summarize_arms,
     summarize_history,
+    summarize_plans,
 )
 from atlas_rl.models import check_tokenizer, resolve_model
 from atlas_rl.rollout import Completion, RolloutBatch
@@ -414,6 +415,7 @@ class AtlasRolloutEngine:
             stats["proposer_num_accepted_tokens"] = ours_c.num_accepted_tokens
             stats.update(summarize_arms(ours_c))
             stats.update(summarize_history(ours_c))
+            stats.update(summarize_plans(ours_c))
         stats["rollout_seconds"] = seconds
         # Engine steps and where their time went (see StepTimes); the rest of
         # rollout_seconds is vLLM's scheduler, detokenization and output handling.

@@ -61,6 +61,10 @@ class SpecCounters:
     # those the steps the controller drafted in: speculation on/off as the batch grows
     batch_steps: list[int] = field(default_factory=list)
     batch_drafting_steps: list[int] = field(default_factory=list)
+    # engine steps the controller planned no drafting in, by reason (CLOSED_REASONS
+    # order), and of those the explore-rate probes that drafted anyway
+    closed_steps: list[int] = field(default_factory=list)
+    probe_steps: int = 0
 
     def record_verified(self, num_verified: int, num_accepted: int, arm: str = "",
                         history: bool = False) -> None:
@@ -93,7 +97,11 @@ class SpecCounters:
             for i, v in enumerate(src):
                 dst[i] += v
 
-    def record_batch(self, batch_size: int, drafting: bool) -> None:
+    def record_batch(self, batch_size: int, drafting: bool, closed: str | None = None,
+                     probe: bool = False) -> None:
+        """An engine step of `batch_size` requests, drafting or not; `closed`: why the
+        controller closed drafting there (`CLOSED_REASONS`), `probe`: a closed step that
+        drafted anyway, to probe the cost."""
         if batch_size < 1:
             return
         b = batch_bucket(batch_size)
@@ -101,6 +109,10 @@ class SpecCounters:
         _grow(self.batch_drafting_steps, b + 1)
         self.batch_steps[b] += 1
         self.batch_drafting_steps[b] += int(drafting)
+        if closed in CLOSED_REASONS:
+            _grow(self.closed_steps, len(CLOSED_REASONS))
+            self.closed_steps[CLOSED_REASONS.index(closed)] += 1
+            self.probe_steps += int(probe)
 
     def record_lookahead(self, lookahead: int) -> None:
         _grow(self.lookahead_hist, lookahead + 1)
@@ -120,6 +132,30 @@ class SpecCounters:
             else:
                 setattr(out, f.name, now - then)
         return out
+
+
+#: Why the controller planned no drafting for an engine step (`AtlasController.plan_step`).
+CLOSED_REASONS = ("base", "cap", "cost", "cut", "value")
+CLOSED_REASON_HELP = {
+    "base": "measuring what a step costs without speculation at this batch size",
+    "cap": "over max_speculation_batch_size",
+    "cost": "drafting cannot pay even at the best acceptance the arms have shown",
+    "cut": "the goodput cut dropped every draft for cut_patience steps",
+    "value": "the drafting steps were worth less than nothing on average",
+}
+
+
+def summarize_plans(c: SpecCounters) -> dict[str, float]:
+    """Shares of the proposer's engine steps in which the controller closed drafting,
+    per reason (`closed_by_{reason}`), and of those that probed anyway
+    (`closed_probe_steps`)."""
+    total = sum(c.batch_steps)
+    if not total:
+        return {}
+    out = {f"closed_by_{r}": (c.closed_steps[i] if i < len(c.closed_steps) else 0) / total
+           for i, r in enumerate(CLOSED_REASONS)}
+    out["closed_probe_steps"] = c.probe_steps / total
+    return out
 
 
 def batch_bucket(batch_size: int) -> int:
@@ -273,6 +309,8 @@ TRAINER_METRICS: dict[str, str] = {
                         "speculation cut the target's request-steps (an upper bound of the "
                         "speedup; `atlas-rl bench` measures it)",
     "drafted_fraction": "share of request-steps that drafted",
+    "closed_probe_steps": "share of engine steps where drafting was closed but an "
+                          "explore-rate probe drafted one token",
     "drafts_history": "share of the suffix index's drafts that came from the request's own "
                       "prompt's corpus (its earlier completions and live siblings: history "
                       "drafting) rather than the global index",
@@ -285,9 +323,12 @@ TRAINER_METRIC_FAMILIES: dict[str, str] = {
     "acceptance_rate_pos_{i}": "acceptance rate at draft position i (0-based)",
     "drafts_{arm}": "share of the drafts the arm made",
     "acceptance_length_{arm}": "acceptance length of the arm's drafts (when it drafted)",
+    "closed_by_{reason}": "share of engine steps the controller planned no drafting in, "
+                          "for this reason (base, cap, cost, cut, value: "
+                          "`atlas_rl.metrics.CLOSED_REASON_HELP`)",
 }
 POS_PREFIX = "acceptance_rate_pos_"
-ARM_PREFIXES = ("drafts_", "acceptance_length_")
+ARM_PREFIXES = ("drafts_", "acceptance_length_", "closed_by_", "closed_probe_steps")
 
 #: TRL's own metric names that the demo and the dashboard read.
 TRL_REWARD = "reward"
@@ -368,6 +409,8 @@ def trainer_metric_names(max_lookahead: int = 8, arms: Sequence[str] = ARMS) -> 
     for template in TRAINER_METRIC_FAMILIES:
         if "{i}" in template:
             keys += [template.format(i=i) for i in range(max_lookahead)]
+        elif "{reason}" in template:
+            keys += [template.format(reason=r) for r in CLOSED_REASONS]
         else:
             keys += [template.format(arm=arm) for arm in arms]
     return [atlas_name(k) for k in keys]
@@ -376,7 +419,8 @@ def trainer_metric_names(max_lookahead: int = 8, arms: Sequence[str] = ARMS) -> 
 def is_arm_metric(key: str) -> bool:
     """`drafts_{arm}` / `acceptance_length_{arm}`: which arm drafted, and how well (and
     `drafts_history`, `acceptance_length_history` / `_global`: from which corpus the
-    suffix index drafted)."""
+    suffix index drafted); `closed_by_{reason}` / `closed_probe_steps`: where the
+    controller did not draft at all, and why."""
     return key.startswith(ARM_PREFIXES)
 
 

@@ -180,3 +180,34 @@ def test_the_trainers_speedup_estimate_is_the_benchs_tokens_per_request_step():
     no_tokens = {k: v for k, v in stats.items() if k != "num_tokens"}
     assert trainer_metrics(no_tokens, {}, 0.0)["atlas/speedup_estimate"] == \
         pytest.approx(1 + 400 / 1040)
+
+
+def test_the_steps_where_the_controller_closed_drafting_are_counted_by_reason():
+    """`closed_by_{reason}`: shares of the proposer's engine steps; a probe is a closed
+    step that drafted anyway; the counters difference like every other counter."""
+    from atlas_rl.metrics import CLOSED_REASONS, summarize_plans
+
+    c = SpecCounters()
+    for _ in range(3):
+        c.record_batch(64, False, "base")
+    before = c.copy()
+    for i in range(20):
+        c.record_batch(64, i == 0, "cost", probe=i == 0)
+    for _ in range(4):
+        c.record_batch(4, True)
+    c.record_batch(4, False, "value")
+    got = summarize_plans(c)
+    assert set(got) == {f"closed_by_{r}" for r in CLOSED_REASONS} | {"closed_probe_steps"}
+    assert got["closed_by_base"] == pytest.approx(3 / 28)
+    assert got["closed_by_cost"] == pytest.approx(20 / 28)
+    assert got["closed_by_value"] == pytest.approx(1 / 28)
+    assert got["closed_by_cut"] == got["closed_by_cap"] == 0.0
+    assert got["closed_probe_steps"] == pytest.approx(1 / 28)
+    since = summarize_plans(c.since(before))
+    assert since["closed_by_base"] == 0.0 and since["closed_by_cost"] == pytest.approx(20 / 25)
+    assert summarize_plans(SpecCounters()) == {}
+    names = trainer_metric_names()
+    assert {atlas_name(f"closed_by_{r}") for r in CLOSED_REASONS} <= set(names)
+    assert atlas_name("closed_probe_steps") in names
+    logged = trainer_metrics({**STATS, **got}, {}, 0.0)
+    assert logged[atlas_name("closed_by_cost")] == pytest.approx(20 / 28)

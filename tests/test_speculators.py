@@ -270,10 +270,12 @@ def test_no_drafting_pass_where_even_the_best_acceptance_shown_cannot_pay():
     best = ctl.best_acceptance()
     assert 0.65 <= best[0] < 0.85 and best[1] < best[0]
     assert ctl.cost_hopeless(64) and not ctl.cost_hopeless(4)
-    assert all(ctl.plan_step(64).lookahead == 0 for _ in range(20))
+    plans = [ctl.plan_step(64) for _ in range(20)]
+    assert all(p.lookahead == 0 and p.closed == "cost" for p in plans)
     ctl.speculator_changed("suffix")  # new weights: the bound still holds
     assert ctl.plan_step(64).lookahead == 0
-    assert ctl.plan_step(4).lookahead > 0
+    open_plan = ctl.plan_step(4)
+    assert open_plan.lookahead > 0 and open_plan.closed is None
     # an arm that has shown more re-opens it: a surely accepted arm pays even here
     _train_arm(ctl, "suffix", 1.0, n=2000, conf=0.95)
     assert not ctl.cost_hopeless(64)

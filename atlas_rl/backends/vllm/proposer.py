@@ -432,7 +432,8 @@ class AtlasProposer:
             self._capture_hidden_states(ctx, live, num_tokens_no_spec)
             self._note_new_weights()
             plan = self.controller.plan_step(len(live.keys))
-            self.counters.record_batch(len(live.keys), plan.lookahead > 0)
+            self.counters.record_batch(len(live.keys), plan.lookahead > 0, plan.closed,
+                                       plan.probe)
             if self._device_path(ctx):
                 handed = self._draft_on_device(plan, live, num_reqs)
                 if handed is not None:

@@ -40,14 +40,15 @@ def _rank(worker) -> int:
 def stats(worker) -> dict:
     """The proposer's counters (cumulative), the learner's state and the controller's
     lookahead by batch size."""
-    from atlas_rl.metrics import summarize, summarize_arms, summarize_history
+    from atlas_rl.metrics import summarize, summarize_arms, summarize_history, summarize_plans
 
     proposer = proposer_of(worker)
     work = proposer.worker
     c = proposer.counters
     out = {"rank": _rank(worker), "speculation": work.speculation,
            "counters": dataclasses.asdict(c),
-           "summary": {**summarize(c), **summarize_arms(c), **summarize_history(c)},
+           "summary": {**summarize(c), **summarize_arms(c), **summarize_history(c),
+                       **summarize_plans(c)},
            "learns": work.learns, "update_seconds": work.update_seconds,
            "update_errors": work.update_errors,
            "last_update": dict(work.last_update),
