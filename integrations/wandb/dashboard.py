@@ -16,7 +16,14 @@ import sys
 
 from atlas_rl.integrations.wandb import PLOT_KEY, TABLE_KEY
 
-from atlas_rl.metrics import ARMS, POS_PREFIX, TRL_LOGP_GAP, TRL_REWARD, atlas_name
+from atlas_rl.metrics import (
+    ARMS,
+    CLOSED_REASONS,
+    POS_PREFIX,
+    TRL_LOGP_GAP,
+    TRL_REWARD,
+    atlas_name,
+)
 
 
 def _atlas(*keys: str) -> list[str]:
@@ -35,6 +42,8 @@ PANELS = {
         ("Lookahead and drafted fraction", "line", _atlas("lookahead", "drafted_fraction")),
         ("Drafts by arm (speculator, draft kind)", "line",
          _atlas(*(f"drafts_{arm}" for arm in ARMS))),
+        ("Steps without drafting, by reason", "line",
+         _atlas(*(f"closed_by_{r}" for r in CLOSED_REASONS), "closed_probe_steps")),
     ],
     "Adaptive drafter": [
         ("Drafter distillation loss", "line", _atlas("drafter_loss")),
