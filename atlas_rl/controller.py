@@ -72,6 +72,7 @@ class ConfidenceCalibrator:
     def __post_init__(self):
         self.trials = self.trials or [0.0] * self.num_buckets
         self.accepted = self.accepted or [0.0] * self.num_buckets
+        self._best: float | None = None  # `best_rate`, until the next trial
 
     def _bucket(self, c: float) -> int:
         return min(self.num_buckets - 1, max(0, int(c * self.num_buckets)))
@@ -87,12 +88,15 @@ class ConfidenceCalibrator:
     def best_rate(self) -> float:
         """The largest `calibrate` over the buckets (at each bucket's middle confidence):
         the best acceptance this arm has shown at this position."""
-        s, n = self.prior_strength, self.num_buckets
-        total_a, total_t = sum(self.accepted), sum(self.trials)
-        return max((a + s * (total_a + s * (b + 0.5) / n) / (total_t + s)) / (t + s)
-                   for b, (a, t) in enumerate(zip(self.accepted, self.trials)))
+        if self._best is None:
+            s, n = self.prior_strength, self.num_buckets
+            total_a, total_t = sum(self.accepted), sum(self.trials)
+            self._best = max((a + s * (total_a + s * (b + 0.5) / n) / (total_t + s)) / (t + s)
+                             for b, (a, t) in enumerate(zip(self.accepted, self.trials)))
+        return self._best
 
     def add_trial(self, c: float, accepted: bool) -> None:
+        self._best = None
         b = self._bucket(c)
         self.trials[b] += 1
         self.accepted[b] += bool(accepted)
@@ -138,6 +142,7 @@ class ArmCalibration:
     def load_dict(self, d: dict) -> None:
         for cal, saved in zip(self.positions, d["positions"]):
             cal.trials, cal.accepted = list(saved["trials"]), list(saved["accepted"])
+            cal._best = None
         self.recent_trials, self.recent_accepted = d["recent"]
 
 
