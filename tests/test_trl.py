@@ -447,9 +447,10 @@ def test_dashboard_spec_names_only_metrics_that_are_logged():
     from atlas_rl.integrations.trl import METRIC_KEYS
     from atlas_rl.integrations.wandb import PLOT_KEY, TABLE_KEY
     from atlas_rl.integrations.wandb.dashboard import main, spec
-    from atlas_rl.metrics import ARMS
+    from atlas_rl.metrics import ARMS, CLOSED_REASONS
 
     logged = {f"atlas/{k}" for k in METRIC_KEYS} | {
+        f"atlas/closed_by_{r}" for r in CLOSED_REASONS} | {"atlas/closed_probe_steps"} | {
         "atlas/update_seconds", "atlas/speedup_estimate", "atlas/drafted_fraction",
         TABLE_KEY, PLOT_KEY, "reward", "sampling/sampling_logp_difference/max"} | {
         f"atlas/acceptance_rate_pos_{i}" for i in range(8)} | {
