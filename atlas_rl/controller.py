@@ -80,19 +80,21 @@ class ConfidenceCalibrator:
     def calibrate(self, c: float) -> float:
         # Shrink the bucket towards the rate over all buckets (itself shrunk towards c),
         # so that a confidence never seen yet inherits what this arm has shown so far.
+        return self._calibrated(self._bucket(c), c, sum(self.accepted), sum(self.trials))
+
+    def _calibrated(self, b: int, c: float, total_accepted: float, total_trials: float) -> float:
         s = self.prior_strength
-        overall = (sum(self.accepted) + s * c) / (sum(self.trials) + s)
-        b = self._bucket(c)
+        overall = (total_accepted + s * c) / (total_trials + s)
         return (self.accepted[b] + s * overall) / (self.trials[b] + s)
 
     def best_rate(self) -> float:
         """The largest `calibrate` over the buckets (at each bucket's middle confidence):
-        the best acceptance this arm has shown at this position."""
+        the best acceptance this arm has shown at this position (kept until the next
+        trial)."""
         if self._best is None:
-            s, n = self.prior_strength, self.num_buckets
-            total_a, total_t = sum(self.accepted), sum(self.trials)
-            self._best = max((a + s * (total_a + s * (b + 0.5) / n) / (total_t + s)) / (t + s)
-                             for b, (a, t) in enumerate(zip(self.accepted, self.trials)))
+            n, total_a, total_t = self.num_buckets, sum(self.accepted), sum(self.trials)
+            self._best = max(self._calibrated(b, (b + 0.5) / n, total_a, total_t)
+                             for b in range(n))
         return self._best
 
     def add_trial(self, c: float, accepted: bool) -> None:

@@ -61,8 +61,8 @@ class SpecCounters:
     # those the steps the controller drafted in: speculation on/off as the batch grows
     batch_steps: list[int] = field(default_factory=list)
     batch_drafting_steps: list[int] = field(default_factory=list)
-    # engine steps the controller planned no drafting in, by reason (CLOSED_REASONS
-    # order), and of those the explore-rate probes that drafted anyway
+    # engine steps the controller closed drafting in, by reason (CLOSED_REASONS order),
+    # and of those the ones that planned an explore-rate probe
     closed_steps: list[int] = field(default_factory=list)
     probe_steps: int = 0
 
@@ -101,7 +101,7 @@ class SpecCounters:
                      probe: bool = False) -> None:
         """An engine step of `batch_size` requests, drafting or not; `closed`: why the
         controller closed drafting there (`CLOSED_REASONS`), `probe`: a closed step that
-        drafted anyway, to probe the cost."""
+        planned a probe of the cost anyway."""
         if batch_size < 1:
             return
         b = batch_bucket(batch_size)
@@ -147,7 +147,7 @@ CLOSED_REASON_HELP = {
 
 def summarize_plans(c: SpecCounters) -> dict[str, float]:
     """Shares of the proposer's engine steps in which the controller closed drafting,
-    per reason (`closed_by_{reason}`), and of those that probed anyway
+    per reason (`closed_by_{reason}`), and of those the ones that planned a probe
     (`closed_probe_steps`)."""
     total = sum(c.batch_steps)
     if not total:
@@ -310,7 +310,8 @@ TRAINER_METRICS: dict[str, str] = {
                         "speedup; `atlas-rl bench` measures it)",
     "drafted_fraction": "share of request-steps that drafted",
     "closed_probe_steps": "share of engine steps where drafting was closed but an "
-                          "explore-rate probe drafted one token",
+                          "explore-rate probe was planned (one drafting pass, at most one "
+                          "draft token kept)",
     "drafts_history": "share of the suffix index's drafts that came from the request's own "
                       "prompt's corpus (its earlier completions and live siblings: history "
                       "drafting) rather than the global index",
